@@ -1,0 +1,118 @@
+"""Atomic writing of outputs, so an interrupted stage never leaves a half-written file for DVC.
+
+Files are written to a temporary name beside their destination and renamed into place; a stage
+whose output is a whole folder builds it under a temporary name with `staged_dir` and swaps it in at
+the end. Also the provenance every model folder and report carries (git commit, library versions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from pipeline.errors import DataError
+
+
+def _temp_beside(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    return Path(name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path to write to; it replaces `path` only if the block succeeds."""
+    path = Path(path)
+    temp = _temp_beside(path)
+    try:
+        yield temp
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    """Write `obj` as indented, key-sorted JSON (stable bytes for the same content)."""
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_parquet(table, path: str | Path) -> None:
+    """Write a pyarrow Table atomically, without pandas metadata, so equal data gives equal bytes."""
+    import pyarrow.parquet as pq
+
+    table = table.replace_schema_metadata(None)
+    with atomic_path(path) as temp:
+        pq.write_table(table, temp, compression="zstd")
+
+
+@contextlib.contextmanager
+def staged_dir(path: str | Path) -> Iterator[Path]:
+    """Yield an empty temporary folder that replaces the folder `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield temp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(temp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(temp, path)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def ensure_writable(path: str | Path) -> None:
+    """Fail early, before long work, when the folder that will hold `path` cannot be written."""
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise DataError(f"{parent}: output folder is not writable ({error.strerror})") from None
+
+
+def sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def git_commit() -> str:
+    """The repository's HEAD commit, with `-dirty` when the work tree has changes; '' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return commit + ("-dirty" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape results, for provenance records."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "transformers", "tokenizers", "datasets", "pandas", "pyarrow", "scikit-learn", "dvc"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return versions

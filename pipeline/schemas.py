@@ -1,0 +1,161 @@
+"""Explicit Arrow schemas for every artifact, and validation of raw corpus files on read.
+
+Raw schemas follow each corpus's Hugging Face row format (MIC: the columns of `MIC.csv` the pipeline
+uses); `NORMALIZED` is the one turn-level schema every later stage reads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError
+
+_str = pa.string()
+_int = pa.int64()
+_strs = pa.list_(pa.string())
+_ints = pa.list_(pa.int64())
+
+RAW: dict[str, pa.Schema] = {
+    "prosocial_dialog": pa.schema([
+        ("context", _str), ("response", _str), ("rots", _strs), ("safety_label", _str),
+        ("safety_annotations", _strs), ("safety_annotation_reasons", _strs), ("source", _str),
+        ("etc", _str), ("dialogue_id", _int), ("response_id", _int), ("episode_done", pa.bool_()),
+    ]),
+    "mic": pa.schema([
+        ("chatbot", _str), ("Q", _str), ("A", _str), ("rot", _str), ("moral", _str),
+        ("rot-agree", _int), ("violation-severity", _int), ("worker_answer", _str),
+        ("A_agrees", _int), ("QA", _str), ("split", _str),
+    ]),
+    "daily_dialog": pa.schema([("dialog", _strs), ("act", _ints), ("emotion", _ints)]),
+    "persona_chat": pa.schema([
+        ("personality", _strs), ("candidates", _strs), ("history", _strs),
+        ("conv_id", _int), ("utterance_idx", _int),
+    ]),
+    "empathetic_dialogues": pa.schema([
+        ("conv_id", _str), ("utterance_idx", pa.int32()), ("context", _str), ("prompt", _str),
+        ("speaker_idx", pa.int32()), ("utterance", _str), ("selfeval", _str), ("tags", _str),
+    ]),
+    "blended_skill_talk": pa.schema([
+        ("personas", _strs), ("additional_context", _str), ("previous_utterance", _strs),
+        ("context", _str), ("free_messages", _strs), ("guided_messages", _strs),
+        ("suggestions", pa.struct([
+            ("convai2", _strs), ("empathetic_dialogues", _strs), ("wizard_of_wikipedia", _strs),
+        ])),
+        ("guided_chosen_suggestions", _strs), ("label_candidates", pa.list_(_strs)),
+    ]),
+}
+
+# Columns a normalizer actually reads; other raw columns may be absent without harm.
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "prosocial_dialog": ("context", "response", "rots", "safety_label", "dialogue_id", "response_id"),
+    "mic": ("Q", "A", "rot", "violation-severity", "worker_answer", "A_agrees"),
+    "daily_dialog": ("dialog",),
+    "persona_chat": ("personality", "candidates", "history", "conv_id", "utterance_idx"),
+    "empathetic_dialogues": ("conv_id", "utterance_idx", "context", "utterance"),
+    "blended_skill_talk": ("personas", "previous_utterance", "free_messages", "guided_messages"),
+}
+
+UNACCEPTABLE = pa.struct([("text", _str), ("severity", pa.int32())])
+
+NORMALIZED = pa.schema([
+    ("corpus", _str),
+    ("split", _str),
+    ("dialogue_id", _str),
+    ("turn_index", pa.int32()),
+    ("context", _strs),  # previous turns, oldest first; the last one is the partner's
+    ("response", _str),  # the reference reply
+    ("rots", _strs),  # rules-of-thumb for the reply ([] when none)
+    ("safety_label", _str),  # ProsocialDialog's 5-way label of the last context turn, else null
+    ("persona", _strs),  # the replying speaker's persona sentences ([] when none)
+    ("emotion", _str),  # the conversation's emotion (EmpatheticDialogues), else null
+    ("unacceptable_responses", pa.list_(UNACCEPTABLE)),  # known bad replies to this context
+    ("derived_split", pa.bool_()),  # true when the split was derived from the dialogue id
+])
+
+
+def _kind(type_: pa.DataType) -> str:
+    """A coarse type family, so int32/int64 or string/large_string count as the same."""
+    if pa.types.is_integer(type_):
+        return "integer"
+    if pa.types.is_floating(type_):
+        return "float"
+    if pa.types.is_string(type_) or pa.types.is_large_string(type_):
+        return "string"
+    if pa.types.is_boolean(type_):
+        return "bool"
+    if pa.types.is_null(type_):
+        return "null"
+    if pa.types.is_list(type_) or pa.types.is_large_list(type_):
+        return f"list<{_kind(type_.value_type)}>"
+    if pa.types.is_struct(type_):
+        return "struct"
+    return str(type_)
+
+
+def read_raw(path: Path, corpus: str) -> pa.Table:
+    """Read one raw split file and check it against the corpus's row format (see `conform_raw`)."""
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    return conform_raw(table, corpus, str(path))
+
+
+def conform_raw(table: pa.Table, corpus: str, where: str) -> pa.Table:
+    """Check a raw table against the corpus's row format and cast it to the canonical schema.
+
+    Raises DataError naming `where` when a required column is missing or a column has the wrong
+    type or invalid UTF-8. Columns the normalizer does not need may be absent (they become nulls);
+    extra columns are dropped.
+    """
+    schema = RAW[corpus]
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            if field.name in REQUIRED[corpus]:
+                raise DataError(f"{where}: missing column '{field.name}' ({corpus} rows need it)")
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        have, want = _kind(column.type), _kind(field.type)
+        # Integers may arrive as floats (a CSV column with gaps) and anything may be all-null.
+        compatible = have == want or have == "null" or (want == "integer" and have == "float")
+        if not compatible:
+            raise DataError(f"{where}: column '{field.name}' has type {column.type}, expected {field.type}")
+        try:
+            columns.append(column.cast(field.type))
+        except pa.ArrowException as error:
+            raise DataError(f"{where}: column '{field.name}' cannot be read as {field.type} ({error})") from None
+    table = pa.Table.from_arrays(columns, schema=schema)
+    try:
+        table.validate(full=True)  # catches invalid UTF-8 in string columns
+    except pa.ArrowException as error:
+        raise DataError(f"{where}: invalid data ({error})") from None
+    return table
+
+
+NEGATIVE = pa.struct([
+    ("text", _str),
+    ("source", _str),  # context | hard | random | generated: which miner source produced it
+    ("severity", pa.float32()),  # social unacceptability weight in [0, 1]; the loss's margin grows with it
+])
+
+GROUPS = pa.schema([
+    ("group_id", _str),  # stable id: corpus, dialogue id and turn
+    ("corpus", _str),
+    ("split", _str),
+    ("dialogue_id", _str),
+    ("turn_index", pa.int32()),
+    ("context", _strs),
+    ("persona", _strs),
+    ("emotion", _str),
+    ("safety_label", _str),
+    ("positive", _str),  # the reference prosocial reply
+    ("rots", _strs),  # its rules-of-thumb
+    ("negatives", pa.list_(NEGATIVE)),  # exactly mine.n - 1 socially unacceptable replies
+])

@@ -1,0 +1,208 @@
+"""download: fetch one corpus into `data/raw/<corpus>/<split>.parquet` in its Hugging Face row format.
+
+Reads, by `corpora.source` (or `corpora.overrides.<corpus>`):
+  sample  `data/sample/<corpus>/<split>.jsonl`, the small corpora bundled with the repository;
+  mirror  `<corpora.mirror>/<corpus>/<split>.parquet`, a local copy for air-gapped machines;
+  hub     the Hugging Face hub at the revision in `corpora.hub.<corpus>` (MIC: `MIC.csv` in `MIC.zip`).
+Writes `data/raw/<corpus>/<split>.parquet` for each split the source has, and `stats.json` (source,
+requested revision, resolved commit, rows and SHA-256 per file). The folder is swapped in whole, so an
+interrupted run leaves the previous one intact.
+
+    python -m pipeline download prosocial_dialog --out data/raw/prosocial_dialog
+    python -m pipeline mirror --out /path/to/mirror   # hub -> mirror folder, for air-gapped machines
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+from pipeline.artifacts import sha256, staged_dir, write_json, write_parquet
+from pipeline.config import CORPORA, SPLITS, CorporaConfig, HubCorpus
+from pipeline.errors import DataError
+from pipeline.schemas import RAW, conform_raw, read_raw
+
+log = logging.getLogger(__name__)
+
+# Split names that sources use for our three splits.
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+
+
+# --- sample ---------------------------------------------------------------------------------------
+
+
+def read_sample_split(path: Path, corpus: str) -> pa.Table:
+    """Read one bundled JSON Lines file into the corpus's raw Arrow schema."""
+    schema = RAW[corpus]
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if set(row) != set(schema.names):
+            missing, extra = set(schema.names) - set(row), set(row) - set(schema.names)
+            raise DataError(f"{path}:{number}: keys differ from the {corpus} row format "
+                            f"(missing {sorted(missing)}, unexpected {sorted(extra)})")
+        rows.append(row)
+    try:
+        return pa.Table.from_pylist(rows, schema=schema)
+    except (pa.ArrowException, TypeError, ValueError) as error:
+        raise DataError(f"{path}: rows do not fit the {corpus} row format ({error})") from None
+
+
+def fetch_sample(folder: Path, corpus: str) -> dict[str, pa.Table]:
+    """All splits of `corpus` in the bundled sample folder."""
+    files = {split: folder / corpus / f"{split}.jsonl" for split in SPLITS}
+    tables = {split: read_sample_split(path, corpus) for split, path in files.items() if path.is_file()}
+    if not tables:
+        raise DataError(f"{folder / corpus}: no sample files (expected {', '.join(SPLITS)} .jsonl)")
+    return tables
+
+
+# --- mirror ---------------------------------------------------------------------------------------
+
+
+def fetch_mirror(folder: Path, corpus: str) -> dict[str, pa.Table]:
+    """All splits of `corpus` in a mirror folder laid out as `<folder>/<corpus>/<split>.parquet`."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: mirror folder not found (corpora.mirror)")
+    files = {split: folder / corpus / f"{split}.parquet" for split in SPLITS}
+    tables = {split: read_raw(path, corpus) for split, path in files.items() if path.is_file()}
+    if not tables:
+        raise DataError(f"{folder / corpus}: the mirror has no {corpus} files; "
+                        f"set corpora.overrides.{corpus} to another source")
+    return tables
+
+
+# --- hub ------------------------------------------------------------------------------------------
+
+
+def read_mic_zip(path: Path) -> dict[str, pa.Table]:
+    """Read `MIC.csv` from MIC's zip archive and split it by its `split` column."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("MIC.csv")), None)
+            if name is None:
+                raise DataError(f"{path}: archive has no MIC.csv")
+            data = archive.read(name)
+    except zipfile.BadZipFile:
+        raise DataError(f"{path}: not a zip archive") from None
+    table = pacsv.read_csv(io.BytesIO(data))
+    return split_by_column(table, "split", path)
+
+
+def split_by_column(table: pa.Table, column: str, where: Path | str) -> dict[str, pa.Table]:
+    """Partition a table by a split-name column (dev/valid count as validation)."""
+    import pyarrow.compute as pc
+
+    if column not in table.column_names:
+        raise DataError(f"{where}: missing column '{column}'")
+    tables = {}
+    for name in table.column(column).unique().to_pylist():
+        split = SPLIT_ALIASES.get(str(name))
+        if split is None:
+            raise DataError(f"{where}: unknown split name {name!r} in column '{column}'")
+        tables[split] = table.filter(pc.equal(table.column(column), name))
+    return tables
+
+
+def fetch_hub(hub: HubCorpus, corpus: str) -> tuple[dict[str, pa.Table], str]:
+    """Download every split of `corpus` from the hub; returns the tables and the resolved commit.
+
+    `hub.repo` may also be a local folder or file, which is how tests run this very code offline.
+    """
+    try:
+        if hub.file:
+            path = Path(hub.repo) / hub.file
+            if not path.exists():
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(hub.repo, hub.file, repo_type="dataset", revision=hub.revision))
+            tables = read_mic_zip(path)
+        else:
+            import datasets
+
+            dataset = datasets.load_dataset(hub.repo, revision=hub.revision)
+            tables = {SPLIT_ALIASES[name]: ds.data.table for name, ds in dataset.items() if name in SPLIT_ALIASES}
+        commit = resolve_commit(hub)
+    except DataError:
+        raise
+    except Exception as error:  # network, auth, missing repo: all end the same way for the user
+        raise DataError(f"{corpus}: could not download {hub.repo}@{hub.revision} from the Hugging Face hub "
+                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+                        f"on a machine without network set corpora.source: mirror") from None
+    return tables, commit
+
+
+def resolve_commit(hub: HubCorpus) -> str:
+    """The commit a hub revision points at ('local' for a local folder)."""
+    if Path(hub.repo).exists():
+        return "local"
+    from huggingface_hub import HfApi
+
+    return HfApi().dataset_info(hub.repo, revision=hub.revision).sha or hub.revision
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def fetch(config: CorporaConfig, corpus: str) -> tuple[dict[str, pa.Table], dict]:
+    """Fetch every split of `corpus` from its configured source; returns tables and provenance."""
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    source = config.source_of(corpus)
+    if source == "sample":
+        return fetch_sample(Path(config.sample), corpus), {"source": "sample", "location": config.sample}
+    if source == "mirror":
+        return fetch_mirror(Path(config.mirror), corpus), {"source": "mirror", "location": config.mirror}
+    hub = config.hub[corpus]
+    tables, commit = fetch_hub(hub, corpus)
+    return tables, {"source": "hub", "location": hub.repo, "revision": hub.revision, "commit": commit}
+
+
+def check_row_format(tables: dict[str, pa.Table], corpus: str, where: str) -> dict[str, pa.Table]:
+    """Validate every split against the raw schema (a hub table may carry extra columns)."""
+    return {split: conform_raw(table, corpus, f"{where} ({corpus}/{split})") for split, table in tables.items()}
+
+
+def write_corpus(tables: dict[str, pa.Table], provenance: dict, corpus: str, out: Path) -> dict:
+    """Write the split files and stats.json into `out`, swapping the folder in atomically."""
+    with staged_dir(out) as folder:
+        files = {}
+        for split, table in sorted(tables.items()):
+            path = folder / f"{split}.parquet"
+            write_parquet(table, path)
+            files[split] = {"rows": table.num_rows, "sha256": sha256(path)}
+        stats = {"corpus": corpus, **provenance, "files": files}
+        write_json(stats, folder / "stats.json")
+    return stats
+
+
+def run(config: CorporaConfig, corpus: str, out: Path) -> dict:
+    """Fetch `corpus` from its source and write it to `out`."""
+    tables, provenance = fetch(config, corpus)
+    tables = check_row_format(tables, corpus, provenance["location"])
+    stats = write_corpus(tables, provenance, corpus, out)
+    rows = ", ".join(f"{s} {f['rows']}" for s, f in stats["files"].items())
+    log.info("download %s from %s: %s rows -> %s", corpus, provenance["source"], rows, out)
+    return stats
+
+
+def write_mirror(config: CorporaConfig, corpora: list[str], out: Path) -> None:
+    """Download `corpora` from the hub into a mirror folder `<out>/<corpus>/<split>.parquet`."""
+    for corpus in corpora:
+        if corpus not in config.hub:
+            raise DataError(f"corpora.hub has no entry for {corpus}")
+        tables, commit = fetch_hub(config.hub[corpus], corpus)
+        write_corpus(tables, {"source": "hub", "location": config.hub[corpus].repo,
+                              "revision": config.hub[corpus].revision, "commit": commit}, corpus, out / corpus)
+        log.info("mirror %s (%s) -> %s", corpus, commit, out / corpus)

@@ -1,0 +1,336 @@
+"""normalize: turn one corpus's raw rows into the unified turn-level schema (`schemas.NORMALIZED`).
+
+Reads `data/raw/<corpus>/<split>.parquet` (and its `stats.json`), writes
+`data/normalized/<corpus>/{train,validation,test}.parquet` and `stats.json`: rows and dialogues per
+split, how missing splits were derived, the source and revision, a SHA-256 of each raw file, and
+every row that was dropped or changed, counted by reason. Nothing is dropped silently.
+
+    python -m pipeline normalize prosocial_dialog --raw data/raw/prosocial_dialog --out data/normalized/prosocial_dialog
+
+One row is one reply in context: `context` holds the previous turns (oldest first, the last one the
+partner's), `response` the reference reply. A normalizer per corpus handles its quirks; `NORMALIZERS`
+is the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+
+from pipeline.artifacts import sha256, staged_dir, write_json, write_parquet
+from pipeline.config import CORPORA, SPLITS, NormalizeConfig
+from pipeline.errors import DataError
+from pipeline.schemas import NORMALIZED, read_raw
+
+log = logging.getLogger(__name__)
+
+SAFETY_LABELS = (
+    "__casual__",
+    "__possibly_needs_caution__",
+    "__probably_needs_caution__",
+    "__needs_caution__",
+    "__needs_intervention__",
+)
+
+Row = dict
+Normalizer = Callable[[pa.Table, str, Counter], Iterator[Row]]
+
+
+def example(dialogue_id: str, turn_index: int, context: list, response, **fields) -> Row:
+    """One normalized row before cleaning; `fields` may set rots, safety_label, persona, emotion,
+    unacceptable_responses."""
+    return {
+        "dialogue_id": dialogue_id,
+        "turn_index": int(turn_index),
+        "context": list(context),
+        "response": response,
+        "rots": list(fields.get("rots") or []),
+        "safety_label": fields.get("safety_label"),
+        "persona": list(fields.get("persona") or []),
+        "emotion": fields.get("emotion"),
+        "unacceptable_responses": list(fields.get("unacceptable_responses") or []),
+    }
+
+
+def stable_id(text: str) -> str:
+    """A short, stable id for a piece of text (MIC has no question ids)."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+# --- one normalizer per corpus --------------------------------------------------------------------
+
+
+def normalize_prosocial_dialog(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One raw row is one turn; rebuild each dialogue's history ordered by `response_id`."""
+    dialogues: dict[int, dict[int, dict]] = {}
+    for row in table.to_pylist():
+        turns = dialogues.setdefault(row["dialogue_id"], {})
+        if row["response_id"] in turns:
+            counts["dropped: duplicate (dialogue_id, response_id)"] += 1
+            continue
+        turns[row["response_id"]] = row
+    for dialogue_id in sorted(dialogues):
+        history: list = []
+        for response_id in sorted(dialogues[dialogue_id]):
+            row = dialogues[dialogue_id][response_id]
+            label = row["safety_label"]
+            if label not in SAFETY_LABELS:
+                counts["changed: unknown safety_label set to null"] += 1
+                label = None
+            history.append(row["context"])
+            yield example(str(dialogue_id), response_id, history, row["response"], rots=row["rots"],
+                          safety_label=label)
+            history.append(row["response"])
+
+
+def normalize_mic(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One row per annotation: the question as context, the annotator's own answer as the reference
+    reply with the annotator's RoT, and every chatbot answer to the question that an annotator judged
+    to violate its RoT (`A_agrees == 0`) as a known unacceptable reply, with its worst severity."""
+    by_question: dict[str, list[dict]] = {}
+    for row in table.to_pylist():
+        by_question.setdefault(row["Q"], []).append(row)
+    for question in sorted(by_question, key=lambda q: (q is None, q or "")):
+        rows = by_question[question]
+        if not question:
+            counts["dropped: empty question"] += len(rows)
+            continue
+        worst: dict[str, int] = {}
+        for row in rows:
+            if row["A_agrees"] == 0 and row["A"]:
+                severity = row["violation-severity"]
+                if severity is None:
+                    counts["changed: violating answer without violation-severity set to 3"] += 1
+                    severity = 3
+                worst[row["A"]] = max(worst.get(row["A"], 0), int(severity))
+        negatives = [{"text": text, "severity": severity} for text, severity in sorted(worst.items())]
+        seen = set()
+        for index, row in enumerate(rows):
+            answer = row["worker_answer"]
+            if not answer or not answer.strip():
+                counts["dropped: empty worker_answer"] += 1
+                continue
+            if (answer, row["rot"]) in seen:
+                counts["dropped: duplicate (worker_answer, rot) for a question"] += 1
+                continue
+            seen.add((answer, row["rot"]))
+            yield example(stable_id(question), index, [question], answer, rots=[row["rot"]] if row["rot"] else [],
+                          unacceptable_responses=negatives)
+
+
+def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """Every utterance after the first is a reply to the ones before it."""
+    for index, row in enumerate(table.to_pylist()):
+        dialog = row["dialog"] or []
+        if any(labels is not None and len(labels) != len(dialog) for labels in (row["act"], row["emotion"])):
+            # A known quirk (one train line); act and emotion are not used, so the dialogue is kept.
+            counts["kept: act/emotion label count differs from utterance count"] += 1
+        if len(dialog) < 2:
+            counts["dropped: dialogue with fewer than two utterances"] += 1
+            continue
+        for turn in range(1, len(dialog)):
+            yield example(f"{split}-{index}", turn, dialog[:turn], dialog[turn])
+
+
+def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One raw row is one bot turn; the gold reply is the last candidate."""
+    seen = set()
+    for row in table.to_pylist():
+        key = (row["conv_id"], row["utterance_idx"])
+        if key in seen:
+            counts["dropped: duplicate (conv_id, utterance_idx)"] += 1
+            continue
+        seen.add(key)
+        if not row["candidates"]:
+            counts["dropped: no candidates (no gold reply)"] += 1
+            continue
+        yield example(str(row["conv_id"]), row["utterance_idx"], row["history"] or [], row["candidates"][-1],
+                      persona=row["personality"])
+
+
+def unescape_comma(text):
+    return text.replace("_comma_", ",") if text else text
+
+
+def normalize_empathetic_dialogues(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One raw row is one utterance; commas are written `_comma_`; the emotion is per conversation."""
+    conversations: dict[str, dict[int, dict]] = {}
+    for row in table.to_pylist():
+        turns = conversations.setdefault(row["conv_id"], {})
+        if row["utterance_idx"] in turns:
+            counts["dropped: duplicate (conv_id, utterance_idx)"] += 1
+            continue
+        turns[row["utterance_idx"]] = row
+    for conv_id in sorted(conversations):
+        turns = [conversations[conv_id][i] for i in sorted(conversations[conv_id])]
+        utterances = [unescape_comma(t["utterance"]) for t in turns]
+        for position in range(1, len(turns)):
+            yield example(conv_id, turns[position]["utterance_idx"], utterances[:position], utterances[position],
+                          emotion=turns[0]["context"])
+
+
+def normalize_blended_skill_talk(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """Two seed utterances, then free and guided messages alternating, free first. The free speaker
+    has `personas[0]`, the guided speaker `personas[1]`; both speakers' turns become replies."""
+    for index, row in enumerate(table.to_pylist()):
+        free, guided = row["free_messages"] or [], row["guided_messages"] or []
+        if len(free) not in (len(guided), len(guided) + 1):
+            counts["kept: free/guided message counts differ (alternation cut at the shorter)"] += 1
+        seeds = [u for u in (row["previous_utterance"] or []) if u]
+        turns = list(seeds)
+        for free_message, guided_message in zip(free, guided):
+            turns += [free_message, guided_message]
+        if len(free) == len(guided) + 1:
+            turns.append(free[-1])
+        personas = [[s for s in (p or "").split("\n") if s.strip()] for p in (row["personas"] or [])]
+        personas += [[]] * (2 - len(personas))
+        for position in range(1, len(turns)):
+            speaker = (position - len(seeds)) % 2  # 0: free, 1: guided
+            yield example(f"{split}-{index}", position, turns[:position], turns[position], persona=personas[speaker])
+
+
+NORMALIZERS: dict[str, Normalizer] = {
+    "prosocial_dialog": normalize_prosocial_dialog,
+    "mic": normalize_mic,
+    "daily_dialog": normalize_daily_dialog,
+    "persona_chat": normalize_persona_chat,
+    "empathetic_dialogues": normalize_empathetic_dialogues,
+    "blended_skill_talk": normalize_blended_skill_talk,
+}
+
+
+# --- cleaning, shared by all corpora --------------------------------------------------------------
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text, max_chars: int, counts: Counter) -> str:
+    """Strip control characters and runs of whitespace; cut text longer than `max_chars`."""
+    if text is None:
+        return ""
+    cleaned = _CONTROL.sub(" ", text)
+    if cleaned != text:
+        counts["changed: control characters replaced"] += 1
+    cleaned = _SPACE.sub(" ", cleaned).strip()
+    if len(cleaned) > max_chars:
+        counts[f"changed: text cut to normalize.max_chars"] += 1
+        cleaned = cleaned[:max_chars]
+    return cleaned
+
+
+def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
+    """Clean every text field and window the context; None (counted) when the row is unusable."""
+    clean = lambda text: clean_text(text, config.max_chars, counts)  # noqa: E731
+    response = clean(row["response"])
+    context = [clean(turn) for turn in row["context"]]
+    if not response:
+        counts["dropped: empty or null response"] += 1
+        return None
+    if not context or not all(context):
+        counts["dropped: empty or null turn in the context"] += 1
+        return None
+    if len(context) > config.max_context_turns:
+        context = context[-config.max_context_turns:]
+    negatives = [{"text": clean(n["text"]), "severity": n["severity"]} for n in row["unacceptable_responses"]]
+    return {
+        **row,
+        "context": context,
+        "response": response,
+        "rots": [r for r in (clean(r) for r in row["rots"]) if r],
+        "persona": [p for p in (clean(p) for p in row["persona"]) if p],
+        "emotion": clean(row["emotion"]) or None,
+        "unacceptable_responses": [n for n in negatives if n["text"] and n["text"].lower() != response.lower()],
+    }
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+def hash_unit(corpus: str, dialogue_id: str) -> float:
+    """A number in [0, 1) fixed by the dialogue id: the deterministic coin for deriving splits."""
+    return int(hashlib.sha1(f"{corpus}:{dialogue_id}".encode()).hexdigest()[:12], 16) / 16**12
+
+
+def derive_splits(rows_by_split: dict[str, list[Row]], corpus: str, fractions: dict[str, float]) -> dict[str, str]:
+    """Fill the splits a source lacks from its largest split, by a hash of the dialogue id.
+
+    The largest present split (the donor) is shared between itself and the missing splits in
+    proportion to `fractions`; whole dialogues move together. Mutates `rows_by_split` and returns a
+    description of each derived split for stats.json.
+    """
+    missing = [s for s in SPLITS if s not in rows_by_split]
+    if not missing:
+        return {}
+    donor = max(rows_by_split, key=lambda s: (len(rows_by_split[s]), s))
+    targets = [s for s in SPLITS if s in missing or s == donor]
+    total = sum(fractions[s] for s in targets)
+    bounds, edge = [], 0.0
+    for split in targets:
+        edge += fractions[split] / total
+        bounds.append((edge, split))
+    moved: dict[str, list[Row]] = {s: [] for s in targets}
+    for row in rows_by_split[donor]:
+        unit = hash_unit(corpus, row["dialogue_id"])
+        split = next((s for bound, s in bounds if unit < bound), targets[-1])
+        moved[split].append({**row, "derived_split": split != donor})
+    rows_by_split.update(moved)
+    return {s: f"from {donor} by a hash of dialogue_id (share {fractions[s] / total:.3f})" for s in missing}
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def normalize_split(table: pa.Table, corpus: str, split: str, config: NormalizeConfig, counts: Counter) -> list[Row]:
+    """Normalize and clean one raw split of one corpus (the pure worker)."""
+    rows = []
+    for row in NORMALIZERS[corpus](table, split, counts):
+        cleaned = clean_row(row, config, counts)
+        if cleaned is not None:
+            rows.append({"corpus": corpus, "split": split, **cleaned, "derived_split": False})
+    return rows
+
+
+def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
+    """Normalize every raw split of `corpus` in `raw` and write the three splits to `out`."""
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    files = {split: raw / f"{split}.parquet" for split in SPLITS if (raw / f"{split}.parquet").is_file()}
+    if not files:
+        raise DataError(f"{raw}: no raw split files for {corpus} (run the download stage first)")
+    provenance = json.loads((raw / "stats.json").read_text()) if (raw / "stats.json").is_file() else {}
+    counts: Counter = Counter()
+    rows_by_split, raw_files = {}, {}
+    for split, path in files.items():
+        table = read_raw(path, corpus)
+        if table.num_rows == 0:
+            raise DataError(f"{path}: file has no rows")
+        raw_files[split] = {"sha256": sha256(path), "rows": table.num_rows}
+        rows_by_split[split] = normalize_split(table, corpus, split, config, counts)
+    derived = derive_splits(rows_by_split, corpus, config.split_fractions)
+    stats = {
+        "corpus": corpus,
+        "source": provenance.get("source", "unknown"),
+        "revision": provenance.get("revision"),
+        "commit": provenance.get("commit"),
+        "raw_files": raw_files,
+        "rows": {}, "dialogues": {},
+        "derived_splits": derived,
+        "counts": dict(sorted(counts.items())),
+    }
+    with staged_dir(out) as folder:
+        for split in SPLITS:
+            rows = [{**row, "split": split} for row in rows_by_split[split]]
+            write_parquet(pa.Table.from_pylist(rows, schema=NORMALIZED), folder / f"{split}.parquet")
+            stats["rows"][split] = len(rows)
+            stats["dialogues"][split] = len({row["dialogue_id"] for row in rows})
+        write_json(stats, folder / "stats.json")
+    log.info("normalize %s: %s -> %s", corpus, stats["rows"], out)
+    return stats
