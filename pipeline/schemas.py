@@ -159,3 +159,25 @@ GROUPS = pa.schema([
     ("rots", _strs),  # its rules-of-thumb
     ("negatives", pa.list_(NEGATIVE)),  # exactly mine.n - 1 socially unacceptable replies
 ])
+
+CANDIDATES = pa.schema([
+    ("model", _str),  # generate entry: base | stage1 | stage2 | an audit model's name
+    ("corpus", _str),
+    ("context_id", _str),  # "<corpus>/<dialogue_id>/<turn_index>", shared by a context's k candidates
+    ("dialogue_id", _str),
+    ("turn_index", pa.int32()),
+    ("context", _strs),
+    ("safety_label", _str),  # the context's 5-way label where the corpus has one, else null
+    ("reference", _str),  # the reference reply
+    ("reference_rots", _strs),  # its gold rules-of-thumb ([] when none)
+    ("candidate_index", pa.int32()),  # sampling order; 0 is the first sample
+    ("text", _str),  # the raw generated target
+    ("rot", _str),  # the RoT parsed from it, null when the candidate has none
+    ("response", _str),  # the reply parsed from it (may be empty)
+    ("safety_probs", pa.list_(pa.float32())),  # [casual, needs_caution, needs_intervention] of the reply
+    ("fluency", pa.float32()),  # length-normalised log-likelihood under the generating model
+    ("prosociality", pa.float32()),  # P(casual) of the reply in context
+    ("score", pa.float32()),  # the re-ranker's combined score
+    ("rank", pa.int32()),  # 1 = best by score within the context
+    ("selected", pa.bool_()),  # the re-ranked choice (rank 1)
+])

@@ -1,0 +1,105 @@
+"""The shared text format and the batched scorer, checked against a one-example-at-a-time loop."""
+
+import pytest
+import torch
+
+from pipeline.modeling import (
+    BOT, RESPONSE, ROT, SPECIAL_TOKENS, DialogModel, encode_sources, encode_targets, format_source,
+    format_target, parse_target, token_logprobs, train_tokenizer,
+)
+
+TEXTS = ["hello there, how are you?", "i am fine, thanks for asking.", "you should not lie to friends.",
+         "it's wrong to steal.", "what did you do today?", "i went hiking with my dog."] * 5
+
+
+def test_format_source_assigns_speakers_from_the_end():
+    assert format_source(["a", "b", "c"]) == "<|user|> a <|bot|> b <|user|> c"
+    assert format_source(["b", "c"], persona=["p1.", "p2."], emotion="proud") == \
+        "<|persona|> p1. p2. <|emotion|> proud <|bot|> b <|user|> c"
+
+
+def test_format_target_puts_the_rot_first_and_can_switch_it_off():
+    assert format_target("ok.", ["Be kind.", "Be fair."]) == "<|rot|> Be kind. Be fair. <|response|> ok."
+    assert format_target("ok.", ["Be kind."], rot_target=False) == "<|response|> ok."
+    assert format_target("ok.", []) == "<|response|> ok."
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("<|rot|> Be kind. <|response|> Sure thing.", ("Be kind.", "Sure thing.")),
+    ("<|response|> Sure thing.", (None, "Sure thing.")),
+    ("Sure thing.", (None, "Sure thing.")),  # no marker at all: all reply
+    ("<|rot|> It is wrong to lie and you should never", ("It is wrong to lie and you should never", "")),
+    ("<|rot|> Be kind. <|response|>", ("Be kind.", "")),  # empty reply
+    ("<|rot|>  <|response|> hi", (None, "hi")),  # empty RoT counts as none
+    ("", (None, "")),
+])
+def test_parse_target(text, expected):
+    assert parse_target(text) == expected
+
+
+def test_parse_target_inverts_format_target():
+    assert parse_target(format_target("Tell me more!", ["It's good to listen."])) == ("It's good to listen.", "Tell me more!")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return train_tokenizer(TEXTS, vocab_size=300)
+
+
+def test_tokenizer_keeps_markers_whole(tokenizer):
+    for token in SPECIAL_TOKENS:
+        assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.pad_token_id is not None and tokenizer.eos_token_id is not None
+
+
+def _tiny_models(tokenizer):
+    from transformers import BartConfig, BartForConditionalGeneration, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    vocab = len(tokenizer)
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    bart = BartForConditionalGeneration(BartConfig(
+        vocab_size=vocab, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id, decoder_start_token_id=tokenizer.eos_token_id))
+    return [DialogModel(gpt2.eval(), tokenizer, False), DialogModel(bart.eval(), tokenizer, True)]
+
+
+def _one_at_a_time(dm, source, target):
+    """Reference: the target's token log-probs from a plain, unbatched, unpadded forward pass."""
+    tok = dm.tokenizer
+    if dm.is_seq2seq:
+        start = dm.model.config.decoder_start_token_id
+        out = dm.model(input_ids=torch.tensor([source]), decoder_input_ids=torch.tensor([[start] + target[:-1]]))
+        logits = out.logits[0]
+    else:
+        ids = source + [tok.convert_tokens_to_ids(BOT)] + target
+        logits = dm.model(input_ids=torch.tensor([ids])).logits[0, len(source): len(source) + len(target)]
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(target).unsqueeze(-1)).squeeze(-1)
+
+
+def test_batched_scores_equal_unbatched_ones_and_mask_padding(tokenizer):
+    sources = encode_sources(tokenizer, [format_source(["hello there, how are you?"]),
+                                         format_source(["what did you do today?", "i went hiking.", "nice!"])], 64)
+    targets = encode_targets(tokenizer, [format_target("i am fine.", ["Be kind."]), format_target("ok"),
+                                         format_target("it's wrong to steal."), format_target("you lie", ["x"])], 32)
+    for dm in _tiny_models(tokenizer):
+        with torch.no_grad():
+            logps, mask = token_logprobs(dm, sources, targets, candidates_per_source=2)
+            assert logps.shape == mask.shape == (4, max(len(t) for t in targets))
+            for row, target in enumerate(targets):
+                expected = _one_at_a_time(dm, sources[row // 2], target)
+                assert mask[row].sum().item() == len(target)
+                assert torch.allclose(logps[row, : len(target)], expected, atol=1e-5)
+                assert torch.all(logps[row, len(target):] == 0)
+
+
+def test_sources_are_cut_from_the_left_and_targets_keep_eos(tokenizer):
+    long = format_source(["hello there, how are you?"] * 20)
+    (ids,) = encode_sources(tokenizer, [long], 10)
+    full = tokenizer(long, add_special_tokens=False)["input_ids"]
+    assert ids == full[-10:]
+    (target,) = encode_targets(tokenizer, ["you should not lie to friends. " * 10], 8)
+    assert len(target) == 8 and target[-1] == tokenizer.eos_token_id
