@@ -79,3 +79,156 @@ def normalize(
     from pipeline.stages import normalize as stage
 
     stage.run(config, check_corpus(corpus), raw, out)
+
+
+@app.command()
+@reports_errors
+def mine(
+    stage: int = typer.Option(..., "--stage", min=1, max=2,
+                              help="1: ProsocialDialog and MIC; 2: the casual corpora plus replayed stage-1 groups."),
+    normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/<split>.parquet)."),
+    safety: Path = typer.Option(..., help="Safety classifier folder written by `safety`."),
+    out: Path = typer.Option(..., help="Folder to write <split>.parquet and stats.json into."),
+    stage1_groups: Path = typer.Option(None, help="Stage-1 groups folder to replay (stage 2, when mine.replay > 0)."),
+    stage1_model: Path = typer.Option(None, help="Stage-1 model for the `generated` source (stage 2, mine.generated)."),
+    params: Path = PARAMS,
+):
+    """Mine n-pair groups (a prosocial positive, n - 1 socially unacceptable negatives) for a training stage."""
+    from pipeline.config import MineConfig
+
+    config = load_section(params, "mine", MineConfig)
+    from pipeline.stages import mine as stage_module
+
+    generate = stage_module.load_stage1_generator(stage1_model) if stage == 2 and config.generated else None
+    stage_module.run(config, stage, normalized, safety, out, stage1_groups=stage1_groups, generate=generate)
+
+
+@app.command()
+@reports_errors
+def evaluate(
+    candidates: Path = typer.Option(..., help="Folder of candidates written by `generate` (<model>/<corpus>.parquet)."),
+    models: Path = typer.Option(..., help="Folder of models; <model>/eval_scores.json is read where present."),
+    reports: Path = typer.Option(..., help="Folder to write metrics.json, results.json, report.md, plots/ and "
+                                           "the human-evaluation sheet into."),
+    params: Path = PARAMS,
+):
+    """Compare the models' first-sample and re-ranked replies: safety, overlap, RoTs; write the reports."""
+    from pipeline.config import EvaluateConfig
+
+    config = load_section(params, "evaluate", EvaluateConfig)
+    from pipeline.stages import evaluate as stage_module
+
+    stage_module.run(config, candidates, reports, stage_module.read_model_scores(models, config.models))
+
+
+@app.command("base_model")
+@reports_errors
+def base_model(
+    normalized: Path = typer.Option(..., help="Normalized corpora folder (<corpus>/train.parquet); its training "
+                                              "text trains the tokenizer of a scratch model."),
+    out: Path = typer.Option(..., help="Model folder to write (weights, tokenizer, base_model.json)."),
+    params: Path = PARAMS,
+):
+    """Prepare the base model: a Hugging Face checkpoint or a small model from scratch, with the dialog tokens."""
+    from pipeline.config import BaseModelConfig
+
+    config = load_section(params, "base_model", BaseModelConfig)
+    from pipeline.stages import base_model as stage_module
+
+    stage_module.run(config, normalized, out)
+
+
+@app.command()
+@reports_errors
+def safety(
+    normalized: Path = typer.Option(..., help="Normalized corpora folder; reads prosocial_dialog/ and mic/ "
+                                              "(<split>.parquet)."),
+    out: Path = typer.Option(..., help="Model folder to write (scorer.json and the model's files)."),
+    reports: Path = typer.Option(..., help="Folder to write metrics.json and confusion.json into."),
+    params: Path = PARAMS,
+):
+    """Train the safety classifier (safety.model: tfidf, scratch or hf) on ProsocialDialog and MIC, and
+    report five- and three-way accuracy and macro-F1 per split."""
+    from pipeline.config import SafetyConfig
+
+    config = load_section(params, "safety", SafetyConfig)
+    from pipeline.stages import safety as stage_module
+
+    stage_module.run(config, normalized, out, reports)
+
+
+@app.command()
+@reports_errors
+def train(
+    stage: int = typer.Option(..., min=1, max=2, help="1: adversarial groups (from the base model); 2: casual groups."),
+    init: Path = typer.Option(..., help="Model folder to start from (save_pretrained format with tokenizer)."),
+    groups: Path = typer.Option(..., help="Groups folder with train.parquet and validation.parquet (mine stage)."),
+    out: Path = typer.Option(..., help="Folder to write the trained model, tokenizer and train.json into."),
+    live: Path = typer.Option(None, help="dvclive folder for per-step and per-epoch metrics (none: not logged)."),
+    checkpoints: Path = typer.Option(None, help="Resumable checkpoint folder; default <out>_checkpoints."),
+    params: Path = PARAMS,
+):
+    """Fine-tune a dialog model on n-pair groups: cross-entropy plus the socially aware n-pair loss.
+
+    Runs on CPU or one GPU as is, on several GPUs with `accelerate launch -m pipeline train ...`;
+    an interrupted run resumes from its last checkpoint.
+    """
+    from pipeline.config import TRAIN_STAGES, TrainConfig
+
+    config = load_section(params, "train", TrainConfig)
+    stage_config = load_section(params, f"train_stage{stage}", TRAIN_STAGES[stage])
+    from pipeline.stages import train as stage_module
+
+    stage_module.run(config, stage_config, stage, init, groups, out, live=live, checkpoints=checkpoints)
+
+
+@app.command()
+@reports_errors
+def generate(
+    name: str = typer.Argument(..., help="base, stage1, stage2, or a name under audit.models in the params file."),
+    model: str = typer.Option(..., help="Model folder (for an audit entry: its path, a hub id or a folder)."),
+    safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
+    normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/test.parquet)."),
+    out: Path = typer.Option(..., help="Folder to write <corpus>.parquet and stats.json into."),
+    params: Path = PARAMS,
+):
+    """Sample RoT-annotated candidates for the test contexts of every corpus, score and re-rank them."""
+    from pipeline.config import GENERATE_MODELS, AuditConfig, GenerateConfig
+    from pipeline.errors import ConfigError
+
+    config = load_section(params, "generate", GenerateConfig)
+    audit = load_section(params, "audit", AuditConfig)
+    if name not in GENERATE_MODELS and name not in audit.models:
+        known = ", ".join([*GENERATE_MODELS, *audit.models])
+        raise ConfigError(f"unknown model entry {name!r} (known: {known}; add audit models under audit.models "
+                          f"in {params})")
+    entry = audit.models.get(name)
+    if entry is not None and entry.path != model:
+        raise ConfigError(f"--model {model!r} differs from audit.models.{name}.path = {entry.path!r} in {params}")
+    from pipeline.stages import generate as stage_module
+
+    stage_module.run(config, name, model, safety, normalized, out, audit=entry)
+
+
+@app.command()
+@reports_errors
+def chat(
+    model: Path = typer.Option(..., help="Trained model folder, e.g. models/stage2."),
+    safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
+    params: Path = PARAMS,
+):
+    """Talk to a model in the terminal: each reply shows its RoT, safety probabilities and how the
+    re-ranker chose among the candidates. Ends at end of input or /quit."""
+    import sys
+
+    from pipeline.config import GenerateConfig
+
+    config = load_section(params, "generate", GenerateConfig)
+    from pipeline import chat as chat_module
+    from pipeline.modeling import load_dialog_model
+    from pipeline.stages import generate as stage_module
+
+    scorer = stage_module.load_safety_scorer(safety)
+    dm = load_dialog_model(model)
+    dm.model.eval()
+    chat_module.chat_loop(dm, scorer, config, sys.stdin, typer.echo)

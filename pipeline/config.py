@@ -104,6 +104,474 @@ class NormalizeConfig:
                 self.split_fractions, "shares must sum to 1")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """`evaluate`: the reports that compare the models' candidates (safety, overlap, RoTs)."""
+
+    models: list[str] = dataclasses.field(default_factory=lambda: ["base", "stage1", "stage2"])
+    """Models to compare, in table order; each reads `<candidates>/<model>/<corpus>.parquet`."""
+    corpora: list[str] = dataclasses.field(default_factory=lambda: list(CORPORA))
+    """Corpora to report on, in table order; a corpus without candidates is skipped with a note."""
+    bootstrap_samples: int = 1000
+    """Resamples of the contexts for each percentile bootstrap 95% interval."""
+    seed: int = 0
+    """Seed of the bootstrap and of the human-evaluation sample and A/B order."""
+    human_eval_pairs: int = 20
+    """Contexts per corpus and per comparison in the blinded human-evaluation sheet (0: none)."""
+    human_eval_comparisons: list[list[str]] = dataclasses.field(
+        default_factory=lambda: [["stage2", "base"], ["stage2", "stage1"]]
+    )
+    """Pairs of models whose re-ranked replies are shown side by side in the sheet."""
+
+    def __post_init__(self):
+        require(len(self.models) > 0 and len(set(self.models)) == len(self.models), "evaluate.models",
+                self.models, "a non-empty list of distinct model names")
+        unknown = sorted(set(self.corpora) - set(CORPORA))
+        require(not unknown and len(self.corpora) > 0, "evaluate.corpora", self.corpora,
+                f"a non-empty list of corpus names from {', '.join(CORPORA)}")
+        require(self.bootstrap_samples >= 100, "evaluate.bootstrap_samples", self.bootstrap_samples,
+                "must be at least 100")
+        require(self.human_eval_pairs >= 0, "evaluate.human_eval_pairs", self.human_eval_pairs, "must be 0 or more")
+        for pair in self.human_eval_comparisons:
+            require(len(pair) == 2 and pair[0] != pair[1] and set(pair) <= set(self.models),
+                    "evaluate.human_eval_comparisons", pair, "each entry is two different names from evaluate.models")
+
+
+MINE_SOURCES = ("context", "hard", "random", "generated")
+UNSAFE_LABELS = ("__possibly_needs_caution__", "__probably_needs_caution__", "__needs_caution__",
+                 "__needs_intervention__")
+
+
+@dataclasses.dataclass(frozen=True)
+class MineConfig:
+    """`mine`: n-pair groups (one positive, `n - 1` socially unacceptable negatives) per context."""
+
+    n: int = 4
+    """Group size: one positive and `n - 1` negatives."""
+    seed: int = 0
+    """Seed of the source mix, the random negatives and the replay sample."""
+    stage1_sources: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"context": 0.4, "hard": 0.4, "random": 0.2}
+    )
+    """Stage 1 shares of the negative sources `context` (known bad replies to this context), `hard`
+    (retrieved unsafe text) and `random` (replies from other dialogues); missing keys are 0."""
+    stage2_sources: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"hard": 0.6, "random": 0.4, "generated": 0.0}
+    )
+    """Stage 2 shares of `context`, `hard`, `random` and `generated` (flagged stage-1 model samples)."""
+    replay: float = 0.2
+    """Share of each split's stage-1 groups copied into stage 2, so stage 2 does not forget."""
+    generated: bool = False
+    """Use the `generated` source in stage 2 (needs the stage-1 model); off until training exists."""
+    generated_k: int = 4
+    """Candidates sampled from the stage-1 model per casual context."""
+    generated_threshold: float = 0.5
+    """A sampled candidate is a negative when 1 - P(casual) is at least this."""
+    label_severity: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict(zip(UNSAFE_LABELS, (0.4, 0.6, 0.8, 1.0)))
+    )
+    """Severity of a ProsocialDialog utterance used as a hard negative, per safety label."""
+    random_severity: float = 0.1
+    """Lowest severity of a random (incoherent) reply; its classifier's 1 - P(casual) when higher."""
+    hard_candidates: int = 16
+    """Most similar unsafe texts retrieved per context for the `hard` source."""
+    random_candidates: int = 8
+    """Replies drawn per context for the `random` source (the most unacceptable are used first)."""
+
+    def __post_init__(self):
+        require(self.n >= 2, "mine.n", self.n, "must be at least 2 (one positive, at least one negative)")
+        for stage, allowed in ((1, MINE_SOURCES[:3]), (2, MINE_SOURCES)):
+            key, shares = f"mine.stage{stage}_sources", getattr(self, f"stage{stage}_sources")
+            unknown = sorted(set(shares) - set(allowed))
+            require(not unknown, key, shares, f"sources are {', '.join(allowed)}")
+            require(all(v >= 0 for v in shares.values()), key, shares, "every share must be 0 or more")
+            require(abs(sum(shares.values()) - 1) < 1e-6, key, shares, "shares must sum to 1")
+        require(self.generated or self.stage2_sources.get("generated", 0) == 0, "mine.stage2_sources.generated",
+                self.stage2_sources.get("generated"), "must be 0 while mine.generated is false")
+        require(0 <= self.replay <= 1, "mine.replay", self.replay, "a share between 0 and 1")
+        require(self.generated_k >= 1, "mine.generated_k", self.generated_k, "must be at least 1")
+        require(0 <= self.generated_threshold <= 1, "mine.generated_threshold", self.generated_threshold,
+                "a probability between 0 and 1")
+        require(set(self.label_severity) == set(UNSAFE_LABELS), "mine.label_severity", sorted(self.label_severity),
+                f"needs exactly the keys {', '.join(UNSAFE_LABELS)}")
+        require(all(0 <= v <= 1 for v in self.label_severity.values()), "mine.label_severity",
+                self.label_severity, "every weight between 0 and 1")
+        require(0 < self.random_severity <= 1, "mine.random_severity", self.random_severity, "between 0 (excluded) and 1")
+        require(self.hard_candidates >= 1, "mine.hard_candidates", self.hard_candidates, "must be at least 1")
+        require(self.random_candidates >= 1, "mine.random_candidates", self.random_candidates, "must be at least 1")
+
+    def shares(self, stage: int) -> dict[str, float]:
+        """The share of every source in `MINE_SOURCES` order for `stage` (1 or 2); absent sources are 0."""
+        shares = self.stage1_sources if stage == 1 else self.stage2_sources
+        return {source: float(shares.get(source, 0.0)) for source in MINE_SOURCES}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLoraConfig:
+    """`train.lora`: low-rank adapters (peft) instead of full fine-tuning, merged before saving."""
+
+    enabled: bool = False
+    """Train LoRA adapters only; the saved model has them merged into its weights."""
+    r: int = 8
+    """Rank of each adapter."""
+    alpha: int = 16
+    """Scale numerator: adapters are scaled by `alpha / r`."""
+    dropout: float = 0.05
+    """Dropout on the adapters' input."""
+    target_modules: list[str] | None = None
+    """Names of the modules to adapt; null: peft's default for the architecture."""
+
+    def __post_init__(self):
+        require(self.r >= 1, "train.lora.r", self.r, "must be at least 1")
+        require(self.alpha >= 1, "train.lora.alpha", self.alpha, "must be at least 1")
+        require(0 <= self.dropout < 1, "train.lora.dropout", self.dropout, "a probability in [0, 1)")
+        require(self.target_modules is None or len(self.target_modules) > 0, "train.lora.target_modules",
+                self.target_modules, "null or a non-empty list of module names")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """`train`: the loop and loss shared by both training stages (`train_stage<k>` holds the rest)."""
+
+    seed: int = 0
+    """Seed of the initialisation of new parameters (LoRA), dropout and the data order."""
+    contrastive_weight: float = 1.0
+    """`lambda` in `L = CE + lambda * L_npair`; 0 is the cross-entropy-only ablation (negatives unscored)."""
+    tau: float = 0.5
+    """Temperature of the n-pair term; must be positive."""
+    margin: float = 0.5
+    """Margin scale: negative k must sit `margin * severity_k` below the positive; 0 turns margins off."""
+    length_normalized: bool = True
+    """Score a reply by its mean token log-probability (true) or by the sum (false)."""
+    rot_target: bool = True
+    """Target is `<|rot|> RoT <|response|> reply` where the group has RoTs; false: the reply alone."""
+    batch_groups: int = 8
+    """Groups (one positive and its negatives) per forward pass and per process."""
+    grad_accum_steps: int = 1
+    """Forward passes whose gradients are summed before each optimizer step."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this; 0 turns clipping off."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (not applied to biases and norm weights)."""
+    scheduler: Literal["linear", "cosine", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule after the warm-up (`transformers.get_scheduler`)."""
+    warmup_steps: int = 10
+    """Optimizer steps of linear warm-up from 0 to the stage's learning rate."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision; `auto`: bf16 on a GPU that supports it, else fp32 (always fp32 on CPU)."""
+    max_source_tokens: int = 128
+    """Context tokens kept (the oldest are cut first)."""
+    max_target_tokens: int = 64
+    """Target tokens kept, eos included (the end is cut)."""
+    eval_batch_groups: int = 16
+    """Groups per forward pass when scoring the validation groups."""
+    checkpoint_steps: int = 0
+    """Also write a resumable checkpoint every this many optimizer steps; 0: only at each epoch's end."""
+    lora: TrainLoraConfig = dataclasses.field(default_factory=TrainLoraConfig)
+    """LoRA instead of full fine-tuning."""
+
+    def __post_init__(self):
+        require(self.contrastive_weight >= 0, "train.contrastive_weight", self.contrastive_weight, "must be 0 or more")
+        require(self.tau > 0, "train.tau", self.tau, "must be greater than 0")
+        require(self.margin >= 0, "train.margin", self.margin, "must be 0 or more")
+        for key in ("batch_groups", "grad_accum_steps", "eval_batch_groups"):
+            require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "must be at least 1")
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", self.max_grad_norm, "must be 0 (off) or more")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "must be 0 or more")
+        require(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be 0 or more")
+        require(self.max_source_tokens >= 8, "train.max_source_tokens", self.max_source_tokens, "must be at least 8")
+        require(self.max_target_tokens >= 4, "train.max_target_tokens", self.max_target_tokens, "must be at least 4")
+        require(self.checkpoint_steps >= 0, "train.checkpoint_steps", self.checkpoint_steps, "must be 0 (off) or more")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStageConfig:
+    """`train_stage1`, `train_stage2`: what differs between the two training stages (a section per
+    stage, so that changing stage 2 does not re-run stage 1)."""
+
+    section: typing.ClassVar[str] = "train_stage<k>"
+    epochs: int = 2
+    """Passes over the stage's training groups; 0 copies the initial model (a single-stage ablation)."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate, reached after `train.warmup_steps`."""
+
+    def __post_init__(self):
+        require(self.epochs >= 0, f"{self.section}.epochs", self.epochs, "must be 0 or more")
+        require(self.learning_rate > 0, f"{self.section}.learning_rate", self.learning_rate, "must be greater than 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStage1Config(TrainStageConfig):
+    """`train_stage1`: adversarial groups, starting from the base model."""
+
+    section: typing.ClassVar[str] = "train_stage1"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainStage2Config(TrainStageConfig):
+    """`train_stage2`: casual groups, starting from the stage-1 model."""
+
+    section: typing.ClassVar[str] = "train_stage2"
+
+
+TRAIN_STAGES: dict[int, type[TrainStageConfig]] = {1: TrainStage1Config, 2: TrainStage2Config}
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModelConfig:
+    """`base_model`: the model every later stage starts from, written once to `models/base/`."""
+
+    kind: Literal["scratch", "hf"] = "scratch"
+    """`scratch`: a small model built from the sizes below, with a tokenizer trained on the normalized
+    training text; `hf`: a Hugging Face checkpoint named in `name`."""
+    name: str = ""
+    """For `hf`: a hub id (`facebook/blenderbot-400M-distill`) or a local folder in save_pretrained format."""
+    revision: str = "main"
+    """For a hub id: branch, tag or commit to load; pin a commit for a reproducible run."""
+    trust_remote_code: bool = False
+    """For `hf`: allow a checkpoint that ships its own modelling code (`auto_map` in its config)."""
+    architecture: Literal["causal", "seq2seq"] = "causal"
+    """For `scratch`: a decoder-only GPT-2 or an encoder-decoder BART (`n_layer` layers on each side)."""
+    vocab_size: int = 2000
+    """For `scratch`: target size of the byte-level BPE vocabulary (smaller when the text runs out of merges)."""
+    n_layer: int = 2
+    """For `scratch`: transformer layers (per side for seq2seq)."""
+    d_model: int = 128
+    """For `scratch`: hidden size."""
+    n_head: int = 4
+    """For `scratch`: attention heads; must divide `d_model`."""
+    ffn_dim: int = 512
+    """For `scratch`: inner size of each feed-forward block."""
+    max_positions: int = 512
+    """For `scratch`: longest sequence (a causal model reads source and target together)."""
+    seed: int = 0
+    """Seed of the initial weights (scratch) and of the embedding rows added for new tokens (hf)."""
+
+    def __post_init__(self):
+        require(self.kind != "hf" or bool(self.name.strip()), "base_model.name", self.name,
+                "a hub id or a local folder is needed when base_model.kind is hf")
+        require(self.vocab_size >= 300, "base_model.vocab_size", self.vocab_size,
+                "must be at least 300 (256 byte symbols and the special tokens come first)")
+        for key in ("n_layer", "d_model", "n_head", "ffn_dim"):
+            require(getattr(self, key) >= 1, f"base_model.{key}", getattr(self, key), "must be at least 1")
+        require(self.d_model % self.n_head == 0, "base_model.d_model", self.d_model,
+                f"must be a multiple of base_model.n_head ({self.n_head})")
+        require(self.max_positions >= 64, "base_model.max_positions", self.max_positions, "must be at least 64")
+
+
+SAFETY_RESPONSE_SOURCES = ("pd_responses", "mic_answers", "mic_violations")
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyTfidfConfig:
+    """`safety.tfidf`: word n-gram TF-IDF features and a multinomial logistic regression."""
+
+    ngram_max: int = 2
+    """Word n-grams of length 1 to this."""
+    min_df: int = 1
+    """Drop n-grams found in fewer training texts than this."""
+    max_features: int = 100_000
+    """Keep at most this many n-grams, the most frequent first."""
+    C: float = 4.0
+    """Inverse L2 regularisation strength of the logistic regression."""
+    class_weight: Literal["none", "balanced"] = "none"
+    """`balanced` reweights classes by inverse frequency (raises macro-F1, lowers accuracy)."""
+    max_iter: int = 1000
+    """Most Newton-CG iterations of the logistic regression."""
+
+    def __post_init__(self):
+        require(1 <= self.ngram_max <= 4, "safety.tfidf.ngram_max", self.ngram_max, "must be 1 to 4")
+        require(self.min_df >= 1, "safety.tfidf.min_df", self.min_df, "must be at least 1")
+        require(self.max_features >= 100, "safety.tfidf.max_features", self.max_features, "must be at least 100")
+        require(self.C > 0, "safety.tfidf.C", self.C, "must be positive")
+        require(self.max_iter >= 10, "safety.tfidf.max_iter", self.max_iter, "must be at least 10")
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyScratchConfig:
+    """`safety.scratch`: a small BERT encoder built from a config, with a WordPiece tokenizer trained
+    on the training text."""
+
+    vocab_size: int = 8000
+    """WordPiece vocabulary size (smaller when the training text has fewer distinct pieces)."""
+    hidden_size: int = 128
+    """Width of the encoder."""
+    layers: int = 2
+    """Transformer layers."""
+    heads: int = 2
+    """Attention heads; must divide `hidden_size`."""
+    max_length: int = 128
+    """Tokens per input (response and context together); also the position-embedding size."""
+    epochs: int = 3
+    """Passes over the training examples."""
+    batch_size: int = 32
+    """Examples per optimizer step (inference uses twice this)."""
+    lr: float = 5e-4
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay)."""
+
+    def __post_init__(self):
+        require(self.vocab_size >= 100, "safety.scratch.vocab_size", self.vocab_size, "must be at least 100")
+        require(self.hidden_size >= 8, "safety.scratch.hidden_size", self.hidden_size, "must be at least 8")
+        require(self.layers >= 1, "safety.scratch.layers", self.layers, "must be at least 1")
+        require(self.heads >= 1 and self.hidden_size % self.heads == 0, "safety.scratch.heads", self.heads,
+                f"must be at least 1 and divide safety.scratch.hidden_size ({self.hidden_size})")
+        _check_safety_training("safety.scratch", self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyHfConfig:
+    """`safety.hf`: a Hugging Face encoder fine-tuned through `AutoModelForSequenceClassification`."""
+
+    name: str = "roberta-base"
+    """Hub name or local folder of the encoder (the hub needs the network)."""
+    max_length: int = 256
+    """Tokens per input (response and context together)."""
+    epochs: int = 2
+    """Passes over the training examples."""
+    batch_size: int = 16
+    """Examples per optimizer step (inference uses twice this)."""
+    lr: float = 2e-5
+    """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay)."""
+
+    def __post_init__(self):
+        require(bool(self.name.strip()), "safety.hf.name", self.name, "a hub name or a local folder")
+        _check_safety_training("safety.hf", self)
+
+
+def _check_safety_training(key: str, config) -> None:
+    require(config.max_length >= 8, f"{key}.max_length", config.max_length, "must be at least 8")
+    require(config.epochs >= 1, f"{key}.epochs", config.epochs, "must be at least 1")
+    require(config.batch_size >= 1, f"{key}.batch_size", config.batch_size, "must be at least 1")
+    require(0 < config.lr < 1, f"{key}.lr", config.lr, "must be between 0 and 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class SafetyConfig:
+    """`safety`: the safety classifier (ProsocialDialog's five labels, collapsed to three)."""
+
+    model: Literal["tfidf", "scratch", "hf"] = "tfidf"
+    """Which classifier to train: `tfidf` (TF-IDF + logistic regression), `scratch` (small BERT
+    from a config) or `hf` (the encoder named in `safety.hf.name`)."""
+    context_turns: int = 1
+    """Previous turns the classifier sees beside the utterance (0: the utterance alone)."""
+    response_examples: list[Literal["pd_responses", "mic_answers", "mic_violations"]] = dataclasses.field(
+        default_factory=lambda: list(SAFETY_RESPONSE_SOURCES)
+    )
+    """Response-level training examples added to ProsocialDialog's labelled user turns:
+    `pd_responses` (its prosocial bot replies, casual), `mic_answers` (MIC annotators' own answers,
+    casual), `mic_violations` (MIC chatbot answers that violate the RoT, labelled by severity)."""
+    response_share: float = 0.5
+    """Total training weight of the response-level examples, as a share of the user turns' weight."""
+    mic_severity_labels: list[str] = dataclasses.field(default_factory=lambda: [
+        "__casual__", "__possibly_needs_caution__", "__needs_caution__", "__needs_caution__", "__needs_intervention__"])
+    """The five-way label of a RoT-violating MIC answer of violation severity 1 (fine), 2 (unwise),
+    3 (bad), 4 (horrible), 5 (worst), in that order."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+    tfidf: SafetyTfidfConfig = dataclasses.field(default_factory=SafetyTfidfConfig)
+    """Settings of the `tfidf` kind."""
+    scratch: SafetyScratchConfig = dataclasses.field(default_factory=SafetyScratchConfig)
+    """Settings of the `scratch` kind."""
+    hf: SafetyHfConfig = dataclasses.field(default_factory=SafetyHfConfig)
+    """Settings of the `hf` kind."""
+
+    def __post_init__(self):
+        require(0 <= self.context_turns <= 8, "safety.context_turns", self.context_turns, "must be 0 to 8")
+        require(len(set(self.response_examples)) == len(self.response_examples), "safety.response_examples",
+                self.response_examples, "each source at most once")
+        require(0 <= self.response_share <= 10, "safety.response_share", self.response_share, "must be 0 to 10")
+        labels = ("__casual__",) + UNSAFE_LABELS
+        require(len(self.mic_severity_labels) == 5 and set(self.mic_severity_labels) <= set(labels),
+                "safety.mic_severity_labels", self.mic_severity_labels, f"five labels from {', '.join(labels)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """`generate`: sampling RoT-annotated candidates for test contexts, scoring and re-ranking them."""
+
+    seed: int = 0
+    """Seed of the choice of contexts and of sampling (each batch reseeds from it, its corpus and index)."""
+    max_contexts: int = 8
+    """Test contexts per corpus, drawn with `seed` (the same ones for every model); 0: all of them."""
+    k: int = 4
+    """Candidates sampled per context."""
+    batch_size: int = 8
+    """Contexts per `generate` call (each returns `k` sequences, so `batch_size * k` rows)."""
+    max_source_tokens: int = 128
+    """Context tokens kept (the oldest are cut first)."""
+    max_new_tokens: int = 32
+    """Longest candidate in tokens; one that hits it keeps what it has (a RoT may have no reply yet)."""
+    do_sample: bool = True
+    """Sample (true) or decode greedily (false, which needs `k = 1`)."""
+    temperature: float = 1.0
+    """Softmax temperature while sampling."""
+    top_p: float = 0.9
+    """Nucleus sampling: keep the most likely tokens whose probabilities sum to this (1.0: off)."""
+    top_k: int = 0
+    """Keep only the `top_k` most likely tokens (0: off)."""
+    rerank: bool = True
+    """Choose each context's reply by the re-ranker's score (true) or take the first sample (false:
+    the no-re-ranking ablation; scores are still written)."""
+    alpha: float = 1.0
+    """Weight of fluency (per-token probability, in [0, 1]) in the re-ranker's score."""
+    beta: float = 1.0
+    """Weight of prosociality (the safety classifier's P(casual), in [0, 1]) in the score."""
+
+    def __post_init__(self):
+        require(self.k >= 1, "generate.k", self.k, "must be at least 1")
+        require(self.do_sample or self.k == 1, "generate.k", self.k,
+                "must be 1 when generate.do_sample is false (greedy decoding gives one candidate)")
+        require(self.max_contexts >= 0, "generate.max_contexts", self.max_contexts, "must be 0 (all) or more")
+        require(self.batch_size >= 1, "generate.batch_size", self.batch_size, "must be at least 1")
+        require(self.max_source_tokens >= 8, "generate.max_source_tokens", self.max_source_tokens, "must be at least 8")
+        require(self.max_new_tokens >= 1, "generate.max_new_tokens", self.max_new_tokens, "must be at least 1")
+        require(self.temperature > 0, "generate.temperature", self.temperature, "must be greater than 0")
+        require(0 < self.top_p <= 1, "generate.top_p", self.top_p, "must be in (0, 1]")
+        require(self.top_k >= 0, "generate.top_k", self.top_k, "must be 0 (off) or more")
+        require(self.alpha >= 0, "generate.alpha", self.alpha, "must be 0 or more")
+        require(self.beta >= 0, "generate.beta", self.beta, "must be 0 or more")
+
+    def weights(self) -> dict[str, float]:
+        """The re-ranker's weight of each term (`pipeline.rerank`)."""
+        return {"fluency": self.alpha, "prosociality": self.beta}
+
+
+GENERATE_MODELS = ("base", "stage1", "stage2")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditModel:
+    """One further model whose candidates are generated like `base`, `stage1` and `stage2`."""
+
+    path: str
+    """A hub id (`microsoft/DialoGPT-medium`) or a local folder in save_pretrained format."""
+    revision: str = "main"
+    """For a hub id: branch, tag or commit to load; pin a commit for a reproducible audit."""
+    trust_remote_code: bool = False
+    """Allow a checkpoint that ships its own modelling code (`auto_map` in its config)."""
+
+    def __post_init__(self):
+        require(bool(self.path.strip()), "audit.models.<name>.path", self.path, "a hub id or a local folder")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditConfig:
+    """`audit`: general-purpose models to audit beside the untuned `base` model (which `generate@base`
+    always covers); each gets its own `audit@<name>` stage writing `data/candidates/<name>/`."""
+
+    models: dict[str, AuditModel] = dataclasses.field(default_factory=dict)
+    """Name -> model; the name names the output folder and the model in the reports."""
+
+    def __post_init__(self):
+        import re
+
+        for name in self.models:
+            require(name not in GENERATE_MODELS, f"audit.models.{name}", name,
+                    f"names other than {', '.join(GENERATE_MODELS)} (those are generate's own entries)")
+            require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"audit.models.{name}", name,
+                    "letters, digits, '_', '.' and '-' (it names a folder)")
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -146,6 +614,10 @@ def _build(cls: type, data: Any, key: str):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key '{key}.{unknown[0]}' (allowed: {', '.join(fields)})")
+    missing = [name for name, f in fields.items() if name not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"missing key '{key}.{missing[0]}' (required: {', '.join(missing)})")
     hints = typing.get_type_hints(cls)
     values = {name: _convert(hints[name], data[name], f"{key}.{name}") for name in data}
     return cls(**values)

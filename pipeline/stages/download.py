@@ -40,8 +40,12 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
 def read_sample_split(path: Path, corpus: str) -> pa.Table:
     """Read one bundled JSON Lines file into the corpus's raw Arrow schema."""
     schema = RAW[corpus]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not valid UTF-8 (byte {error.start}: {error.object[error.start:error.end]!r})") from None
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -52,11 +56,26 @@ def read_sample_split(path: Path, corpus: str) -> pa.Table:
             missing, extra = set(schema.names) - set(row), set(row) - set(schema.names)
             raise DataError(f"{path}:{number}: keys differ from the {corpus} row format "
                             f"(missing {sorted(missing)}, unexpected {sorted(extra)})")
+        for field in schema:
+            if not fits_nesting(row[field.name], field.type):
+                raise DataError(f"{path}:{number}: '{field.name}' = {row[field.name]!r:.60} does not fit {field.type}")
         rows.append(row)
     try:
         return pa.Table.from_pylist(rows, schema=schema)
     except (pa.ArrowException, TypeError, ValueError) as error:
         raise DataError(f"{path}: rows do not fit the {corpus} row format ({error})") from None
+
+
+def fits_nesting(value, type_: pa.DataType) -> bool:
+    """Whether lists and mappings sit where `type_` has them; Arrow would otherwise turn a string
+    given for a list of strings into a list of its characters."""
+    if value is None:
+        return True
+    if pa.types.is_list(type_):
+        return isinstance(value, list) and all(fits_nesting(v, type_.value_type) for v in value)
+    if pa.types.is_struct(type_):
+        return isinstance(value, dict) and all(fits_nesting(value.get(f.name), f.type) for f in type_)
+    return not isinstance(value, (list, dict))
 
 
 def fetch_sample(folder: Path, corpus: str) -> dict[str, pa.Table]:
@@ -96,7 +115,10 @@ def read_mic_zip(path: Path) -> dict[str, pa.Table]:
             data = archive.read(name)
     except zipfile.BadZipFile:
         raise DataError(f"{path}: not a zip archive") from None
-    table = pacsv.read_csv(io.BytesIO(data))
+    try:
+        table = pacsv.read_csv(io.BytesIO(data))
+    except pa.ArrowException as error:
+        raise DataError(f"{path}: {name} is not a readable CSV ({str(error).splitlines()[0]})") from None
     return split_by_column(table, "split", path)
 
 
@@ -170,7 +192,11 @@ def fetch(config: CorporaConfig, corpus: str) -> tuple[dict[str, pa.Table], dict
 
 
 def check_row_format(tables: dict[str, pa.Table], corpus: str, where: str) -> dict[str, pa.Table]:
-    """Validate every split against the raw schema (a hub table may carry extra columns)."""
+    """Validate every split against the raw schema (a hub table may carry extra columns); an empty
+    split is an error, as it would only fail later in `normalize`."""
+    for split, table in tables.items():
+        if table.num_rows == 0:
+            raise DataError(f"{where} ({corpus}/{split}): the split has no rows")
     return {split: conform_raw(table, corpus, f"{where} ({corpus}/{split})") for split, table in tables.items()}
 
 

@@ -222,25 +222,27 @@ def clean_text(text, max_chars: int, counts: Counter) -> str:
     cleaned = _SPACE.sub(" ", cleaned).strip()
     if len(cleaned) > max_chars:
         counts[f"changed: text cut to normalize.max_chars"] += 1
-        cleaned = cleaned[:max_chars]
+        cleaned = cleaned[:max_chars].rstrip()  # a cut may end on a space
     return cleaned
 
 
 def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
-    """Clean every text field and window the context; None (counted) when the row is unusable."""
-    clean = lambda text: clean_text(text, config.max_chars, counts)  # noqa: E731
+    """Clean every text field and window the context; None (counted) when the row is unusable.
+
+    Changes are counted once per text in a kept row; a dropped row counts only as dropped."""
+    changes: Counter = Counter()
+    clean = lambda text: clean_text(text, config.max_chars, changes)  # noqa: E731
     response = clean(row["response"])
-    context = [clean(turn) for turn in row["context"]]
+    # Only the turns inside the window are cleaned (and counted): older ones never reach the output.
+    context = [clean(turn) for turn in row["context"][-config.max_context_turns:]]
     if not response:
         counts["dropped: empty or null response"] += 1
         return None
     if not context or not all(context):
         counts["dropped: empty or null turn in the context"] += 1
         return None
-    if len(context) > config.max_context_turns:
-        context = context[-config.max_context_turns:]
     negatives = [{"text": clean(n["text"]), "severity": n["severity"]} for n in row["unacceptable_responses"]]
-    return {
+    cleaned = {
         **row,
         "context": context,
         "response": response,
@@ -249,6 +251,8 @@ def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
         "emotion": clean(row["emotion"]) or None,
         "unacceptable_responses": [n for n in negatives if n["text"] and n["text"].lower() != response.lower()],
     }
+    counts.update(changes)
+    return cleaned
 
 
 # --- splits ---------------------------------------------------------------------------------------
@@ -298,6 +302,16 @@ def normalize_split(table: pa.Table, corpus: str, split: str, config: NormalizeC
     return rows
 
 
+def read_provenance(path: Path) -> dict:
+    """The download stage's stats.json (source, revision, commit); {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error}); run the download stage again") from None
+
+
 def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     """Normalize every raw split of `corpus` in `raw` and write the three splits to `out`."""
     if corpus not in CORPORA:
@@ -305,7 +319,7 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     files = {split: raw / f"{split}.parquet" for split in SPLITS if (raw / f"{split}.parquet").is_file()}
     if not files:
         raise DataError(f"{raw}: no raw split files for {corpus} (run the download stage first)")
-    provenance = json.loads((raw / "stats.json").read_text()) if (raw / "stats.json").is_file() else {}
+    provenance = read_provenance(raw / "stats.json")
     counts: Counter = Counter()
     rows_by_split, raw_files = {}, {}
     for split, path in files.items():

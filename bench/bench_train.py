@@ -1,0 +1,162 @@
+"""Benchmark of the training loop against a plain Hugging Face `Trainer`, in one run, on the same
+synthetic groups and the same tiny GPT-2 (the size of the default scratch base model), on CPU:
+
+    (a) our loop with contrastive_weight = 0: positives only (cross-entropy),
+    (b) our loop with the n-pair term, n = 4 (a positive and 3 negatives per group),
+    (c) `transformers.Trainer` fine-tuning the same model with cross-entropy on the same positives.
+
+Prints tokens per second (every real token the forward pass reads: source, `<|bot|>` and target),
+the ratio a / c (goal: at least 1), and for (b) the time per scored target token relative to (a)
+(goal: at most 1, i.e. the n-pair term costs no more than the extra tokens it scores). Each variant
+runs `ROUNDS` times, interleaved, and the fastest round counts, which damps a shared machine's noise.
+Timing covers the optimizer steps only (no model building, no validation).
+
+    python -m bench bench_train        (or python -m bench.bench_train)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.config import TrainConfig, TrainStage1Config
+from pipeline.modeling import BOT, DialogModel, train_tokenizer
+from pipeline.schemas import GROUPS
+from pipeline.stages import train
+
+GROUPS_PER_RUN, NEGATIVES, EPOCHS, ROUNDS = 64, 3, 2, 3
+CONFIG = TrainConfig(batch_groups=8, warmup_steps=2, eval_batch_groups=32)
+STAGE = TrainStage1Config(epochs=EPOCHS, learning_rate=1e-3)
+WORDS = ("i you we they it is was not should never always friend family work money help hurt steal lie "
+         "honest kind mean angry sad happy sorry please thanks today tomorrow school boss brother sister "
+         "car dog home party game food fair wrong right people feel think want need know").split()
+
+
+def sentence(rng, low: int, high: int) -> str:
+    return " ".join(rng.choice(WORDS, size=int(rng.integers(low, high)))) + "."
+
+
+def synthetic_groups(n: int, seed: int) -> pa.Table:
+    """`n` groups: two context turns, one RoT, a positive and NEGATIVES negatives of random words."""
+    rng = np.random.default_rng(seed)
+    rows = [{
+        "group_id": f"g{i}", "corpus": "bench", "split": "train", "dialogue_id": str(i), "turn_index": 1,
+        "context": [sentence(rng, 8, 20), sentence(rng, 8, 20)], "persona": [], "emotion": None,
+        "safety_label": None, "positive": sentence(rng, 6, 16), "rots": [sentence(rng, 5, 10)],
+        "negatives": [{"text": sentence(rng, 6, 16), "source": "random", "severity": float(rng.random())}
+                      for _ in range(NEGATIVES)],
+    } for i in range(n)]
+    return pa.Table.from_pylist(rows, schema=GROUPS)
+
+
+def tiny_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=2, n_head=4, n_inner=512,
+                                      n_positions=512, pad_token_id=tokenizer.pad_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
+
+
+def our_loop(model, tokenizer, groups, validation, config) -> dict:
+    dm = DialogModel(copy.deepcopy(model), tokenizer, is_seq2seq=False)
+    result = train.fit(dm, groups, validation, config, STAGE, train.make_accelerator(config), desc="loop")
+    return result["timing"]
+
+
+def hf_trainer(model, tokenizer, groups, scratch: Path) -> dict:
+    """Cross-entropy on `source <|bot|> target</s>` with the source masked out of the labels: what a
+    user would write with `Trainer` for the positives alone."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    bot = tokenizer.convert_tokens_to_ids(BOT)
+    examples = []
+    for source, targets in zip(groups.source_ids, groups.target_ids):
+        prefix = source + [bot]
+        examples.append({"input_ids": prefix + targets[0], "labels": [-100] * len(prefix) + targets[0]})
+    tokens = sum(len(e["input_ids"]) for e in examples) * EPOCHS
+
+    def collate(batch):
+        width = max(len(e["input_ids"]) for e in batch)
+        pad = lambda row, value: row + [value] * (width - len(row))  # noqa: E731
+        return {"input_ids": torch.tensor([pad(e["input_ids"], tokenizer.pad_token_id) for e in batch]),
+                "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in batch]),
+                "labels": torch.tensor([pad(e["labels"], -100) for e in batch])}
+
+    class Clock(TrainerCallback):
+        """From the first step's start to the last step's end, as our loop is timed."""
+
+        started = None
+
+        def on_step_begin(self, *args, **kwargs):
+            self.started = self.started or time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            self.seconds = time.perf_counter() - self.started
+
+    clock = Clock()
+    args = TrainingArguments(output_dir=str(scratch), per_device_train_batch_size=CONFIG.batch_groups,
+                             num_train_epochs=EPOCHS, learning_rate=STAGE.learning_rate, warmup_steps=CONFIG.warmup_steps,
+                             weight_decay=CONFIG.weight_decay, max_grad_norm=CONFIG.max_grad_norm, use_cpu=True,
+                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             dataloader_num_workers=0, seed=CONFIG.seed)
+    trainer = Trainer(model=copy.deepcopy(model), args=args, train_dataset=examples, data_collator=collate,
+                      callbacks=[clock])
+    trainer.train()
+    return {"train_seconds": clock.seconds, "read_tokens": tokens, "scored_tokens": None}
+
+
+def main() -> None:
+    # One intra-op thread for all three: a tiny model gains nothing from more, and on a shared
+    # machine spinning threads make the timings swing several-fold.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        measure_all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_all() -> None:
+    torch.manual_seed(0)
+    table = synthetic_groups(GROUPS_PER_RUN + 8, seed=0)
+    texts = [t for row in table.to_pylist() for t in row["context"] + [row["positive"]] + row["rots"]]
+    tokenizer = train_tokenizer(texts, vocab_size=1000)
+    model = tiny_gpt2(tokenizer)
+    groups = train.encode_groups(tokenizer, table.slice(0, GROUPS_PER_RUN), CONFIG)
+    validation = train.encode_groups(tokenizer, table.slice(GROUPS_PER_RUN), CONFIG)
+    ce_only, npair = dataclasses.replace(CONFIG, contrastive_weight=0.0), dataclasses.replace(CONFIG, contrastive_weight=1.0)
+    best: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for _ in range(ROUNDS):
+            for name, measure in (("a", lambda: our_loop(model, tokenizer, groups, validation, ce_only)),
+                                  ("b", lambda: our_loop(model, tokenizer, groups, validation, npair)),
+                                  ("c", lambda: hf_trainer(model, tokenizer, groups, Path(scratch)))):
+                timing = measure()
+                if name not in best or timing["train_seconds"] < best[name]["train_seconds"]:
+                    best[name] = timing
+    a, b, c = best["a"], best["b"], best["c"]
+    speed = {k: v["read_tokens"] / v["train_seconds"] for k, v in best.items()}
+    print(f"tiny GPT-2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {GROUPS_PER_RUN} groups "
+          f"of 1 + {NEGATIVES}, batch {CONFIG.batch_groups} groups, {EPOCHS} epoch(s), "
+          f"{torch.get_num_threads()} CPU thread, best of {ROUNDS}")
+    print(f"{'':32} {'seconds':>8} {'tokens read':>12} {'tokens/s':>9}")
+    for key, label in (("a", "(a) ours, lambda = 0"), ("b", "(b) ours, n-pair, n = 4"), ("c", "(c) HF Trainer, CE")):
+        print(f"{label:32} {best[key]['train_seconds']:8.2f} {best[key]['read_tokens']:12d} {speed[key]:9.0f}")
+    print(f"a / c tokens/s ratio: {speed['a'] / speed['c']:.2f}  (goal >= 1)")
+    per_token_a = a["train_seconds"] / a["scored_tokens"]
+    per_token_b = b["train_seconds"] / b["scored_tokens"]
+    print(f"(b) scores {b['scored_tokens'] / a['scored_tokens']:.2f}x the target tokens of (a) in "
+          f"{b['train_seconds'] / a['train_seconds']:.2f}x the time: time per scored token b / a = "
+          f"{per_token_b / per_token_a:.2f}  (goal <= 1)")
+
+
+if __name__ == "__main__":
+    main()

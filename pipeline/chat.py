@@ -1,0 +1,88 @@
+"""chat: talk to a trained dialog model in the terminal and watch the re-ranker choose (not a DVC stage).
+
+    python -m pipeline chat --model models/stage2 --safety models/safety
+
+Reads user lines from stdin until end of input or `/quit`. For each line it samples `generate.k`
+candidates with the decoding settings of params.yaml, scores them exactly as the `generate` stage
+does, and prints the chosen reply, its RoT, its safety probabilities and the re-ranker's table. The
+chosen reply joins the conversation history, which conditions the next reply.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, TextIO
+
+from pipeline.config import GenerateConfig
+from pipeline.modeling import DialogModel, format_source
+from pipeline.rerank import fluency_term, rerank
+from pipeline.stages.generate import SafetyScorer, batch_seed, safety_scores, sample_candidates
+
+QUIT = "/quit"
+
+
+def reply(dm: DialogModel, scorer: SafetyScorer, history: list[str], config: GenerateConfig, turn: int) -> list[dict]:
+    """The k scored candidates for the conversation `history` (oldest first, the user's turn last),
+    best first; each a dict with rot, response, fluency, fluency_term, safety_probs, prosociality,
+    score, rank, selected, candidate_index. Turn `turn` is sampled with its own seed."""
+    sampled = sample_candidates(dm, [format_source(history)], config, batch_seed(config.seed, "chat", turn))
+    probs, prosociality = safety_scores(scorer, sampled.responses, [list(history)] * len(sampled.responses))
+    term = fluency_term(sampled.fluency)
+    verdict = rerank(["chat"] * config.k, list(range(config.k)), {"fluency": term, "prosociality": prosociality},
+                     config.weights(), enabled=config.rerank)
+    rows = [{"candidate_index": j, "rot": sampled.rots[j], "response": sampled.responses[j],
+             "fluency": float(sampled.fluency[j]), "fluency_term": float(term[j]),
+             "safety_probs": probs[j].tolist(), "prosociality": float(prosociality[j]),
+             "score": float(verdict.score[j]), "rank": int(verdict.rank[j]), "selected": bool(verdict.selected[j])}
+            for j in range(config.k)]
+    return sorted(rows, key=lambda r: r["rank"])
+
+
+def render(candidates: list[dict], config: GenerateConfig) -> str:
+    """The chosen reply, its RoT and safety probabilities, then one table row per candidate."""
+    chosen = candidates[0]
+    casual, caution, intervention = chosen["safety_probs"]
+    how = (f"score = {config.alpha:g} * fluency + {config.beta:g} * prosociality" if config.rerank
+           else "re-ranking off: the first sample is chosen")
+    lines = [
+        f"bot> {chosen['response'] or '(empty reply)'}",
+        f"  RoT: {chosen['rot'] or '(none)'}",
+        f"  safety: casual {casual:.3f} | needs_caution {caution:.3f} | needs_intervention {intervention:.3f}",
+        f"  candidates ({how}; fluency = per-token probability, logp = mean token log-prob):",
+        "      #   logp  fluency  prosocial   score  rank  reply",
+    ]
+    for row in candidates:
+        text = row["response"] or "(empty)"
+        if row["rot"]:
+            text = f"[{row['rot']}] {text}"
+        text = text if len(text) <= 60 else text[:57] + "..."
+        lines.append(f"  {'*' if row['selected'] else ' '} {row['candidate_index']:>3} {row['fluency']:>6.2f} "
+                     f"{row['fluency_term']:>8.3f} {row['prosociality']:>10.3f} {row['score']:>7.3f} "
+                     f"{row['rank']:>5}  {text}")
+    return "\n".join(lines)
+
+
+def chat_loop(dm: DialogModel, scorer: SafetyScorer, config: GenerateConfig, read: TextIO,
+              echo: Callable[..., None]) -> int:
+    """Answer every line of `read` until end of input or `/quit`; `echo(text, nl=True)` prints.
+    Returns the number of replies."""
+    history: list[str] = []
+    echo(f"Chatting with {dm.path} (k={config.k}). Type {QUIT} or end the input (Ctrl-D) to stop.")
+    interactive = read.isatty()
+    turn = 0
+    while True:
+        echo("you> ", nl=False)
+        line = read.readline()
+        if not interactive:  # piped or scripted input: show it, so the transcript reads as a dialogue
+            echo(line.rstrip("\n"))
+        if not line or line.strip() == QUIT:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        history.append(text)
+        candidates = reply(dm, scorer, history, config, turn)
+        history.append(candidates[0]["response"])
+        echo(render(candidates, config))
+        turn += 1
+    echo("bye.")
+    return turn

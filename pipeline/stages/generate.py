@@ -1,0 +1,345 @@
+"""generate: RoT-annotated candidates for the test contexts of every corpus, scored and re-ranked.
+
+Reads `data/normalized/<corpus>/test.parquet` for the six corpora, a dialog model and the safety
+classifier (`models/safety`); writes `data/candidates/<name>/<corpus>.parquet` (schema
+`schemas.CANDIDATES`: every candidate with its RoT, reply, scores and rank, and which one was
+selected; nothing is dropped) and `stats.json` (counts, timing, config, provenance).
+
+    python -m pipeline generate stage2 --model models/stage2 --safety models/safety \
+        --normalized data/normalized --out data/candidates/stage2
+
+`<name>` is `base`, `stage1` or `stage2` (a folder written by the training stages, loaded strictly:
+it must carry the dialog markers), or an entry of `audit.models` in params.yaml: a Hugging Face
+model, by hub id or local folder, that gets the markers added the way `base_model` adds them. An
+untuned model has never seen the RoT format, so its candidates mostly carry no RoT.
+
+Per corpus: up to `generate.max_contexts` test contexts are drawn with the seed (the same ones for
+every model), `generate.k` candidates are sampled per context in batches of `generate.batch_size`
+contexts, and each batch reseeds torch from (seed, corpus, batch index), so a batch's candidates do
+not depend on the batches before it. Every model is decoded with the settings in params.yaml only;
+a checkpoint's own generation defaults (beam search, minimum length) are ignored.
+
+Scores: `fluency` is the candidate's mean token log-probability under the generating model (its
+eos included when it ended), `prosociality` the safety classifier's P(casual) of the reply given
+the context, `score` the re-ranker's combination (`pipeline.rerank`). An empty reply (nothing
+after `<|response|>`, e.g. a RoT that ran to the length limit) keeps the classifier's
+`safety_probs` like any reply, but its prosociality is 0: saying nothing is never the prosocial
+choice, so any non-empty reply of equal fluency outranks it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.artifacts import ensure_writable, git_commit, library_versions, staged_dir, write_json, write_parquet
+from pipeline.config import CORPORA, AuditModel, GenerateConfig
+from pipeline.errors import DataError
+from pipeline.modeling import (
+    BOT, EMOTION, PERSONA, USER, DialogModel, _pad, encode_sources, format_source, parse_target, token_logprobs,
+)
+from pipeline.rerank import fluency_term, rerank
+from pipeline.schemas import CANDIDATES
+
+log = logging.getLogger(__name__)
+
+CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new turn ends there
+
+
+class SafetyScorer(Protocol):
+    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """(n, 3) probabilities of casual, needs_caution, needs_intervention."""
+
+
+def load_safety_scorer(path: Path) -> SafetyScorer:
+    """The safety classifier written by the `safety` stage."""
+    from pipeline.stages.safety import load_scorer
+
+    return load_scorer(path)
+
+
+# --- models ---------------------------------------------------------------------------------------
+
+
+def load_model(name: str, path: str, audit: AuditModel | None, device: str, seed: int = 0) -> DialogModel:
+    """A trained entry (`audit` None) from its folder, strictly; an audit model through `base_model`'s
+    loader, with the dialog markers added when it lacks them (new embedding rows seeded by `seed`)."""
+    from pipeline.modeling import check_tokenizer, load_dialog_model
+
+    if audit is None:
+        return load_dialog_model(path, device)
+    from pipeline.config import BaseModelConfig
+    from pipeline.stages.base_model import add_dialog_tokens, load_hf
+
+    hf_config = BaseModelConfig(kind="hf", name=path, revision=audit.revision,
+                                trust_remote_code=audit.trust_remote_code)
+    try:
+        model, tokenizer, _ = load_hf(hf_config)
+    except DataError as error:  # the loader names base_model's keys; point at the audit entry instead
+        message = str(error).replace("base_model.name", f"audit.models.{name}.path")
+        raise DataError(message.replace("base_model.", f"audit.models.{name}.")) from None
+    added = add_dialog_tokens(model, tokenizer, seed)
+    if added:
+        log.info("audit model %s: added %s (it has no RoT format, so its candidates mostly lack RoTs)",
+                 name, ", ".join(added))
+    check_tokenizer(tokenizer, path)
+    return DialogModel(model.to(device).eval(), tokenizer, bool(model.config.is_encoder_decoder), Path(path))
+
+
+def source_budget(dm: DialogModel, config: GenerateConfig) -> int:
+    """Source tokens that fit: `max_source_tokens`, less what a causal model needs for `<|bot|>` and
+    the reply within its position limit."""
+    budget = config.max_source_tokens
+    limit = getattr(dm.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
+    if limit and not dm.is_seq2seq:
+        budget = min(budget, limit - config.max_new_tokens - 1)
+    if budget < 1:
+        raise DataError(f"{dm.path}: a context window of {limit} positions leaves no room for a source "
+                        f"after generate.max_new_tokens = {config.max_new_tokens}")
+    return budget
+
+
+# --- sampling and scoring -------------------------------------------------------------------------
+
+
+def batch_seed(seed: int, corpus: str, batch_index: int) -> int:
+    """The torch seed of one batch: fixed by (seed, corpus, batch index), independent of other batches."""
+    digest = hashlib.sha256(f"{seed}:{corpus}:{batch_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def generation_config(dm: DialogModel, config: GenerateConfig):
+    """Decoding settings from params only (a checkpoint's own defaults, e.g. beam search, are not used)."""
+    from transformers import GenerationConfig
+
+    tokenizer = dm.tokenizer
+    settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, num_return_sequences=config.k,
+                    do_sample=config.do_sample, pad_token_id=tokenizer.pad_token_id,
+                    eos_token_id=tokenizer.eos_token_id)
+    if dm.is_seq2seq:
+        settings["decoder_start_token_id"] = dm.model.config.decoder_start_token_id
+    if config.do_sample:
+        settings.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
+    return GenerationConfig(**settings)
+
+
+def sample_batch(dm: DialogModel, source_ids: list[list[int]], config: GenerateConfig, seed: int) -> list[list[int]]:
+    """Sample `config.k` targets for each source in one `generate` call.
+
+    A causal model continues `source <|bot|>` (left-padded, so every row's next token is at the end);
+    a sequence-to-sequence model decodes from the encoded source. Returns S*k token-id lists grouped
+    by source, each cut after its first eos (a target that hit `max_new_tokens` has none).
+    """
+    import torch
+
+    tokenizer = dm.tokenizer
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    if dm.is_seq2seq:
+        input_ids, attention = _pad(source_ids, pad)  # (S, L)
+    else:
+        bot = tokenizer.convert_tokens_to_ids(BOT)
+        input_ids, attention = _pad([row + [bot] for row in source_ids], pad, left=True)  # (S, L)
+    device = next(dm.model.parameters()).device
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        sequences = dm.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                      generation_config=generation_config(dm, config))  # (S*k, L' + T)
+    # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
+    new_tokens = sequences[:, 1:] if dm.is_seq2seq else sequences[:, input_ids.shape[1]:]
+    targets = []
+    for row in new_tokens.tolist():
+        if eos in row:
+            row = row[: row.index(eos) + 1]
+        targets.append(row)
+    return targets
+
+
+def decode_target(tokenizer, ids: Sequence[int]) -> str:
+    """The generated text with the RoT/reply markers kept and eos, pad and bos dropped."""
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
+
+
+def split_candidate(text: str) -> tuple[str | None, str]:
+    """(rot, reply) of a generated target; a reply that starts a new turn (`<|user|>`, ...) ends there."""
+    cut = min((text.index(m) for m in CONTEXT_MARKERS if m in text), default=len(text))
+    return parse_target(text[:cut])
+
+
+def mean_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]], k: int) -> np.ndarray:
+    """Length-normalised log-likelihood of each target under `dm`; S sources, S*k targets -> (S*k,)."""
+    import torch
+
+    with torch.no_grad():
+        logps, mask = token_logprobs(dm, source_ids, target_ids, candidates_per_source=k)  # (S*k, T)
+    return (logps.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu().numpy().astype(np.float64)
+
+
+def safety_scores(scorer: SafetyScorer, responses: list[str], contexts: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(safety_probs (n, 3), prosociality (n,)): the classifier's three-way probabilities of each
+    reply in context, and P(casual), which is 0 for an empty reply."""
+    if not responses:
+        return np.zeros((0, 3)), np.zeros(0)
+    probs = np.asarray(scorer.predict_proba(responses, contexts), dtype=np.float64)
+    if probs.shape != (len(responses), 3):
+        raise DataError(f"safety classifier returned shape {probs.shape}, expected ({len(responses)}, 3)")
+    empty = np.array([not r.strip() for r in responses])
+    return probs, np.where(empty, 0.0, probs[:, 0])
+
+
+@dataclasses.dataclass
+class Sampled:
+    """Candidates for S contexts, k each, grouped by context (rows s*k .. s*k+k-1)."""
+
+    texts: list[str]  # S*k generated targets
+    rots: list[str | None]
+    responses: list[str]
+    fluency: np.ndarray  # (S*k,) mean token log-probability
+    tokens: int  # generated tokens in all
+
+
+def sample_candidates(dm: DialogModel, sources: list[str], config: GenerateConfig, seed: int) -> Sampled:
+    """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch)."""
+    source_ids = encode_sources(dm.tokenizer, sources, source_budget(dm, config))
+    target_ids = sample_batch(dm, source_ids, config, seed)
+    texts = [decode_target(dm.tokenizer, ids) for ids in target_ids]
+    rots, responses = zip(*(split_candidate(t) for t in texts)) if texts else ((), ())
+    fluency = mean_logprobs(dm, source_ids, target_ids, config.k)
+    return Sampled(texts, list(rots), list(responses), fluency, sum(len(t) for t in target_ids))
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+
+def select_contexts(rows: list[dict], corpus: str, max_contexts: int, seed: int) -> list[dict]:
+    """Up to `max_contexts` rows (0: all) drawn with a generator fixed by (seed, corpus), in file order."""
+    if max_contexts == 0 or len(rows) <= max_contexts:
+        return list(rows)
+    rng = np.random.default_rng([seed, CORPORA.index(corpus) if corpus in CORPORA else len(CORPORA)])
+    chosen = np.sort(rng.choice(len(rows), size=max_contexts, replace=False))
+    return [rows[i] for i in chosen]
+
+
+def context_id(corpus: str, row: dict) -> str:
+    return f"{corpus}/{row['dialogue_id']}/{row['turn_index']}"
+
+
+def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], model_name: str, corpus: str,
+                     config: GenerateConfig, progress: bool = True) -> tuple[pa.Table, dict]:
+    """Every candidate for the context `rows` of one corpus (schema `CANDIDATES`), and counts.
+
+    The pure worker of the stage: sampling in batches of `config.batch_size` contexts, fluency,
+    safety, the re-ranker; nothing is written.
+    """
+    from tqdm.auto import tqdm
+
+    k = config.k
+    out: dict[str, list] = {name: [] for name in CANDIDATES.names}
+    tokens, started = 0, time.perf_counter()
+    batches = range(0, len(rows), config.batch_size)
+    for batch_index, start in enumerate(tqdm(batches, desc=f"{model_name}/{corpus}", unit="batch",
+                                             disable=not progress, leave=False)):
+        batch = rows[start: start + config.batch_size]
+        sources = [format_source(r["context"], r["persona"] or (), r["emotion"]) for r in batch]
+        sampled = sample_candidates(dm, sources, config, batch_seed(config.seed, corpus, batch_index))
+        tokens += sampled.tokens
+        for i, row in enumerate(batch):
+            for j in range(k):
+                out["model"].append(model_name)
+                out["corpus"].append(corpus)
+                out["context_id"].append(context_id(corpus, row))
+                out["dialogue_id"].append(row["dialogue_id"])
+                out["turn_index"].append(row["turn_index"])
+                out["context"].append(list(row["context"]))
+                out["safety_label"].append(row["safety_label"])
+                out["reference"].append(row["response"])
+                out["reference_rots"].append(list(row["rots"] or []))
+                out["candidate_index"].append(j)
+                out["text"].append(sampled.texts[i * k + j])
+                out["rot"].append(sampled.rots[i * k + j])
+                out["response"].append(sampled.responses[i * k + j])
+        out["fluency"].extend(sampled.fluency.tolist())
+    seconds = time.perf_counter() - started
+    probs, prosociality = safety_scores(scorer, out["response"], out["context"])
+    out["safety_probs"] = probs.tolist()
+    out["prosociality"] = prosociality.tolist()
+    verdict = rerank(out["context_id"], out["candidate_index"],
+                     {"fluency": fluency_term(out["fluency"]), "prosociality": prosociality},
+                     config.weights(), enabled=config.rerank)
+    out["score"], out["rank"], out["selected"] = verdict.score.tolist(), verdict.rank.tolist(), verdict.selected.tolist()
+    table = pa.table(out, schema=CANDIDATES)
+    n = len(out["text"])
+    stats = {
+        "contexts": len(rows),
+        "candidates": n,
+        "with_rot": sum(r is not None for r in out["rot"]),
+        "empty_responses": sum(not r.strip() for r in out["response"]),
+        "selected_not_first": int(sum(s and j != 0 for s, j in zip(out["selected"], out["candidate_index"]))),
+        "generated_tokens": tokens,
+        "generation_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
+    }
+    return table, stats
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def read_test_rows(normalized: Path, corpus: str) -> list[dict]:
+    """The rows of one corpus's test split; a DataError when it is missing, unreadable or empty."""
+    import pyarrow.parquet as pq
+
+    path = normalized / corpus / "test.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: test split not found (run the normalize stage for {corpus})")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    needed = ("dialogue_id", "turn_index", "context", "response", "rots", "safety_label", "persona", "emotion")
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (expected the normalized schema)")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the test split has no rows, so there are no contexts to generate for")
+    return table.select(list(needed)).to_pylist()
+
+
+def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized: Path, out: Path,
+        audit: AuditModel | None = None) -> dict:
+    """Generate, score and re-rank candidates for all six corpora; write `<out>/<corpus>.parquet` and
+    `stats.json`. `audit` is the entry of an audit model (None for base, stage1, stage2)."""
+    import torch
+
+    ensure_writable(out)
+    started = time.perf_counter()
+    rows = {corpus: read_test_rows(normalized, corpus) for corpus in CORPORA}  # fail early, before loading
+    scorer = load_safety_scorer(safety)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dm = load_model(name, model, audit, device, config.seed)
+    dm.model.eval()
+    log.info("generate %s: %s model from %s on %s, k=%d", name, "seq2seq" if dm.is_seq2seq else "causal",
+             model, device, config.k)
+    stats = {"model": name, "path": str(model), "architecture": "seq2seq" if dm.is_seq2seq else "causal",
+             "config": dataclasses.asdict(config), "audit": dataclasses.asdict(audit) if audit else None,
+             "corpora": {}, "git_commit": git_commit(), "library_versions": library_versions()}
+    with staged_dir(out) as staging:
+        for corpus in CORPORA:
+            chosen = select_contexts(rows[corpus], corpus, config.max_contexts, config.seed)
+            table, corpus_stats = candidates_table(dm, scorer, chosen, name, corpus, config)
+            write_parquet(table, staging / f"{corpus}.parquet")
+            stats["corpora"][corpus] = {"test_rows": len(rows[corpus]), **corpus_stats}
+            log.info("generate %s/%s: %d contexts, %d candidates (%d with a RoT, %d empty), %.1f tokens/s",
+                     name, corpus, corpus_stats["contexts"], corpus_stats["candidates"], corpus_stats["with_rot"],
+                     corpus_stats["empty_responses"], corpus_stats["tokens_per_second"] or 0)
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        write_json(stats, staging / "stats.json")
+    log.info("generate %s: wrote %s in %.1f s", name, out, stats["seconds"])
+    return stats

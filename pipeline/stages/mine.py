@@ -1,0 +1,619 @@
+"""mine: socially aware n-pair groups (one prosocial positive, `n - 1` unacceptable negatives).
+
+Stage 1 reads `data/normalized/{prosocial_dialog,mic}/<split>.parquet`; stage 2 reads the four casual
+corpora, the two adversarial ones (only as the pool of hard negatives) and a `mine.replay` share of
+`data/groups/stage1/<split>.parquet`. Both read the safety classifier in `models/safety`. Writes
+`data/groups/stage<k>/{train,validation,test}.parquet` (schema `schemas.GROUPS`) and `stats.json`:
+groups per corpus, negatives per source, every shortfall and who filled it, every skipped context and
+why.
+
+    python -m pipeline mine --stage 1 --normalized data/normalized --safety models/safety --out data/groups/stage1
+    python -m pipeline mine --stage 2 --normalized data/normalized --safety models/safety \\
+        --stage1-groups data/groups/stage1 --out data/groups/stage2
+
+A negative comes from one of four sources, tried in this order (`config.MINE_SOURCES`):
+`context` (known unacceptable replies to this very context: MIC answers that violate the RoT),
+`hard` (unsafe ProsocialDialog utterances and RoT-violating MIC answers, retrieved by TF-IDF
+similarity to the context's last turn), `random` (replies from other dialogues) and `generated`
+(stage-1 model samples that the safety classifier flags; stage 2 only). Each group's `n - 1` slots are
+drawn from the configured shares; a source that cannot fill its slots passes the rest to the next
+source (cyclically), and a context no source can complete is skipped. Both are counted.
+
+Every negative carries a severity in [0, 1]: the ProsocialDialog label weight (`mine.label_severity`),
+the MIC violation severity / 5, or the classifier's 1 - P(casual) (random replies: at least
+`mine.random_severity`; generated ones: exactly that). Pools are built per split, so no text crosses
+splits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
+from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, MINE_SOURCES, SPLITS, MineConfig
+from pipeline.errors import ConfigError, DataError
+from pipeline.schemas import GROUPS, NEGATIVE, NORMALIZED
+
+log = logging.getLogger(__name__)
+
+STAGE_CORPORA = {1: ADVERSARIAL_CORPORA, 2: CASUAL_CORPORA}
+ROW_CHUNK = 8192  # contexts per mining step; fixed, so the random draws do not depend on the machine
+PRODUCT_BUDGET = 1 << 24  # at most chunk x pool similarity entries per sparse product
+SKIP_EXHAUSTED = "fewer than n - 1 distinct negatives in all sources"
+SKIP_EMPTY_CONTEXT = "empty context"
+
+# generate(contexts, k) -> k sampled replies per context (the stage-1 model's sampler).
+Generate = Callable[[list[list[str]], int], list[list[str]]]
+
+
+class Scorer(Protocol):
+    """The safety classifier's API (pipeline.stages.safety): (n, 3) probabilities in `THREE_WAY`
+    order, casual first."""
+
+    def predict_proba(self, responses: list[str], contexts: list[list[str]] | None = None) -> np.ndarray: ...
+
+
+def load_safety_scorer(path: Path) -> Scorer:
+    """The trained safety classifier in `path` (imported here: the safety stage is a separate module)."""
+    if not path.is_dir():
+        raise DataError(f"{path}: safety classifier folder not found (run `dvc repro safety` first)")
+    from pipeline.stages.safety import THREE_WAY, load_scorer
+
+    if THREE_WAY[0] != "casual":
+        raise DataError(f"{path}: expected 'casual' as the first of the three classes, got {THREE_WAY}")
+    return load_scorer(path)
+
+
+def load_stage1_generator(model_dir: Path | None) -> Generate:
+    """The stage-1 model's sampler for the `generated` source.
+
+    TODO(training issue): load the stage-1 model from `model_dir` and return a function that samples
+    `k` replies per context (`generate(contexts, k) -> list[list[str]]`, replies without their RoT).
+    Until then `mine.generated` must stay false.
+    """
+    raise ConfigError("mine.generated = true is not allowed yet: the stage-1 model's sampler is not wired "
+                      f"(model folder {model_dir}); set mine.generated: false")
+
+
+# --- text keys, items -----------------------------------------------------------------------------
+
+
+def text_keys(texts: pa.Array) -> pa.Array:
+    """Comparison keys: lower case, whitespace runs collapsed to one space, ends trimmed."""
+    collapsed = pc.binary_join(pc.utf8_split_whitespace(texts), " ")  # much faster than a regex
+    return pc.utf8_lower(pc.utf8_trim_whitespace(collapsed))
+
+
+def last_turns(context: pa.Array) -> pa.Array:
+    """The last turn of each context (the partner's utterance the reply answers); '' when empty."""
+    context = pa.concat_arrays(context.chunks) if isinstance(context, pa.ChunkedArray) else context
+    flat, offsets = context.flatten(), np.asarray(context.offsets)
+    offsets = offsets - offsets[0]  # a sliced array's offsets do not start at 0; flatten() does
+    lengths = np.diff(offsets)
+    last = flat.take(pa.array(np.maximum(offsets[1:] - 1, 0))) if len(flat) else pa.nulls(len(context), pa.string())
+    return pc.if_else(pa.array(lengths > 0), last, "")
+
+
+def flat_unacceptable(rows: pa.Table) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+    """Every row's known unacceptable replies: (texts, severities scaled to [0, 1], offsets per row)."""
+    column = rows.column("unacceptable_responses").combine_chunks()
+    if isinstance(column, pa.ChunkedArray):  # an empty table has no chunks to combine
+        column = pa.array([], type=column.type)
+    flat = column.flatten()
+    offsets = np.asarray(column.offsets, dtype=np.int64)
+    offsets = offsets - offsets[0]
+    # MIC's violation-severity is 1 (fine) ... 5 (worst); /5 keeps a mild violation above zero.
+    severity = np.clip(np.asarray(flat.field("severity").fill_null(3), dtype=np.float32) / 5, 0, 1)
+    return flat.field("text"), severity, offsets
+
+
+class Items:
+    """Every text of one split that can be a positive or a negative, in segments appended in turn.
+
+    `key` gives equal ids to texts that are equal after whitespace/case normalisation, which is how
+    the miner compares a negative with the positive and with the group's other negatives.
+    """
+
+    def __init__(self):
+        self._texts: list[pa.Array] = []
+        self._severity: list[np.ndarray] = []
+        self.size = 0
+
+    def add(self, texts: pa.Array, severity: np.ndarray) -> np.ndarray:
+        """Append a segment; return the item ids it got."""
+        texts = texts.cast(pa.string()).fill_null("") if len(texts) else pa.array([], pa.string())
+        self._texts.append(texts)
+        self._severity.append(np.asarray(severity, dtype=np.float32))
+        ids = np.arange(self.size, self.size + len(texts), dtype=np.int64)
+        self.size += len(texts)
+        return ids
+
+    def freeze(self) -> None:
+        self.text = pa.concat_arrays(self._texts) if self._texts else pa.array([], pa.string())
+        self.severity = np.concatenate(self._severity) if self._severity else np.zeros(0, np.float32)
+        encoded = pc.dictionary_encode(text_keys(self.text)) if self.size else None
+        self.key = np.asarray(encoded.indices, dtype=np.int64) if encoded is not None else np.zeros(0, np.int64)
+
+
+def dedupe_by_key(ids: np.ndarray, keys: np.ndarray, severity: np.ndarray) -> np.ndarray:
+    """Keep one id per key (the most severe; the first on ties), in the original order."""
+    if len(ids) == 0:
+        return ids
+    order = np.lexsort((np.arange(len(ids)), -severity, keys))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = keys[order][1:] != keys[order][:-1]
+    return ids[np.sort(order[first])]
+
+
+# --- retrieval ------------------------------------------------------------------------------------
+
+
+def top_k_sparse(scores, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The `k` highest positive entries of each row of a sparse matrix, best first.
+
+    Ties go to the lower column. Returns (columns, values), both (rows, k); missing entries are
+    column -1 and value 0.
+    """
+    scores = scores.tocsr()
+    scores.eliminate_zeros()
+    scores.sort_indices()
+    n_rows = scores.shape[0]
+    columns = np.full((n_rows, k), -1, dtype=np.int64)
+    values = np.zeros((n_rows, k), dtype=np.float32)
+    lengths = np.diff(scores.indptr)
+    rows = np.repeat(np.arange(n_rows), lengths)
+    order = np.lexsort((scores.indices, -scores.data, rows))
+    rank = np.arange(len(order)) - scores.indptr[rows[order]]
+    keep = rank < k
+    kept = order[keep]
+    columns[rows[kept], rank[keep]] = scores.indices[kept]
+    values[rows[kept], rank[keep]] = scores.data[kept]
+    return columns, values
+
+
+def tokenize(texts: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Lower-cased word tokens of two or more characters, English stop words removed (scikit-learn's
+    default analyzer, done in Arrow). Returns (text index of each token, tokens)."""
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS
+
+    lists = pc.split_pattern_regex(pc.utf8_lower(texts.fill_null("")), pattern=r"[^\p{L}\p{N}_]+")
+    tokens = lists.flatten()
+    rows = np.repeat(np.arange(len(lists)), np.asarray(pc.list_value_length(lists).fill_null(0)))
+    keep = pc.and_(pc.greater_equal(pc.utf8_length(tokens), 2),
+                   pc.invert(pc.is_in(tokens, value_set=pa.array(sorted(ENGLISH_STOP_WORDS)))))
+    return rows[np.asarray(keep, dtype=bool)], tokens.filter(keep)
+
+
+class TfidfIndex:
+    """TF-IDF vectors (sublinear tf, smoothed idf, l2-normalised rows: scikit-learn's TfidfVectorizer
+    with `sublinear_tf=True`) over a vocabulary fitted on the pool; vectorised end to end, because the
+    queries are every context of a corpus."""
+
+    def __init__(self, texts: pa.Array):
+        rows, tokens = tokenize(texts)
+        self.vocabulary = pc.unique(tokens)
+        ids = np.asarray(pc.index_in(tokens, value_set=self.vocabulary), dtype=np.int64)
+        counts = self._counts(rows, ids, len(texts))
+        document_frequency = np.bincount(counts.indices, minlength=len(self.vocabulary))
+        self.idf = (np.log((1 + len(texts)) / (1 + document_frequency)) + 1).astype(np.float32)
+        self.matrix = self._weigh(counts)
+
+    def _counts(self, rows: np.ndarray, ids: np.ndarray, n: int):
+        from scipy.sparse import csr_matrix
+
+        counts = csr_matrix((np.ones(len(ids), np.float32), (rows, ids)), shape=(n, len(self.vocabulary)))
+        counts.sum_duplicates()
+        return counts
+
+    def _weigh(self, counts):
+        counts.data = (1 + np.log(counts.data)) * self.idf[counts.indices]
+        rows = np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))
+        norms = np.sqrt(np.bincount(rows, weights=counts.data.astype(np.float64) ** 2, minlength=counts.shape[0]))
+        counts.data = (counts.data / norms[rows]).astype(np.float32)
+        return counts
+
+    def transform(self, texts: pa.Array):
+        """(len(texts), vocabulary) TF-IDF rows; words outside the pool's vocabulary are ignored."""
+        rows, tokens = tokenize(texts)
+        ids = pc.index_in(tokens, value_set=self.vocabulary)
+        known = np.asarray(pc.is_valid(ids), dtype=bool)
+        return self._weigh(self._counts(rows[known], np.asarray(ids.filter(known), dtype=np.int64), len(texts)))
+
+
+class HardRetriever:
+    """Unsafe texts ranked by TF-IDF cosine similarity to a context times their severity."""
+
+    def __init__(self, texts: pa.Array, severity: np.ndarray, dialogue: np.ndarray):
+        from scipy.sparse import diags
+
+        self.size, self.dialogue = len(texts), dialogue
+        if self.size == 0:
+            return
+        self.index = TfidfIndex(texts)
+        # Scaling each pool row by its severity makes one sparse product rank by similarity x severity.
+        self.pool_t = (diags(severity.astype(np.float32)) @ self.index.matrix).T.tocsr()
+
+    def query(self, texts: pa.Array, dialogue: np.ndarray, k: int) -> np.ndarray:
+        """(len(texts), k) pool indices, best first, -1 where none; items of the same dialogue are
+        excluded (a dialogue's own turns are not negatives for it)."""
+        result = np.full((len(texts), k), -1, dtype=np.int64)
+        if self.size == 0 or len(texts) == 0:
+            return result
+        step = max(1, min(len(texts), PRODUCT_BUDGET // self.size))
+        for start in range(0, len(texts), step):
+            queries = self.index.transform(texts.slice(start, step))
+            scores = (queries @ self.pool_t).tocsr()
+            rows = np.repeat(np.arange(scores.shape[0]), np.diff(scores.indptr))
+            scores.data[self.dialogue[scores.indices] == dialogue[start:start + step][rows]] = 0
+            result[start:start + step] = top_k_sparse(scores, k)[0]
+        return result
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+
+def not_casual(scorer: Scorer, texts: list[str], contexts: list[list[str]] | None = None) -> np.ndarray:
+    """1 - P(casual) per text, as float32."""
+    if not texts:
+        return np.zeros(0, dtype=np.float32)
+    probs = np.asarray(scorer.predict_proba(texts, contexts=contexts), dtype=np.float64)
+    if probs.shape != (len(texts), 3):
+        raise DataError(f"safety classifier returned probabilities of shape {probs.shape}, expected ({len(texts)}, 3)")
+    return np.clip(1 - probs[:, 0], 0, 1).astype(np.float32)
+
+
+def dialogue_codes(*tables: pa.Table) -> list[np.ndarray]:
+    """Integer ids of (corpus, dialogue_id), shared across the tables."""
+    lengths = [t.num_rows for t in tables]
+    if sum(lengths) == 0:
+        return [np.zeros(0, np.int64) for _ in tables]
+
+    def codes(name: str) -> np.ndarray:
+        column = pa.chunked_array([c for t in tables for c in t.column(name).chunks], pa.string())
+        return np.asarray(pc.dictionary_encode(column.combine_chunks()).indices, dtype=np.int64)
+
+    corpus, dialogue = codes("corpus"), codes("dialogue_id")
+    return np.split(corpus * (dialogue.max() + 1) + dialogue, np.cumsum(lengths)[:-1])
+
+
+def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: int, split: str, scorer: Scorer,
+               generate: Generate | None = None, progress: bool = False) -> tuple[pa.Table, dict]:
+    """Mine one split's groups (the pure worker).
+
+    `rows`: the stage's NORMALIZED rows of this split (each becomes a group); `pool_rows`: the
+    adversarial corpora's rows of the same split, the source of hard negatives. Returns a GROUPS table
+    (input order, skipped contexts left out) and this split's statistics.
+    """
+    from tqdm import tqdm
+
+    rng = np.random.default_rng([config.seed, stage, SPLITS.index(split)])
+    shares = config.shares(stage)
+    n_rows, slots = rows.num_rows, config.n - 1
+    row_dialogue, pool_dialogue = dialogue_codes(rows, pool_rows)
+    skipped: Counter = Counter()
+    items = Items()
+
+    # Positives, which are also the pool of random replies (replies of other dialogues).
+    positive_ids = items.add(rows.column("response").combine_chunks(), np.zeros(n_rows))
+
+    # context: this row's own known unacceptable replies, most severe first.
+    context_texts, context_severity, context_offsets = flat_unacceptable(rows)
+    context_ids = items.add(context_texts, context_severity)
+    owner = np.repeat(np.arange(n_rows), np.diff(context_offsets))
+    context_ids = context_ids[np.lexsort((context_ids, -context_severity, owner))]
+
+    # hard: unsafe ProsocialDialog utterances (the labelled last turn) and RoT-violating MIC answers.
+    hard_base = items.size
+    labels = pool_rows.column("safety_label").to_pylist()
+    label_weight = np.array([config.label_severity.get(label, -1.0) for label in labels], dtype=np.float32)
+    unsafe = np.flatnonzero(label_weight >= 0)
+    labelled_ids = items.add(last_turns(pool_rows.column("context")).take(pa.array(unsafe)), label_weight[unsafe])
+    mic_texts, mic_severity, mic_offsets = flat_unacceptable(pool_rows)
+    mic_ids = items.add(mic_texts, mic_severity)
+    hard_dialogue = np.concatenate([pool_dialogue[unsafe], np.repeat(pool_dialogue, np.diff(mic_offsets))])
+
+    # generated: the stage-1 model's samples for each casual context, kept when the classifier flags them.
+    generated_offsets = np.zeros(n_rows + 1, dtype=np.int64)
+    generated_ids = np.zeros(0, dtype=np.int64)
+    generated_stats = {}
+    if stage == 2 and config.generated and shares["generated"] > 0 and n_rows:
+        if generate is None:
+            raise ConfigError("mine.generated = true needs a generator for the stage-1 model")
+        generated_ids, generated_offsets, generated_stats = sample_generated(rows, config, scorer, generate, items)
+    items.freeze()
+
+    hard_ids = np.concatenate([labelled_ids, mic_ids])
+    hard_pool = dedupe_by_key(hard_ids, items.key[hard_ids], items.severity[hard_ids])
+    hard_pool_dialogue = hard_dialogue[hard_pool - hard_base]
+    retriever = HardRetriever(items.text.take(pa.array(hard_pool, pa.int64())), items.severity[hard_pool],
+                              hard_pool_dialogue)
+
+    # random: severity from the classifier, scored once per distinct reply, floored at random_severity.
+    _, first, inverse = np.unique(items.key[positive_ids], return_index=True, return_inverse=True)
+    distinct = items.text.take(pa.array(positive_ids[first])).to_pylist()
+    items.severity[positive_ids] = np.maximum(not_casual(scorer, distinct)[inverse], config.random_severity)
+
+    queries = last_turns(rows.column("context"))
+    has_context = np.asarray(pc.list_value_length(rows.column("context")).fill_null(0)) > 0
+    positive_key = items.key[positive_ids]
+    pvals = np.array([shares[s] for s in MINE_SOURCES])
+    kept, chosen, chosen_source, quota_sum, shortfall_sum, filled_sum = [], [], [], 0, 0, 0
+    with_shortfall, exhausted = 0, 0
+    chunks = range(0, n_rows, ROW_CHUNK)
+    for start in tqdm(chunks, desc=f"mine stage {stage} {split}", unit="chunk", disable=not progress):
+        stop = min(start + ROW_CHUNK, n_rows)
+        quotas = rng.multinomial(slots, pvals, size=stop - start)
+        drawn = positive_ids[rng.integers(0, n_rows, size=(stop - start, config.random_candidates))]
+        drawn[row_dialogue[drawn - positive_ids[0]] == row_dialogue[start:stop, None]] = -1
+        order = np.argsort(-np.where(drawn >= 0, items.severity[drawn], -1.0), axis=1, kind="stable")
+        drawn = np.take_along_axis(drawn, order, axis=1)
+        hard = retriever.query(queries.slice(start, stop - start), row_dialogue[start:stop], config.hard_candidates)
+        hard = np.where(hard >= 0, hard_pool[np.maximum(hard, 0)], -1) if len(hard_pool) else hard
+        candidates = [pad_ragged(context_ids, context_offsets[start:stop + 1]), hard, drawn,
+                      pad_ragged(generated_ids, generated_offsets[start:stop + 1])]
+        matrix = np.concatenate(candidates, axis=1)  # (rows, columns), grouped by source
+        source_of = np.concatenate([np.full(c.shape[1], s) for s, c in enumerate(candidates)])
+        take, complete, shortfall, filled = select_negatives(matrix, source_of, quotas, items.key,
+                                                             positive_key[start:stop])
+        exhausted += int((~complete & has_context[start:stop]).sum())
+        complete &= has_context[start:stop]
+        take &= complete[:, None]
+        kept.append(start + np.flatnonzero(complete))
+        chosen.append(matrix[take])
+        chosen_source.append(np.broadcast_to(source_of, take.shape)[take])
+        quota_sum = quota_sum + quotas[complete].sum(0)
+        shortfall_sum = shortfall_sum + shortfall[complete].sum(0)
+        filled_sum = filled_sum + filled[complete].sum(0)
+        with_shortfall += int((shortfall[complete] > 0).any(1).sum())
+    if exhausted:
+        skipped[SKIP_EXHAUSTED] = exhausted
+    if (~has_context).any():
+        skipped[SKIP_EMPTY_CONTEXT] = int((~has_context).sum())
+    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    kept_rows, chosen_items, chosen_sources = join(kept), join(chosen), join(chosen_source)
+    per_source = lambda counts: dict(zip(MINE_SOURCES, np.broadcast_to(counts, 4).astype(int).tolist()))  # noqa: E731
+
+    table = groups_table(rows, kept_rows, chosen_items, chosen_sources, items, slots)
+    chosen_severity = items.severity[chosen_items]
+    stats = {
+        "contexts": n_rows,
+        "groups": len(kept_rows),
+        "groups_with_shortfall": with_shortfall,
+        "groups_per_corpus": dict(sorted(Counter(table.column("corpus").to_pylist()).items())),
+        "skipped": dict(sorted(skipped.items())),
+        "negatives_per_source": dict(zip(MINE_SOURCES, np.bincount(chosen_sources, minlength=4).tolist())),
+        "quota_per_source": per_source(quota_sum),
+        "shortfall_per_source": per_source(shortfall_sum),
+        "filled_beyond_quota_per_source": per_source(filled_sum),
+        "mean_severity_per_source": {
+            s: round(float(chosen_severity[chosen_sources == i].mean()), 4)
+            for i, s in enumerate(MINE_SOURCES) if (chosen_sources == i).any()
+        },
+        "pool_sizes": {"context": int(len(context_ids)), "hard": int(len(hard_pool)), "random": int(n_rows),
+                       "generated": int(len(generated_ids))},
+        **({"generated": generated_stats} if generated_stats else {}),
+    }
+    return table, stats
+
+
+def pad_ragged(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Rows of a ragged list (`ids[offsets[r]:offsets[r + 1]]`) as a matrix padded with -1."""
+    lengths = np.diff(offsets)
+    width = int(lengths.max()) if len(lengths) else 0
+    if width == 0 or len(ids) == 0:
+        return np.full((len(lengths), 0), -1, dtype=np.int64)
+    columns = np.arange(width)
+    index = np.minimum(offsets[:-1, None] + columns, len(ids) - 1)
+    return np.where(columns < lengths[:, None], ids[index], -1)
+
+
+def select_negatives(matrix: np.ndarray, source_of: np.ndarray, quotas: np.ndarray, key: np.ndarray,
+                     positive_key: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Choose every group's negatives at once.
+
+    `matrix`: (rows, columns) candidate item ids, -1 for none, the columns grouped by source
+    (`source_of`: (columns,) source index, `MINE_SOURCES` order), best first within a source;
+    `quotas`: (rows, sources) slots per source; `key`: item id -> text key;
+    `positive_key`: (rows,). A candidate is usable unless its text equals the positive or a text
+    offered before it in the row (an earlier source, or earlier in the same source). Each source
+    gives its quota plus what the sources before it could not; what is still missing after the last
+    source is taken from the sources' leftovers, first source first (the next source after the last
+    is the first).
+
+    Returns (take (rows, columns) bool, complete (rows,) bool,
+    shortfall (rows, sources): what each source was asked for but could not give, filled (rows,
+    sources): what each source gave beyond its quota). Rows that are not complete take nothing.
+    """
+    n_rows, n_columns = matrix.shape
+    keys = np.where(matrix >= 0, key[np.maximum(matrix, 0)], -1 - np.arange(n_columns))  # invalid: unique < 0
+    order = np.argsort(keys, axis=1, kind="stable")
+    ordered = np.take_along_axis(keys, order, axis=1)
+    repeat = np.zeros_like(ordered, dtype=bool)
+    repeat[:, 1:] = ordered[:, 1:] == ordered[:, :-1]
+    duplicate = np.zeros_like(repeat)
+    np.put_along_axis(duplicate, order, repeat, axis=1)
+    usable = (matrix >= 0) & ~duplicate & (keys != positive_key[:, None])
+
+    n_sources = quotas.shape[1]
+    available = np.stack([usable[:, source_of == s].sum(1) for s in range(n_sources)], axis=1)
+    got = np.zeros_like(available)
+    shortfall, filled = np.zeros_like(available), np.zeros_like(available)
+    carry = np.zeros(n_rows, dtype=available.dtype)
+    for s in range(n_sources):
+        want = quotas[:, s] + carry
+        got[:, s] = np.minimum(want, available[:, s])
+        filled[:, s] = np.maximum(0, got[:, s] - quotas[:, s])
+        carry = want - got[:, s]
+        shortfall[:, s] = carry
+    for s in range(n_sources):
+        extra = np.minimum(available[:, s] - got[:, s], carry)
+        got[:, s] += extra
+        filled[:, s] += extra
+        carry -= extra
+    complete = carry == 0
+
+    take = np.zeros_like(usable)
+    for s in range(n_sources):
+        columns = source_of == s
+        rank = np.cumsum(usable[:, columns], axis=1)  # 1-based rank among the source's usable candidates
+        take[:, columns] = usable[:, columns] & (rank <= got[:, s][:, None])
+    take &= complete[:, None]
+    return take, complete, shortfall, filled
+
+
+def sample_generated(rows: pa.Table, config: MineConfig, scorer: Scorer, generate: Generate,
+                     items: Items) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Sample `generated_k` replies per context and keep those the classifier flags (1 - P(casual) >=
+    `generated_threshold`), most unacceptable first. Returns (item ids, offsets per row, stats)."""
+    contexts = rows.column("context").to_pylist()
+    texts, severity, owner = [], [], []
+    for start in range(0, len(contexts), ROW_CHUNK):
+        batch = contexts[start:start + ROW_CHUNK]
+        samples = generate(batch, config.generated_k)
+        if len(samples) != len(batch):
+            raise DataError(f"generator returned {len(samples)} sample lists for {len(batch)} contexts")
+        flat = [str(s) for per_context in samples for s in per_context]
+        flat_owner = [start + i for i, per_context in enumerate(samples) for _ in per_context]
+        scores = not_casual(scorer, flat, contexts=[contexts[o] for o in flat_owner])
+        for text, score, o in zip(flat, scores, flat_owner):
+            if score >= config.generated_threshold and text.strip():
+                texts.append(text)
+                severity.append(score)
+                owner.append(o)
+    owner_arr, severity_arr = np.array(owner, dtype=np.int64), np.array(severity, dtype=np.float32)
+    order = np.lexsort((-severity_arr, owner_arr))  # by row, most unacceptable first
+    ids = items.add(pa.array([texts[i] for i in order], pa.string()), severity_arr[order])
+    offsets = np.zeros(len(contexts) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(owner_arr, minlength=len(contexts)))
+    stats = {"contexts": len(contexts), "sampled": len(contexts) * config.generated_k, "flagged": len(texts)}
+    return ids, offsets, stats
+
+
+def groups_table(rows: pa.Table, kept: np.ndarray, chosen: np.ndarray, sources: np.ndarray, items: Items,
+                 slots: int) -> pa.Table:
+    """Assemble the GROUPS table from the kept rows and their chosen negatives (`slots` per row)."""
+    kept_rows = rows.take(pa.array(kept, pa.int64()))
+    negatives = pa.StructArray.from_arrays(
+        [items.text.take(pa.array(chosen, pa.int64())),
+         pa.array(np.array(MINE_SOURCES, dtype=object)[sources] if len(sources) else [], pa.string()),
+         pa.array(items.severity[chosen] if len(chosen) else [], pa.float32())],
+        fields=list(NEGATIVE),
+    )
+    offsets = pa.array(np.arange(0, len(kept) * slots + 1, slots, dtype=np.int32))
+    turn = kept_rows.column("turn_index").cast(pa.string())
+    group_id = pc.binary_join_element_wise(kept_rows.column("corpus"), kept_rows.column("dialogue_id"), turn, "/")
+    columns = {
+        "group_id": group_id, "positive": kept_rows.column("response"),
+        "negatives": pa.ListArray.from_arrays(offsets, negatives, type=GROUPS.field("negatives").type),
+    }
+    arrays = [columns[f.name] if f.name in columns else kept_rows.column(f.name) for f in GROUPS]
+    return pa.Table.from_arrays([a.cast(f.type) for a, f in zip(arrays, GROUPS)], schema=GROUPS)
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+
+def replay_groups(stage1: pa.Table, share: float, config: MineConfig, split: str) -> pa.Table:
+    """A seeded `share` of one split's stage-1 groups (kept in their order), copied as they are."""
+    count = int(round(share * stage1.num_rows))
+    rng = np.random.default_rng([config.seed, 3, SPLITS.index(split)])
+    picked = np.sort(rng.choice(stage1.num_rows, size=count, replace=False)) if count else np.zeros(0, np.int64)
+    return stage1.take(pa.array(picked, pa.int64()))
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def read_corpus(normalized: Path, corpus: str) -> dict[str, pa.Table]:
+    """One normalized corpus's three splits, checked against NORMALIZED; a corpus without rows is an error."""
+    folder = normalized / corpus
+    if not folder.is_dir():
+        raise DataError(f"{folder}: normalized corpus not found (run `dvc repro normalize@{corpus}` first)")
+    splits = {}
+    for split in SPLITS:
+        path = folder / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: file not found (run `dvc repro normalize@{corpus}` first)")
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+        missing = [name for name in NORMALIZED.names if name not in table.column_names]
+        if missing:
+            raise DataError(f"{path}: missing column '{missing[0]}' (expected the normalized schema)")
+        try:
+            splits[split] = table.select(NORMALIZED.names).cast(NORMALIZED)
+        except (pa.ArrowException, ValueError) as error:
+            raise DataError(f"{path}: columns do not match the normalized schema ({error})") from None
+    if sum(t.num_rows for t in splits.values()) == 0:
+        raise DataError(f"{folder}: corpus {corpus} has no rows in any split")
+    return splits
+
+
+def read_stage1_groups(folder: Path, split: str, n: int) -> pa.Table:
+    path = folder / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: stage-1 groups not found (run `dvc repro mine_stage1` first)")
+    try:
+        table = pq.read_table(path)
+        table = table.select(GROUPS.names).cast(GROUPS)
+    except (pa.ArrowException, OSError, KeyError, ValueError) as error:
+        raise DataError(f"{path}: not a stage-1 groups file ({error})") from None
+    sizes = set(pc.list_value_length(table.column("negatives")).to_pylist())
+    if sizes and sizes != {n - 1}:
+        raise DataError(f"{path}: groups have {sorted(sizes)} negatives, mine.n = {n} needs {n - 1} "
+                        "(re-run mine_stage1 with the same mine.n)")
+    return table
+
+
+def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path, out: Path,
+        stage1_groups: Path | None = None, generate: Generate | None = None, progress: bool = True) -> dict:
+    """Mine the three splits of `stage` from the corpora in `normalized` and write them to `out`.
+
+    `scorer` is the safety classifier, or its folder (loaded once the inputs are known to be good).
+    """
+    if stage not in STAGE_CORPORA:
+        raise ConfigError(f"--stage = {stage!r} is not allowed: 1 or 2")
+    if stage == 2 and config.replay > 0 and stage1_groups is None:
+        raise ConfigError(f"mine.replay = {config.replay} needs --stage1-groups (the stage-1 groups to replay)")
+    if stage == 2 and config.generated and generate is None:
+        raise ConfigError("mine.generated = true needs the stage-1 model's sampler (--stage1-model)")
+    ensure_writable(out)
+    started = time.perf_counter()
+    corpora = {c: read_corpus(normalized, c) for c in STAGE_CORPORA[stage]}
+    adversarial = corpora if stage == 1 else {c: read_corpus(normalized, c) for c in ADVERSARIAL_CORPORA}
+    for name, splits in {**corpora, **adversarial}.items():
+        log.info("mine stage %d: read %s %s", stage, name, {split: t.num_rows for split, t in splits.items()})
+    safety_model = str(scorer) if isinstance(scorer, Path) else None
+    if isinstance(scorer, Path):
+        scorer = load_safety_scorer(scorer)
+    stats: dict = {"stage": stage, "n": config.n, "seed": config.seed, "shares": config.shares(stage),
+                   "corpora": list(STAGE_CORPORA[stage]), "safety_model": safety_model, "splits": {}}
+    with staged_dir(out) as folder:
+        for split in SPLITS:
+            rows = pa.concat_tables([corpora[c][split] for c in STAGE_CORPORA[stage]])
+            pool = pa.concat_tables([adversarial[c][split] for c in ADVERSARIAL_CORPORA])
+            table, split_stats = mine_split(rows, pool, config, stage, split, scorer,
+                                            generate if stage == 2 and config.generated else None, progress)
+            if stage == 2 and config.replay > 0:
+                stage1 = read_stage1_groups(stage1_groups, split, config.n)
+                replayed = replay_groups(stage1, config.replay, config, split)
+                table = pa.concat_tables([table, replayed])
+                split_stats["replayed"] = {"groups": replayed.num_rows, "of_stage1_groups": stage1.num_rows}
+            split_stats["rows_written"] = table.num_rows
+            write_parquet(table, folder / f"{split}.parquet")
+            stats["splits"][split] = split_stats
+            log.info("mine stage %d %s: %d contexts -> %d groups (skipped %s)", stage, split,
+                     split_stats["contexts"], table.num_rows, split_stats["skipped"] or "none")
+        write_json(stats, folder / "stats.json")
+    log.info("mine stage %d: wrote %s in %.1f s", stage, out, time.perf_counter() - started)
+    return stats

@@ -1,0 +1,265 @@
+"""safety: train the safety classifier on ProsocialDialog (plus response-level MIC and PD examples).
+
+Reads `data/normalized/prosocial_dialog/{train,validation,test}.parquet` and
+`data/normalized/mic/{train,validation,test}.parquet`; writes `models/safety/` (`scorer.json` with
+the kind, labels, resolved config, git commit and library versions, plus the model's own files, see
+`pipeline.safety_models`), `reports/safety/metrics.json` (accuracy and macro-F1, five- and three-way,
+per split) and `reports/safety/confusion.json` (one `{actual, predicted}` row per ProsocialDialog
+test example, five-way, for DVC's confusion plot).
+
+    python -m pipeline safety --normalized data/normalized --out models/safety --reports reports/safety
+
+Training examples, one utterance with the turns before it:
+- `pd_user`: ProsocialDialog's labelled user turns (the last context turn of a normalized row and
+  its `safety_label`). The reported ProsocialDialog metrics use these only, so they stay comparable
+  with the paper (test accuracy, five labels: BERT 72.8, Canary 77.1).
+- response-level examples (`safety.response_examples`, weighted together to `safety.response_share`
+  of the user turns): PD's prosocial bot replies and MIC annotators' own answers as casual, and MIC
+  chatbot answers that violate their RoT labelled by `safety.mic_severity_labels`. They are always
+  evaluated (three-way, per source) under `responses`, whether or not they were trained on.
+
+The API other stages call:
+
+    from pipeline.stages.safety import load_scorer, THREE_WAY
+    scorer = load_scorer(Path("models/safety"))
+    probs = scorer.predict_proba(responses, contexts=None)  # (n, 3), columns THREE_WAY
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.artifacts import ensure_writable, staged_dir, write_json
+from pipeline.config import SPLITS, SafetyConfig
+from pipeline.errors import DataError
+from pipeline.safety_models import (
+    COLLAPSE, LABELS5, SCORER_FILE, THREE_WAY, Scorer, load_scorer, scorer_record, train_scorer,
+)
+
+__all__ = ["THREE_WAY", "LABELS5", "load_scorer", "run"]
+
+log = logging.getLogger(__name__)
+
+RESPONSE_SOURCES = ("pd_responses", "mic_answers", "mic_violations")
+SOURCES = ("pd_user",) + RESPONSE_SOURCES
+
+
+# --- examples -------------------------------------------------------------------------------------
+
+
+def read_normalized(normalized: Path, corpus: str, columns: list[str]) -> dict[str, list[dict]]:
+    """The rows of one normalized corpus per split (only `columns`); a DataError when a file is missing."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {}
+    for split in SPLITS:
+        path = normalized / corpus / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: normalized {corpus} split not found (run `dvc repro normalize@{corpus}` first)")
+        try:
+            rows[split] = pq.read_table(path, columns=columns).to_pylist()
+        except (pa.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not a readable normalized file ({error})") from None
+    return rows
+
+
+def example(split: str, source: str, text: str, context: Sequence[str], label5: str) -> dict:
+    return {"split": split, "source": source, "text": text, "context": list(context), "label5": label5}
+
+
+def prosocial_examples(rows: list[dict], split: str) -> list[dict]:
+    """`pd_user`: each labelled last context turn, with the turns before it; `pd_responses`: each bot
+    reply with its context, as casual (ProsocialDialog's replies are written to be prosocial)."""
+    examples = []
+    for row in rows:
+        context = row["context"] or []
+        if row["safety_label"] is not None and context:
+            examples.append(example(split, "pd_user", context[-1], context[:-1], row["safety_label"]))
+        if row["response"]:
+            examples.append(example(split, "pd_responses", row["response"], context, "__casual__"))
+    return examples
+
+
+def mic_examples(rows: list[dict], split: str, severity_labels: Sequence[str], counts: Counter) -> list[dict]:
+    """`mic_answers`: annotators' own answers to the question, as casual; `mic_violations`: chatbot
+    answers that violate the RoT, labelled by their worst violation severity. Deduplicated per
+    question, since the normalized rows repeat a question's bad answers once per annotation."""
+    examples, seen = [], set()
+    for row in rows:
+        context = row["context"] or []
+        question = context[-1] if context else ""
+        if row["response"] and (question, row["response"]) not in seen:
+            seen.add((question, row["response"]))
+            examples.append(example(split, "mic_answers", row["response"], context, "__casual__"))
+        for bad in row["unacceptable_responses"] or []:
+            if not bad["text"] or (question, bad["text"]) in seen:
+                continue
+            seen.add((question, bad["text"]))
+            severity = bad["severity"]
+            if severity is None or not 1 <= severity <= 5:
+                counts[f"mic severity {severity} outside 1-5, clipped"] += 1
+                severity = 3 if severity is None else min(max(severity, 1), 5)
+            examples.append(example(split, "mic_violations", bad["text"], context, severity_labels[severity - 1]))
+    return examples
+
+
+def build_examples(prosocial: dict[str, list[dict]], mic: dict[str, list[dict]], config: SafetyConfig):
+    """All examples of all sources and splits as a DataFrame (split, source, text, context, label5,
+    weight); `weight` is the training weight, 0 for examples not trained on."""
+    import pandas as pd
+
+    counts: Counter = Counter()
+    rows = []
+    for split in SPLITS:
+        rows += prosocial_examples(prosocial[split], split)
+        rows += mic_examples(mic[split], split, config.mic_severity_labels, counts)
+    for reason, count in counts.items():
+        log.warning("safety: %d %s", count, reason)
+    examples = pd.DataFrame(rows, columns=["split", "source", "text", "context", "label5"])
+    train = examples["split"] == "train"
+    user = train & (examples["source"] == "pd_user")
+    if not user.any():
+        raise DataError("prosocial_dialog train split has no labelled user turns (safety_label): nothing to train on")
+    unknown = sorted(set(examples["label5"]) - set(LABELS5))
+    if unknown:
+        raise DataError(f"prosocial_dialog: unknown safety_label {unknown[0]!r} (known: {', '.join(LABELS5)})")
+    extra = train & examples["source"].isin(config.response_examples)
+    examples["weight"] = 0.0
+    examples.loc[user, "weight"] = 1.0
+    if extra.any() and config.response_share > 0:
+        examples.loc[extra, "weight"] = config.response_share * user.sum() / extra.sum()
+    return examples
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def accuracy(actual: Sequence[str], predicted: Sequence[str]) -> float | None:
+    """Share of positions where the labels agree; None for no examples."""
+    if len(actual) == 0:
+        return None
+    return float(np.mean(np.asarray(actual, dtype=object) == np.asarray(predicted, dtype=object)))
+
+
+def macro_f1(actual: Sequence[str], predicted: Sequence[str]) -> float | None:
+    """Unweighted mean of per-class F1 over the classes that occur in `actual` or `predicted`
+    (scikit-learn's default; a class never predicted and never present does not count)."""
+    if len(actual) == 0:
+        return None
+    actual, predicted = np.asarray(actual, dtype=object), np.asarray(predicted, dtype=object)
+    scores = []
+    for label in sorted(set(actual) | set(predicted)):
+        true_positive = np.sum((actual == label) & (predicted == label))
+        denominator = np.sum(actual == label) + np.sum(predicted == label)
+        scores.append(2 * true_positive / denominator)
+    return float(np.mean(scores))
+
+
+def label_metrics(actual5: Sequence[str], probs5: np.ndarray, majority5: str) -> dict:
+    """Accuracy and macro-F1, five- and three-way, with the accuracy of always answering `majority5`.
+
+    `probs5`: (n, 5) in LABELS5 order. The five-way prediction is the argmax of `probs5`; the
+    three-way one the argmax of the summed three-way probabilities (not the collapsed five-way argmax).
+    """
+    from pipeline.safety_models import collapse_proba
+
+    predicted5 = [LABELS5[i] for i in np.argmax(probs5, axis=1)] if len(actual5) else []
+    predicted3 = [THREE_WAY[i] for i in np.argmax(collapse_proba(probs5), axis=1)] if len(actual5) else []
+    actual3 = [COLLAPSE[label] for label in actual5]
+    return {
+        "n": len(actual5),
+        "accuracy5": accuracy(actual5, predicted5),
+        "macro_f1_5": macro_f1(actual5, predicted5),
+        "accuracy3": accuracy(actual3, predicted3),
+        "macro_f1_3": macro_f1(actual3, predicted3),
+        "majority_accuracy5": accuracy(actual5, [majority5] * len(actual5)),
+        "majority_accuracy3": accuracy(actual3, [COLLAPSE[majority5]] * len(actual5)),
+    }
+
+
+def evaluate(examples, probs5: np.ndarray) -> tuple[dict, list[dict]]:
+    """metrics.json's contents and the confusion rows, from every example's predicted `probs5` (n, 5).
+
+    `prosocial_dialog`: the user turns per split, five- and three-way. `responses`: the response-level
+    examples per split, three-way overall and accuracy per source (the baseline is always casual).
+    """
+    from pipeline.safety_models import collapse_proba
+
+    source, split = examples["source"].to_numpy(), examples["split"].to_numpy()
+    labels = examples["label5"].to_numpy()
+    majority5 = Counter(labels[(source == "pd_user") & (split == "train")]).most_common(1)[0][0]
+    metrics: dict = {"prosocial_dialog": {}, "responses": {}}
+    for name in SPLITS:
+        user = (source == "pd_user") & (split == name)
+        metrics["prosocial_dialog"][name] = label_metrics(list(labels[user]), probs5[user], majority5)
+        response = np.isin(source, RESPONSE_SOURCES) & (split == name)
+        overall = label_metrics(list(labels[response]), probs5[response], "__casual__")
+        block = {key: overall[key] for key in ("n", "accuracy3", "macro_f1_3", "majority_accuracy3")}
+        for kind in RESPONSE_SOURCES:
+            mask = (source == kind) & (split == name)
+            actual3 = [COLLAPSE[label] for label in labels[mask]]
+            predicted3 = [THREE_WAY[i] for i in np.argmax(collapse_proba(probs5[mask]), axis=1)] if mask.any() else []
+            block[kind] = {"n": int(mask.sum()), "accuracy3": accuracy(actual3, predicted3)}
+        metrics["responses"][name] = block
+    test = (source == "pd_user") & (split == "test")
+    confusion = [{"actual": actual.strip("_"), "predicted": LABELS5[p].strip("_")}
+                 for actual, p in zip(labels[test], np.argmax(probs5[test], axis=1))]
+    return metrics, confusion
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def train(config: SafetyConfig, examples) -> Scorer:
+    """Train the configured kind on the examples with a positive weight."""
+    chosen = examples[examples["weight"] > 0]
+    labels = np.array([LABELS5.index(label) for label in chosen["label5"]])
+    return train_scorer(config, chosen["text"].tolist(), chosen["context"].tolist(), labels,
+                        chosen["weight"].to_numpy(dtype=np.float64))
+
+
+def run(config: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dict:
+    """Read the corpora, train, evaluate every split, and write the model folder and the reports."""
+    started = time.perf_counter()
+    for path in (out, reports / "metrics.json"):
+        ensure_writable(path)
+    prosocial = read_normalized(normalized, "prosocial_dialog", ["context", "response", "safety_label"])
+    mic = read_normalized(normalized, "mic", ["context", "response", "unacceptable_responses"])
+    examples = build_examples(prosocial, mic, config)
+    trained = examples[examples["weight"] > 0]
+    log.info("safety: read %d examples from %s; training %s on %s", len(examples), normalized, config.model,
+             dict(Counter(trained["source"])))
+
+    scorer = train(config, examples)
+    trained_at = time.perf_counter()
+    probs5 = scorer.predict_proba5(examples["text"].tolist(), examples["context"].tolist())  # (n, 5)
+    metrics, confusion = evaluate(examples, probs5)
+    metrics["model"] = config.model
+    log.info("safety: scored %d examples in %.1f s", len(examples), time.perf_counter() - trained_at)
+
+    record = scorer_record(config, {
+        "training_examples": {s: int((trained["source"] == s).sum()) for s in SOURCES},
+        "training_weight": {s: float(trained.loc[trained["source"] == s, "weight"].sum()) for s in SOURCES},
+    })
+    with staged_dir(out) as folder:
+        scorer.save(folder)
+        write_json(record, folder / SCORER_FILE)
+    write_json(metrics, reports / "metrics.json")
+    write_json(confusion, reports / "confusion.json")
+    for name in SPLITS:
+        m = metrics["prosocial_dialog"][name]
+        log.info("safety %s: prosocial_dialog %s n=%d acc5=%s f1_5=%s acc3=%s (majority acc5=%s)", config.model, name,
+                 m["n"], _fmt(m["accuracy5"]), _fmt(m["macro_f1_5"]), _fmt(m["accuracy3"]), _fmt(m["majority_accuracy5"]))
+    log.info("safety: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,601 @@
+"""train: fine-tune the dialog model on n-pair groups with cross-entropy plus the socially aware
+n-pair contrastive loss (`pipeline/losses.py`). One module, two DVC stages:
+
+    python -m pipeline train --stage 1 --init models/base --groups data/groups/stage1 \\
+        --out models/stage1 --checkpoints models/stage1_checkpoints --live reports/train/stage1
+    python -m pipeline train --stage 2 --init models/stage1 --groups data/groups/stage2 \\
+        --out models/stage2 --checkpoints models/stage2_checkpoints --live reports/train/stage2
+
+Reads `<groups>/{train,validation}.parquet` (`schemas.GROUPS`) and the model folder `--init`
+(save_pretrained format, tokenizer with the dialog markers). Writes `--out`: the model
+(safetensors), its tokenizer and `train.json` (resolved config, git commit, library versions,
+final metrics, timing); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the
+latest resumable checkpoint while the run is going (emptied when it ends).
+
+Every group is scored in one batched forward pass: the positive and its negatives are rows of the
+same batch (a sequence-to-sequence encoder runs once per context). The positive's target is
+`<|rot|> RoT <|response|> reply</s>`; each negative is scored after the *same* RoT, and the n-pair
+term compares only the reply tokens (from `<|response|>` on) — the RoT is shared by every candidate
+and carries no ranking signal, while cross-entropy covers the positive's RoT and reply.
+
+The same command runs on a CPU, a GPU, or several GPUs with `accelerate launch` (DDP: process r
+takes micro-batches r, r + W, ... of the seeded epoch order; metrics are averaged across processes).
+An interrupted run resumes from the last checkpoint (model, optimizer, scheduler, RNG states, step
+and logged history) and ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
+from pipeline.config import TrainConfig, TrainStageConfig
+from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.losses import cross_entropy, npair_loss, sequence_scores, severity_margins, total_loss
+from pipeline.modeling import (
+    RESPONSE, DialogModel, encode_sources, encode_targets, format_source, format_target, load_dialog_model,
+    token_logprobs,
+)
+
+log = logging.getLogger(__name__)
+
+GROUP_COLUMNS = ("group_id", "context", "persona", "emotion", "positive", "rots", "negatives")
+
+
+# --- data -----------------------------------------------------------------------------------------
+
+
+def read_groups(folder: Path, split: str) -> pa.Table:
+    """Read `<folder>/<split>.parquet`: the columns training needs, every group with the same
+    number (at least one) of negatives."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: groups folder not found (it is written by the mine stage)")
+    path = folder / f"{split}.parquet"
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from None
+    missing = [c for c in GROUP_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: missing column '{missing[0]}' (groups need {', '.join(GROUP_COLUMNS)})")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no groups")
+    counts = pc.unique(pc.list_value_length(table["negatives"])).to_pylist()
+    if len(counts) != 1 or not counts[0]:
+        raise DataError(f"{path}: every group needs the same number (at least 1) of negatives, found {sorted(counts, key=str)}")
+    return table.select(list(GROUP_COLUMNS))
+
+
+@dataclass
+class EncodedGroups:
+    """Token ids of a group table, ready for `token_logprobs`; candidate 0 is the positive."""
+
+    source_ids: list[list[int]]  # (G,) one context per group
+    target_ids: list[list[list[int]]]  # (G, C) positive, then the N = C - 1 negatives
+    reply_starts: list[list[int]]  # (G, C) index of `<|response|>` in each target
+    severity: torch.Tensor  # (G, N) float32
+
+    def __len__(self) -> int:
+        return len(self.source_ids)
+
+    @property
+    def negatives(self) -> int:
+        return self.severity.shape[1]
+
+
+def encode_groups(tokenizer, table: pa.Table, config: TrainConfig) -> EncodedGroups:
+    """Format and tokenize every group: source from context/persona/emotion; the positive and each
+    negative after the group's RoT (when `config.rot_target`)."""
+    rows = table.to_pylist()
+    sources = [format_source(r["context"], r["persona"] or (), r["emotion"]) for r in rows]
+    targets = [format_target(text, r["rots"] or (), config.rot_target)
+               for r in rows for text in [r["positive"]] + [n["text"] for n in r["negatives"]]]
+    source_ids = encode_sources(tokenizer, sources, config.max_source_tokens)
+    flat_targets = encode_targets(tokenizer, targets, config.max_target_tokens)
+    response = tokenizer.convert_tokens_to_ids(RESPONSE)
+    C = len(flat_targets) // len(rows)
+    target_ids = [flat_targets[g * C:(g + 1) * C] for g in range(len(rows))]
+    # A RoT long enough to push `<|response|>` past max_target_tokens leaves only eos to compare.
+    reply_starts = [[ids.index(response) if response in ids else len(ids) - 1 for ids in group] for group in target_ids]
+    cut = sum(response not in ids for group in target_ids for ids in group)
+    if cut:
+        log.warning("%d of %d targets lost their reply to train.max_target_tokens = %d", cut, len(flat_targets),
+                    config.max_target_tokens)
+    severity = torch.tensor([[float(n["severity"]) for n in r["negatives"]] for r in rows], dtype=torch.float32)
+    return EncodedGroups(source_ids, target_ids, reply_starts, severity)
+
+
+def epoch_batches(n_groups: int, batch_groups: int, seed: int, epoch: int, world_size: int = 1,
+                  rank: int = 0) -> list[list[int]]:
+    """This process's micro-batches of group indices for one epoch.
+
+    The order is a permutation drawn from `(seed, epoch)` alone, so a resumed run replays it; micro-
+    batch i goes to process `i % world_size`. With several processes, the last micro-batches that
+    would leave some process without one are dropped, so every process takes the same number of steps.
+    """
+    order = np.random.default_rng([seed, epoch]).permutation(n_groups)
+    batches = [order[i:i + batch_groups].tolist() for i in range(0, n_groups, batch_groups)]
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+class GroupScorer(torch.nn.Module):
+    """The dialog model behind a single `forward`, so DDP and autocast see every call — the
+    sequence-to-sequence encoder's included."""
+
+    def __init__(self, dm: DialogModel):
+        super().__init__()
+        self.model = dm.model
+        self.tokenizer, self.is_seq2seq = dm.tokenizer, dm.is_seq2seq
+
+    def forward(self, source_ids, target_ids, candidates_per_source: int):
+        dm = DialogModel(self.model, self.tokenizer, self.is_seq2seq)
+        return token_logprobs(dm, source_ids, target_ids, candidates_per_source)
+
+
+def score_batch(scorer, groups: EncodedGroups, batch: list[int], candidates: int, length_normalized: bool):
+    """Score `candidates` targets (the positive first) of each group in `batch` in one forward pass.
+
+    Returns `logps` (G, C, T) and `mask` (G, C, T) over the whole target, and `scores` (G, C): the
+    sequence score of the reply tokens only (from `<|response|>` on).
+    """
+    sources = [groups.source_ids[g] for g in batch]
+    targets = [ids for g in batch for ids in groups.target_ids[g][:candidates]]
+    logps, mask = scorer(sources, targets, candidates)  # (G*C, T)
+    G, T = len(batch), logps.shape[-1]
+    logps, mask = logps.view(G, candidates, T), mask.view(G, candidates, T)
+    starts = torch.tensor([groups.reply_starts[g][:candidates] for g in batch], device=mask.device)  # (G, C)
+    reply_mask = mask * (torch.arange(T, device=mask.device) >= starts.unsqueeze(-1))  # (G, C, T)
+    scores = sequence_scores(logps.flatten(0, 1), reply_mask.flatten(0, 1), length_normalized).view(G, candidates)
+    return logps, mask, scores
+
+
+def batch_tokens(groups: EncodedGroups, batch: list[int], candidates: int, is_seq2seq: bool) -> tuple[int, int]:
+    """(tokens the forward pass reads, target tokens it scores) for a batch, padding excluded."""
+    target = sum(len(ids) for g in batch for ids in groups.target_ids[g][:candidates])
+    source = sum(len(groups.source_ids[g]) for g in batch)
+    if is_seq2seq:
+        return source + target, target
+    return candidates * (source + len(batch)) + target, target  # each row: source <|bot|> target
+
+
+def group_loss(scorer, groups: EncodedGroups, batch: list[int], config: TrainConfig):
+    """The loss of a micro-batch and its detached statistics.
+
+    With `contrastive_weight = 0` only the positives are scored (the CE-only ablation costs what
+    plain fine-tuning does); otherwise `L = CE + lambda * L_npair` over the positive and its negatives.
+    """
+    with_negatives = config.contrastive_weight > 0
+    candidates = 1 + groups.negatives if with_negatives else 1
+    logps, mask, scores = score_batch(scorer, groups, batch, candidates, config.length_normalized)
+    ce = cross_entropy(logps[:, 0], mask[:, 0])
+    if not with_negatives:
+        return ce, {"total": ce.detach(), "ce": ce.detach()}
+    severity = groups.severity[batch].to(scores.device)  # (G, N)
+    npair, diagnostics = npair_loss(scores[:, 0], scores[:, 1:], severity_margins(severity, config.margin), config.tau)
+    loss = total_loss(ce, npair, config.contrastive_weight)
+    return loss, {"total": loss.detach(), "ce": ce.detach(), "npair": npair.detach(), **diagnostics}
+
+
+VALIDATION_SUMS = ("groups", "ranked_first", "positive_score", "negative_score", "positive_nll", "positive_tokens")
+
+
+@torch.no_grad()
+def validation_sums(scorer, groups: EncodedGroups, indices: list[int], config: TrainConfig) -> torch.Tensor:
+    """Sums over the groups `indices` in `VALIDATION_SUMS` order (float64), to add across processes."""
+    sums = torch.zeros(len(VALIDATION_SUMS), dtype=torch.float64)
+    candidates = 1 + groups.negatives
+    for start in range(0, len(indices), config.eval_batch_groups):
+        batch = indices[start:start + config.eval_batch_groups]
+        logps, mask, scores = score_batch(scorer, groups, batch, candidates, config.length_normalized)
+        scores = scores.double().cpu()
+        sums += torch.stack([
+            torch.tensor(float(len(batch)), dtype=torch.float64),
+            (scores[:, :1] > scores[:, 1:]).all(dim=-1).double().sum(),  # ties do not count as ranked first
+            scores[:, 0].sum(),
+            scores[:, 1:].mean(dim=-1).sum(),
+            -(logps[:, 0].double() * mask[:, 0]).sum().cpu(),
+            mask[:, 0].sum().double().cpu(),
+        ])
+    return sums
+
+
+def validation_metrics(sums: torch.Tensor) -> dict[str, float]:
+    """Group ranking accuracy, mean positive and negative reply scores, their gap, and the token-level
+    perplexity of the positives' whole targets, from `validation_sums` (summed over processes)."""
+    s = dict(zip(VALIDATION_SUMS, sums.tolist()))
+    n = s["groups"]
+    positive, negative = s["positive_score"] / n, s["negative_score"] / n
+    return {
+        "groups": int(n),
+        "ranking_accuracy": s["ranked_first"] / n,
+        "positive_score": positive,
+        "negative_score": negative,
+        "score_gap": positive - negative,
+        "perplexity": math.exp(s["positive_nll"] / s["positive_tokens"]),
+    }
+
+
+def score_groups(dm: DialogModel, groups_table: pa.Table, config: TrainConfig) -> dict[str, float]:
+    """Score a group table with a model, as validation does: `ranking_accuracy` (share of groups whose
+    positive reply outscores every negative), mean `positive_score` and `negative_score` (a group's
+    negatives averaged first), `score_gap`, and the positives' token-level `perplexity`."""
+    groups = encode_groups(dm.tokenizer, groups_table, config)
+    training = dm.model.training
+    dm.model.eval()
+    try:
+        sums = validation_sums(GroupScorer(dm), groups, list(range(len(groups))), config)
+    finally:
+        dm.model.train(training)
+    return validation_metrics(sums)
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The highest-step complete checkpoint in `folder` (a partial one has no checkpoint.json)."""
+    done = sorted(p for p in Path(folder).glob("step-*") if (p / "checkpoint.json").is_file())
+    return done[-1] if done else None
+
+
+def clear_checkpoints(folder: Path) -> None:
+    for path in Path(folder).glob("*step-*"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_checkpoint(folder: Path, accelerator, scorer, optimizer, scheduler, step: int, fingerprint: str,
+                    history: list[dict]) -> None:
+    """Write `<folder>/step-<step>` (built under a temporary name, renamed when complete) and remove
+    older ones. Weights are safetensors; optimizer, scheduler and RNG states are plain tensors and
+    numbers that `torch.load(weights_only=True)` reads back."""
+    from safetensors.torch import save_model
+
+    final, temp = folder / f"step-{step:08d}", folder / f".step-{step:08d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(temp, ignore_errors=True)
+        temp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(rng, temp / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(scorer), str(temp / "model.safetensors"))
+        state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        if accelerator.scaler is not None:
+            state["scaler"] = accelerator.scaler.state_dict()
+        torch.save(state, temp / "state.pt")
+        write_json({"step": step, "fingerprint": fingerprint, "history": history}, temp / "checkpoint.json")
+        temp.rename(final)
+        for old in folder.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(path: Path, accelerator, scorer, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore a checkpoint written by `save_checkpoint`; returns (step, history)."""
+    from safetensors.torch import load_model
+
+    record = json.loads((path / "checkpoint.json").read_text(encoding="utf-8"))
+    load_model(accelerator.unwrap_model(scorer), str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return record["step"], record["history"]
+
+
+def run_fingerprint(stage: int, config: TrainConfig, stage_config: TrainStageConfig, init: Path, groups: Path,
+                    world_size: int) -> str:
+    """What a checkpoint must match to be resumed: config, process count, initial weights and data."""
+    files = sorted(Path(init).glob("*.safetensors")) + [Path(groups) / f"{s}.parquet" for s in ("train", "validation")]
+    record = {"stage": stage, "train": dataclasses.asdict(config), "stage_config": dataclasses.asdict(stage_config),
+              "world_size": world_size, "files": {p.name if p.suffix == ".safetensors" else f"groups/{p.name}": sha256(p)
+                                                   for p in files}}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+# --- training -------------------------------------------------------------------------------------
+
+
+def make_accelerator(config: TrainConfig):
+    """An `accelerate.Accelerator` with the configured autocast precision."""
+    from accelerate import Accelerator
+
+    cuda = torch.cuda.is_available()
+    precision = config.precision
+    if precision == "auto":
+        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ConfigError("train.precision = 'fp16' is not allowed here: fp16 needs a GPU (use fp32 or bf16)")
+    # cpu=True without a GPU, so that `torchrun`/`accelerate launch` on CPUs runs DDP over gloo.
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda)
+
+
+def add_lora(model, lora):
+    """Wrap `model` with LoRA adapters (peft); only they are trained."""
+    from peft import LoraConfig, get_peft_model
+
+    try:
+        adapters = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                              target_modules=lora.target_modules)
+        return get_peft_model(model, adapters)
+    except ValueError as error:
+        raise ConfigError(f"train.lora.target_modules = {lora.target_modules!r} is not allowed: "
+                          f"{str(error).splitlines()[0]}") from None
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases and norm weights (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _log(live, step: int, metrics: dict[str, float]) -> None:
+    live.step = step
+    for name, value in metrics.items():
+        live.log_metric(name, value)
+    live.make_summary()
+
+
+def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config: TrainConfig,
+        stage_config: TrainStageConfig, accelerator, *, live=None, checkpoints: Path | None = None,
+        fingerprint: str = "", desc: str = "train") -> dict[str, Any]:
+    """Train `dm.model` for `stage_config.epochs` epochs; return the trained model (LoRA merged), the
+    logged history, the final validation metrics and timing. Resumes from `checkpoints` when it holds
+    a checkpoint with the same `fingerprint`."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler, set_seed
+
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    micro_per_epoch = len(epoch_batches(len(train), config.batch_groups, config.seed, 0, world, rank))
+    if stage_config.epochs and micro_per_epoch == 0:
+        raise DataError(f"{len(train)} training groups make fewer batches of {config.batch_groups} than the "
+                        f"{world} processes")
+    steps_per_epoch = math.ceil(micro_per_epoch / config.grad_accum_steps)
+    total_steps = steps_per_epoch * stage_config.epochs
+
+    # --- model and optimizer
+    set_seed(config.seed)
+    model = add_lora(dm.model, config.lora) if config.lora.enabled else dm.model
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # no key/value cache while scoring teacher-forced targets
+    scorer = GroupScorer(DialogModel(model, dm.tokenizer, dm.is_seq2seq))
+    # Fused AdamW (one kernel for all parameters, on CPU and GPU) is what Trainer picks too.
+    optimizer = torch.optim.AdamW(parameter_groups(scorer, config.weight_decay), lr=stage_config.learning_rate,
+                                  fused=True)
+    scheduler = get_scheduler(config.scheduler, optimizer, num_warmup_steps=min(config.warmup_steps, total_steps),
+                              num_training_steps=max(total_steps, 1))
+    # The scheduler is not prepared: accelerate would step it once per process.
+    scorer, optimizer = accelerator.prepare(scorer, optimizer)
+    plain_scorer = accelerator.unwrap_model(scorer)  # for validation: no DDP collectives per forward
+
+    # --- resume
+    step, history = 0, []
+    if checkpoints is not None:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        found = latest_checkpoint(checkpoints)
+        if found is not None and json.loads((found / "checkpoint.json").read_text())["fingerprint"] != fingerprint:
+            log.warning("%s: ignoring a checkpoint of a different config, initial model or data", found)
+            accelerator.wait_for_everyone()
+            if main:
+                clear_checkpoints(checkpoints)
+            found = None
+        accelerator.wait_for_everyone()
+        if found is not None:
+            step, history = load_checkpoint(found, accelerator, scorer, optimizer, scheduler)
+            log.info("resumed from %s (step %d of %d)", found, step, total_steps)
+    if live is not None:
+        for record in history:
+            _log(live, record["step"], record["metrics"])
+
+    def validate(epoch: int) -> dict[str, float]:
+        plain_scorer.eval()
+        sums = validation_sums(plain_scorer, validation, list(range(rank, len(validation), world)), config)
+        plain_scorer.train()
+        metrics = validation_metrics(accelerator.reduce(sums.to(accelerator.device), "sum").cpu())
+        record = {"step": step, "metrics": {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if k != "groups"}}}
+        history.append(record)
+        if live is not None:
+            _log(live, step, record["metrics"])
+        return metrics
+
+    if step == 0:
+        validate(0)
+
+    # --- loop
+    progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not main, dynamic_ncols=True)
+    train_seconds, read_tokens, scored_tokens = 0.0, 0, 0
+    candidates = 1 + train.negatives if config.contrastive_weight > 0 else 1
+    scorer.train()
+    for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, stage_config.epochs):
+        micro = epoch_batches(len(train), config.batch_groups, config.seed, epoch, world, rank)
+        step_batches = [micro[i:i + config.grad_accum_steps] for i in range(0, len(micro), config.grad_accum_steps)]
+        for index in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            started = time.perf_counter()
+            chunk, step = step_batches[index], step + 1
+            step_groups = sum(len(b) for b in chunk)
+            stats: dict[str, torch.Tensor] = {}
+            for i, batch in enumerate(chunk):
+                # Gradients are all-reduced on the last micro-batch of the step only.
+                sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(scorer)
+                with sync:
+                    loss, batch_stats = group_loss(scorer, train, batch, config)
+                    accelerator.backward(loss * (len(batch) / step_groups))
+                for name, value in batch_stats.items():
+                    stats[name] = stats.get(name, 0.0) + value.float() * (len(batch) / step_groups)
+                read, scored = batch_tokens(train, batch, candidates, dm.is_seq2seq)
+                read_tokens, scored_tokens = read_tokens + read * world, scored_tokens + scored * world
+            names = sorted(stats)
+            values = accelerator.reduce(torch.stack([stats[n] for n in names]).to(accelerator.device), "mean")
+            metrics = dict(zip(names, values.tolist()))
+            if not all(math.isfinite(v) for v in metrics.values()):
+                shown = ", ".join(f"{n} = {metrics[n]:.4g}" for n in ("total", "ce", "npair") if n in metrics)
+                raise PipelineError(f"training loss is not finite at step {step} (epoch {epoch + 1}; {shown}); "
+                                    "lower train_stage<k>.learning_rate, or use train.precision = fp32")
+            if config.max_grad_norm > 0:
+                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm))
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            train_seconds += time.perf_counter() - started
+
+            record = {"step": step, "metrics": {"epoch": epoch + (index + 1) / steps_per_epoch,
+                                                **{f"train/{k}": v for k, v in metrics.items()}}}
+            history.append(record)
+            if live is not None:
+                _log(live, step, record["metrics"])
+            progress.set_postfix(loss=f"{metrics['total']:.3f}", tok_s=f"{read_tokens / max(train_seconds, 1e-9):.0f}")
+            progress.update()
+            end_of_epoch = index == steps_per_epoch - 1
+            if end_of_epoch:
+                validate(epoch + 1)
+            if checkpoints is not None and (end_of_epoch or (config.checkpoint_steps and step % config.checkpoint_steps == 0)):
+                save_checkpoint(checkpoints, accelerator, scorer, optimizer, scheduler, step, fingerprint, history)
+    progress.close()
+
+    # --- finish
+    model = accelerator.unwrap_model(scorer).model
+    if config.lora.enabled:
+        model = model.merge_and_unload()
+    model.config.use_cache = use_cache
+    final = next(r["metrics"] for r in reversed(history) if "val/ranking_accuracy" in r["metrics"])
+    last_epoch = [r["metrics"] for r in history if "train/total" in r["metrics"] and r["metrics"]["epoch"] > stage_config.epochs - 1]
+    train_means = {k[len("train/"):]: float(np.mean([m[k] for m in last_epoch])) for k in (last_epoch[0] if last_epoch else {})
+                   if k.startswith("train/")}
+    return {
+        "model": model,
+        "history": history,
+        "steps": total_steps,
+        "metrics": {"validation": {k[len("val/"):]: v for k, v in final.items() if k.startswith("val/")},
+                    "train_last_epoch": train_means},
+        "timing": {"train_seconds": train_seconds, "read_tokens": read_tokens, "scored_tokens": scored_tokens,
+                   "tokens_per_second": read_tokens / train_seconds if train_seconds else None},
+    }
+
+
+def load_init_model(init: Path) -> DialogModel:
+    """Load the starting model, turning a loader's complaint (unknown model type, bad config) into a
+    one-line DataError naming the folder."""
+    init = Path(init)
+    if not init.is_dir():
+        raise DataError(f"{init}: model folder not found")
+    try:
+        return load_dialog_model(init)
+    except (ValueError, OSError, KeyError) as error:
+        raise DataError(f"{init}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+
+
+def check_lengths(dm: DialogModel, config: TrainConfig) -> None:
+    """The longest input must fit the model's position embeddings (where it has a limit)."""
+    limit = getattr(dm.model.config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if dm.is_seq2seq:
+        longest, what = max(config.max_source_tokens, config.max_target_tokens), "max(train.max_source_tokens, max_target_tokens)"
+    else:
+        longest, what = config.max_source_tokens + 1 + config.max_target_tokens, "train.max_source_tokens + 1 + max_target_tokens"
+    if longest > limit:
+        raise ConfigError(f"{what} = {longest} is not allowed: the model at {dm.path} has {limit} positions")
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = library_versions()
+    for name in ("accelerate", "peft", "dvclive", "safetensors"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[name] = version(name)
+    return found
+
+
+def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: Path, groups: Path, out: Path,
+        live: Path | None = None, checkpoints: Path | None = None) -> dict[str, Any]:
+    """Train one stage from `init` on `groups`, write the model to `out`; returns its train.json record."""
+    started = time.time()
+    init, groups, out = Path(init), Path(groups), Path(out)
+    checkpoints = Path(checkpoints) if checkpoints else out.with_name(f"{out.name}_checkpoints")
+    train_table, validation_table = read_groups(groups, "train"), read_groups(groups, "validation")
+    dm = load_init_model(init)
+    check_lengths(dm, config)
+    ensure_writable(out)
+    accelerator = make_accelerator(config)
+    main = accelerator.is_main_process
+    train_groups = encode_groups(dm.tokenizer, train_table, config)
+    validation_groups = encode_groups(dm.tokenizer, validation_table, config)
+    log.info("stage %d: %d training and %d validation groups of 1 + %d from %s; model %s: %s, %s, %d parameters, "
+             "on %s, %d process(es), precision %s", stage, len(train_groups), len(validation_groups),
+             train_groups.negatives, groups, init, type(dm.model).__name__, "seq2seq" if dm.is_seq2seq else "causal",
+             sum(p.numel() for p in dm.model.parameters()), accelerator.device, accelerator.num_processes,
+             accelerator.mixed_precision)
+    fingerprint = run_fingerprint(stage, config, stage_config, init, groups, accelerator.num_processes)
+
+    logger = None
+    if live is not None and main:
+        from dvclive import Live
+
+        logger = Live(str(live), save_dvc_exp=False, dvcyaml=None)
+    try:
+        result = fit(dm, train_groups, validation_groups, config, stage_config, accelerator, live=logger,
+                     checkpoints=checkpoints, fingerprint=fingerprint, desc=f"train stage {stage}")
+    finally:
+        if logger is not None:
+            logger.end()
+
+    record = {
+        "stage": stage,
+        "init": str(init),
+        "groups": str(groups),
+        "config": {"train": dataclasses.asdict(config), stage_config.section: dataclasses.asdict(stage_config)},
+        "git_commit": git_commit(),
+        "library_versions": versions(),
+        "device": str(accelerator.device),
+        "processes": accelerator.num_processes,
+        "precision": accelerator.mixed_precision,
+        "data": {"train_groups": len(train_groups), "validation_groups": len(validation_groups),
+                 "negatives_per_group": train_groups.negatives},
+        "steps": result["steps"],
+        "metrics": result["metrics"],
+        "timing": {**result["timing"], "total_seconds": time.time() - started},
+    }
+    if main:
+        with staged_dir(out) as temp:
+            result["model"].save_pretrained(temp)
+            dm.tokenizer.save_pretrained(temp)
+            write_json(record, temp / "train.json")
+        clear_checkpoints(checkpoints)
+        validation = result["metrics"]["validation"]
+        log.info("wrote %s after %d steps in %.1f s: validation ranking accuracy %.3f, perplexity %.2f",
+                 out, result["steps"], time.time() - started, validation["ranking_accuracy"], validation["perplexity"])
+    accelerator.wait_for_everyone()
+    return record

@@ -1,0 +1,137 @@
+"""Shared test fixtures: repository paths, and corpora run through `download` + `normalize` once per
+session (the bundled sample always; the real rows in ../shared/mirror when present).
+
+Tests that need ../shared take `shared_dir` (or a fixture built on it) and skip cleanly without it.
+Shared fixtures are added here by small edits; keep each one documented.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import CORPORA, CorporaConfig, NormalizeConfig, load_section
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The repository's root folder (holds params.yaml, dvc.yaml, data/sample)."""
+    return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """../shared beside the checkout; tests that use it skip when it is absent (a user's fresh clone)."""
+    if not SHARED_DIR.is_dir():
+        pytest.skip(f"{SHARED_DIR} is absent")
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def normalize_config() -> NormalizeConfig:
+    """The repository's `normalize` section, which the session's normalized data was built with."""
+    return load_section(REPO_ROOT / "params.yaml", "normalize", NormalizeConfig)
+
+
+def download_and_normalize(corpora: CorporaConfig, config: NormalizeConfig, base: Path) -> Path:
+    """Run the two stages for all six corpora into `<base>/raw/<corpus>` and `<base>/normalized/<corpus>`."""
+    from pipeline.stages import download, normalize
+
+    for corpus in CORPORA:
+        download.run(corpora, corpus, base / "raw" / corpus)
+        normalize.run(config, corpus, base / "raw" / corpus, base / "normalized" / corpus)
+    return base
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory, normalize_config) -> Path:
+    """The bundled sample (data/sample), downloaded and normalized: `raw/<corpus>`, `normalized/<corpus>`."""
+    corpora = CorporaConfig(source="sample", sample=str(REPO_ROOT / "data" / "sample"))
+    return download_and_normalize(corpora, normalize_config, tmp_path_factory.mktemp("sample"))
+
+
+@pytest.fixture(scope="session")
+def raw_sample_dir(sample_data_dir) -> Path:
+    """`<dir>/<corpus>/<split>.parquet` + stats.json: the bundled sample after `download`."""
+    return sample_data_dir / "raw"
+
+
+@pytest.fixture(scope="session")
+def normalized_sample_dir(sample_data_dir) -> Path:
+    """`<dir>/<corpus>/{train,validation,test}.parquet` + stats.json: the bundled sample, normalized."""
+    return sample_data_dir / "normalized"
+
+
+@pytest.fixture(scope="session")
+def mirror_data_dir(shared_dir, tmp_path_factory, normalize_config) -> Path:
+    """../shared/mirror (MIC from the bundled sample, the mirror has none), downloaded and normalized:
+    `raw/<corpus>`, `normalized/<corpus>`. Takes about 15 s; skips when the mirror is absent."""
+    mirror = shared_dir / "mirror"
+    if not mirror.is_dir():
+        pytest.skip(f"{mirror} is absent")
+    corpora = CorporaConfig(source="mirror", mirror=str(mirror), sample=str(REPO_ROOT / "data" / "sample"),
+                            overrides={"mic": "sample"})
+    return download_and_normalize(corpora, normalize_config, tmp_path_factory.mktemp("mirror"))
+
+
+@pytest.fixture(scope="session")
+def raw_mirror_dir(mirror_data_dir) -> Path:
+    """The shared mirror after `download` (see `mirror_data_dir`)."""
+    return mirror_data_dir / "raw"
+
+
+@pytest.fixture(scope="session")
+def normalized_mirror_dir(mirror_data_dir) -> Path:
+    """The shared mirror, normalized (see `mirror_data_dir`)."""
+    return mirror_data_dir / "normalized"
+
+
+class FakeSafetyScorer:
+    """A stand-in for the safety classifier (`predict_proba` of `pipeline.stages.safety.load_scorer`):
+    a reply of n words gets [casual, needs_caution, needs_intervention] = [1, n/2, n/2] / (1 + n)."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[str], list | None]] = []
+
+    def predict_proba(self, responses, contexts=None):
+        import numpy as np
+
+        self.calls.append((list(responses), None if contexts is None else [list(c) for c in contexts]))
+        n = np.array([len(r.split()) for r in responses], dtype=np.float64)
+        return np.stack([np.ones_like(n), n / 2, n / 2], axis=1) / (1 + n)[:, None]
+
+
+@pytest.fixture
+def fake_safety_scorer(monkeypatch) -> FakeSafetyScorer:
+    """A FakeSafetyScorer that `pipeline.stages.generate.load_safety_scorer` returns for any folder."""
+    from pipeline.stages import generate
+
+    scorer = FakeSafetyScorer()
+    monkeypatch.setattr(generate, "load_safety_scorer", lambda path: scorer)
+    return scorer
+
+
+@pytest.fixture(scope="session")
+def tiny_dialog_model_dir(tmp_path_factory) -> Path:
+    """A tiny causal dialog model in save_pretrained format: GPT-2 (32 wide, 2 layers) with random
+    weights and a 300-token BPE tokenizer that knows the dialog markers. Built once per session."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.modeling import train_tokenizer
+
+    texts = ["hello there, how are you?", "i am fine, thanks for asking.", "you should not lie to friends.",
+             "it's wrong to steal.", "what did you do today?", "i went hiking with my dog."] * 5
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.3,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
+    folder = tmp_path_factory.mktemp("tiny_dialog_model")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
