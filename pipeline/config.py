@@ -259,9 +259,9 @@ class TrainConfig:
     """Optimizer steps of linear warm-up from 0 to the stage's learning rate."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast precision; `auto`: bf16 on a GPU that supports it, else fp32 (always fp32 on CPU)."""
-    max_source_tokens: int = 128
+    max_source_tokens: int = 64
     """Context tokens kept (the oldest are cut first)."""
-    max_target_tokens: int = 64
+    max_target_tokens: int = 48
     """Target tokens kept, eos included (the end is cut)."""
     eval_batch_groups: int = 16
     """Groups per forward pass when scoring the validation groups."""
@@ -290,7 +290,7 @@ class TrainStageConfig:
     stage, so that changing stage 2 does not re-run stage 1)."""
 
     section: typing.ClassVar[str] = "train_stage<k>"
-    epochs: int = 2
+    epochs: int = 1
     """Passes over the stage's training groups; 0 copies the initial model (a single-stage ablation)."""
     learning_rate: float = 5e-4
     """Peak AdamW learning rate, reached after `train.warmup_steps`."""

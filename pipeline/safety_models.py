@@ -79,6 +79,8 @@ def context_texts(contexts: Sequence[Sequence[str] | None] | None, n: int, turns
 def check_inputs(responses, contexts) -> None:
     if isinstance(responses, str):
         raise TypeError("responses must be a list of strings, not one string")
+    if not all(isinstance(response, str) for response in responses):
+        raise TypeError("every response must be a string (got None or another type)")
     if contexts is not None and len(contexts) != len(responses):
         raise ValueError(f"got {len(responses)} responses but {len(contexts)} contexts")
 
@@ -331,7 +333,8 @@ def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, l
         model, tokenizer = build_scratch(texts + (contexts or []), config, seed)
     else:
         model, tokenizer = build_hf(config, seed)
-    scorer = TransformerScorer(kind, model.to(device), tokenizer, config.max_length, config.batch_size * 2, context_turns)
+    scorer = TransformerScorer(kind, model.to(device), tokenizer, config.max_length, config.batch_size * 2,
+                               context_turns)
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     weights_t = torch.as_tensor(weights, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
@@ -366,7 +369,8 @@ def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, l
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     progress.close()
     model.eval()
-    log.info("%s: %d steps over %d examples in %.1f s on %s", kind, step, len(texts), time.perf_counter() - started, device)
+    log.info("%s: %d steps over %d examples in %.1f s on %s", kind, step, len(texts),
+             time.perf_counter() - started, device)
     return scorer
 
 

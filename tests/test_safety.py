@@ -3,7 +3,6 @@ pickle-free round trip, the command, bad input, and a check on real ProsocialDia
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -155,7 +154,8 @@ def test_context_texts_keeps_the_last_turns():
 
 def test_tfidf_learns_a_separable_toy_set(toy_tfidf):
     _, scorer = toy_tfidf
-    probs = scorer.predict_proba(["a lovely picnic with friends", "i will steal the money", "pills tonight to end my life"])
+    probs = scorer.predict_proba(["a lovely picnic with friends", "i will steal the money",
+                                  "pills tonight to end my life"])
     assert probs.argmax(axis=1).tolist() == [0, 1, 2]
 
 
@@ -171,6 +171,8 @@ def test_predict_proba_shape_sum_and_column_order(toy_tfidf):
     assert scorer.predict_proba([]).shape == (0, 3)
     with pytest.raises(ValueError, match="2 contexts"):
         scorer.predict_proba(["a"], [["x"], ["y"]])
+    with pytest.raises(TypeError, match="must be a string"):
+        scorer.predict_proba(["a", None])
 
 
 def test_tfidf_context_block_is_used_only_when_configured():
@@ -318,7 +320,8 @@ def test_command_writes_model_metrics_and_confusion(sample_run, normalized_sampl
     folder, result = sample_run
     assert result.exit_code == 0, result.output
     record = json.loads((folder / "models" / SCORER_FILE).read_text())
-    assert record["kind"] == "tfidf" and record["labels5"] == list(LABELS5) and "scikit-learn" in record["library_versions"]
+    assert record["kind"] == "tfidf" and record["labels5"] == list(LABELS5)
+    assert "scikit-learn" in record["library_versions"]
     metrics = json.loads((folder / "reports" / "metrics.json").read_text())
     for split in ("train", "validation", "test"):
         block = metrics["prosocial_dialog"][split]

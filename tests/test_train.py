@@ -239,7 +239,7 @@ def test_training_writes_the_model_and_records_and_improves_ranking(tmp_path, gp
     config = dataclasses.replace(CONFIG, contrastive_weight=1.0)
     out, record = run_stage(tmp_path, gpt2_dir, groups_dir, config, TrainStage1Config(epochs=5, learning_rate=1e-2))
     dm = load_dialog_model(out)  # safetensors, tokenizer with the markers
-    assert not dm.is_seq2seq and not any((out / "..").glob("out_checkpoints/step-*"))
+    assert not dm.is_seq2seq and not any((tmp_path / "out_checkpoints").iterdir())  # emptied at the end
     saved = json.loads((out / "train.json").read_text())
     assert saved["config"]["train"]["tau"] == config.tau and saved["config"]["train_stage1"]["epochs"] == 5
     assert saved["steps"] == 5 * 3 and saved["data"] == {"train_groups": 12, "validation_groups": 4,
@@ -255,6 +255,9 @@ def test_training_writes_the_model_and_records_and_improves_ranking(tmp_path, gp
     before = train.score_groups(load_dialog_model(gpt2_dir), train.read_groups(groups_dir, "validation"), config)
     after = saved["metrics"]["validation"]
     assert after["score_gap"] > before["score_gap"] and after["perplexity"] < before["perplexity"]
+    # The recorded final metrics are those of the saved model.
+    rescored = train.score_groups(dm, train.read_groups(groups_dir, "validation"), config)
+    assert after == pytest.approx({k: v for k, v in rescored.items() if k != "groups"})
 
 
 def test_same_seed_gives_the_same_weights_and_metrics(tmp_path, gpt2_dir, groups_dir):

@@ -36,17 +36,17 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.artifacts import ensure_writable, staged_dir, write_json
-from pipeline.config import SPLITS, SafetyConfig
+from pipeline.config import SAFETY_RESPONSE_SOURCES, SPLITS, SafetyConfig
 from pipeline.errors import DataError
 from pipeline.safety_models import (
-    COLLAPSE, LABELS5, SCORER_FILE, THREE_WAY, Scorer, load_scorer, scorer_record, train_scorer,
+    COLLAPSE, LABELS5, SCORER_FILE, THREE_WAY, Scorer, collapse_proba, load_scorer, scorer_record, train_scorer,
 )
 
 __all__ = ["THREE_WAY", "LABELS5", "load_scorer", "run"]
 
 log = logging.getLogger(__name__)
 
-RESPONSE_SOURCES = ("pd_responses", "mic_answers", "mic_violations")
+RESPONSE_SOURCES = SAFETY_RESPONSE_SOURCES  # pd_responses, mic_answers, mic_violations
 SOURCES = ("pd_user",) + RESPONSE_SOURCES
 
 
@@ -168,8 +168,6 @@ def label_metrics(actual5: Sequence[str], probs5: np.ndarray, majority5: str) ->
     `probs5`: (n, 5) in LABELS5 order. The five-way prediction is the argmax of `probs5`; the
     three-way one the argmax of the summed three-way probabilities (not the collapsed five-way argmax).
     """
-    from pipeline.safety_models import collapse_proba
-
     predicted5 = [LABELS5[i] for i in np.argmax(probs5, axis=1)] if len(actual5) else []
     predicted3 = [THREE_WAY[i] for i in np.argmax(collapse_proba(probs5), axis=1)] if len(actual5) else []
     actual3 = [COLLAPSE[label] for label in actual5]
@@ -190,8 +188,6 @@ def evaluate(examples, probs5: np.ndarray) -> tuple[dict, list[dict]]:
     `prosocial_dialog`: the user turns per split, five- and three-way. `responses`: the response-level
     examples per split, three-way overall and accuracy per source (the baseline is always casual).
     """
-    from pipeline.safety_models import collapse_proba
-
     source, split = examples["source"].to_numpy(), examples["split"].to_numpy()
     labels = examples["label5"].to_numpy()
     majority5 = Counter(labels[(source == "pd_user") & (split == "train")]).most_common(1)[0][0]
@@ -255,8 +251,9 @@ def run(config: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dic
     write_json(confusion, reports / "confusion.json")
     for name in SPLITS:
         m = metrics["prosocial_dialog"][name]
-        log.info("safety %s: prosocial_dialog %s n=%d acc5=%s f1_5=%s acc3=%s (majority acc5=%s)", config.model, name,
-                 m["n"], _fmt(m["accuracy5"]), _fmt(m["macro_f1_5"]), _fmt(m["accuracy3"]), _fmt(m["majority_accuracy5"]))
+        log.info("safety %s: prosocial_dialog %s n=%d acc5=%s f1_5=%s acc3=%s (majority acc5=%s)", config.model,
+                 name, m["n"], _fmt(m["accuracy5"]), _fmt(m["macro_f1_5"]), _fmt(m["accuracy3"]),
+                 _fmt(m["majority_accuracy5"]))
     log.info("safety: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
     return metrics
 
