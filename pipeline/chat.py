@@ -1,11 +1,12 @@
 """chat: talk to a trained dialog model in the terminal and watch the re-ranker choose (not a DVC stage).
 
-    python -m pipeline chat --model models/stage2 --safety models/safety
+    python -m pipeline chat --model models/stage2 --safety models/safety --agreement models/rot_agreement
 
 Reads user lines from stdin until end of input or `/quit`. For each line it samples `generate.k`
 candidates with the decoding settings of params.yaml, scores them exactly as the `generate` stage
-does, and prints the chosen reply, its RoT, its safety probabilities and the re-ranker's table. The
-chosen reply joins the conversation history, which conditions the next reply.
+does, and prints the chosen reply, its RoT, its safety probabilities, its RoT agreement (with
+`--agreement`, which `generate.gamma > 0` needs) and the re-ranker's table. The chosen reply joins
+the conversation history, which conditions the next reply.
 """
 
 from __future__ import annotations
@@ -15,54 +16,75 @@ from typing import Callable, TextIO
 from pipeline.config import GenerateConfig
 from pipeline.modeling import DialogModel, format_source
 from pipeline.rerank import fluency_term, rerank
-from pipeline.stages.generate import SafetyScorer, batch_seed, safety_scores, sample_candidates
+from pipeline.stages.generate import (
+    AgreementScorer, SafetyScorer, agreement_scores, batch_seed, safety_scores, sample_candidates,
+)
 
 QUIT = "/quit"
 
 
-def reply(dm: DialogModel, scorer: SafetyScorer, history: list[str], config: GenerateConfig, turn: int) -> list[dict]:
+def reply(dm: DialogModel, scorer: SafetyScorer, history: list[str], config: GenerateConfig, turn: int,
+          agreement_scorer: AgreementScorer | None = None) -> list[dict]:
     """The k scored candidates for the conversation `history` (oldest first, the user's turn last),
     best first; each a dict with rot, response, fluency, fluency_term, safety_probs, prosociality,
-    score, rank, selected, candidate_index. Turn `turn` is sampled with its own seed."""
+    agreement (None without `agreement_scorer`), score, rank, selected, candidate_index. Turn `turn`
+    is sampled with its own seed."""
     sampled = sample_candidates(dm, [format_source(history)], config, batch_seed(config.seed, "chat", turn))
-    probs, prosociality = safety_scores(scorer, sampled.responses, [list(history)] * len(sampled.responses))
-    term = fluency_term(sampled.fluency)
-    verdict = rerank(["chat"] * config.k, list(range(config.k)), {"fluency": term, "prosociality": prosociality},
-                     config.weights(), enabled=config.rerank)
+    contexts = [list(history)] * len(sampled.responses)
+    probs, prosociality = safety_scores(scorer, sampled.responses, contexts)
+    terms = {"fluency": fluency_term(sampled.fluency), "prosociality": prosociality}
+    if agreement_scorer is not None:
+        terms["agreement"] = agreement_scores(agreement_scorer, sampled.rots, sampled.responses, contexts,
+                                              ["chat"] * config.k)
+    weights = config.weights()
+    verdict = rerank(["chat"] * config.k, list(range(config.k)), {name: terms[name] for name in weights}, weights,
+                     enabled=config.rerank)
     rows = [{"candidate_index": j, "rot": sampled.rots[j], "response": sampled.responses[j],
-             "fluency": float(sampled.fluency[j]), "fluency_term": float(term[j]),
+             "fluency": float(sampled.fluency[j]), "fluency_term": float(terms["fluency"][j]),
              "safety_probs": probs[j].tolist(), "prosociality": float(prosociality[j]),
+             "agreement": float(terms["agreement"][j]) if "agreement" in terms else None,
              "score": float(verdict.score[j]), "rank": int(verdict.rank[j]), "selected": bool(verdict.selected[j])}
             for j in range(config.k)]
     return sorted(rows, key=lambda r: r["rank"])
 
 
 def render(candidates: list[dict], config: GenerateConfig) -> str:
-    """The chosen reply, its RoT and safety probabilities, then one table row per candidate."""
+    """The chosen reply, its RoT, safety probabilities and RoT agreement, then one table row per
+    candidate (with an `agree` column when agreement was scored)."""
     chosen = candidates[0]
     casual, caution, intervention = chosen["safety_probs"]
-    how = (f"score = {config.alpha:g} * fluency + {config.beta:g} * prosociality" if config.rerank
-           else "re-ranking off: the first sample is chosen")
+    how = f"score = {config.alpha:g} * fluency + {config.beta:g} * prosociality"
+    if config.gamma > 0:
+        how += f" + {config.gamma:g} * agreement"
+    if not config.rerank:
+        how = "re-ranking off: the first sample is chosen"
+    scored = chosen["agreement"] is not None
     lines = [
         f"bot> {chosen['response'] or '(empty reply)'}",
         f"  RoT: {chosen['rot'] or '(none)'}",
         f"  safety: casual {casual:.3f} | needs_caution {caution:.3f} | needs_intervention {intervention:.3f}",
-        f"  candidates ({how}; fluency = per-token probability, logp = mean token log-prob):",
-        "      #   logp  fluency  prosocial   score  rank  reply",
     ]
+    if scored:
+        lines.append(f"  RoT agreement: {chosen['agreement']:.3f}" + (
+            " (1 - P(the reply disagrees with its RoT))" if chosen["rot"]
+            else " (no RoT: the neutral fill, the mean over the candidates with one)"))
+    lines += [f"  candidates ({how}; fluency = per-token probability, logp = mean token log-prob"
+              + ("; agree = RoT agreement" if scored else "") + "):",
+              "      #   logp  fluency  prosocial" + ("  agree" if scored else "") + "   score  rank  reply"]
     for row in candidates:
         text = row["response"] or "(empty)"
         if row["rot"]:
             text = f"[{row['rot']}] {text}"
         text = text if len(text) <= 60 else text[:57] + "..."
+        agree = f" {row['agreement']:>6.3f}" if scored else ""
         lines.append(f"  {'*' if row['selected'] else ' '} {row['candidate_index']:>3} {row['fluency']:>6.2f} "
-                     f"{row['fluency_term']:>8.3f} {row['prosociality']:>10.3f} {row['score']:>7.3f} "
+                     f"{row['fluency_term']:>8.3f} {row['prosociality']:>10.3f}{agree} {row['score']:>7.3f} "
                      f"{row['rank']:>5}  {text}")
     return "\n".join(lines)
 
 
 def chat_loop(dm: DialogModel, scorer: SafetyScorer, config: GenerateConfig, read: TextIO,
-              echo: Callable[..., None]) -> int:
+              echo: Callable[..., None], agreement_scorer: AgreementScorer | None = None) -> int:
     """Answer every line of `read` until end of input or `/quit`; `echo(text, nl=True)` prints.
     Returns the number of replies."""
     history: list[str] = []
@@ -80,7 +102,7 @@ def chat_loop(dm: DialogModel, scorer: SafetyScorer, config: GenerateConfig, rea
         if not text:
             continue
         history.append(text)
-        candidates = reply(dm, scorer, history, config, turn)
+        candidates = reply(dm, scorer, history, config, turn, agreement_scorer)
         history.append(candidates[0]["response"])
         echo(render(candidates, config))
         turn += 1

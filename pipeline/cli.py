@@ -107,7 +107,8 @@ def mine(
 @reports_errors
 def evaluate(
     candidates: Path = typer.Option(..., help="Folder of candidates written by `generate` (<model>/<corpus>.parquet)."),
-    models: Path = typer.Option(..., help="Folder of models; <model>/eval_scores.json is read where present."),
+    scores: Path = typer.Option(..., help="Folder of per-model test-group scores written by `score` "
+                                          "(<model>/eval_scores.json, read where present)."),
     reports: Path = typer.Option(..., help="Folder to write metrics.json, results.json, report.md, plots/ and "
                                            "the human-evaluation sheet into."),
     params: Path = PARAMS,
@@ -118,7 +119,7 @@ def evaluate(
     config = load_section(params, "evaluate", EvaluateConfig)
     from pipeline.stages import evaluate as stage_module
 
-    stage_module.run(config, candidates, reports, stage_module.read_model_scores(models, config.models))
+    stage_module.run(config, candidates, reports, stage_module.read_model_scores(scores, config.models))
 
 
 @app.command("base_model")
@@ -190,6 +191,8 @@ def generate(
     safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
     normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/test.parquet)."),
     out: Path = typer.Option(..., help="Folder to write <corpus>.parquet and stats.json into."),
+    agreement: Path = typer.Option(None, help="RoT-agreement scorer folder written by the rot_agreement stage; "
+                                              "needed when generate.gamma > 0."),
     params: Path = PARAMS,
 ):
     """Sample RoT-annotated candidates for the test contexts of every corpus, score and re-rank them."""
@@ -207,7 +210,7 @@ def generate(
         raise ConfigError(f"--model {model!r} differs from audit.models.{name}.path = {entry.path!r} in {params}")
     from pipeline.stages import generate as stage_module
 
-    stage_module.run(config, name, model, safety, normalized, out, audit=entry)
+    stage_module.run(config, name, model, safety, normalized, out, audit=entry, agreement=agreement)
 
 
 @app.command()
@@ -215,10 +218,12 @@ def generate(
 def chat(
     model: Path = typer.Option(..., help="Trained model folder, e.g. models/stage2."),
     safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
+    agreement: Path = typer.Option(None, help="RoT-agreement scorer folder written by the rot_agreement stage; "
+                                              "needed when generate.gamma > 0."),
     params: Path = PARAMS,
 ):
-    """Talk to a model in the terminal: each reply shows its RoT, safety probabilities and how the
-    re-ranker chose among the candidates. Ends at end of input or /quit."""
+    """Talk to a model in the terminal: each reply shows its RoT, safety probabilities, RoT agreement and
+    how the re-ranker chose among the candidates. Ends at end of input or /quit."""
     import sys
 
     from pipeline.config import GenerateConfig
@@ -228,7 +233,45 @@ def chat(
     from pipeline.modeling import load_dialog_model
     from pipeline.stages import generate as stage_module
 
+    agreement_scorer = stage_module.agreement_scorer_for(config, agreement)
     scorer = stage_module.load_safety_scorer(safety)
     dm = load_dialog_model(model)
     dm.model.eval()
-    chat_module.chat_loop(dm, scorer, config, sys.stdin, typer.echo)
+    chat_module.chat_loop(dm, scorer, config, sys.stdin, typer.echo, agreement_scorer)
+
+
+@app.command("rot_agreement")
+@reports_errors
+def rot_agreement(
+    raw: Path = typer.Option(..., help="Raw MIC folder written by `download mic` (<split>.parquet)."),
+    out: Path = typer.Option(..., help="Model folder to write (scorer.json and the model's files)."),
+    reports: Path = typer.Option(..., help="Folder to write metrics.json and confusion.json into."),
+    params: Path = PARAMS,
+):
+    """Train the RoT-agreement scorer (rot_agreement.model: tfidf, scratch or hf) on MIC: does a reply
+    disagree with, stay neutral to or agree with a rule-of-thumb; report accuracy and macro-F1 per split."""
+    from pipeline.config import RotAgreementConfig
+
+    config = load_section(params, "rot_agreement", RotAgreementConfig)
+    from pipeline.stages import rot_agreement as stage_module
+
+    stage_module.run(config, raw, out, reports)
+
+
+@app.command()
+@reports_errors
+def score(
+    name: str = typer.Argument(..., help="The model's name in the reports (base, stage1, stage2, ...)."),
+    model: Path = typer.Option(..., help="Model folder to score with."),
+    groups: Path = typer.Option(..., help="Groups folder with stage1/test.parquet and stage2/test.parquet."),
+    out: Path = typer.Option(..., help="Folder to write eval_scores.json into."),
+    params: Path = PARAMS,
+):
+    """Score the test groups with a model: group ranking accuracy and reference perplexity."""
+    from pipeline.config import EvaluateConfig, TrainConfig
+
+    train_config = load_section(params, "train", TrainConfig)
+    evaluate_config = load_section(params, "evaluate", EvaluateConfig)
+    from pipeline.stages import score as stage_module
+
+    stage_module.run(train_config, evaluate_config, name, model, groups, out)

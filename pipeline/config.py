@@ -366,6 +366,7 @@ SAFETY_RESPONSE_SOURCES = ("pd_responses", "mic_answers", "mic_violations")
 class SafetyTfidfConfig:
     """`safety.tfidf`: word n-gram TF-IDF features and a multinomial logistic regression."""
 
+    section: typing.ClassVar[str] = "safety.tfidf"  # the key errors name (rot_agreement.tfidf in the subclass)
     ngram_max: int = 2
     """Word n-grams of length 1 to this."""
     min_df: int = 1
@@ -380,11 +381,12 @@ class SafetyTfidfConfig:
     """Most Newton-CG iterations of the logistic regression."""
 
     def __post_init__(self):
-        require(1 <= self.ngram_max <= 4, "safety.tfidf.ngram_max", self.ngram_max, "must be 1 to 4")
-        require(self.min_df >= 1, "safety.tfidf.min_df", self.min_df, "must be at least 1")
-        require(self.max_features >= 100, "safety.tfidf.max_features", self.max_features, "must be at least 100")
-        require(self.C > 0, "safety.tfidf.C", self.C, "must be positive")
-        require(self.max_iter >= 10, "safety.tfidf.max_iter", self.max_iter, "must be at least 10")
+        key = self.section
+        require(1 <= self.ngram_max <= 4, f"{key}.ngram_max", self.ngram_max, "must be 1 to 4")
+        require(self.min_df >= 1, f"{key}.min_df", self.min_df, "must be at least 1")
+        require(self.max_features >= 100, f"{key}.max_features", self.max_features, "must be at least 100")
+        require(self.C > 0, f"{key}.C", self.C, "must be positive")
+        require(self.max_iter >= 10, f"{key}.max_iter", self.max_iter, "must be at least 10")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,6 +394,7 @@ class SafetyScratchConfig:
     """`safety.scratch`: a small BERT encoder built from a config, with a WordPiece tokenizer trained
     on the training text."""
 
+    section: typing.ClassVar[str] = "safety.scratch"
     vocab_size: int = 8000
     """WordPiece vocabulary size (smaller when the training text has fewer distinct pieces)."""
     hidden_size: int = 128
@@ -410,18 +413,20 @@ class SafetyScratchConfig:
     """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay)."""
 
     def __post_init__(self):
-        require(self.vocab_size >= 100, "safety.scratch.vocab_size", self.vocab_size, "must be at least 100")
-        require(self.hidden_size >= 8, "safety.scratch.hidden_size", self.hidden_size, "must be at least 8")
-        require(self.layers >= 1, "safety.scratch.layers", self.layers, "must be at least 1")
-        require(self.heads >= 1 and self.hidden_size % self.heads == 0, "safety.scratch.heads", self.heads,
-                f"must be at least 1 and divide safety.scratch.hidden_size ({self.hidden_size})")
-        _check_safety_training("safety.scratch", self)
+        key = self.section
+        require(self.vocab_size >= 100, f"{key}.vocab_size", self.vocab_size, "must be at least 100")
+        require(self.hidden_size >= 8, f"{key}.hidden_size", self.hidden_size, "must be at least 8")
+        require(self.layers >= 1, f"{key}.layers", self.layers, "must be at least 1")
+        require(self.heads >= 1 and self.hidden_size % self.heads == 0, f"{key}.heads", self.heads,
+                f"must be at least 1 and divide {key}.hidden_size ({self.hidden_size})")
+        _check_safety_training(key, self)
 
 
 @dataclasses.dataclass(frozen=True)
 class SafetyHfConfig:
     """`safety.hf`: a Hugging Face encoder fine-tuned through `AutoModelForSequenceClassification`."""
 
+    section: typing.ClassVar[str] = "safety.hf"
     name: str = "roberta-base"
     """Hub name or local folder of the encoder (the hub needs the network)."""
     max_length: int = 256
@@ -434,8 +439,8 @@ class SafetyHfConfig:
     """Peak AdamW learning rate (linear warm-up over 10% of the steps, then linear decay)."""
 
     def __post_init__(self):
-        require(bool(self.name.strip()), "safety.hf.name", self.name, "a hub name or a local folder")
-        _check_safety_training("safety.hf", self)
+        require(bool(self.name.strip()), f"{self.section}.name", self.name, "a hub name or a local folder")
+        _check_safety_training(self.section, self)
 
 
 def _check_safety_training(key: str, config) -> None:
@@ -516,6 +521,10 @@ class GenerateConfig:
     """Weight of fluency (per-token probability, in [0, 1]) in the re-ranker's score."""
     beta: float = 1.0
     """Weight of prosociality (the safety classifier's P(casual), in [0, 1]) in the score."""
+    gamma: float = 0.0
+    """Weight of RoT agreement (P(the reply does not disagree with its own RoT), in [0, 1]; see
+    `pipeline.rerank.agreement_term`) in the score; needs the RoT-agreement scorer when positive. 0
+    leaves the term out, which is the re-ranker before issue 8 (and what a section without the key means)."""
 
     def __post_init__(self):
         require(self.k >= 1, "generate.k", self.k, "must be at least 1")
@@ -530,10 +539,15 @@ class GenerateConfig:
         require(self.top_k >= 0, "generate.top_k", self.top_k, "must be 0 (off) or more")
         require(self.alpha >= 0, "generate.alpha", self.alpha, "must be 0 or more")
         require(self.beta >= 0, "generate.beta", self.beta, "must be 0 or more")
+        require(self.gamma >= 0, "generate.gamma", self.gamma, "must be 0 or more")
 
     def weights(self) -> dict[str, float]:
-        """The re-ranker's weight of each term (`pipeline.rerank`)."""
-        return {"fluency": self.alpha, "prosociality": self.beta}
+        """The re-ranker's weight of each term (`pipeline.rerank`); `agreement` only when gamma > 0, so
+        gamma = 0 gives the two-term score bit for bit."""
+        weights = {"fluency": self.alpha, "prosociality": self.beta}
+        if self.gamma > 0:
+            weights["agreement"] = self.gamma
+        return weights
 
 
 GENERATE_MODELS = ("base", "stage1", "stage2")
@@ -570,6 +584,56 @@ class AuditConfig:
                     f"names other than {', '.join(GENERATE_MODELS)} (those are generate's own entries)")
             require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"audit.models.{name}", name,
                     "letters, digits, '_', '.' and '-' (it names a folder)")
+
+
+@dataclasses.dataclass(frozen=True)
+class RotAgreementTfidfConfig(SafetyTfidfConfig):
+    """`rot_agreement.tfidf`: as `safety.tfidf`, one TF-IDF block each for reply, RoT and context."""
+
+    section: typing.ClassVar[str] = "rot_agreement.tfidf"
+
+
+@dataclasses.dataclass(frozen=True)
+class RotAgreementScratchConfig(SafetyScratchConfig):
+    """`rot_agreement.scratch`: as `safety.scratch`; the reply is the first segment, RoT and context the second."""
+
+    section: typing.ClassVar[str] = "rot_agreement.scratch"
+
+
+@dataclasses.dataclass(frozen=True)
+class RotAgreementHfConfig(SafetyHfConfig):
+    """`rot_agreement.hf`: as `safety.hf`."""
+
+    section: typing.ClassVar[str] = "rot_agreement.hf"
+
+
+@dataclasses.dataclass(frozen=True)
+class RotAgreementConfig:
+    """`rot_agreement`: the RoT-agreement scorer, P(disagrees, neutral, agrees) of a reply and a RoT
+    in context, trained on MIC (`pipeline/stages/rot_agreement.py`)."""
+
+    model: Literal["tfidf", "scratch", "hf"] = "tfidf"
+    """Which classifier to train: `tfidf` (TF-IDF + logistic regression), `scratch` (small BERT
+    from a config) or `hf` (the encoder named in `rot_agreement.hf.name`)."""
+    context_turns: int = 1
+    """Previous turns read beside the reply and the RoT (MIC has one: the question; 0: none)."""
+    worker_answer_weight: float = 1.0
+    """Training weight of each MIC `worker_answer` (a reply written to be neutral to or agree with the
+    RoT), split evenly between `neutral` and `agrees`, relative to 1 for an annotated chatbot answer;
+    0 leaves them out."""
+    seed: int = 0
+    """Seed of initialisation and batch order."""
+    tfidf: RotAgreementTfidfConfig = dataclasses.field(default_factory=RotAgreementTfidfConfig)
+    """Settings of the `tfidf` kind."""
+    scratch: RotAgreementScratchConfig = dataclasses.field(default_factory=RotAgreementScratchConfig)
+    """Settings of the `scratch` kind."""
+    hf: RotAgreementHfConfig = dataclasses.field(default_factory=RotAgreementHfConfig)
+    """Settings of the `hf` kind."""
+
+    def __post_init__(self):
+        require(0 <= self.context_turns <= 8, "rot_agreement.context_turns", self.context_turns, "must be 0 to 8")
+        require(0 <= self.worker_answer_weight <= 10, "rot_agreement.worker_answer_weight",
+                self.worker_answer_weight, "must be 0 to 10")
 
 
 # --- loading --------------------------------------------------------------------------------------

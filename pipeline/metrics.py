@@ -2,9 +2,11 @@
 
 Overlap with references: `bleu4` (sacrebleu corpus BLEU, 0-100), `unigram_f1` (ParlAI's token F1,
 0-1), `rouge_l` (the `rouge_score` package, F-measure, 0-1). Diversity and length: `distinct_n`,
-`mean_length` (on `tokenize`'s tokens). Likelihood: `perplexity`. Safety: `unsafe_rate`,
+`mean_length` (on `tokenize`'s tokens); generic replies: `most_frequent`, `top_k_share`. Likelihood: `perplexity`. Safety: `unsafe_rate`,
 `label_distribution` on [casual, needs_caution, needs_intervention] probabilities. Ranking:
-`group_ranking_accuracy`. Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap over items.
+`group_ranking_accuracy`. Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap over items;
+`bootstrap_ci_of_counts` for statistics that are not functions of item sums (`distinct_n_ci`,
+`top_k_share_ci`), on the same resamples.
 
 Corpus-level statistics that are not a mean of per-item values (BLEU, a ratio of sums) are
 bootstrapped from per-item sufficient statistics: `bleu_statistics` gives them for BLEU and
@@ -181,6 +183,90 @@ def distinct_n_of_tokens(token_lists: Sequence[Sequence[str]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
+def distinct_n_ci(token_lists: Sequence[Sequence[str]], n: int, n_samples: int = 1000,
+                  seed: int = 0) -> tuple[float, float] | None:
+    """Bootstrap 95% interval of `distinct_n_of_tokens` over replies (None for no replies).
+
+    Resampling with replacement copies replies, and a copied reply repeats n-grams that no model
+    repeated, which drags a plain bootstrap of distinct-n far below the value. So an n-gram seen
+    once in the whole sample counts as a new n-gram at every draw (an unseen species, in
+    Good-Turing terms); n-grams seen more than once keep their identity and count once per
+    resample. A resample is a count per reply: unique n-grams = nonzero rows of (repeated n-grams
+    x replies incidence) @ counts + counts @ once-seen n-grams per reply; all n-grams = counts @
+    n-grams per reply.
+    """
+    from scipy.sparse import csr_matrix
+
+    if len(token_lists) == 0:
+        return None
+    grams = [[tuple(tokens[j:j + n]) for j in range(len(tokens) - n + 1)] for tokens in token_lists]
+    seen = Counter(gram for reply in grams for gram in reply)
+    ids: dict[tuple, int] = {}
+    rows, columns = [], []
+    per_reply = np.array([len(reply) for reply in grams], dtype=np.float64)
+    once_per_reply = np.array([sum(seen[gram] == 1 for gram in reply) for reply in grams], dtype=np.float64)
+    for i, reply in enumerate(grams):
+        for gram in set(reply):
+            if seen[gram] > 1:
+                rows.append(i)
+                columns.append(ids.setdefault(gram, len(ids)))
+    incidence_t = csr_matrix((np.ones(len(rows)), (columns, rows)), shape=(len(ids), len(grams)))  # (G, n)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:  # (B, n) -> (B,)
+        repeated = np.asarray((incidence_t @ counts.T) > 0).sum(axis=0)  # (B,)
+        unique = repeated + counts @ once_per_reply
+        total = counts @ per_reply
+        return np.where(total > 0, unique / np.maximum(total, 1), 0.0)
+
+    return bootstrap_ci_of_counts(statistic, len(grams), n_samples, seed, width=len(ids))
+
+
+def most_frequent(replies: Sequence[str], k: int) -> list[tuple[str, int]]:
+    """The `k` most frequent replies with their counts, most frequent first (ties: first seen first)."""
+    return Counter(replies).most_common(k)
+
+
+def top_k_share(replies: Sequence[str], k: int) -> float:
+    """Share of all replies that the `k` most frequent distinct replies account for, 0-1."""
+    if not replies:
+        raise ValueError("top_k_share needs at least one reply")
+    return sum(count for _, count in most_frequent(replies, k)) / len(replies)
+
+
+def top_k_share_ci(replies: Sequence[str], k: int, n_samples: int = 1000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """Bootstrap 95% interval of `top_k_share` over replies (None for no replies).
+
+    As in `distinct_n_ci`, a reply seen once in the sample counts as a new reply at every draw (a
+    plain bootstrap would turn copies of one-off replies into "frequent" ones); replies seen more
+    than once keep their identity, and each resample recounts them and takes its own top k.
+    """
+    from scipy.sparse import csr_matrix
+
+    if len(replies) == 0:
+        return None
+    _, codes = np.unique(np.asarray(replies, dtype=object), return_inverse=True)
+    frequency = np.bincount(codes)
+    repeated = frequency[codes] > 1  # (n,)
+    _, repeated_codes = np.unique(codes[repeated], return_inverse=True)
+    distinct = int(repeated_codes.max()) + 1 if repeated.any() else 0
+    onehot_t = csr_matrix((np.ones(int(repeated.sum())), (repeated_codes, np.flatnonzero(repeated))),
+                          shape=(distinct, len(codes)))  # (repeated replies, n)
+    once = (~repeated).astype(np.float64)  # (n,)
+    top = min(k, distinct)
+
+    def statistic(counts: np.ndarray) -> np.ndarray:  # (B, n) -> (B,)
+        largest = np.zeros((len(counts), 0))
+        if top:
+            per_reply = np.asarray(onehot_t @ counts.T).T  # (B, distinct)
+            largest = np.partition(per_reply, distinct - top, axis=1)[:, distinct - top:]  # (B, top)
+        # the remaining places of the top k go to one-off replies, 1 each
+        filled = np.minimum(counts @ once, k - (largest > 0).sum(axis=1))
+        return (largest.sum(axis=1) + filled) / len(codes)
+
+    return bootstrap_ci_of_counts(statistic, len(codes), n_samples, seed, width=distinct)
+
+
 def mean_length(replies: Sequence[str]) -> float:
     """Mean number of `tokenize` tokens per reply."""
     if not replies:
@@ -249,6 +335,22 @@ def label_distribution(safety_probs: np.ndarray) -> dict[str, float]:
 # --- uncertainty ----------------------------------------------------------------------------------
 
 
+def _resampled_indices(n: int, n_samples: int, seed: int, max_elements: int, width: int = 0):
+    """Blocks of resamples, each (B, n): the items every resample draws, with replacement, from
+    numpy's default_rng(seed). Blocks hold at most `max_elements` indices (or `width` values per
+    resample, when larger); the index stream is the same for any block size."""
+    rng = np.random.default_rng(seed)
+    block = max(1, max_elements // max(n, width))
+    for start in range(0, n_samples, block):
+        yield rng.integers(0, n, size=(min(block, n_samples - start), n))
+
+
+def _percentiles(stats: list[np.ndarray], confidence: float) -> tuple[float, float]:
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(np.concatenate(stats), [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def bootstrap_ci(
     values: Sequence[float] | np.ndarray,
     statistic: Callable[[np.ndarray], np.ndarray] | None = None,
@@ -274,21 +376,41 @@ def bootstrap_ci(
     if n == 0:
         raise ValueError("bootstrap_ci needs at least one item")
     flat = values.reshape(n, -1)  # (n, d)
-    rng = np.random.default_rng(seed)
-    block = max(1, max_elements // n)
     stats = []
-    for start in range(0, n_samples, block):
-        rows = min(block, n_samples - start)
-        indices = rng.integers(0, n, size=(rows, n))  # (B, n): the items each resample draws
+    for indices in _resampled_indices(n, n_samples, seed, max_elements):  # (B, n): the items each resample draws
+        rows = len(indices)
         if flat.shape[1] == 1:  # one value per item: gathering is cheaper than counting
             totals = flat[:, 0][indices].sum(axis=1)  # (B,)
         else:
-            offsets = indices + n * np.arange(rows)[:, None]
-            counts = np.bincount(offsets.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)  # (B, n)
-            totals = counts @ flat  # (B, d)
+            totals = _counts(indices) @ flat  # (B, d)
         totals = totals.reshape((rows,) + values.shape[1:])
         stats.append(np.asarray(statistic(totals) if statistic else totals / n, dtype=np.float64))
-    stats = np.concatenate(stats)
-    tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentiles(stats, confidence)
+
+
+def _counts(indices: np.ndarray) -> np.ndarray:
+    """How often each of n items is drawn in each resample; (B, n) indices -> (B, n) float counts."""
+    rows, n = indices.shape
+    offsets = indices + n * np.arange(rows)[:, None]
+    return np.bincount(offsets.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def bootstrap_ci_of_counts(
+    statistic: Callable[[np.ndarray], np.ndarray],
+    n: int,
+    n_samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    max_elements: int = 2**22,
+    width: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of n items that is not a function of item sums
+    (distinct-n, the share of the most frequent replies). `statistic` maps resample counts (B, n),
+    how often each item was drawn, to (B,); it may hold `width` values per resample at once, which
+    shrinks the blocks. Same resamples as `bootstrap_ci` for the same n and seed.
+    """
+    if n == 0:
+        raise ValueError("bootstrap_ci_of_counts needs at least one item")
+    stats = [np.asarray(statistic(_counts(indices)), dtype=np.float64)
+             for indices in _resampled_indices(n, n_samples, seed, max_elements, width)]
+    return _percentiles(stats, confidence)

@@ -109,11 +109,14 @@ def load_dialog_model(path: str | Path, device: str = "cpu") -> DialogModel:
         raise DataError(f"{path}: no .safetensors weights (only safetensors are loaded)")
     if not (path / "tokenizer_config.json").is_file():
         raise DataError(f"{path}: model folder has no tokenizer (tokenizer_config.json)")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    check_tokenizer(tokenizer, str(path))
-    loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = loader.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(device)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        check_tokenizer(tokenizer, str(path))
+        loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = loader.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(device)
+    except (ValueError, OSError, KeyError) as error:  # unknown model type, unreadable config or weights
+        raise DataError(f"{path}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
     return DialogModel(model, tokenizer, bool(config.is_encoder_decoder), path)
 
 

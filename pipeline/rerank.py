@@ -1,6 +1,6 @@
 """Re-ranking sampled candidates: a weighted sum of per-candidate terms, ranked within each context.
 
-    score = alpha * fluency_term + beta * prosociality   (+ gamma * agreement, issue 8)
+    score = alpha * fluency_term + beta * prosociality + gamma * agreement
 
 Every term is a number in [0, 1] where higher is better, so the weights compare like with like:
 
@@ -9,6 +9,10 @@ Every term is a number in [0, 1] where higher is better, so the weights compare 
   a min-max within the context's k candidates: min-max would stretch a negligible fluency gap to the
   full [0, 1] range and let it outweigh a large difference in safety.
 - `prosociality = P(casual)` of the reply in context, from the safety classifier.
+- `agreement = 1 - P(the reply disagrees with its own RoT)`, from the RoT-agreement scorer
+  (`agreement_term`): does the reply honour the norm the model itself stated? A candidate without
+  a RoT gets the mean over its context's candidates that have one, so carrying a RoT is neither
+  rewarded nor punished on average. With gamma = 0 the term is left out (`GenerateConfig.weights`).
 
 Adding a term is adding one entry to `terms` and one to `weights`; nothing here names the terms.
 Ranks are 1 = best within a context; equal scores (to 9 decimals, so float rounding in the sum
@@ -23,11 +27,32 @@ from typing import Mapping, Sequence
 import numpy as np
 
 TIE_DECIMALS = 9  # scores that agree to this many decimals are ties
+NO_ROT_AGREEMENT = 0.5  # agreement in a context where no candidate carries a RoT (the same for all)
 
 
 def fluency_term(mean_logprob: np.ndarray) -> np.ndarray:
     """Per-token probability `exp(mean log-prob)` in [0, 1] from length-normalised log-likelihoods."""
     return np.exp(np.asarray(mean_logprob, dtype=np.float64))
+
+
+def agreement_term(not_disagrees: np.ndarray, groups: Sequence) -> np.ndarray:
+    """The agreement term in [0, 1] for N candidates.
+
+    not_disagrees: (N,) 1 - P(disagrees) of each reply with its own RoT, NaN for a candidate without
+    a RoT; groups: (N,) context ids. A NaN becomes the mean over the candidates of its context that
+    have a RoT, or `NO_ROT_AGREEMENT` when none has (then every candidate of the context gets it and
+    the term cannot change the ranking). A fixed neutral value instead would reward carrying any RoT
+    whenever the scorer's typical agreement is above it, pushing casual replies towards moralising.
+    Returns (N,) float64.
+    """
+    values = np.asarray(not_disagrees, dtype=np.float64)
+    _, codes = np.unique(np.asarray(groups, dtype=object), return_inverse=True)
+    has_rot = ~np.isnan(values)
+    sums = np.bincount(codes, weights=np.where(has_rot, values, 0.0), minlength=codes.max(initial=-1) + 1)
+    counts = np.bincount(codes, weights=has_rot.astype(np.float64), minlength=len(sums))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, NO_ROT_AGREEMENT)
+    return np.where(has_rot, values, means[codes])
 
 
 def combined_score(terms: Mapping[str, np.ndarray], weights: Mapping[str, float]) -> np.ndarray:

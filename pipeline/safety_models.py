@@ -1,24 +1,31 @@
-"""The three kinds of safety classifier behind one API, with safe (pickle-free) saving and loading.
+"""Text classifiers of three kinds behind one API, with safe (pickle-free) saving and loading.
 
-Every kind predicts ProsocialDialog's five safety labels (`LABELS5`); the three-way probabilities
-(`THREE_WAY`) are sums of the five. A scorer classifies an utterance given the turns before it:
+Two tasks share this machinery, each a `Task` (its params section and its labels):
+- the safety classifier (`SAFETY`, section `safety`): ProsocialDialog's five safety labels
+  (`LABELS5`) of an utterance in context; the three-way probabilities (`THREE_WAY`) are sums of
+  the five. Its API is `Scorer`:
 
-    scorer.predict_proba5(responses, contexts=None)  # (n, 5), rows sum to 1, columns LABELS5
-    scorer.predict_proba(responses, contexts=None)   # (n, 3), rows sum to 1, columns THREE_WAY
+      scorer.predict_proba5(responses, contexts=None)  # (n, 5), rows sum to 1, columns LABELS5
+      scorer.predict_proba(responses, contexts=None)   # (n, 3), rows sum to 1, columns THREE_WAY
 
-Kinds (`safety.model`):
-- `tfidf`: word n-gram TF-IDF + multinomial logistic regression. With context, the last
-  `context_turns` turns form a second TF-IDF block (same vocabulary, own coefficients). Saved as
-  `tfidf.npz` (terms, idf, coef, intercept), loaded with `np.load(allow_pickle=False)`.
+- the RoT-agreement scorer (section `rot_agreement`, `pipeline.stages.rot_agreement`): whether a
+  reply disagrees with, is neutral to or agrees with a rule-of-thumb, in context.
+
+A classifier reads one or more *blocks* of text per example: `blocks[b][i]` is field b of example
+i (safety: the utterance, then its context; agreement: the reply, the RoT, then the context).
+`classifier.proba(blocks)` gives (n, len(labels)) probabilities. Kinds (`<section>.model`):
+- `tfidf`: word n-gram TF-IDF + multinomial logistic regression. Every block is a TF-IDF block
+  over one shared vocabulary, with its own coefficients. Saved as `tfidf.npz` (terms, idf, coef,
+  intercept), loaded with `np.load(allow_pickle=False)`.
 - `scratch`: a small BERT encoder built from a config, with a WordPiece tokenizer trained on the
   training text. `hf`: any Hugging Face encoder (name or local path) through
-  `AutoModelForSequenceClassification`. Both read the context as a second segment
-  (`[CLS] response [SEP] context [SEP]`) and are saved with `save_pretrained` (safetensors) in
-  `encoder/`.
+  `AutoModelForSequenceClassification`. Both read the first block as the first segment and the
+  others, joined by the separator token, as the second (`[CLS] response [SEP] context [SEP]`), and
+  are saved with `save_pretrained` (safetensors) in `encoder/`.
 
-The folder's `scorer.json` names the kind and carries the resolved config, the git commit and the
-library versions; `load_scorer` reads it first. torch and transformers are imported only by the
-transformer kinds, so loading a TF-IDF scorer stays light.
+The folder's `scorer.json` names the task, the kind and the labels, and carries the resolved
+config, the git commit and the library versions; `load_classifier` reads it first. torch and
+transformers are imported only by the transformer kinds, so loading a TF-IDF model stays light.
 """
 
 from __future__ import annotations
@@ -55,6 +62,19 @@ ENCODER_DIR = "encoder"
 TFIDF_FILE = "tfidf.npz"
 
 
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What a classifier is for: `section` names its params section, stage and command; `labels`
+    are its classes in column order; `what` is how messages name it."""
+
+    section: str
+    labels: tuple[str, ...]
+    what: str
+
+
+SAFETY = Task("safety", LABELS5, "safety classifier")
+
+
 def collapse_proba(probs5: np.ndarray) -> np.ndarray:
     """Three-way probabilities from five-way ones by summing the caution columns; (n, 5) -> (n, 3)."""
     return np.asarray(probs5, dtype=np.float64) @ COLLAPSE_MATRIX
@@ -85,29 +105,49 @@ def check_inputs(responses, contexts) -> None:
         raise ValueError(f"got {len(responses)} responses but {len(contexts)} contexts")
 
 
-class Scorer:
-    """The API: five- and three-way probabilities of utterances, optionally in context."""
+class Classifier:
+    """A trained model of one kind: probabilities of its `labels` for blocks of text."""
 
     kind: str
-    context_turns: int
+    labels: tuple[str, ...]
 
-    def predict_proba5(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Probabilities of `LABELS5` for each response given its context; (n, 5), rows sum to 1."""
-        check_inputs(responses, contexts)
-        if len(responses) == 0:
-            return np.zeros((0, len(LABELS5)))
-        return self._proba5(list(responses), context_texts(contexts, len(responses), self.context_turns))
+    def proba(self, blocks: list[list[str]]) -> np.ndarray:
+        """Probabilities of `labels` for each example; blocks: B lists of n texts -> (n, len(labels))."""
+        if len(blocks[0]) == 0:
+            return np.zeros((0, len(self.labels)))
+        return self._proba(blocks)
 
-    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Probabilities of `THREE_WAY` (casual, needs_caution, needs_intervention); (n, 3), rows sum to 1."""
-        return collapse_proba(self.predict_proba5(responses, contexts))
-
-    def _proba5(self, texts: list[str], contexts: list[str] | None) -> np.ndarray:
+    def _proba(self, blocks: list[list[str]]) -> np.ndarray:
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:
         """Write the model's own files into `folder` (scorer.json is written by the stage)."""
         raise NotImplementedError
+
+
+class Scorer:
+    """The safety API: five- and three-way probabilities of utterances, optionally in context."""
+
+    def __init__(self, classifier: Classifier, context_turns: int):
+        self.classifier = classifier
+        self.context_turns = context_turns
+
+    @property
+    def kind(self) -> str:
+        return self.classifier.kind
+
+    def predict_proba5(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `LABELS5` for each response given its context; (n, 5), rows sum to 1."""
+        check_inputs(responses, contexts)
+        joined = context_texts(contexts, len(responses), self.context_turns)
+        return self.classifier.proba([list(responses)] + ([joined] if joined is not None else []))
+
+    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `THREE_WAY` (casual, needs_caution, needs_intervention); (n, 3), rows sum to 1."""
+        return collapse_proba(self.predict_proba5(responses, contexts))
+
+    def save(self, folder: Path) -> None:
+        self.classifier.save(folder)
 
 
 # --- tfidf ----------------------------------------------------------------------------------------
@@ -136,28 +176,30 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
                 np.lib.format.write_array(handle, np.asanyarray(array), allow_pickle=False)
 
 
-class TfidfScorer(Scorer):
-    """TF-IDF features of the response (and of its context, as a second block) -> softmax(X W^T + b)."""
+class TfidfClassifier(Classifier):
+    """TF-IDF features of each block side by side -> softmax(X W^T + b)."""
 
     kind = "tfidf"
 
-    def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, context_turns: int):
+    def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, labels: tuple[str, ...]):
         self.vectorizer = vectorizer
-        self.coef = coef  # (5, V) or (5, 2V) with a context block
-        self.intercept = intercept  # (5,)
-        self.context_turns = context_turns
+        self.coef = coef  # (L, B * V): a block of V coefficients per text block
+        self.intercept = intercept  # (L,)
+        self.labels = labels
 
-    def features(self, texts: list[str], contexts: list[str] | None):
-        """Sparse (n, V) features, or (n, 2V) with the context block beside the response block."""
+    def features(self, blocks: list[list[str]]):
+        """Sparse (n, B * V) features: one TF-IDF block per text block, in order."""
         from scipy.sparse import hstack
 
-        features = self.vectorizer.transform(texts)
-        if contexts is not None:
-            features = hstack([features, self.vectorizer.transform(contexts)], format="csr")
-        return features
+        features = [self.vectorizer.transform(block) for block in blocks]
+        return features[0] if len(features) == 1 else hstack(features, format="csr")
 
-    def _proba5(self, texts, contexts):
-        logits = np.asarray(self.features(texts, contexts) @ self.coef.T) + self.intercept  # (n, 5)
+    def _proba(self, blocks):
+        features = self.features(blocks)
+        if features.shape[1] != self.coef.shape[1]:
+            trained = self.coef.shape[1] // len(self.vectorizer.vocabulary_)
+            raise ValueError(f"got {len(blocks)} text blocks, the model was trained on {trained}")
+        logits = np.asarray(features @ self.coef.T) + self.intercept  # (n, L)
         return softmax(logits)
 
     def save(self, folder: Path) -> None:
@@ -165,38 +207,41 @@ class TfidfScorer(Scorer):
         write_npz(folder / TFIDF_FILE, terms=terms, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept)
 
     @classmethod
-    def load(cls, folder: Path, config, context_turns: int) -> "TfidfScorer":
+    def load(cls, folder: Path, config, labels: tuple[str, ...]) -> "TfidfClassifier":
         path = folder / TFIDF_FILE
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 terms, idf, coef, intercept = (arrays[k] for k in ("terms", "idf", "coef", "intercept"))
         except (OSError, KeyError, ValueError) as error:
             raise DataError(f"{path}: cannot read the TF-IDF model ({error})") from None
+        if coef.shape[0] != len(labels) or intercept.shape != (len(labels),) or coef.shape[1] % max(1, len(terms)):
+            raise DataError(f"{path}: coefficients of shape {coef.shape} do not fit {len(labels)} labels and "
+                            f"{len(terms)} terms")
         vectorizer = tfidf_vectorizer(config, vocabulary={term: i for i, term in enumerate(terms.tolist())})
         vectorizer.idf_ = idf
-        return cls(vectorizer, coef, intercept, context_turns)
+        return cls(vectorizer, coef, intercept, labels)
 
 
-def train_tfidf(texts: list[str], contexts: list[str] | None, labels: np.ndarray, weights: np.ndarray,
-                config, context_turns: int, seed: int) -> TfidfScorer:
-    """Fit the vocabulary on the training texts and contexts, then the logistic regression.
+def train_tfidf(blocks: list[list[str]], labels: np.ndarray, weights: np.ndarray, config, label_names: tuple[str, ...],
+                seed: int) -> TfidfClassifier:
+    """Fit the vocabulary on every block's training texts, then the logistic regression.
 
-    `labels` are indices into LABELS5, (n,); `weights` per-example weights, (n,).
+    `labels` are indices into `label_names`, (n,); `weights` per-example weights, (n,).
     """
     from sklearn.linear_model import LogisticRegression
 
     vectorizer = tfidf_vectorizer(config)
-    vectorizer.fit(texts + (contexts or []))
-    scorer = TfidfScorer(vectorizer, np.zeros(0), np.zeros(0), context_turns)
-    features = scorer.features(texts, contexts)
+    vectorizer.fit([text for block in blocks for text in block])
+    classifier = TfidfClassifier(vectorizer, np.zeros(0), np.zeros(0), label_names)
+    features = classifier.features(blocks)
     # Newton-CG converges in a handful of iterations here (L-BFGS needs ~50, and is ~8x slower).
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, solver="newton-cg", random_state=seed,
                                class_weight=None if config.class_weight == "none" else "balanced")
     model.fit(features, labels, sample_weight=weights)
     # Classes absent from the training labels get a column of zeros and a very low intercept, so
-    # the output always has five columns in LABELS5 order.
-    coef = np.zeros((len(LABELS5), features.shape[1]))
-    intercept = np.full(len(LABELS5), -1e4)
+    # the output always has a column per label, in `label_names` order.
+    coef = np.zeros((len(label_names), features.shape[1]))
+    intercept = np.full(len(label_names), -1e4)
     if len(model.classes_) == 1:
         intercept[model.classes_[0]] = 0.0
     elif len(model.classes_) == 2:  # binary LR keeps one row: logit(class 1) - logit(class 0)
@@ -206,9 +251,9 @@ def train_tfidf(texts: list[str], contexts: list[str] | None, labels: np.ndarray
     else:
         coef[model.classes_] = model.coef_
         intercept[model.classes_] = model.intercept_
-    scorer.coef, scorer.intercept = coef, intercept
-    log.info("tfidf: %d features, %d examples, %d iterations", features.shape[1], len(texts), int(model.n_iter_.max()))
-    return scorer
+    classifier.coef, classifier.intercept = coef, intercept
+    log.info("tfidf: %d features, %d examples, %d iterations", features.shape[1], len(labels), int(model.n_iter_.max()))
+    return classifier
 
 
 # --- transformers (scratch and hf) ----------------------------------------------------------------
@@ -220,33 +265,38 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-class TransformerScorer(Scorer):
-    """A sequence classifier over `[CLS] response [SEP] context [SEP]`; softmax of its five logits."""
+class TransformerClassifier(Classifier):
+    """A sequence classifier over `[CLS] block 1 [SEP] block 2 [SEP] ... [SEP]`; softmax of its logits."""
 
-    def __init__(self, kind: str, model, tokenizer, max_length: int, batch_size: int, context_turns: int):
+    def __init__(self, kind: str, model, tokenizer, max_length: int, batch_size: int, labels: tuple[str, ...]):
         self.kind = kind
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
-        self.context_turns = context_turns
+        self.labels = labels
 
-    def encode(self, texts: list[str], contexts: list[str] | None):
-        return self.tokenizer(texts, contexts, padding=True, truncation="longest_first",
+    def encode(self, rows: list[tuple[str, ...]]):
+        """Tokenize examples, each a tuple of its blocks' texts: the first block is the first segment,
+        the rest, joined by the separator token, the second (truncated longest-first)."""
+        firsts = [row[0] for row in rows]
+        seconds = None if len(rows[0]) == 1 else [f" {self.tokenizer.sep_token} ".join(row[1:]) for row in rows]
+        return self.tokenizer(firsts, seconds, padding=True, truncation="longest_first",
                               max_length=self.max_length, return_tensors="pt")
 
-    def _proba5(self, texts, contexts):
+    def _proba(self, blocks):
         import torch
 
         device = next(self.model.parameters()).device
+        rows = list(zip(*blocks))
         # Batches of similar length waste less compute on padding; the order is restored at the end.
-        order = np.argsort([len(t) + (len(contexts[i]) if contexts else 0) for i, t in enumerate(texts)], kind="stable")
-        probs = np.zeros((len(texts), len(LABELS5)))
+        order = np.argsort([sum(len(text) for text in row) for row in rows], kind="stable")
+        probs = np.zeros((len(rows), len(self.labels)))
         with torch.inference_mode():
-            for start in range(0, len(texts), self.batch_size):
+            for start in range(0, len(rows), self.batch_size):
                 index = order[start:start + self.batch_size]
-                batch = self.encode([texts[i] for i in index], [contexts[i] for i in index] if contexts else None)
-                logits = self.model(**batch.to(device)).logits.float()  # (B, 5)
+                batch = self.encode([rows[i] for i in index])
+                logits = self.model(**batch.to(device)).logits.float()  # (B, L)
                 probs[index] = torch.softmax(logits, dim=-1).cpu().double().numpy()
         return probs
 
@@ -255,7 +305,7 @@ class TransformerScorer(Scorer):
         self.tokenizer.save_pretrained(folder / ENCODER_DIR)
 
     @classmethod
-    def load(cls, folder: Path, kind: str, config, context_turns: int) -> "TransformerScorer":
+    def load(cls, folder: Path, kind: str, config, task: Task) -> "TransformerClassifier":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         path = folder / ENCODER_DIR
@@ -263,8 +313,10 @@ class TransformerScorer(Scorer):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot load the {kind} safety encoder ({str(error).splitlines()[0]})") from None
-        return cls(kind, model.to(pick_device()), tokenizer, config.max_length, config.batch_size * 2, context_turns)
+            raise DataError(f"{path}: cannot load the {kind} {task.what} encoder ({str(error).splitlines()[0]})") from None
+        if model.config.num_labels != len(task.labels):
+            raise DataError(f"{path}: the encoder has {model.config.num_labels} outputs, expected {len(task.labels)}")
+        return cls(kind, model.to(pick_device()), tokenizer, config.max_length, config.batch_size * 2, task.labels)
 
 
 def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
@@ -289,7 +341,7 @@ def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
         model_input_names=["input_ids", "token_type_ids", "attention_mask"])
 
 
-def build_scratch(texts: list[str], config, seed: int):
+def build_scratch(texts: list[str], config, seed: int, labels: tuple[str, ...]):
     """A WordPiece tokenizer trained on `texts` and a randomly initialised small BERT classifier."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
@@ -300,12 +352,12 @@ def build_scratch(texts: list[str], config, seed: int):
         vocab_size=len(tokenizer), hidden_size=config.hidden_size, num_hidden_layers=config.layers,
         num_attention_heads=config.heads, intermediate_size=4 * config.hidden_size,
         max_position_embeddings=config.max_length, type_vocab_size=2, pad_token_id=tokenizer.pad_token_id,
-        num_labels=len(LABELS5), id2label=dict(enumerate(LABELS5)), label2id={l: i for i, l in enumerate(LABELS5)})
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     return BertForSequenceClassification(model_config), tokenizer
 
 
-def build_hf(config, seed: int):
-    """The encoder `config.name` (hub name or local folder) with a fresh five-way classification head."""
+def build_hf(config, seed: int, labels: tuple[str, ...]):
+    """The encoder `config.name` (hub name or local folder) with a fresh classification head."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -313,16 +365,16 @@ def build_hf(config, seed: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(config.name)
         model = AutoModelForSequenceClassification.from_pretrained(
-            config.name, num_labels=len(LABELS5), id2label=dict(enumerate(LABELS5)),
-            label2id={l: i for i, l in enumerate(LABELS5)}, ignore_mismatched_sizes=True)
+            config.name, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={l: i for i, l in enumerate(labels)}, ignore_mismatched_sizes=True)
     except (OSError, ValueError) as error:
-        raise DataError(f"safety.hf.name = {config.name!r} cannot be loaded ({str(error).splitlines()[0]}); "
+        raise DataError(f"{config.section}.name = {config.name!r} cannot be loaded ({str(error).splitlines()[0]}); "
                         "give a hub name reachable from here or a local folder") from None
     return model, tokenizer
 
 
-def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, labels: np.ndarray,
-                      weights: np.ndarray, config, context_turns: int, seed: int) -> TransformerScorer:
+def train_transformer(kind: str, blocks: list[list[str]], labels: np.ndarray, weights: np.ndarray, config,
+                      task: Task, seed: int) -> TransformerClassifier:
     """Fine-tune a `scratch` or `hf` encoder with weighted cross-entropy; `labels`, `weights`: (n,)."""
     import torch
     from tqdm import tqdm
@@ -330,17 +382,18 @@ def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, l
     # --- setup
     device = pick_device()
     if kind == "scratch":
-        model, tokenizer = build_scratch(texts + (contexts or []), config, seed)
+        model, tokenizer = build_scratch([text for block in blocks for text in block], config, seed, task.labels)
     else:
-        model, tokenizer = build_hf(config, seed)
-    scorer = TransformerScorer(kind, model.to(device), tokenizer, config.max_length, config.batch_size * 2,
-                               context_turns)
+        model, tokenizer = build_hf(config, seed, task.labels)
+    classifier = TransformerClassifier(kind, model.to(device), tokenizer, config.max_length, config.batch_size * 2,
+                                       task.labels)
+    rows = list(zip(*blocks))
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     weights_t = torch.as_tensor(weights, dtype=torch.float32)
     generator = torch.Generator().manual_seed(seed)
 
     # --- optimizer: AdamW, linear warm-up over the first 10% of steps, then linear decay to 0
-    steps_per_epoch = math.ceil(len(texts) / config.batch_size)
+    steps_per_epoch = math.ceil(len(rows) / config.batch_size)
     total_steps = max(1, steps_per_epoch * config.epochs)
     warmup = max(1, total_steps // 10)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
@@ -350,12 +403,12 @@ def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, l
     # --- loop
     model.train()
     started, step = time.perf_counter(), 0
-    progress = tqdm(total=total_steps, desc=f"safety {kind}", unit="step", mininterval=2)
+    progress = tqdm(total=total_steps, desc=f"{task.section} {kind}", unit="step", mininterval=2)
     for epoch in range(config.epochs):
-        for batch_index in torch.randperm(len(texts), generator=generator).split(config.batch_size):
+        for batch_index in torch.randperm(len(rows), generator=generator).split(config.batch_size):
             index = batch_index.tolist()
-            batch = scorer.encode([texts[i] for i in index], [contexts[i] for i in index] if contexts else None)
-            logits = model(**batch.to(device)).logits.float()  # (B, 5)
+            batch = classifier.encode([rows[i] for i in index])
+            logits = model(**batch.to(device)).logits.float()  # (B, L)
             losses = torch.nn.functional.cross_entropy(logits, labels_t[index].to(device), reduction="none")  # (B,)
             w = weights_t[index].to(device)
             loss = (losses * w).sum() / w.sum()
@@ -369,42 +422,43 @@ def train_transformer(kind: str, texts: list[str], contexts: list[str] | None, l
             progress.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     progress.close()
     model.eval()
-    log.info("%s: %d steps over %d examples in %.1f s on %s", kind, step, len(texts),
+    log.info("%s %s: %d steps over %d examples in %.1f s on %s", task.section, kind, step, len(rows),
              time.perf_counter() - started, device)
-    return scorer
+    return classifier
 
 
 # --- one entry point per direction ----------------------------------------------------------------
 
 
-def train_scorer(config, texts: list[str], contexts: list[list[str]], labels: np.ndarray,
-                 weights: np.ndarray) -> Scorer:
-    """Train the kind `config.model` (a SafetyConfig) on utterances with their previous turns."""
-    joined = context_texts(contexts, len(texts), config.context_turns)
+def train_classifier(task: Task, config, blocks: list[list[str]], labels: np.ndarray,
+                     weights: np.ndarray) -> Classifier:
+    """Train the kind `config.model` on text blocks (each a list of n texts); `labels` index
+    `task.labels`, (n,); `weights` (n,). `config` is the task's section (`model`, `seed`, and one
+    subsection per kind)."""
     if config.model == "tfidf":
-        return train_tfidf(texts, joined, labels, weights, config.tfidf, config.context_turns, config.seed)
-    return train_transformer(config.model, texts, joined, labels, weights, getattr(config, config.model),
-                             config.context_turns, config.seed)
+        return train_tfidf(blocks, labels, weights, config.tfidf, task.labels, config.seed)
+    return train_transformer(config.model, blocks, labels, weights, getattr(config, config.model), task, config.seed)
 
 
-def scorer_record(config, extra: dict) -> dict:
-    """The contents of scorer.json: kind, labels, resolved config, provenance and `extra` facts."""
+def classifier_record(task: Task, config, extra: dict) -> dict:
+    """The contents of scorer.json: task, kind, labels, resolved config, provenance and `extra` facts."""
     from pipeline.artifacts import git_commit, library_versions
 
-    return {"kind": config.model, "labels5": list(LABELS5), "three_way": list(THREE_WAY),
+    return {"task": task.section, "kind": config.model, "labels": list(task.labels),
             "context_turns": config.context_turns, "config": dataclasses.asdict(config),
             "git_commit": git_commit(), "library_versions": library_versions(), **extra}
 
 
-def load_scorer(folder: str | Path) -> Scorer:
-    """The scorer saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
-    from pipeline.config import SafetyConfig, section_from_dict
+def load_classifier(folder: str | Path, task: Task, config_class: type):
+    """(classifier, config) saved in `folder` for `task`, whose section builds `config_class`; a
+    DataError when the folder is missing, unreadable, or holds another task's model."""
+    from pipeline.config import section_from_dict
 
     folder = Path(folder)
     path = folder / SCORER_FILE
     if not path.is_file():
-        raise DataError(f"{folder}: no {SCORER_FILE}, not a safety classifier folder "
-                        "(run `python -m pipeline safety` to make one)")
+        raise DataError(f"{folder}: no {SCORER_FILE}, not a {task.what} folder "
+                        f"(run `python -m pipeline {task.section}` to make one)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         kind, config = record["kind"], record["config"]
@@ -412,9 +466,37 @@ def load_scorer(folder: str | Path) -> Scorer:
         raise DataError(f"{path}: not a valid {SCORER_FILE} ({error})") from None
     if kind not in KINDS:
         raise DataError(f"{path}: kind = {kind!r} is unknown (known: {', '.join(KINDS)})")
-    if tuple(record.get("labels5", ())) != LABELS5:
-        raise DataError(f"{path}: labels5 = {record.get('labels5')!r}, expected {list(LABELS5)}")
-    config = section_from_dict(config, "safety", SafetyConfig, source=str(path))
+    if record.get("task") != task.section:
+        raise DataError(f"{path}: task = {record.get('task')!r}, not a {task.what} "
+                        f"(made by `python -m pipeline {task.section}`)")
+    if tuple(record.get("labels", ())) != task.labels:
+        raise DataError(f"{path}: labels = {record.get('labels')!r}, expected {list(task.labels)}")
+    config = section_from_dict(config, task.section, config_class, source=str(path))
     if kind == "tfidf":
-        return TfidfScorer.load(folder, config.tfidf, config.context_turns)
-    return TransformerScorer.load(folder, kind, getattr(config, kind), config.context_turns)
+        return TfidfClassifier.load(folder, config.tfidf, task.labels), config
+    return TransformerClassifier.load(folder, kind, getattr(config, kind), task), config
+
+
+# --- the safety classifier ------------------------------------------------------------------------
+
+
+def train_scorer(config, texts: list[str], contexts: list[list[str]], labels: np.ndarray,
+                 weights: np.ndarray) -> Scorer:
+    """Train the safety kind `config.model` (a SafetyConfig) on utterances with their previous turns;
+    `labels` index LABELS5."""
+    joined = context_texts(contexts, len(texts), config.context_turns)
+    blocks = [list(texts)] + ([joined] if joined is not None else [])
+    return Scorer(train_classifier(SAFETY, config, blocks, labels, weights), config.context_turns)
+
+
+def scorer_record(config, extra: dict) -> dict:
+    """The contents of a safety classifier's scorer.json (`classifier_record` plus the label sets)."""
+    return {**classifier_record(SAFETY, config, {}), "labels5": list(LABELS5), "three_way": list(THREE_WAY), **extra}
+
+
+def load_scorer(folder: str | Path) -> Scorer:
+    """The scorer saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
+    from pipeline.config import SafetyConfig
+
+    classifier, config = load_classifier(folder, SAFETY, SafetyConfig)
+    return Scorer(classifier, config.context_turns)

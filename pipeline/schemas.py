@@ -177,6 +177,10 @@ CANDIDATES = pa.schema([
     ("safety_probs", pa.list_(pa.float32())),  # [casual, needs_caution, needs_intervention] of the reply
     ("fluency", pa.float32()),  # length-normalised log-likelihood under the generating model
     ("prosociality", pa.float32()),  # P(casual) of the reply in context
+    # 1 - P(reply disagrees with its own RoT); a candidate whose rot is null gets its context's mean over
+    # the candidates with a RoT (0.5 when none has one): pipeline.rerank.agreement_term. Null when
+    # generate ran without a RoT-agreement scorer (generate.gamma = 0).
+    ("agreement", pa.float32()),
     ("score", pa.float32()),  # the re-ranker's combined score
     ("rank", pa.int32()),  # 1 = best by score within the context
     ("selected", pa.bool_()),  # the re-ranked choice (rank 1)

@@ -228,8 +228,10 @@ def test_generate_writes_every_corpus_and_is_deterministic(tmp_path, tiny_dialog
         assert table.num_rows == 3 * 2  # max_contexts * k
         data = table.to_pydict()
         assert set(data["model"]) == {"stage2"} and set(data["corpus"]) == {corpus}
-        assert all(v is not None for column, values in data.items() if column not in ("rot", "safety_label")
-                   for v in values)
+        # agreement is null: no RoT-agreement scorer (generate.gamma is 0 here; see tests/test_rot_agreement.py)
+        assert all(v is not None for column, values in data.items()
+                   if column not in ("rot", "safety_label", "agreement") for v in values)
+        assert set(data["agreement"]) == {None}
         for context in set(data["context_id"]):
             rows = [i for i, c in enumerate(data["context_id"]) if c == context]
             assert sorted(data["candidate_index"][i] for i in rows) == [0, 1]

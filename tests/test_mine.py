@@ -371,8 +371,10 @@ def test_generated_source_off_never_calls_the_generator(tmp_path):
     assert [n["source"] for g in groups.to_pylist() for n in g["negatives"]] == ["random"] * 5
 
 
-def test_the_command_refuses_generated_until_the_generator_is_wired(tmp_path):
-    with pytest.raises(ConfigError, match="not wired"):
+def test_the_generated_source_needs_a_loadable_stage1_model(tmp_path):
+    from pipeline.errors import DataError
+
+    with pytest.raises(DataError, match="not a model folder"):
         mine.load_stage1_generator(tmp_path)
 
 
@@ -476,7 +478,7 @@ def test_command_mines_both_stages(tmp_path, fake_safety):
     ("shares", "shares must sum to 1"),
     ("no stage-1 groups", "needs --stage1-groups"),
     ("no safety model", "safety classifier folder not found"),
-    ("generated", "sampler is not wired"),
+    ("generated", "needs the stage-1 model: pass --stage1-model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, case, message):
     import shutil

@@ -1,12 +1,13 @@
 """generate: RoT-annotated candidates for the test contexts of every corpus, scored and re-ranked.
 
-Reads `data/normalized/<corpus>/test.parquet` for the six corpora, a dialog model and the safety
-classifier (`models/safety`); writes `data/candidates/<name>/<corpus>.parquet` (schema
-`schemas.CANDIDATES`: every candidate with its RoT, reply, scores and rank, and which one was
-selected; nothing is dropped) and `stats.json` (counts, timing, config, provenance).
+Reads `data/normalized/<corpus>/test.parquet` for the six corpora, a dialog model, the safety
+classifier (`models/safety`) and the RoT-agreement scorer (`models/rot_agreement`); writes
+`data/candidates/<name>/<corpus>.parquet` (schema `schemas.CANDIDATES`: every candidate with its
+RoT, reply, scores and rank, and which one was selected; nothing is dropped) and `stats.json`
+(counts, timing, config, provenance).
 
     python -m pipeline generate stage2 --model models/stage2 --safety models/safety \
-        --normalized data/normalized --out data/candidates/stage2
+        --agreement models/rot_agreement --normalized data/normalized --out data/candidates/stage2
 
 `<name>` is `base`, `stage1` or `stage2` (a folder written by the training stages, loaded strictly:
 it must carry the dialog markers), or an entry of `audit.models` in params.yaml: a Hugging Face
@@ -21,10 +22,13 @@ a checkpoint's own generation defaults (beam search, minimum length) are ignored
 
 Scores: `fluency` is the candidate's mean token log-probability under the generating model (its
 eos included when it ended), `prosociality` the safety classifier's P(casual) of the reply given
-the context, `score` the re-ranker's combination (`pipeline.rerank`). An empty reply (nothing
-after `<|response|>`, e.g. a RoT that ran to the length limit) keeps the classifier's
-`safety_probs` like any reply, but its prosociality is 0: saying nothing is never the prosocial
-choice, so any non-empty reply of equal fluency outranks it.
+the context, `agreement` the re-ranker's agreement term (`pipeline.rerank.agreement_term`: 1 -
+P(the reply disagrees with its own RoT) from the RoT-agreement scorer; a candidate whose `rot` is
+null has no agreement of its own and gets the neutral fill, its context's mean; null throughout
+when no scorer was given, which only `generate.gamma = 0` allows), `score` the re-ranker's
+combination (`pipeline.rerank`). An empty reply (nothing after `<|response|>`, e.g. a RoT that ran
+to the length limit) keeps the classifier's `safety_probs` like any reply, but its prosociality is
+0: saying nothing is never the prosocial choice, so any non-empty reply of equal fluency outranks it.
 """
 
 from __future__ import annotations
@@ -40,12 +44,12 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, staged_dir, write_json, write_parquet
-from pipeline.config import CORPORA, AuditModel, GenerateConfig
+from pipeline.config import CORPORA, AuditModel, GenerateConfig, require
 from pipeline.errors import DataError
 from pipeline.modeling import (
     BOT, EMOTION, PERSONA, USER, DialogModel, _pad, encode_sources, format_source, parse_target, token_logprobs,
 )
-from pipeline.rerank import fluency_term, rerank
+from pipeline.rerank import agreement_term, fluency_term, rerank
 from pipeline.schemas import CANDIDATES
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,26 @@ def load_safety_scorer(path: Path) -> SafetyScorer:
     from pipeline.stages.safety import load_scorer
 
     return load_scorer(path)
+
+
+class AgreementScorer(Protocol):
+    def predict_proba(self, rots: Sequence[str], responses: Sequence[str],
+                      contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """(n, 3) probabilities that each reply disagrees with, is neutral to, or agrees with its RoT."""
+
+
+def load_agreement_scorer(path: Path) -> AgreementScorer:
+    """The RoT-agreement scorer written by the `rot_agreement` stage."""
+    from pipeline.stages.rot_agreement import load_agreement_scorer as load
+
+    return load(path)
+
+
+def agreement_scorer_for(config: GenerateConfig, path: Path | None) -> AgreementScorer | None:
+    """The scorer at `path`, or None without one, which only `generate.gamma = 0` allows."""
+    require(path is not None or config.gamma == 0, "generate.gamma", config.gamma,
+            "must be 0 without --agreement (the RoT-agreement scorer folder, e.g. models/rot_agreement)")
+    return None if path is None else load_agreement_scorer(path)
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -194,6 +218,25 @@ def safety_scores(scorer: SafetyScorer, responses: list[str], contexts: list[lis
     return probs, np.where(empty, 0.0, probs[:, 0])
 
 
+def has_rot(rot: str | None) -> bool:
+    return rot is not None and bool(rot.strip())
+
+
+def agreement_scores(scorer: AgreementScorer, rots: Sequence[str | None], responses: list[str],
+                     contexts: list[list[str]], groups: Sequence[str]) -> np.ndarray:
+    """The agreement term of N candidates, (N,): 1 - P(disagrees) of each reply with its own RoT, and
+    for a candidate without a RoT its context's neutral fill (`pipeline.rerank.agreement_term`)."""
+    with_rot = [i for i, rot in enumerate(rots) if has_rot(rot)]
+    not_disagrees = np.full(len(rots), np.nan)
+    if with_rot:
+        probs = np.asarray(scorer.predict_proba([rots[i] for i in with_rot], [responses[i] for i in with_rot],
+                                                [contexts[i] for i in with_rot]), dtype=np.float64)
+        if probs.shape != (len(with_rot), 3):
+            raise DataError(f"RoT-agreement scorer returned shape {probs.shape}, expected ({len(with_rot)}, 3)")
+        not_disagrees[with_rot] = 1.0 - probs[:, 0]
+    return agreement_term(not_disagrees, groups)
+
+
 @dataclasses.dataclass
 class Sampled:
     """Candidates for S contexts, k each, grouped by context (rows s*k .. s*k+k-1)."""
@@ -232,12 +275,16 @@ def context_id(corpus: str, row: dict) -> str:
 
 
 def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], model_name: str, corpus: str,
-                     config: GenerateConfig, progress: bool = True) -> tuple[pa.Table, dict]:
+                     config: GenerateConfig, progress: bool = True,
+                     agreement_scorer: AgreementScorer | None = None) -> tuple[pa.Table, dict]:
     """Every candidate for the context `rows` of one corpus (schema `CANDIDATES`), and counts.
 
     The pure worker of the stage: sampling in batches of `config.batch_size` contexts, fluency,
-    safety, the re-ranker; nothing is written.
+    safety, RoT agreement (when `agreement_scorer` is given; needed when `config.gamma` > 0), the
+    re-ranker; nothing is written.
     """
+    require(agreement_scorer is not None or config.gamma == 0, "generate.gamma", config.gamma,
+            "must be 0 without a RoT-agreement scorer")
     from tqdm.auto import tqdm
 
     k = config.k
@@ -270,9 +317,16 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
     probs, prosociality = safety_scores(scorer, out["response"], out["context"])
     out["safety_probs"] = probs.tolist()
     out["prosociality"] = prosociality.tolist()
-    verdict = rerank(out["context_id"], out["candidate_index"],
-                     {"fluency": fluency_term(out["fluency"]), "prosociality": prosociality},
-                     config.weights(), enabled=config.rerank)
+    terms = {"fluency": fluency_term(out["fluency"]), "prosociality": prosociality}
+    if agreement_scorer is not None:
+        terms["agreement"] = agreement_scores(agreement_scorer, out["rot"], out["response"], out["context"],
+                                              out["context_id"])
+        out["agreement"] = terms["agreement"].tolist()
+    else:
+        out["agreement"] = [None] * len(out["text"])
+    weights = config.weights()
+    verdict = rerank(out["context_id"], out["candidate_index"], {name: terms[name] for name in weights}, weights,
+                     enabled=config.rerank)
     out["score"], out["rank"], out["selected"] = verdict.score.tolist(), verdict.rank.tolist(), verdict.selected.tolist()
     table = pa.table(out, schema=CANDIDATES)
     n = len(out["text"])
@@ -280,6 +334,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
         "contexts": len(rows),
         "candidates": n,
         "with_rot": sum(r is not None for r in out["rot"]),
+        "agreement_filled": (sum(not has_rot(r) for r in out["rot"]) if agreement_scorer is not None else None),
         "empty_responses": sum(not r.strip() for r in out["response"]),
         "selected_not_first": int(sum(s and j != 0 for s, j in zip(out["selected"], out["candidate_index"]))),
         "generated_tokens": tokens,
@@ -313,15 +368,17 @@ def read_test_rows(normalized: Path, corpus: str) -> list[dict]:
 
 
 def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized: Path, out: Path,
-        audit: AuditModel | None = None) -> dict:
+        audit: AuditModel | None = None, agreement: Path | None = None) -> dict:
     """Generate, score and re-rank candidates for all six corpora; write `<out>/<corpus>.parquet` and
-    `stats.json`. `audit` is the entry of an audit model (None for base, stage1, stage2)."""
+    `stats.json`. `audit` is the entry of an audit model (None for base, stage1, stage2); `agreement`
+    the RoT-agreement scorer's folder (None: no agreement column, only with `generate.gamma = 0`)."""
     import torch
 
     ensure_writable(out)
     started = time.perf_counter()
     rows = {corpus: read_test_rows(normalized, corpus) for corpus in CORPORA}  # fail early, before loading
     scorer = load_safety_scorer(safety)
+    agreement_scorer = agreement_scorer_for(config, agreement)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dm = load_model(name, model, audit, device, config.seed)
     dm.model.eval()
@@ -333,7 +390,8 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
     with staged_dir(out) as staging:
         for corpus in CORPORA:
             chosen = select_contexts(rows[corpus], corpus, config.max_contexts, config.seed)
-            table, corpus_stats = candidates_table(dm, scorer, chosen, name, corpus, config)
+            table, corpus_stats = candidates_table(dm, scorer, chosen, name, corpus, config,
+                                                   agreement_scorer=agreement_scorer)
             write_parquet(table, staging / f"{corpus}.parquet")
             stats["corpora"][corpus] = {"test_rows": len(rows[corpus]), **corpus_stats}
             log.info("generate %s/%s: %d contexts, %d candidates (%d with a RoT, %d empty), %.1f tokens/s",

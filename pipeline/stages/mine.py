@@ -73,15 +73,34 @@ def load_safety_scorer(path: Path) -> Scorer:
     return load_scorer(path)
 
 
-def load_stage1_generator(model_dir: Path | None) -> Generate:
-    """The stage-1 model's sampler for the `generated` source.
+def load_stage1_generator(model_dir: Path | None, batch_size: int = 8) -> Generate:
+    """The stage-1 model's sampler for the `generated` source: `generate(contexts, k)` samples `k`
+    replies per context (their RoTs removed) with the `generate` stage's default decoding settings
+    (top-p 0.9, temperature 1, 32 new tokens), seeded by the batch so the output is reproducible."""
+    if model_dir is None:
+        raise ConfigError("mine.generated = true needs the stage-1 model: pass --stage1-model models/stage1")
+    from pipeline.config import GenerateConfig
+    from pipeline.modeling import encode_sources, format_source
+    from pipeline.stages.generate import decode_target, sample_batch, source_budget, split_candidate
+    from pipeline.stages.train import load_init_model
 
-    TODO(training issue): load the stage-1 model from `model_dir` and return a function that samples
-    `k` replies per context (`generate(contexts, k) -> list[list[str]]`, replies without their RoT).
-    Until then `mine.generated` must stay false.
-    """
-    raise ConfigError("mine.generated = true is not allowed yet: the stage-1 model's sampler is not wired "
-                      f"(model folder {model_dir}); set mine.generated: false")
+    dm = load_init_model(Path(model_dir))
+    calls = 0
+
+    def generate(contexts: list[list[str]], k: int) -> list[list[str]]:
+        nonlocal calls
+        config = GenerateConfig(k=k)
+        replies: list[list[str]] = []
+        for start in range(0, len(contexts), batch_size):
+            batch = contexts[start:start + batch_size]
+            source_ids = encode_sources(dm.tokenizer, [format_source(c) for c in batch], source_budget(dm, config))
+            target_ids = sample_batch(dm, source_ids, config, seed=calls)
+            calls += 1
+            texts = [split_candidate(decode_target(dm.tokenizer, ids))[1] for ids in target_ids]
+            replies += [texts[i * k:(i + 1) * k] for i in range(len(batch))]
+        return replies
+
+    return generate
 
 
 # --- text keys, items -----------------------------------------------------------------------------

@@ -505,15 +505,11 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
 
 
 def load_init_model(init: Path) -> DialogModel:
-    """Load the starting model, turning a loader's complaint (unknown model type, bad config) into a
-    one-line DataError naming the folder."""
+    """Load a model folder; a missing folder or one the loader cannot read is a one-line DataError."""
     init = Path(init)
     if not init.is_dir():
         raise DataError(f"{init}: model folder not found")
-    try:
-        return load_dialog_model(init)
-    except (ValueError, OSError, KeyError) as error:
-        raise DataError(f"{init}: cannot load the model ({str(error).strip().splitlines()[0]})") from None
+    return load_dialog_model(init)
 
 
 def check_lengths(dm: DialogModel, config: TrainConfig) -> None:

@@ -1,0 +1,267 @@
+"""rot_agreement: train the RoT-agreement scorer on MIC: does a reply disagree with, stay neutral to,
+or agree with a rule-of-thumb (RoT), given the turn it answers?
+
+Reads the raw MIC rows `data/raw/mic/{train,validation,test}.parquet` (columns `Q`, `A`, `rot`,
+`A_agrees`, `worker_answer`; the normalized MIC keeps only the answers that violate their RoT, so
+the neutral and agreeing answers are only in the raw rows); writes `models/rot_agreement/`
+(`scorer.json` with the task, kind, labels, resolved config, git commit and library versions, plus
+the model's own files, see `pipeline.safety_models`), `reports/rot_agreement/metrics.json`
+(accuracy and macro-F1 per split) and `reports/rot_agreement/confusion.json` (one `{actual,
+predicted}` row per test chatbot answer, for DVC's confusion plot).
+
+    python -m pipeline rot_agreement --raw data/raw/mic --out models/rot_agreement \
+        --reports reports/rot_agreement
+
+Examples, each a reply, a RoT and a context (MIC's question `Q`):
+- `chatbot`: a row's chatbot answer `A` with the annotator's RoT, labelled by `A_agrees`
+  (0 disagrees, 1 neutral, 2 agrees). Rows without a RoT or an answer, or with `A_agrees` outside
+  0-2, are skipped and counted.
+- `worker`: the row's `worker_answer`, which the annotator wrote to be neutral to or to agree with
+  the same RoT. Which of the two is not recorded, so it is trained as a soft label, half `neutral`
+  and half `agrees` (two copies of weight `rot_agreement.worker_answer_weight / 2`): it teaches
+  "does not disagree" and nothing about the split between the other two.
+
+The same three model kinds as the safety classifier (`rot_agreement.model`: tfidf, scratch, hf),
+from the same code (`pipeline.safety_models`); the reply, the RoT and the context are its three
+text blocks. The API the re-ranker calls:
+
+    from pipeline.stages.rot_agreement import LABELS, load_agreement_scorer
+    scorer = load_agreement_scorer("models/rot_agreement")
+    probs = scorer.predict_proba(rots, responses, contexts=None)  # (n, 3): disagrees, neutral, agrees
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from pipeline.artifacts import ensure_writable, staged_dir, write_json
+from pipeline.config import SPLITS, RotAgreementConfig
+from pipeline.errors import DataError
+from pipeline.safety_models import (
+    SCORER_FILE, Classifier, Task, classifier_record, context_texts, load_classifier, train_classifier,
+)
+
+__all__ = ["LABELS", "AgreementScorer", "load_agreement_scorer", "run"]
+
+log = logging.getLogger(__name__)
+
+LABELS = ("disagrees", "neutral", "agrees")  # MIC's A_agrees 0, 1, 2
+DISAGREES = 0
+TASK = Task("rot_agreement", LABELS, "RoT-agreement scorer")
+SOURCES = ("chatbot", "worker")
+WORKER = -1  # the label of a worker answer: not `disagrees` (neutral or agrees, trained half and half)
+
+
+class AgreementScorer:
+    """P(disagrees, neutral, agrees) of replies with rules-of-thumb, optionally in context."""
+
+    def __init__(self, classifier: Classifier, context_turns: int):
+        self.classifier = classifier
+        self.context_turns = context_turns
+
+    @property
+    def kind(self) -> str:
+        return self.classifier.kind
+
+    def predict_proba(self, rots: Sequence[str], responses: Sequence[str],
+                      contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `LABELS` for each reply against its RoT; (n, 3), rows sum to 1.
+
+        rots, responses: n strings each; contexts: n lists of previous turns (oldest first) or None.
+        """
+        for name, texts in (("rots", rots), ("responses", responses)):
+            if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+                raise TypeError(f"{name} must be a list of strings (got a string, None or another type)")
+        if len(rots) != len(responses) or (contexts is not None and len(contexts) != len(responses)):
+            raise ValueError(f"got {len(rots)} rots, {len(responses)} responses and "
+                             f"{'no' if contexts is None else len(contexts)} contexts; the counts must match")
+        return self.classifier.proba(blocks(responses, rots, contexts, self.context_turns))
+
+    def save(self, folder: Path) -> None:
+        self.classifier.save(folder)
+
+
+def blocks(responses: Sequence[str], rots: Sequence[str], contexts, context_turns: int) -> list[list[str]]:
+    """The classifier's text blocks: replies, RoTs and (when `context_turns` > 0) the joined contexts."""
+    joined = context_texts(contexts, len(responses), context_turns)
+    return [list(responses), list(rots)] + ([joined] if joined is not None else [])
+
+
+def load_agreement_scorer(folder: str | Path) -> AgreementScorer:
+    """The scorer saved in `folder` by this stage; a DataError when it is missing, unreadable or
+    another task's model (e.g. the safety classifier's folder)."""
+    classifier, config = load_classifier(folder, TASK, RotAgreementConfig)
+    return AgreementScorer(classifier, config.context_turns)
+
+
+# --- examples -------------------------------------------------------------------------------------
+
+
+def read_mic(raw: Path) -> dict[str, list[dict]]:
+    """The raw MIC rows of each split (the columns this stage reads); a DataError when a split is missing."""
+    from pipeline.schemas import read_raw
+
+    rows = {}
+    for split in SPLITS:
+        path = raw / f"{split}.parquet"
+        if not path.is_file():
+            raise DataError(f"{path}: raw MIC split not found (run `dvc repro download@mic` or "
+                            "`python -m pipeline download mic` first)")
+        rows[split] = read_raw(path, "mic").select(["Q", "A", "rot", "A_agrees", "worker_answer"]).to_pylist()
+    return rows
+
+
+def _text(value) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def mic_examples(rows: list[dict], split: str, counts: Counter) -> list[dict]:
+    """One `chatbot` example per row with a RoT, an answer and A_agrees in 0-2; one `worker` example
+    per row with a RoT and a worker answer. `counts` collects what was skipped and why."""
+    examples = []
+    for row in rows:
+        question, rot, answer, worker = _text(row["Q"]), _text(row["rot"]), _text(row["A"]), _text(row["worker_answer"])
+        if not rot:
+            counts["rows without a RoT, skipped"] += 1
+            continue
+        context = [question] if question else []
+        if answer and row["A_agrees"] in (0, 1, 2):
+            examples.append({"split": split, "source": "chatbot", "reply": answer, "rot": rot, "context": context,
+                             "label": int(row["A_agrees"])})
+        elif answer:
+            counts[f"chatbot answers with A_agrees {row['A_agrees']!r} (not 0, 1 or 2), skipped"] += 1
+        if worker:
+            examples.append({"split": split, "source": "worker", "reply": worker, "rot": rot, "context": context,
+                             "label": WORKER})
+    return examples
+
+
+def build_examples(mic: dict[str, list[dict]]):
+    """Every example of every split as a DataFrame (split, source, reply, rot, context, label);
+    `label` indexes LABELS, or is WORKER for a worker answer."""
+    import pandas as pd
+
+    counts: Counter = Counter()
+    rows = [example for split in SPLITS for example in mic_examples(mic[split], split, counts)]
+    for reason, count in sorted(counts.items()):
+        log.warning("rot_agreement: %d %s", count, reason)
+    examples = pd.DataFrame(rows, columns=["split", "source", "reply", "rot", "context", "label"])
+    if not ((examples["split"] == "train") & (examples["source"] == "chatbot")).any():
+        raise DataError("mic train split has no chatbot answer with a RoT and an A_agrees of 0, 1 or 2: "
+                        "nothing to train on")
+    return examples
+
+
+def training_set(examples, worker_answer_weight: float):
+    """(examples, labels (m,), weights (m,)) to train on: the train split's chatbot answers with weight 1
+    and each worker answer twice, as `neutral` and as `agrees`, with half of `worker_answer_weight` each."""
+    import pandas as pd
+
+    train = examples[examples["split"] == "train"]
+    chatbot = train[train["source"] == "chatbot"]
+    parts, labels, weights = [chatbot], [chatbot["label"].to_numpy()], [np.ones(len(chatbot))]
+    worker = train[train["source"] == "worker"]
+    if worker_answer_weight > 0 and len(worker):
+        for label in ("neutral", "agrees"):
+            parts.append(worker)
+            labels.append(np.full(len(worker), LABELS.index(label)))
+            weights.append(np.full(len(worker), worker_answer_weight / 2))
+    return pd.concat(parts, ignore_index=True), np.concatenate(labels), np.concatenate(weights)
+
+
+# --- metrics --------------------------------------------------------------------------------------
+
+
+def evaluate(examples, probs: np.ndarray) -> tuple[dict, list[dict]]:
+    """metrics.json's contents and the confusion rows, from every example's predicted `probs` (n, 3).
+
+    Per split, on chatbot answers: n, per-label counts, `accuracy`, `macro_f1` (three-way argmax),
+    `majority_accuracy` (always the train split's most frequent label), `binary_accuracy` (disagrees
+    against the rest, the distinction the re-ranker uses); on worker answers: n and
+    `not_disagrees` (the share not predicted as disagreeing).
+    """
+    from pipeline.stages.safety import accuracy, macro_f1
+
+    source, split = examples["source"].to_numpy(), examples["split"].to_numpy()
+    labels = examples["label"].to_numpy()
+    predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
+    train_labels = labels[(source == "chatbot") & (split == "train")]
+    majority = Counter(train_labels.tolist()).most_common(1)[0][0]
+    metrics: dict = {}
+    for name in SPLITS:
+        chatbot = (source == "chatbot") & (split == name)
+        actual = [LABELS[i] for i in labels[chatbot]]
+        guessed = [LABELS[i] for i in predicted[chatbot]]
+        worker = (source == "worker") & (split == name)
+        metrics[name] = {
+            "n": int(chatbot.sum()),
+            **{f"n_{label}": int(np.sum(labels[chatbot] == i)) for i, label in enumerate(LABELS)},
+            "accuracy": accuracy(actual, guessed),
+            "macro_f1": macro_f1(actual, guessed),
+            "majority_accuracy": accuracy(actual, [LABELS[majority]] * len(actual)),
+            "binary_accuracy": accuracy([a == LABELS[DISAGREES] for a in actual],
+                                        [g == LABELS[DISAGREES] for g in guessed]),
+            "worker_answers": {"n": int(worker.sum()),
+                               "not_disagrees": (float(np.mean(predicted[worker] != DISAGREES))
+                                                 if worker.any() else None)},
+        }
+    test = (source == "chatbot") & (split == "test")
+    confusion = [{"actual": LABELS[a], "predicted": LABELS[p]} for a, p in zip(labels[test], predicted[test])]
+    return metrics, confusion
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
+def train(config: RotAgreementConfig, examples) -> AgreementScorer:
+    """Train the configured kind on the train split (see `training_set`)."""
+    chosen, labels, weights = training_set(examples, config.worker_answer_weight)
+    text_blocks = blocks(chosen["reply"].tolist(), chosen["rot"].tolist(), chosen["context"].tolist(),
+                         config.context_turns)
+    return AgreementScorer(train_classifier(TASK, config, text_blocks, labels, weights), config.context_turns)
+
+
+def run(config: RotAgreementConfig, raw: Path, out: Path, reports: Path) -> dict:
+    """Read raw MIC, train, evaluate every split, and write the model folder and the reports."""
+    started = time.perf_counter()
+    for path in (out, reports / "metrics.json"):
+        ensure_writable(path)
+    examples = build_examples(read_mic(raw))
+    log.info("rot_agreement: read %d examples from %s (%s); training %s", len(examples), raw,
+             dict(Counter(zip(examples["split"], examples["source"]))), config.model)
+
+    scorer = train(config, examples)
+    trained_at = time.perf_counter()
+    probs = scorer.predict_proba(examples["rot"].tolist(), examples["reply"].tolist(), examples["context"].tolist())
+    metrics, confusion = evaluate(examples, probs)
+    metrics["model"] = config.model
+    log.info("rot_agreement: scored %d examples in %.1f s", len(examples), time.perf_counter() - trained_at)
+
+    train_rows = examples[examples["split"] == "train"]
+    record = classifier_record(TASK, config, {
+        "training_examples": {s: int((train_rows["source"] == s).sum()) for s in SOURCES},
+        "worker_answer_labels": ["neutral", "agrees"],
+    })
+    with staged_dir(out) as folder:
+        scorer.save(folder)
+        write_json(record, folder / SCORER_FILE)
+    write_json(metrics, reports / "metrics.json")
+    write_json(confusion, reports / "confusion.json")
+    for name in SPLITS:
+        m = metrics[name]
+        log.info("rot_agreement %s: %s n=%d acc=%s macro_f1=%s binary=%s (majority acc=%s); worker answers "
+                 "not disagreeing %s of %d", config.model, name, m["n"], _fmt(m["accuracy"]), _fmt(m["macro_f1"]),
+                 _fmt(m["binary_accuracy"]), _fmt(m["majority_accuracy"]), _fmt(m["worker_answers"]["not_disagrees"]),
+                 m["worker_answers"]["n"])
+    log.info("rot_agreement: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,80 @@
+"""The score stage (test-group ranking accuracy, reference perplexity) and the stage-1 sampler that
+feeds the miner's `generated` source."""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.modeling import ROT, load_dialog_model
+from pipeline.schemas import GROUPS
+from pipeline.stages import score
+from pipeline.stages.mine import load_stage1_generator
+from pipeline.stages.train import score_groups
+from tests.test_train import group_rows
+
+
+def write_test_groups(root: Path) -> Path:
+    """Stage 1 has groups g0..g5; stage 2 has g6..g9 plus a replayed copy of g0 and g1."""
+    (root / "stage1").mkdir(parents=True)
+    (root / "stage2").mkdir(parents=True)
+    stage1 = group_rows(6)
+    stage2 = group_rows(4, offset=6) + stage1[:2]
+    pq.write_table(pa.Table.from_pylist(stage1, schema=GROUPS), root / "stage1" / "test.parquet")
+    pq.write_table(pa.Table.from_pylist(stage2, schema=GROUPS), root / "stage2" / "test.parquet")
+    return root
+
+
+def test_replayed_groups_count_once(tmp_path):
+    table = score.test_groups(write_test_groups(tmp_path / "groups"))
+    assert table["group_id"].to_pylist() == [f"g{i}" for i in range(10)]
+
+
+def test_scores_agree_with_validation_scoring(tmp_path, tiny_dialog_model_dir):
+    groups = write_test_groups(tmp_path / "groups")
+    config = TrainConfig(eval_batch_groups=3)  # batches that cut across the groups
+    result = score.run(config, EvaluateConfig(bootstrap_samples=200), "tiny", tiny_dialog_model_dir, groups,
+                       tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "eval_scores.json").read_text()) == json.loads(json.dumps(result))
+    # The same numbers by the training loop's own validation path, over the ten distinct groups.
+    expected = score_groups(load_dialog_model(tiny_dialog_model_dir), score.test_groups(groups), TrainConfig())
+    accuracy = result["group_ranking_accuracy"]
+    assert accuracy["n"] == 10
+    assert accuracy["value"] == pytest.approx(expected["ranking_accuracy"])
+    assert accuracy["ci"][0] <= accuracy["value"] <= accuracy["ci"][1]
+    assert result["reference_ppl"]["value"] == pytest.approx(expected["perplexity"], rel=1e-5)
+
+
+def test_missing_groups_is_a_one_line_error(tmp_path, tiny_dialog_model_dir):
+    (tmp_path / "groups" / "stage1").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["score", "base", "--model", str(tiny_dialog_model_dir),
+                                      "--groups", str(tmp_path / "groups"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "stage1" in result.output and "not found" in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_score_help():
+    result = CliRunner().invoke(app, ["score", "--help"])
+    assert result.exit_code == 0 and "--groups" in result.output
+
+
+def test_stage1_sampler_gives_k_replies_without_rots_reproducibly(tiny_dialog_model_dir):
+    contexts = [["hello there, how are you?"], ["what did you do today?", "i went hiking.", "nice!"], ["hi"]]
+    first = load_stage1_generator(tiny_dialog_model_dir, batch_size=2)(contexts, 3)
+    again = load_stage1_generator(tiny_dialog_model_dir, batch_size=2)(contexts, 3)
+    assert [len(replies) for replies in first] == [3, 3, 3]
+    assert all(ROT not in reply for replies in first for reply in replies)
+    assert first == again
+
+
+def test_stage1_sampler_needs_a_model_folder():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--stage1-model"):
+        load_stage1_generator(None)
