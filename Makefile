@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python -m pipeline ...` with this PATH, so stages use the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro test test-slow bench dag clean
+.PHONY: install repro paper test test-slow bench dag clean
 
 install: $(STAMP)  ## create .venv with the pinned dependencies (offline-safe once cached)
 
@@ -33,3 +33,7 @@ dag: $(STAMP)
 
 clean:  ## remove pipeline outputs (keeps .venv and the DVC cache)
 	rm -rf data/raw data/normalized data/groups data/candidates models/* reports/*
+
+paper: $(STAMP)  ## switch to the paper-scale configuration (hub corpora, pretrained models, GPUs) and run it
+	cp params.paper.yaml params.yaml
+	$(BIN)/dvc repro

@@ -180,6 +180,8 @@ def train(
     stage_config = load_section(params, f"train_stage{stage}", TRAIN_STAGES[stage])
     from pipeline.stages import train as stage_module
 
+    if stage_module.needs_launcher(config):
+        raise typer.Exit(stage_module.relaunch(config.processes))
     stage_module.run(config, stage_config, stage, init, groups, out, live=live, checkpoints=checkpoints)
 
 

@@ -269,8 +269,12 @@ class TrainConfig:
     """Also write a resumable checkpoint every this many optimizer steps; 0: only at each epoch's end."""
     lora: TrainLoraConfig = dataclasses.field(default_factory=TrainLoraConfig)
     """LoRA instead of full fine-tuning."""
+    processes: int = 1
+    """Data-parallel processes (one per GPU): above 1 the command relaunches itself under `torchrun`
+    (DDP), so `dvc repro` trains on several GPUs with no change to dvc.yaml."""
 
     def __post_init__(self):
+        require(self.processes >= 1, "train.processes", self.processes, "must be at least 1")
         require(self.contrastive_weight >= 0, "train.contrastive_weight", self.contrastive_weight, "must be 0 or more")
         require(self.tau > 0, "train.tau", self.tau, "must be greater than 0")
         require(self.margin >= 0, "train.margin", self.margin, "must be 0 or more")
@@ -722,3 +726,31 @@ def _convert(hint: Any, value: Any, key: str):
     if hint is Any:
         return value
     raise TypeError(f"config field {key} has an unsupported type {hint!r}")
+
+
+# --- all sections ---------------------------------------------------------------------------------
+
+SECTIONS: dict[str, type] = {
+    "corpora": CorporaConfig,
+    "normalize": NormalizeConfig,
+    "base_model": BaseModelConfig,
+    "safety": SafetyConfig,
+    "rot_agreement": RotAgreementConfig,
+    "mine": MineConfig,
+    "train": TrainConfig,
+    "train_stage1": TrainStage1Config,
+    "train_stage2": TrainStage2Config,
+    "generate": GenerateConfig,
+    "audit": AuditConfig,
+    "evaluate": EvaluateConfig,
+}
+"""Every `params.yaml` section and its dataclass."""
+
+
+def load_all(path: str | Path) -> dict[str, Any]:
+    """Build every section of a params file; a missing, unknown or invalid section is a ConfigError."""
+    params = load_params(path)
+    unknown = sorted(set(params) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown section '{unknown[0]}' (sections: {', '.join(SECTIONS)})")
+    return {name: load_section(path, name, cls) for name, cls in SECTIONS.items()}

@@ -476,17 +476,36 @@ def test_gradient_accumulation_takes_fewer_optimizer_steps(tmp_path, gpt2_dir, g
     assert record["steps"] == 2
 
 
+def test_processes_above_one_relaunch_the_same_command_under_torchrun(monkeypatch):
+    import subprocess
+    import sys
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda command, check: calls.append(command) or subprocess.CompletedProcess(command, 3))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert train.needs_launcher(dataclasses.replace(CONFIG, processes=2))
+    assert not train.needs_launcher(CONFIG)
+    assert train.relaunch(4, ["train", "--stage", "1", "--out", "a b"]) == 3
+    assert calls == [[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+                      "-m", "pipeline", "train", "--stage", "1", "--out", "a b"]]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # a worker the launcher started runs the stage itself
+    assert not train.needs_launcher(dataclasses.replace(CONFIG, processes=2))
+
+
 @pytest.mark.slow
 def test_two_processes_train_with_ddp_on_cpu(tmp_path, gpt2_dir, repo_root):
-    """torchrun with two CPU processes (gloo): each takes half the micro-batches; validation is summed."""
+    """train.processes: 2 relaunches the command under torchrun with two CPU processes (gloo): each
+    takes half the micro-batches; validation is summed."""
     import os
     import subprocess
     import sys
 
     groups = write_groups(tmp_path / "groups", n_train=16, n_validation=5)  # 4 micro-batches: 2 per process
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "pipeline", "train",
+    params = write_params(tmp_path)
+    params.write_text(params.read_text().replace("train: {", "train: {processes: 2, "))
+    command = [sys.executable, "-m", "pipeline", "train",
                "--stage", "1", "--init", str(gpt2_dir), "--groups", str(groups), "--out", str(tmp_path / "m"),
-               "--live", str(tmp_path / "live"), "--params", str(write_params(tmp_path))]
+               "--live", str(tmp_path / "live"), "--params", str(params)]
     env = {**os.environ, "PYTHONPATH": str(repo_root), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -376,9 +376,9 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
 
     ensure_writable(out)
     started = time.perf_counter()
+    agreement_scorer = agreement_scorer_for(config, agreement)
     rows = {corpus: read_test_rows(normalized, corpus) for corpus in CORPORA}  # fail early, before loading
     scorer = load_safety_scorer(safety)
-    agreement_scorer = agreement_scorer_for(config, agreement)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dm = load_model(name, model, audit, device, config.seed)
     dm.model.eval()

@@ -32,7 +32,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -502,6 +505,22 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
         "timing": {"train_seconds": train_seconds, "read_tokens": read_tokens, "scored_tokens": scored_tokens,
                    "tokens_per_second": read_tokens / train_seconds if train_seconds else None},
     }
+
+
+def needs_launcher(config: TrainConfig) -> bool:
+    """True when `train.processes` asks for DDP and this process was not started by a launcher."""
+    return config.processes > 1 and "LOCAL_RANK" not in os.environ
+
+
+def relaunch(processes: int, argv: list[str] | None = None) -> int:
+    """Run this same command again as `processes` DDP workers under `torchrun` (one per GPU; gloo on
+    CPUs) and return its exit status. The arguments go to the launcher as a list, never through a
+    shell."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "-m", "pipeline", *argv]
+    log.info("train.processes = %d: relaunching under torchrun", processes)
+    return subprocess.run(command, check=False).returncode
 
 
 def load_init_model(init: Path) -> DialogModel:
