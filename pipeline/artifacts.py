@@ -8,9 +8,11 @@ the end. Also the provenance every model folder and report carries (git commit, 
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from pipeline.errors import DataError
+from pipeline.faults import kill_point
 
 
 def _umask() -> int:
@@ -26,8 +29,21 @@ def _umask() -> int:
     return mask
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Remove what an earlier, killed run left beside `path`: its temporary files or folders
+    (`.<name>.XXXXXXXX.tmp`, as `tempfile` names them) and a folder moved aside by `staged_dir`."""
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.[a-z0-9_]{{8}}\.tmp")
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        if pattern.fullmatch(leftover.name) or leftover.name == f".{path.name}.old":
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+
+
 def _temp_beside(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())  # mkstemp makes owner-only files; outputs get normal modes
@@ -42,6 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     try:
         yield temp
         os.replace(temp, path)
+        kill_point("write")
     finally:
         temp.unlink(missing_ok=True)
 
@@ -66,6 +83,7 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
     """Yield an empty temporary folder that replaces the folder `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     temp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     os.chmod(temp, 0o777 & ~_umask())
     try:
@@ -74,6 +92,7 @@ def staged_dir(path: str | Path) -> Iterator[Path]:
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
+            kill_point("swap")
             os.replace(temp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -103,10 +122,14 @@ def sha256(path: str | Path) -> str:
 
 
 def git_commit() -> str:
-    """The repository's HEAD commit, with `-dirty` when the work tree has changes; '' outside git."""
+    """The repository's HEAD commit, with `-dirty` when tracked files other than dvc.lock and
+    .gitignore files have changes; '' outside git (or before the first commit)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        # What DVC itself rewrites during a run (dvc.lock, .gitignore files) does not make the tree
+        # dirty, so a rerun of the same checkout records the same commit.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude,glob)**/dvc.lock", ":(top,exclude,glob)**/.gitignore"],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return ""

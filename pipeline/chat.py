@@ -67,7 +67,7 @@ def render(candidates: list[dict], config: GenerateConfig) -> str:
     if scored:
         lines.append(f"  RoT agreement: {chosen['agreement']:.3f}" + (
             " (1 - P(the reply disagrees with its RoT))" if chosen["rot"]
-            else " (no RoT: the neutral fill, the mean over the candidates with one)"))
+            else " (no RoT: the neutral fill, the mean over the candidates that have one, else 0.5)"))
     lines += [f"  candidates ({how}; fluency = per-token probability, logp = mean token log-prob"
               + ("; agree = RoT agreement" if scored else "") + "):",
               "      #   logp  fluency  prosocial" + ("  agree" if scored else "") + "   score  rank  reply"]

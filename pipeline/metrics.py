@@ -2,9 +2,9 @@
 
 Overlap with references: `bleu4` (sacrebleu corpus BLEU, 0-100), `unigram_f1` (ParlAI's token F1,
 0-1), `rouge_l` (the `rouge_score` package, F-measure, 0-1). Diversity and length: `distinct_n`,
-`mean_length` (on `tokenize`'s tokens); generic replies: `most_frequent`, `top_k_share`. Likelihood: `perplexity`. Safety: `unsafe_rate`,
-`label_distribution` on [casual, needs_caution, needs_intervention] probabilities. Ranking:
-`group_ranking_accuracy`. Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap over items;
+`mean_length` (on `tokenize`'s tokens); generic replies: `most_frequent`, `top_k_share`.
+Likelihood: `perplexity`. Safety: `unsafe_rate`, `label_distribution` on [casual, needs_caution,
+needs_intervention] probabilities. Ranking: `group_ranking_accuracy`. Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap over items;
 `bootstrap_ci_of_counts` for statistics that are not functions of item sums (`distinct_n_ci`,
 `top_k_share_ci`), on the same resamples.
 

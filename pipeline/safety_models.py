@@ -313,7 +313,8 @@ class TransformerClassifier(Classifier):
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
         except (OSError, ValueError) as error:
-            raise DataError(f"{path}: cannot load the {kind} {task.what} encoder ({str(error).splitlines()[0]})") from None
+            raise DataError(f"{path}: cannot load the {kind} {task.what} encoder "
+                            f"({str(error).splitlines()[0]})") from None
         if model.config.num_labels != len(task.labels):
             raise DataError(f"{path}: the encoder has {model.config.num_labels} outputs, expected {len(task.labels)}")
         return cls(kind, model.to(pick_device()), tokenizer, config.max_length, config.batch_size * 2, task.labels)

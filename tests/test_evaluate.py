@@ -329,15 +329,21 @@ def test_evaluate_command_runs_and_reports_missing_candidates_in_one_line(tmp_pa
     params = tmp_path / "params.yaml"
     params.write_text("evaluate:\n  models: [base]\n  corpora: [prosocial_dialog]\n  bootstrap_samples: 100\n"
                       "  human_eval_comparisons: []\n")
-    args = ["evaluate", "--candidates", str(tmp_path / "candidates"), "--models", str(tmp_path / "models"),
+    args = ["evaluate", "--candidates", str(tmp_path / "candidates"), "--scores", str(tmp_path / "scores"),
             "--reports", str(tmp_path / "reports"), "--params", str(params)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert "error:" in result.output and "no candidates for any of the models base" in result.output
     write_candidates(tmp_path / "candidates", "base", "prosocial_dialog", ROWS)
+    # What the score stage writes for the model is read from --scores.
+    (tmp_path / "scores" / "base").mkdir(parents=True)
+    (tmp_path / "scores" / "base" / "eval_scores.json").write_text(
+        json.dumps({"group_ranking_accuracy": {"value": 0.75, "ci": [0.5, 1.0], "n": 4}, "reference_ppl": 12.5}))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["base/overall/unsafe_rate_reranked"] == 0.25
+    metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert metrics["base/overall/unsafe_rate_reranked"] == 0.25
+    assert metrics["base/overall/group_ranking_accuracy"] == 0.75 and metrics["base/overall/reference_ppl"] == 12.5
 
 
 def test_config_rejects_a_comparison_with_an_unknown_model():

@@ -140,7 +140,8 @@ def loop_distinct(token_lists, n):
 
 def test_generic_share_interval_matches_a_plain_loop():
     rng = np.random.default_rng(3)
-    replies = [str(x) for x in rng.choice(["i don't know", "ok", "sure"], size=12)] + [f"one-off {i}" for i in range(18)]
+    replies = [str(x) for x in rng.choice(["i don't know", "ok", "sure"], size=12)]
+    replies += [f"one-off {i}" for i in range(18)]
     got = M.top_k_share_ci(replies, 5, n_samples=300, seed=0)
     assert got == pytest.approx(loop_ci(replies, loop_top_k_share(replies, 5)))
     assert got[0] <= M.top_k_share(replies, 5) <= got[1]

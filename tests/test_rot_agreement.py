@@ -34,7 +34,8 @@ DISAGREES, NEUTRAL, AGREES = range(3)
 QUESTIONS = [("Should I steal the money?", "It's wrong to steal."), ("Can I lie to my boss?", "You shouldn't lie."),
              ("Should I cheat on the test?", "It's bad to cheat."), ("May I skip paying?", "You should pay your way.")]
 REPLIES = {
-    DISAGREES: ["yes go ahead and do it", "sure go ahead it is fine", "go ahead nobody will care", "yes do it go ahead"],
+    DISAGREES: ["yes go ahead and do it", "sure go ahead it is fine", "go ahead nobody will care",
+                "yes do it go ahead"],
     NEUTRAL: ["i am not sure about that", "maybe i am not sure", "hard to say i am not sure", "not sure really"],
     AGREES: ["no you should never do that", "never do that it is wrong", "no that is wrong never", "you should never"],
 }
@@ -128,8 +129,10 @@ def test_metrics_by_hand():
     assert test["binary_accuracy"] == 0.75
     assert test["worker_answers"] == {"n": 2, "not_disagrees": 0.5}
     assert metrics["validation"]["n"] == 0 and metrics["validation"]["accuracy"] is None
-    assert confusion == [{"actual": "disagrees", "predicted": "disagrees"}, {"actual": "neutral", "predicted": "agrees"},
-                         {"actual": "agrees", "predicted": "agrees"}, {"actual": "agrees", "predicted": "disagrees"}]
+    assert confusion == [{"actual": "disagrees", "predicted": "disagrees"},
+                         {"actual": "neutral", "predicted": "agrees"},
+                         {"actual": "agrees", "predicted": "agrees"},
+                         {"actual": "agrees", "predicted": "disagrees"}]
 
 
 # --- the scorer -----------------------------------------------------------------------------------

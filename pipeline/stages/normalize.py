@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import pyarrow as pa
 
-from pipeline.artifacts import sha256, staged_dir, write_json, write_parquet
+from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
 from pipeline.errors import DataError
 from pipeline.schemas import NORMALIZED, read_raw
@@ -263,12 +263,14 @@ def hash_unit(corpus: str, dialogue_id: str) -> float:
     return int(hashlib.sha1(f"{corpus}:{dialogue_id}".encode()).hexdigest()[:12], 16) / 16**12
 
 
-def derive_splits(rows_by_split: dict[str, list[Row]], corpus: str, fractions: dict[str, float]) -> dict[str, str]:
+def derive_splits(rows_by_split: dict[str, list[Row] | pa.Table], corpus: str,
+                  fractions: dict[str, float]) -> dict[str, str]:
     """Fill the splits a source lacks from its largest split, by a hash of the dialogue id.
 
     The largest present split (the donor) is shared between itself and the missing splits in
-    proportion to `fractions`; whole dialogues move together. Mutates `rows_by_split` and returns a
-    description of each derived split for stats.json.
+    proportion to `fractions`; whole dialogues move together, in their order. The splits are lists of
+    row dicts or NORMALIZED tables. Mutates `rows_by_split` and returns a description of each derived
+    split for stats.json.
     """
     missing = [s for s in SPLITS if s not in rows_by_split]
     if not missing:
@@ -280,26 +282,60 @@ def derive_splits(rows_by_split: dict[str, list[Row]], corpus: str, fractions: d
     for split in targets:
         edge += fractions[split] / total
         bounds.append((edge, split))
-    moved: dict[str, list[Row]] = {s: [] for s in targets}
-    for row in rows_by_split[donor]:
-        unit = hash_unit(corpus, row["dialogue_id"])
-        split = next((s for bound, s in bounds if unit < bound), targets[-1])
-        moved[split].append({**row, "derived_split": split != donor})
-    rows_by_split.update(moved)
+    rows = rows_by_split[donor]
+    is_table = isinstance(rows, pa.Table)
+    ids = rows.column("dialogue_id").to_pylist() if is_table else [row["dialogue_id"] for row in rows]
+    split_of: dict[str, str] = {}
+    for dialogue_id in ids:
+        if dialogue_id not in split_of:
+            unit = hash_unit(corpus, dialogue_id)
+            split_of[dialogue_id] = next((s for bound, s in bounds if unit < bound), targets[-1])
+    assigned = [split_of[dialogue_id] for dialogue_id in ids]
+    if is_table:
+        column = rows.schema.get_field_index("derived_split")
+        for split in targets:
+            part = rows.filter(pa.array([s == split for s in assigned], pa.bool_()))
+            flags = pa.array([split != donor] * part.num_rows, pa.bool_())
+            rows_by_split[split] = part.set_column(column, "derived_split", flags)
+    else:
+        moved: dict[str, list[Row]] = {s: [] for s in targets}
+        for row, split in zip(rows, assigned):
+            moved[split].append({**row, "derived_split": split != donor})
+        rows_by_split.update(moved)
     return {s: f"from {donor} by a hash of dialogue_id (share {fractions[s] / total:.3f})" for s in missing}
 
 
 # --- run ------------------------------------------------------------------------------------------
 
 
-def normalize_split(table: pa.Table, corpus: str, split: str, config: NormalizeConfig, counts: Counter) -> list[Row]:
-    """Normalize and clean one raw split of one corpus (the pure worker)."""
-    rows = []
+ARROW_CHUNK = 4096  # rows turned into Arrow at a time, so the Python row dicts never pile up
+
+
+def normalized_rows(table: pa.Table, corpus: str, split: str, config: NormalizeConfig, counts: Counter) -> Iterator[Row]:
+    """Normalize and clean one raw split of one corpus, one output row at a time (the pure worker)."""
     for row in NORMALIZERS[corpus](table, split, counts):
         cleaned = clean_row(row, config, counts)
         if cleaned is not None:
-            rows.append({"corpus": corpus, "split": split, **cleaned, "derived_split": False})
-    return rows
+            yield {"corpus": corpus, "split": split, **cleaned, "derived_split": False}
+
+
+def normalize_split(table: pa.Table, corpus: str, split: str, config: NormalizeConfig, counts: Counter) -> list[Row]:
+    """`normalized_rows` as a list."""
+    return list(normalized_rows(table, corpus, split, config, counts))
+
+
+def normalize_split_table(table: pa.Table, corpus: str, split: str, config: NormalizeConfig,
+                          counts: Counter) -> pa.Table:
+    """`normalized_rows` as a NORMALIZED table, converted `ARROW_CHUNK` rows at a time: an output row
+    repeats its context, so a corpus's rows as Python dicts take many times its Arrow size."""
+    batches, chunk = [], []
+    for row in normalized_rows(table, corpus, split, config, counts):
+        chunk.append(row)
+        if len(chunk) == ARROW_CHUNK:
+            batches.append(pa.RecordBatch.from_pylist(chunk, schema=NORMALIZED))
+            chunk = []
+    batches.append(pa.RecordBatch.from_pylist(chunk, schema=NORMALIZED))
+    return pa.Table.from_batches(batches, schema=NORMALIZED).combine_chunks()
 
 
 def read_provenance(path: Path) -> dict:
@@ -320,14 +356,16 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     if not files:
         raise DataError(f"{raw}: no raw split files for {corpus} (run the download stage first)")
     provenance = read_provenance(raw / "stats.json")
+    ensure_writable(out)
     counts: Counter = Counter()
     rows_by_split, raw_files = {}, {}
-    for split, path in files.items():
+    for split, path in files.items():  # one raw split in memory at a time; the output kept as Arrow
         table = read_raw(path, corpus)
         if table.num_rows == 0:
             raise DataError(f"{path}: file has no rows")
         raw_files[split] = {"sha256": sha256(path), "rows": table.num_rows}
-        rows_by_split[split] = normalize_split(table, corpus, split, config, counts)
+        rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
+        del table
     derived = derive_splits(rows_by_split, corpus, config.split_fractions)
     stats = {
         "corpus": corpus,
@@ -341,10 +379,12 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     }
     with staged_dir(out) as folder:
         for split in SPLITS:
-            rows = [{**row, "split": split} for row in rows_by_split[split]]
-            write_parquet(pa.Table.from_pylist(rows, schema=NORMALIZED), folder / f"{split}.parquet")
-            stats["rows"][split] = len(rows)
-            stats["dialogues"][split] = len({row["dialogue_id"] for row in rows})
+            rows = rows_by_split.pop(split)
+            rows = rows.set_column(rows.schema.get_field_index("split"), "split",
+                                   pa.array([split] * rows.num_rows, pa.string()))
+            write_parquet(rows, folder / f"{split}.parquet")
+            stats["rows"][split] = rows.num_rows
+            stats["dialogues"][split] = len(set(rows.column("dialogue_id").to_pylist()))
         write_json(stats, folder / "stats.json")
     log.info("normalize %s: %s -> %s", corpus, stats["rows"], out)
     return stats

@@ -9,7 +9,7 @@ n-pair contrastive loss (`pipeline/losses.py`). One module, two DVC stages:
 Reads `<groups>/{train,validation}.parquet` (`schemas.GROUPS`) and the model folder `--init`
 (save_pretrained format, tokenizer with the dialog markers). Writes `--out`: the model
 (safetensors), its tokenizer and `train.json` (resolved config, git commit, library versions,
-final metrics, timing); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the
+final metrics; no timing, so equal runs give equal bytes); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the
 latest resumable checkpoint while the run is going (emptied when it ends).
 
 Every group is scored in one batched forward pass: the positive and its negatives are rows of the
@@ -50,6 +50,7 @@ import torch
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
 from pipeline.config import TrainConfig, TrainStageConfig
 from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.faults import kill_point
 from pipeline.losses import cross_entropy, npair_loss, sequence_scores, severity_margins, total_loss
 from pipeline.modeling import (
     RESPONSE, DialogModel, encode_sources, encode_targets, format_source, format_target, load_dialog_model,
@@ -296,6 +297,7 @@ def save_checkpoint(folder: Path, accelerator, scorer, optimizer, scheduler, ste
             if old != final:
                 shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+    kill_point("checkpoint")
 
 
 def load_checkpoint(path: Path, accelerator, scorer, optimizer, scheduler) -> tuple[int, list[dict]]:
@@ -601,7 +603,8 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
                  "negatives_per_group": train_groups.negatives},
         "steps": result["steps"],
         "metrics": result["metrics"],
-        "timing": {**result["timing"], "total_seconds": time.time() - started},
+        # No timing: train.json is part of the model folder, whose bytes must not change between runs
+        # (a resumed run would also count only its own tokens); throughput goes to the log.
     }
     if main:
         with staged_dir(out) as temp:
@@ -610,7 +613,9 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
             write_json(record, temp / "train.json")
         clear_checkpoints(checkpoints)
         validation = result["metrics"]["validation"]
-        log.info("wrote %s after %d steps in %.1f s: validation ranking accuracy %.3f, perplexity %.2f",
-                 out, result["steps"], time.time() - started, validation["ranking_accuracy"], validation["perplexity"])
+        log.info("wrote %s after %d steps in %.1f s (%s tokens/s read while training): validation ranking "
+                 "accuracy %.3f, perplexity %.2f", out, result["steps"], time.time() - started,
+                 f"{result['timing']['tokens_per_second']:.0f}" if result["timing"]["tokens_per_second"] else "no",
+                 validation["ranking_accuracy"], validation["perplexity"])
     accelerator.wait_for_everyone()
     return record
