@@ -67,7 +67,7 @@ def replicate_raw(raw: Path, out: Path, scale: int) -> Path:
 def normalize_worker(corpus: str, raw: Path, out: Path) -> dict:
     """Normalize one corpus; its rows, seconds and memory."""
     from pipeline.config import NormalizeConfig, load_section
-    from pipeline.stages import normalize
+    from pipeline.stages import normalize  # imported before `base`, like pyarrow with it
 
     config = load_section(REPO_ROOT / "params.yaml", "normalize", NormalizeConfig)
     base_mb = peak_memory_mb()

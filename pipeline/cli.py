@@ -277,3 +277,34 @@ def score(
     from pipeline.stages import score as stage_module
 
     stage_module.run(train_config, evaluate_config, name, model, groups, out)
+
+
+@app.command()
+@reports_errors
+def audit(
+    name: str = typer.Option(..., envvar="DVC_STAGE",
+                             help="The audit.models entry to audit. Under `dvc repro` it comes from the stage's "
+                                  "name audit@<name> (DVC_STAGE), so that no parameter value reaches a shell."),
+    safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
+    normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/test.parquet)."),
+    candidates: Path = typer.Option(..., help="Candidates folder; writes <candidates>/<name>/<corpus>.parquet "
+                                              "and stats.json."),
+    agreement: Path = typer.Option(None, help="RoT-agreement scorer folder written by the rot_agreement stage; "
+                                              "needed when generate.gamma > 0."),
+    params: Path = PARAMS,
+):
+    """Generate candidates with an audit model (an entry of audit.models: a hub id or a folder, read from the
+    params file), scored and re-ranked as `generate` does for the trained models."""
+    from pipeline.config import AuditConfig, GenerateConfig
+    from pipeline.errors import ConfigError
+
+    config = load_section(params, "generate", GenerateConfig)
+    audit_config = load_section(params, "audit", AuditConfig)
+    name = name.removeprefix("audit@")
+    if name not in audit_config.models:
+        raise ConfigError(f"audit entry {name!r} is not in audit.models of {params} "
+                          f"(known: {', '.join(audit_config.models) or 'none'})")
+    entry = audit_config.models[name]
+    from pipeline.stages import generate as stage_module
+
+    stage_module.run(config, name, entry.path, safety, normalized, candidates / name, audit=entry, agreement=agreement)

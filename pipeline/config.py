@@ -681,7 +681,8 @@ def _build(cls: type, data: Any, key: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"unknown key '{key}.{unknown[0]}' (allowed: {', '.join(fields)})")
+        raise ConfigError(f"unknown key '{key}.{unknown[0]}' = {data[unknown[0]]!r:.60} "
+                          f"(allowed keys: {', '.join(fields)})")
     missing = [name for name, f in fields.items() if name not in data
                and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     if missing:

@@ -310,8 +310,9 @@ class TransformerClassifier(Classifier):
 
         path = folder / ENCODER_DIR
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            model = AutoModelForSequenceClassification.from_pretrained(path, use_safetensors=True,
+                                                                       trust_remote_code=False)
         except (OSError, ValueError) as error:
             raise DataError(f"{path}: cannot load the {kind} {task.what} encoder "
                             f"({str(error).splitlines()[0]})") from None
@@ -364,10 +365,12 @@ def build_hf(config, seed: int, labels: tuple[str, ...]):
 
     torch.manual_seed(seed)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(config.name)
+        # No remote code, ever (there is no opt-in for the classifiers); pickled weights only as tensors.
+        tokenizer = AutoTokenizer.from_pretrained(config.name, trust_remote_code=False)
         model = AutoModelForSequenceClassification.from_pretrained(
-            config.name, num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={l: i for i, l in enumerate(labels)}, ignore_mismatched_sizes=True)
+            config.name, trust_remote_code=False, weights_only=True, num_labels=len(labels),
+            id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)},
+            ignore_mismatched_sizes=True)
     except (OSError, ValueError) as error:
         raise DataError(f"{config.section}.name = {config.name!r} cannot be loaded ({str(error).splitlines()[0]}); "
                         "give a hub name reachable from here or a local folder") from None

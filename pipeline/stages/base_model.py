@@ -125,13 +125,15 @@ def load_hf(config: BaseModelConfig):
         tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust)
         is_seq2seq = bool(model_config.is_encoder_decoder)
         loader = AutoModelForSeq2SeqLM if is_seq2seq else AutoModelForCausalLM
-        # Prefer safetensors; a local folder with only pickled weights is loaded as it is, with a warning.
+        # Prefer safetensors; a folder with only PyTorch pickles is read with torch.load(weights_only=True),
+        # which refuses any pickled object other than tensors and plain containers.
         use_safetensors = any(local.glob("*.safetensors")) if is_local else None
         if use_safetensors is False:
-            log.warning("%s has no .safetensors weights: loading pickled weights (trusted sources only)", local)
+            log.warning("%s has no .safetensors weights: loading its .bin weights with weights_only=True", local)
         # float32 master weights for training, whatever precision the checkpoint was stored in.
         model, info = loader.from_pretrained(where, revision=revision, trust_remote_code=trust, dtype=torch.float32,
-                                             use_safetensors=use_safetensors, output_loading_info=True)
+                                             use_safetensors=use_safetensors, weights_only=True,
+                                             output_loading_info=True)
     except (OSError, ValueError, KeyError) as error:
         raise DataError(f"base_model.name = {name!r}: cannot load it as a causal or sequence-to-sequence "
                         f"language model ({str(error).splitlines()[0]})") from None

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from pipeline.artifacts import sha256, staged_dir, write_json, write_parquet
+from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, SPLITS, CorporaConfig, HubCorpus
 from pipeline.errors import DataError
 from pipeline.schemas import RAW, conform_raw, read_raw
@@ -40,10 +40,13 @@ SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validat
 def read_sample_split(path: Path, corpus: str) -> pa.Table:
     """Read one bundled JSON Lines file into the corpus's raw Arrow schema."""
     schema = RAW[corpus]
+    data = path.read_bytes()
     try:
-        text = path.read_text(encoding="utf-8")
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is dropped
     except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not valid UTF-8 (byte {error.start}: {error.object[error.start:error.end]!r})") from None
+        line = data.count(b"\n", 0, error.start) + 1  # a file in another encoding, or mixed encodings
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte {error.start}: "
+                        f"{error.object[error.start:error.end]!r}); save the file as UTF-8") from None
     rows = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -215,6 +218,7 @@ def write_corpus(tables: dict[str, pa.Table], provenance: dict, corpus: str, out
 
 def run(config: CorporaConfig, corpus: str, out: Path) -> dict:
     """Fetch `corpus` from its source and write it to `out`."""
+    ensure_writable(out)
     tables, provenance = fetch(config, corpus)
     tables = check_row_format(tables, corpus, provenance["location"])
     stats = write_corpus(tables, provenance, corpus, out)
@@ -228,6 +232,7 @@ def write_mirror(config: CorporaConfig, corpora: list[str], out: Path) -> None:
     for corpus in corpora:
         if corpus not in config.hub:
             raise DataError(f"corpora.hub has no entry for {corpus}")
+        ensure_writable(out / corpus)
         tables, commit = fetch_hub(config.hub[corpus], corpus)
         write_corpus(tables, {"source": "hub", "location": config.hub[corpus].repo,
                               "revision": config.hub[corpus].revision, "commit": commit}, corpus, out / corpus)

@@ -4,7 +4,7 @@ Reads `data/normalized/<corpus>/test.parquet` for the six corpora, a dialog mode
 classifier (`models/safety`) and the RoT-agreement scorer (`models/rot_agreement`); writes
 `data/candidates/<name>/<corpus>.parquet` (schema `schemas.CANDIDATES`: every candidate with its
 RoT, reply, scores and rank, and which one was selected; nothing is dropped) and `stats.json`
-(counts, timing, config, provenance).
+(counts, config, provenance; the timing goes to the log).
 
     python -m pipeline generate stage2 --model models/stage2 --safety models/safety \
         --agreement models/rot_agreement --normalized data/normalized --out data/candidates/stage2
@@ -393,11 +393,14 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
             table, corpus_stats = candidates_table(dm, scorer, chosen, name, corpus, config,
                                                    agreement_scorer=agreement_scorer)
             write_parquet(table, staging / f"{corpus}.parquet")
+            # Timing goes to the log only: stats.json is part of the output, whose bytes must not change
+            # between runs (or every rerun would look like new candidates to the stages after it).
+            tokens_per_second = corpus_stats.pop("tokens_per_second")
+            del corpus_stats["generation_seconds"]
             stats["corpora"][corpus] = {"test_rows": len(rows[corpus]), **corpus_stats}
             log.info("generate %s/%s: %d contexts, %d candidates (%d with a RoT, %d empty), %.1f tokens/s",
                      name, corpus, corpus_stats["contexts"], corpus_stats["candidates"], corpus_stats["with_rot"],
-                     corpus_stats["empty_responses"], corpus_stats["tokens_per_second"] or 0)
-        stats["seconds"] = round(time.perf_counter() - started, 2)
+                     corpus_stats["empty_responses"], tokens_per_second or 0)
         write_json(stats, staging / "stats.json")
-    log.info("generate %s: wrote %s in %.1f s", name, out, stats["seconds"])
+    log.info("generate %s: wrote %s in %.1f s", name, out, time.perf_counter() - started)
     return stats

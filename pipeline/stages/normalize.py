@@ -64,6 +64,12 @@ def stable_id(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
+def raw_rows(table: pa.Table, chunk: int = 4096) -> Iterator[dict]:
+    """The rows of a raw table as dicts, a chunk at a time (for normalizers that read rows one by one)."""
+    for batch in table.to_batches(max_chunksize=chunk):
+        yield from batch.to_pylist()
+
+
 # --- one normalizer per corpus --------------------------------------------------------------------
 
 
@@ -127,7 +133,7 @@ def normalize_mic(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]
 
 def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
     """Every utterance after the first is a reply to the ones before it."""
-    for index, row in enumerate(table.to_pylist()):
+    for index, row in enumerate(raw_rows(table)):
         dialog = row["dialog"] or []
         if any(labels is not None and len(labels) != len(dialog) for labels in (row["act"], row["emotion"])):
             # A known quirk (one train line); act and emotion are not used, so the dialogue is kept.
@@ -142,7 +148,7 @@ def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iter
 def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
     """One raw row is one bot turn; the gold reply is the last candidate."""
     seen = set()
-    for row in table.to_pylist():
+    for row in raw_rows(table):
         key = (row["conv_id"], row["utterance_idx"])
         if key in seen:
             counts["dropped: duplicate (conv_id, utterance_idx)"] += 1
@@ -179,7 +185,7 @@ def normalize_empathetic_dialogues(table: pa.Table, split: str, counts: Counter)
 def normalize_blended_skill_talk(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
     """Two seed utterances, then free and guided messages alternating, free first. The free speaker
     has `personas[0]`, the guided speaker `personas[1]`; both speakers' turns become replies."""
-    for index, row in enumerate(table.to_pylist()):
+    for index, row in enumerate(raw_rows(table)):
         free, guided = row["free_messages"] or [], row["guided_messages"] or []
         if len(free) not in (len(guided), len(guided) + 1):
             counts["kept: free/guided message counts differ (alternation cut at the shorter)"] += 1
@@ -311,7 +317,8 @@ def derive_splits(rows_by_split: dict[str, list[Row] | pa.Table], corpus: str,
 ARROW_CHUNK = 4096  # rows turned into Arrow at a time, so the Python row dicts never pile up
 
 
-def normalized_rows(table: pa.Table, corpus: str, split: str, config: NormalizeConfig, counts: Counter) -> Iterator[Row]:
+def normalized_rows(table: pa.Table, corpus: str, split: str, config: NormalizeConfig,
+                    counts: Counter) -> Iterator[Row]:
     """Normalize and clean one raw split of one corpus, one output row at a time (the pure worker)."""
     for row in NORMALIZERS[corpus](table, split, counts):
         cleaned = clean_row(row, config, counts)
@@ -352,11 +359,11 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     """Normalize every raw split of `corpus` in `raw` and write the three splits to `out`."""
     if corpus not in CORPORA:
         raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    ensure_writable(out)
     files = {split: raw / f"{split}.parquet" for split in SPLITS if (raw / f"{split}.parquet").is_file()}
     if not files:
         raise DataError(f"{raw}: no raw split files for {corpus} (run the download stage first)")
     provenance = read_provenance(raw / "stats.json")
-    ensure_writable(out)
     counts: Counter = Counter()
     rows_by_split, raw_files = {}, {}
     for split, path in files.items():  # one raw split in memory at a time; the output kept as Arrow

@@ -25,7 +25,7 @@ from pathlib import Path
 import pyarrow as pa
 import torch
 
-from pipeline.artifacts import staged_dir, write_json
+from pipeline.artifacts import ensure_writable, staged_dir, write_json
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.metrics import bootstrap_ci
 from pipeline.stages.train import GroupScorer, encode_groups, load_init_model, read_groups, score_batch
@@ -68,6 +68,7 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
         out: Path) -> dict:
     """Score the test groups with the model at `model`; write `<out>/eval_scores.json`."""
     started = time.time()
+    ensure_writable(out)
     table = test_groups(Path(groups))
     dm = load_init_model(Path(model))
     ranked_first, nll, tokens = per_group_scores(dm, table, train_config)

@@ -562,10 +562,12 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
     started = time.time()
     init, groups, out = Path(init), Path(groups), Path(out)
     checkpoints = Path(checkpoints) if checkpoints else out.with_name(f"{out.name}_checkpoints")
+    for path in (out, checkpoints, live):
+        if path is not None:
+            ensure_writable(path)
     train_table, validation_table = read_groups(groups, "train"), read_groups(groups, "validation")
     dm = load_init_model(init)
     check_lengths(dm, config)
-    ensure_writable(out)
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
     train_groups = encode_groups(dm.tokenizer, train_table, config)
