@@ -25,6 +25,8 @@ import signal
 import sys
 from collections import Counter
 
+from pipeline.errors import ConfigError
+
 ENV = "PIPELINE_TEST_KILL_AT"
 POINTS = ("write", "swap", "checkpoint")
 
@@ -46,11 +48,11 @@ def kill_point(point: str) -> None:
 
 
 def parse(spec: str) -> tuple[str, str, int]:
-    """`<stage>:<point>[:<n>]` -> (stage, point, n); a malformed spec is a ValueError naming the variable."""
+    """`<stage>:<point>[:<n>]` -> (stage, point, n); a malformed spec is a ConfigError naming the variable."""
     parts = spec.split(":")
     if len(parts) == 2:
         parts.append("1")
     if len(parts) != 3 or parts[1] not in POINTS or not parts[2].isdigit() or int(parts[2]) < 1 or not parts[0]:
-        raise ValueError(f"{ENV} = {spec!r} is not allowed: <stage>:<point>[:<n>] with a point from "
-                         f"{', '.join(POINTS)} and n >= 1")
+        raise ConfigError(f"{ENV} = {spec!r} is not allowed: <stage>:<point>[:<n>] with a point from "
+                          f"{', '.join(POINTS)} and n >= 1")
     return parts[0], parts[1], int(parts[2])

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import faults
 from pipeline.artifacts import staged_dir, write_json
+from pipeline.errors import ConfigError
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_a_spec_is_parsed(spec, parsed):
 @pytest.mark.parametrize("spec", ["train_stage1", "train_stage1:save", "x:write:0", "x:write:two", ":write",
                                   "a:write:1:2"])
 def test_a_malformed_spec_is_named(spec):
-    with pytest.raises(ValueError, match="PIPELINE_TEST_KILL_AT"):
+    with pytest.raises(ConfigError, match="PIPELINE_TEST_KILL_AT"):
         faults.parse(spec)
 
 

@@ -367,7 +367,9 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
 
 def _log(live, step: int, metrics: dict[str, float]) -> None:
     live.step = step
-    for name, value in metrics.items():
+    # In name order: a resumed run re-logs the history from checkpoint.json, whose keys are sorted, and
+    # dvclive's summary keeps the order metrics first arrive in.
+    for name, value in sorted(metrics.items()):
         live.log_metric(name, value)
     live.make_summary()
 
