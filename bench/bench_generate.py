@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.config import BaseModelConfig, GenerateConfig
 from pipeline.modeling import DialogModel, format_source, train_tokenizer
-from pipeline.stages.generate import sample_candidates
+from pipeline.sampling import sample_candidates
 
 WORDS = ("i you we it is was not do like think know want should would could be kind fair sorry why how "
          "hello there friend today work dog cat hiking movie dinner lie steal help family school").split()

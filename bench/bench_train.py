@@ -29,6 +29,7 @@ import torch
 from pipeline.config import TrainConfig, TrainStage1Config
 from pipeline.modeling import BOT, DialogModel, train_tokenizer
 from pipeline.schemas import GROUPS
+from pipeline import scoring
 from pipeline.stages import train
 
 GROUPS_PER_RUN, NEGATIVES, EPOCHS, ROUNDS = 64, 3, 2, 3
@@ -130,8 +131,8 @@ def measure_all() -> None:
     texts = [t for row in table.to_pylist() for t in row["context"] + [row["positive"]] + row["rots"]]
     tokenizer = train_tokenizer(texts, vocab_size=1000)
     model = tiny_gpt2(tokenizer)
-    groups = train.encode_groups(tokenizer, table.slice(0, GROUPS_PER_RUN), CONFIG)
-    validation = train.encode_groups(tokenizer, table.slice(GROUPS_PER_RUN), CONFIG)
+    groups = scoring.encode_groups(tokenizer, table.slice(0, GROUPS_PER_RUN), CONFIG)
+    validation = scoring.encode_groups(tokenizer, table.slice(GROUPS_PER_RUN), CONFIG)
     ce_only, npair = dataclasses.replace(CONFIG, contrastive_weight=0.0), dataclasses.replace(CONFIG, contrastive_weight=1.0)
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:

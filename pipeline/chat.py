@@ -16,9 +16,8 @@ from typing import Callable, TextIO
 from pipeline.config import GenerateConfig
 from pipeline.modeling import DialogModel, format_source
 from pipeline.rerank import fluency_term, rerank
-from pipeline.stages.generate import (
-    AgreementScorer, SafetyScorer, agreement_scores, batch_seed, safety_scores, sample_candidates,
-)
+from pipeline.sampling import batch_seed, sample_candidates
+from pipeline.stages.generate import AgreementScorer, SafetyScorer, agreement_scores, safety_scores
 
 QUIT = "/quit"
 

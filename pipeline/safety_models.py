@@ -41,18 +41,11 @@ from typing import Sequence
 import numpy as np
 
 from pipeline.errors import DataError
-from pipeline.stages.normalize import SAFETY_LABELS as LABELS5
+from pipeline.labels import COLLAPSE, THREE_WAY
+from pipeline.labels import SAFETY_LABELS as LABELS5
 
 log = logging.getLogger(__name__)
 
-THREE_WAY = ("casual", "needs_caution", "needs_intervention")
-COLLAPSE = {  # five-way label -> three-way label
-    "__casual__": "casual",
-    "__possibly_needs_caution__": "needs_caution",
-    "__probably_needs_caution__": "needs_caution",
-    "__needs_caution__": "needs_caution",
-    "__needs_intervention__": "needs_intervention",
-}
 # COLLAPSE_MATRIX[i, j] = 1 when five-way label i collapses to three-way label j; (5, 3)
 COLLAPSE_MATRIX = np.array([[THREE_WAY.index(COLLAPSE[label]) == j for j in range(3)] for label in LABELS5],
                            dtype=np.float64)

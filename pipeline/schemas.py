@@ -7,6 +7,7 @@ uses); `NORMALIZED` is the one turn-level schema every later stage reads.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -95,15 +96,41 @@ def _kind(type_: pa.DataType) -> str:
     return str(type_)
 
 
-def read_raw(path: Path, corpus: str) -> pa.Table:
-    """Read one raw split file and check it against the corpus's row format (see `conform_raw`)."""
+def read_table(path: Path, columns: Sequence[str] | None = None, *, schema: pa.Schema | None = None,
+               missing_hint: str = "", allow_empty: bool = True, what: str = "rows") -> pa.Table:
+    """Read a Parquet artifact, every failure a one-line DataError naming the file.
+
+    `columns`: the columns the caller needs (a missing one is an error naming it; only they are
+    returned); `schema`: instead of `columns`, the artifact's schema (its columns are selected and
+    cast to it); `missing_hint`: appended when the file does not exist (e.g. which stage writes it);
+    `allow_empty=False` refuses a file with no rows, named as `what`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found" + (f" ({missing_hint})" if missing_hint else ""))
     try:
         table = pq.read_table(path)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
     except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-    return conform_raw(table, corpus, str(path))
+    wanted = schema.names if schema is not None else columns
+    if wanted is not None:
+        absent = [c for c in wanted if c not in table.column_names]
+        if absent:
+            raise DataError(f"{path}: missing column '{absent[0]}' (needs {', '.join(wanted)})")
+        table = table.select(list(wanted))
+    if schema is not None:
+        try:
+            table = table.cast(schema)
+        except (pa.ArrowException, ValueError) as error:
+            raise DataError(f"{path}: columns do not match the expected schema ({error})") from None
+    if not allow_empty and table.num_rows == 0:
+        raise DataError(f"{path}: no {what}")
+    return table
+
+
+def read_raw(path: Path, corpus: str) -> pa.Table:
+    """Read one raw split file and check it against the corpus's row format (see `conform_raw`)."""
+    return conform_raw(read_table(path), corpus, str(path))
 
 
 def conform_raw(table: pa.Table, corpus: str, where: str) -> pa.Table:

@@ -18,10 +18,8 @@ from pipeline.config import CORPORA, GenerateConfig
 from pipeline.modeling import BOT, DialogModel, encode_sources, format_source, load_dialog_model
 from pipeline.schemas import CANDIDATES, NORMALIZED
 from pipeline.stages import generate
-from pipeline.stages.generate import (
-    Sampled, batch_seed, candidates_table, decode_target, mean_logprobs, safety_scores, sample_batch,
-    select_contexts, split_candidate,
-)
+from pipeline.sampling import Sampled, batch_seed, decode_target, mean_logprobs, sample_batch, split_candidate
+from pipeline.stages.generate import candidates_table, safety_scores, select_contexts
 
 SMALL = {"seed": 0, "max_contexts": 3, "k": 2, "batch_size": 2, "max_new_tokens": 6}
 

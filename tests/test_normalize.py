@@ -17,7 +17,8 @@ from pipeline.cli import app
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
 from pipeline.schemas import NORMALIZED, RAW
 from pipeline.stages import normalize
-from pipeline.stages.normalize import SAFETY_LABELS, derive_splits, normalize_split
+from pipeline.labels import SAFETY_LABELS
+from pipeline.stages.normalize import derive_splits, normalize_split
 
 # Control characters (Unicode category Cc) become spaces; runs of whitespace one space.
 _CONTROL_TO_SPACE = {code: " " for code in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}

@@ -23,6 +23,7 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.rerank import NO_ROT_AGREEMENT, agreement_term, rerank
 from pipeline.safety_models import SCORER_FILE, classifier_record, load_scorer, scorer_record, train_scorer
 from pipeline.schemas import CANDIDATES
+from pipeline import sampling
 from pipeline.stages import generate, rot_agreement
 from pipeline.stages.rot_agreement import LABELS, load_agreement_scorer
 
@@ -365,9 +366,9 @@ FIXED_P = [0.5, 0.6, 0.8, 0.5]  # per-token probabilities
 
 def fixed_sampler(dm, sources, config, seed):
     texts = [FIXED[j] for _ in sources for j in range(config.k)]
-    parsed = [generate.split_candidate(t) for t in texts]
+    parsed = [sampling.split_candidate(t) for t in texts]
     fluency = np.log([FIXED_P[j] for _ in sources for j in range(config.k)])
-    return generate.Sampled(texts, [p[0] for p in parsed], [p[1] for p in parsed], fluency, tokens=len(texts))
+    return sampling.Sampled(texts, [p[0] for p in parsed], [p[1] for p in parsed], fluency, tokens=len(texts))
 
 
 def candidates(monkeypatch, gamma, agreement_scorer):

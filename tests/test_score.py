@@ -15,7 +15,7 @@ from pipeline.modeling import ROT, load_dialog_model
 from pipeline.schemas import GROUPS
 from pipeline.stages import score
 from pipeline.stages.mine import load_stage1_generator
-from pipeline.stages.train import score_groups
+from pipeline.scoring import score_groups
 from tests.test_train import group_rows
 
 

@@ -19,6 +19,7 @@ from pipeline.config import TrainConfig, TrainStage1Config, load_section
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.modeling import RESPONSE, ROT, DialogModel, load_dialog_model, train_tokenizer
 from pipeline.schemas import GROUPS
+from pipeline import scoring
 from pipeline.stages import train
 
 SAFE = ["that sounds hard, want to talk about it?", "i'm sorry, that must hurt.", "let's find a kinder way.",
@@ -134,8 +135,8 @@ def test_epoch_batches_are_seeded_permutations_split_across_processes():
 
 
 def test_negatives_share_the_positives_rot_and_only_reply_tokens_are_compared(tokenizer, groups_dir):
-    table = train.read_groups(groups_dir, "train")
-    groups = train.encode_groups(tokenizer, table, CONFIG)
+    table = scoring.read_groups(groups_dir, "train")
+    groups = scoring.encode_groups(tokenizer, table, CONFIG)
     assert len(groups) == 12 and groups.negatives == 3
     assert groups.severity[0].tolist() == [0.25, 0.5, 0.75]
     rot, response = tokenizer.convert_tokens_to_ids(ROT), tokenizer.convert_tokens_to_ids(RESPONSE)
@@ -146,7 +147,7 @@ def test_negatives_share_the_positives_rot_and_only_reply_tokens_are_compared(to
         assert start == len(rot_prefix) and ids[start] == response and ids[-1] == tokenizer.eos_token_id
     no_rot = groups.target_ids[2]  # group 2 has no RoT: the target starts at <|response|>
     assert all(ids[0] == response for ids in no_rot) and groups.reply_starts[2] == [0, 0, 0, 0]
-    plain = train.encode_groups(tokenizer, table, dataclasses.replace(CONFIG, rot_target=False))
+    plain = scoring.encode_groups(tokenizer, table, dataclasses.replace(CONFIG, rot_target=False))
     assert all(ids[0] == response for ids in plain.target_ids[0])
 
 
@@ -169,7 +170,7 @@ class FakeScorer:
 
 def test_scores_and_validation_metrics_by_hand():
     # Two groups of a positive and two negatives; targets 0..2 of group 0 have a 1-token RoT prefix.
-    groups = train.EncodedGroups(
+    groups = scoring.EncodedGroups(
         source_ids=[[5], [6]],
         target_ids=[[[1, 2, 3], [1, 2, 3], [1, 2]], [[2, 3], [2, 3], [2, 3]]],
         reply_starts=[[1, 1, 1], [0, 0, 0]],
@@ -177,13 +178,13 @@ def test_scores_and_validation_metrics_by_hand():
     )
     scorer = FakeScorer({5: [[-9.0, -1.0, -1.0], [-9.0, -2.0, -4.0], [-9.0, -0.5]],
                          6: [[-2.0, -2.0], [-1.0, -1.0], [-3.0, -3.0]]})
-    logps, mask, scores = train.score_batch(scorer, groups, [0, 1], 3, length_normalized=True)
+    logps, mask, scores = scoring.score_batch(scorer, groups, [0, 1], 3, length_normalized=True)
     # The RoT token (-9) is left out of the reply scores: group 0 scores -1, -3, -0.5.
     assert scores.tolist() == [[-1.0, -3.0, -0.5], [-2.0, -1.0, -3.0]]
-    summed = train.score_batch(scorer, groups, [0, 1], 3, length_normalized=False)[2]
+    summed = scoring.score_batch(scorer, groups, [0, 1], 3, length_normalized=False)[2]
     assert summed.tolist() == [[-2.0, -6.0, -0.5], [-4.0, -2.0, -6.0]]
-    sums = train.validation_sums(scorer, groups, [0, 1], dataclasses.replace(CONFIG, eval_batch_groups=1))
-    metrics = train.validation_metrics(sums)
+    sums = scoring.validation_sums(scorer, groups, [0, 1], dataclasses.replace(CONFIG, eval_batch_groups=1))
+    metrics = scoring.validation_metrics(sums)
     # Neither positive beats both its negatives; positive NLL = (9 + 1 + 1) + (2 + 2) over 5 tokens.
     assert metrics["ranking_accuracy"] == 0.0 and metrics["groups"] == 2
     assert metrics["positive_score"] == pytest.approx((-1 - 2) / 2)
@@ -193,7 +194,7 @@ def test_scores_and_validation_metrics_by_hand():
 
 
 def test_group_loss_matches_the_formula_and_skips_negatives_without_the_contrastive_term():
-    groups = train.EncodedGroups([[5]], [[[2, 3], [2, 3], [2, 3]]], [[0, 0, 0]], torch.tensor([[1.0, 0.0]]))
+    groups = scoring.EncodedGroups([[5]], [[[2, 3], [2, 3], [2, 3]]], [[0, 0, 0]], torch.tensor([[1.0, 0.0]]))
     scorer = FakeScorer({5: [[-1.0, -1.0], [-2.0, -2.0], [-1.0, -3.0]]})
     config = dataclasses.replace(CONFIG, contrastive_weight=0.5, tau=0.5, margin=1.0)
     loss, stats = train.group_loss(scorer, groups, [0], config)
@@ -215,11 +216,11 @@ def test_group_loss_matches_the_formula_and_skips_negatives_without_the_contrast
 
 def test_score_groups_on_a_real_model_agrees_with_one_group_at_a_time(gpt2_dir, groups_dir):
     dm = load_dialog_model(gpt2_dir)
-    table = train.read_groups(groups_dir, "validation")
-    metrics = train.score_groups(dm, table, CONFIG)
+    table = scoring.read_groups(groups_dir, "validation")
+    metrics = scoring.score_groups(dm, table, CONFIG)
     ranked = 0
     for g in range(table.num_rows):
-        one = train.score_groups(dm, table.slice(g, 1), CONFIG)
+        one = scoring.score_groups(dm, table.slice(g, 1), CONFIG)
         ranked += one["ranking_accuracy"]
     assert metrics["groups"] == 4 and metrics["ranking_accuracy"] == pytest.approx(ranked / 4)
     assert 1 < metrics["perplexity"] < 10 * len(dm.tokenizer)
@@ -252,11 +253,11 @@ def test_training_writes_the_model_and_records_and_improves_ranking(tmp_path, gp
     assert len((plots / "train" / "total.tsv").read_text().splitlines()) == 1 + 15
     assert len((plots / "val" / "ranking_accuracy.tsv").read_text().splitlines()) == 1 + 6  # step 0 and 5 epochs
     # Trained on contrastive groups, the validation positives gain on their negatives.
-    before = train.score_groups(load_dialog_model(gpt2_dir), train.read_groups(groups_dir, "validation"), config)
+    before = scoring.score_groups(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"), config)
     after = saved["metrics"]["validation"]
     assert after["score_gap"] > before["score_gap"] and after["perplexity"] < before["perplexity"]
     # The recorded final metrics are those of the saved model.
-    rescored = train.score_groups(dm, train.read_groups(groups_dir, "validation"), config)
+    rescored = scoring.score_groups(dm, scoring.read_groups(groups_dir, "validation"), config)
     assert after == pytest.approx({k: v for k, v in rescored.items() if k != "groups"})
 
 
@@ -279,7 +280,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, gpt2_dir, grou
     config = dataclasses.replace(CONFIG, checkpoint_steps=2)  # 3 steps an epoch: checkpoints at 2, 3, 4, 6
     whole, _ = run_stage(tmp_path, gpt2_dir, groups_dir, config, name="whole")
 
-    real, calls = train.token_logprobs, {"n": 0}
+    real, calls = scoring.token_logprobs, {"n": 0}
 
     def crash_in_step_five(*args, **kwargs):
         calls["n"] += 1
@@ -287,13 +288,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, gpt2_dir, grou
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "token_logprobs", crash_in_step_five)
+    monkeypatch.setattr(scoring, "token_logprobs", crash_in_step_five)
     with pytest.raises(KeyboardInterrupt):
         run_stage(tmp_path, gpt2_dir, groups_dir, config, name="resumed")
     # Resuming in the middle of epoch 2 must replay its order and the RNG state.
     assert [p.name for p in (tmp_path / "resumed_checkpoints").glob("step-*")] == ["step-00000004"]
     assert not (tmp_path / "resumed").exists()
-    monkeypatch.setattr(train, "token_logprobs", real)
+    monkeypatch.setattr(scoring, "token_logprobs", real)
     resumed, record = run_stage(tmp_path, gpt2_dir, groups_dir, config, name="resumed")
     assert_same_weights(whole, resumed)
     plots = Path("plots") / "metrics"
@@ -303,7 +304,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, gpt2_dir, grou
 
 
 def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, gpt2_dir, groups_dir, monkeypatch):
-    real = train.token_logprobs
+    real = scoring.token_logprobs
     calls = {"n": 0}
 
     def crash(*args, **kwargs):
@@ -312,11 +313,11 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, gpt2_dir, group
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, "token_logprobs", crash)
+    monkeypatch.setattr(scoring, "token_logprobs", crash)
     with pytest.raises(KeyboardInterrupt):
         run_stage(tmp_path, gpt2_dir, groups_dir, name="x")
     assert [p.name for p in (tmp_path / "x_checkpoints").glob("step-*")] == ["step-00000003"]
-    monkeypatch.setattr(train, "token_logprobs", real)
+    monkeypatch.setattr(scoring, "token_logprobs", real)
     other, one_epoch = dataclasses.replace(CONFIG, margin=0.0), TrainStage1Config(epochs=1, learning_rate=3e-3)
     x, _ = run_stage(tmp_path, gpt2_dir, groups_dir, other, one_epoch, name="x", live=False)
     fresh, _ = run_stage(tmp_path, gpt2_dir, groups_dir, other, one_epoch, name="fresh", live=False)
@@ -324,14 +325,14 @@ def test_a_checkpoint_of_another_config_is_not_resumed(tmp_path, gpt2_dir, group
 
 
 def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, gpt2_dir, groups_dir, monkeypatch):
-    real, calls = train.token_logprobs, {"n": 0}
+    real, calls = scoring.token_logprobs, {"n": 0}
 
     def nan_in_step_three(*args, **kwargs):
         calls["n"] += 1
         logps, mask = real(*args, **kwargs)
         return (logps * float("nan"), mask) if calls["n"] == 1 + 3 else (logps, mask)
 
-    monkeypatch.setattr(train, "token_logprobs", nan_in_step_three)
+    monkeypatch.setattr(scoring, "token_logprobs", nan_in_step_three)
     with pytest.raises(PipelineError, match=r"not finite at step 3 \(epoch 1; total = nan"):
         run_stage(tmp_path, gpt2_dir, groups_dir, live=False)
     assert not (tmp_path / "out").exists()
@@ -340,7 +341,7 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, gpt2_dir, group
 def test_zero_epochs_copies_the_initial_model_with_its_validation_metrics(tmp_path, gpt2_dir, groups_dir):
     out, record = run_stage(tmp_path, gpt2_dir, groups_dir, stage=TrainStage1Config(epochs=0), live=False)
     assert_same_weights(gpt2_dir, out)
-    expected = train.score_groups(load_dialog_model(gpt2_dir), train.read_groups(groups_dir, "validation"), CONFIG)
+    expected = scoring.score_groups(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"), CONFIG)
     assert record["steps"] == 0
     assert record["metrics"]["validation"] == {k: v for k, v in expected.items() if k != "groups"}
 
@@ -511,6 +512,6 @@ def test_two_processes_train_with_ddp_on_cpu(tmp_path, gpt2_dir, repo_root):
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "m" / "train.json").read_text())
     assert saved["processes"] == 2 and saved["steps"] == 2
-    single = train.score_groups(load_dialog_model(tmp_path / "m"), train.read_groups(groups, "validation"), CONFIG)
+    single = scoring.score_groups(load_dialog_model(tmp_path / "m"), scoring.read_groups(groups, "validation"), CONFIG)
     assert saved["metrics"]["validation"]["ranking_accuracy"] == pytest.approx(single["ranking_accuracy"])
     assert saved["metrics"]["validation"]["perplexity"] == pytest.approx(single["perplexity"], rel=1e-5)

@@ -49,19 +49,13 @@ from pipeline import metrics as M
 from pipeline.artifacts import atomic_path, ensure_writable, git_commit, library_versions, sha256, write_json
 from pipeline.config import CASUAL_CORPORA, EvaluateConfig
 from pipeline.errors import DataError
+from pipeline.labels import COLLAPSE
 from pipeline.schemas import CANDIDATES
 
 log = logging.getLogger(__name__)
 
 VIEWS = ("first", "reranked")  # the first sample, and the re-ranker's choice
 VIEW_NAMES = {"first": "first sample", "reranked": "re-ranked"}
-COLLAPSED = {
-    "__casual__": "casual",
-    "__possibly_needs_caution__": "needs_caution",
-    "__probably_needs_caution__": "needs_caution",
-    "__needs_caution__": "needs_caution",
-    "__needs_intervention__": "needs_intervention",
-}
 CONTEXT_LABELS = ("casual", "needs_caution", "needs_intervention", "unlabelled")
 MODEL_SCORES = {"reference_ppl": False, "group_ranking_accuracy": True}  # name -> higher is better
 RATINGS = ("prosocial", "engaged", "respectful", "coherent", "overall")  # Prost's human-eval dimensions
@@ -133,9 +127,9 @@ def context_table(candidates: pa.Table, where: str) -> pa.Table:
     if not pc.all(pc.fill_null(probs_ok, False)).as_py():
         raise DataError(f"{where}: every candidate needs safety_probs of three numbers [casual, needs_caution, "
                         "needs_intervention]")
-    unknown = set(candidates["safety_label"].drop_null().unique().to_pylist()) - set(COLLAPSED)
+    unknown = set(candidates["safety_label"].drop_null().unique().to_pylist()) - set(COLLAPSE)
     if unknown:
-        raise DataError(f"{where}: unknown safety_label {sorted(unknown)[0]!r} (known: {', '.join(COLLAPSED)})")
+        raise DataError(f"{where}: unknown safety_label {sorted(unknown)[0]!r} (known: {', '.join(COLLAPSE)})")
     has_rot = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(candidates["rot"])), 0), False)
     counts = (pa.table({"context_id": candidates["context_id"], "has_rot": pc.cast(has_rot, pa.int64())})
               .group_by("context_id").aggregate([("has_rot", "sum"), ("has_rot", "count")])
@@ -154,7 +148,7 @@ def context_table(candidates: pa.Table, where: str) -> pa.Table:
 
     first = one_per_context(pc.equal(candidates["candidate_index"], 0), "candidate_index 0")
     reranked = one_per_context(candidates["selected"], "selected candidate")
-    labels = [COLLAPSED.get(label, "unlabelled") if label else "unlabelled"
+    labels = [COLLAPSE.get(label, "unlabelled") if label else "unlabelled"
               for label in first["safety_label"].to_pylist()]
     columns = {
         "context_id": first["context_id"],

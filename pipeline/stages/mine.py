@@ -81,8 +81,8 @@ def load_stage1_generator(model_dir: Path | None, batch_size: int = 8) -> Genera
         raise ConfigError("mine.generated = true needs the stage-1 model: pass --stage1-model models/stage1")
     from pipeline.config import GenerateConfig
     from pipeline.modeling import encode_sources, format_source
-    from pipeline.stages.generate import decode_target, sample_batch, source_budget, split_candidate
-    from pipeline.stages.train import load_init_model
+    from pipeline.sampling import decode_target, sample_batch, source_budget, split_candidate
+    from pipeline.scoring import load_init_model
 
     dm = load_init_model(Path(model_dir))
     calls = 0

@@ -27,17 +27,10 @@ import pyarrow as pa
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
 from pipeline.errors import DataError
+from pipeline.labels import SAFETY_LABELS
 from pipeline.schemas import NORMALIZED, read_raw
 
 log = logging.getLogger(__name__)
-
-SAFETY_LABELS = (
-    "__casual__",
-    "__possibly_needs_caution__",
-    "__probably_needs_caution__",
-    "__needs_caution__",
-    "__needs_intervention__",
-)
 
 Row = dict
 Normalizer = Callable[[pa.Table, str, Counter], Iterator[Row]]

@@ -3,7 +3,7 @@
 Reads one model folder and the test groups of both training stages
 (`data/groups/stage1/test.parquet`, `data/groups/stage2/test.parquet`; a group replayed into stage 2
 counts once), scores every group's positive and negatives exactly as training validation does
-(`train.score_batch`, with the `train` section's format and score settings), and writes
+(`scoring.score_batch`, with the `train` section's format and score settings), and writes
 `<out>/eval_scores.json`:
 
 - `group_ranking_accuracy`: the share of test groups whose prosocial positive outscores every
@@ -28,7 +28,7 @@ import torch
 from pipeline.artifacts import ensure_writable, staged_dir, write_json
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.metrics import bootstrap_ci
-from pipeline.stages.train import GroupScorer, encode_groups, load_init_model, read_groups, score_batch
+from pipeline.scoring import GroupScorer, encode_groups, load_init_model, read_groups, score_batch
 
 log = logging.getLogger(__name__)
 
