@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from pipeline.config import BaseModelConfig, GenerateConfig
-from pipeline.modeling import DialogModel, format_source, train_tokenizer
+from pipeline.modeling import DialogModel, Source, train_tokenizer
 from pipeline.sampling import sample_candidates
 
 WORDS = ("i you we it is was not do like think know want should would could be kind fair sorry why how "
@@ -42,14 +42,14 @@ def default_model() -> DialogModel:
     return DialogModel(model.eval(), tokenizer, False)
 
 
-def contexts(n: int) -> list[str]:
+def contexts(n: int) -> list[Source]:
     """Sources of 1-4 turns of 4-20 words, so a batch pads its rows to the longest."""
     rng = np.random.default_rng(1)
-    return [format_source([" ".join(rng.choice(WORDS, size=rng.integers(4, 20))) for _ in range(rng.integers(1, 5))])
+    return [Source([" ".join(rng.choice(WORDS, size=rng.integers(4, 20))) for _ in range(rng.integers(1, 5))])
             for _ in range(n)]
 
 
-def timed(dm: DialogModel, sources: list[str], batch_size: int) -> tuple[float, int]:
+def timed(dm: DialogModel, sources: list[Source], batch_size: int) -> tuple[float, int]:
     """Seconds and generated tokens for all `sources`, `batch_size` contexts per call."""
     config = GenerateConfig(k=K, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS)
     tokens, started = 0, time.perf_counter()

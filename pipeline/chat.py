@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Callable, TextIO
 
 from pipeline.config import GenerateConfig
-from pipeline.modeling import DialogModel, format_source
+from pipeline.modeling import DialogModel, Source
 from pipeline.rerank import fluency_term, rerank
 from pipeline.sampling import batch_seed, sample_candidates
 from pipeline.stages.generate import AgreementScorer, SafetyScorer, agreement_scores, safety_scores
@@ -28,7 +28,7 @@ def reply(dm: DialogModel, scorer: SafetyScorer, history: list[str], config: Gen
     best first; each a dict with rot, response, fluency, fluency_term, safety_probs, prosociality,
     agreement (None without `agreement_scorer`), score, rank, selected, candidate_index. Turn `turn`
     is sampled with its own seed."""
-    sampled = sample_candidates(dm, [format_source(history)], config, batch_seed(config.seed, "chat", turn))
+    sampled = sample_candidates(dm, [Source(list(history))], config, batch_seed(config.seed, "chat", turn))
     contexts = [list(history)] * len(sampled.responses)
     probs, prosociality = safety_scores(scorer, sampled.responses, contexts)
     terms = {"fluency": fluency_term(sampled.fluency), "prosociality": prosociality}

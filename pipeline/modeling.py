@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 from pipeline.errors import DataError
 
@@ -123,10 +123,49 @@ def load_dialog_model(path: str | Path, device: str = "cpu") -> DialogModel:
 # --- batching and scoring -------------------------------------------------------------------------
 
 
-def encode_sources(tokenizer, sources: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids of each source, cut from the left so the most recent turns survive."""
-    ids = tokenizer(list(sources), add_special_tokens=False)["input_ids"]
-    return [row[-max_tokens:] for row in ids]
+class Source(NamedTuple):
+    """What conditions a reply: the previous turns (oldest first, the user's last), and the replying
+    speaker's persona sentences and the conversation's emotion where the corpus has them."""
+
+    context: Sequence[str]
+    persona: Sequence[str] = ()
+    emotion: str | None = None
+
+    @property
+    def text(self) -> str:
+        return format_source(self.context, self.persona, self.emotion)
+
+
+def encode_sources(tokenizer, sources: Sequence[Source], max_tokens: int) -> list[list[int]]:
+    """Token ids of each source within `max_tokens`, cut by whole turns, oldest first.
+
+    The persona/emotion prefix and the latest turns are what the reply depends on, so a source that
+    is too long loses its oldest turns first; the prefix is kept (cut from its end to at most half
+    the budget when it alone is that long), and a latest turn that still does not fit keeps its
+    marker and its last tokens.
+    """
+    ids = tokenizer([s.text for s in sources], add_special_tokens=False)["input_ids"]
+    out = []
+    for source, row in zip(sources, ids):
+        if len(row) <= max_tokens:
+            out.append(row)
+            continue
+        context = list(source.context)
+        while len(context) > 1:
+            context = context[1:]
+            # Markers are assigned from the end, so dropping the oldest turn keeps every speaker's.
+            row = tokenizer(format_source(context, source.persona, source.emotion), add_special_tokens=False)["input_ids"]
+            if len(row) <= max_tokens:
+                break
+        if len(row) > max_tokens:
+            prefix = tokenizer(format_source([], source.persona, source.emotion),
+                               add_special_tokens=False)["input_ids"][: max_tokens // 2]
+            marker = tokenizer(USER, add_special_tokens=False)["input_ids"]
+            last = tokenizer(f" {context[-1]}" if context else "", add_special_tokens=False)["input_ids"]
+            keep = max(max_tokens - len(prefix) - len(marker), 0)
+            row = (prefix + marker + last[len(last) - keep:])[-max_tokens:]
+        out.append(row)
+    return out
 
 
 def encode_targets(tokenizer, targets: Sequence[str], max_tokens: int) -> list[list[int]]:

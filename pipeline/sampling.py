@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.config import GenerateConfig
 from pipeline.errors import DataError
-from pipeline.modeling import BOT, EMOTION, PERSONA, USER, DialogModel, _pad, encode_sources, parse_target, token_logprobs
+from pipeline.modeling import BOT, EMOTION, PERSONA, USER, DialogModel, Source, _pad, encode_sources, parse_target, token_logprobs
 
 CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new turn ends there
 
@@ -116,7 +116,7 @@ class Sampled:
     tokens: int  # generated tokens in all
 
 
-def sample_candidates(dm: DialogModel, sources: list[str], config: GenerateConfig, seed: int) -> Sampled:
+def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int) -> Sampled:
     """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch)."""
     source_ids = encode_sources(dm.tokenizer, sources, source_budget(dm, config))
     target_ids = sample_batch(dm, source_ids, config, seed)

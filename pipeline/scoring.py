@@ -21,7 +21,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import DataError
 from pipeline.losses import sequence_scores
 from pipeline.modeling import (
-    RESPONSE, DialogModel, encode_sources, encode_targets, format_source, format_target, load_dialog_model,
+    RESPONSE, DialogModel, Source, encode_sources, encode_targets, format_target, load_dialog_model,
     token_logprobs,
 )
 from pipeline.schemas import read_table
@@ -73,7 +73,7 @@ def encode_groups(tokenizer, table: pa.Table, config: TrainConfig) -> EncodedGro
     """Format and tokenize every group: source from context/persona/emotion; the positive and each
     negative after the group's RoT (when `config.rot_target`)."""
     rows = table.to_pylist()
-    sources = [format_source(r["context"], r["persona"] or (), r["emotion"]) for r in rows]
+    sources = [Source(r["context"], r["persona"] or (), r["emotion"]) for r in rows]
     targets = [format_target(text, r["rots"] or (), config.rot_target)
                for r in rows for text in [r["positive"]] + [n["text"] for n in r["negatives"]]]
     source_ids = encode_sources(tokenizer, sources, config.max_source_tokens)

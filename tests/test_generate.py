@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import CORPORA, GenerateConfig
-from pipeline.modeling import BOT, DialogModel, encode_sources, format_source, load_dialog_model
+from pipeline.modeling import BOT, DialogModel, Source, encode_sources, load_dialog_model
 from pipeline.schemas import CANDIDATES, NORMALIZED
 from pipeline.stages import generate
 from pipeline.sampling import Sampled, batch_seed, decode_target, mean_logprobs, sample_batch, split_candidate
@@ -118,8 +118,8 @@ def test_batched_left_padded_generation_equals_one_context_at_a_time(dm):
         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128, init_std=0.3,
         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
         decoder_start_token_id=tok.eos_token_id, forced_eos_token_id=None)).eval()
-    sources = encode_sources(tok, [format_source(["hi"]), format_source(["what did you do today?", "i went hiking.", "nice!"]),
-                                   format_source(["you should not lie"])], 64)
+    sources = encode_sources(tok, [Source(["hi"]), Source(["what did you do today?", "i went hiking.", "nice!"]),
+                                   Source(["you should not lie"])], 64)
     greedy = GenerateConfig(k=1, do_sample=False, max_new_tokens=10)
     for model in (dm, DialogModel(bart, tok, True)):
         batched = sample_batch(model, sources, greedy, seed=0)
@@ -129,7 +129,7 @@ def test_batched_left_padded_generation_equals_one_context_at_a_time(dm):
 
 
 def test_sampling_is_reproducible_gives_k_per_source_and_cuts_at_eos(dm):
-    sources = encode_sources(dm.tokenizer, [format_source(["hi"]), format_source(["what did you do today?"])], 64)
+    sources = encode_sources(dm.tokenizer, [Source(["hi"]), Source(["what did you do today?"])], 64)
     config = GenerateConfig(k=3, max_new_tokens=6)
     first = sample_batch(dm, sources, config, seed=7)
     assert first == sample_batch(dm, sources, config, seed=7)
@@ -142,7 +142,7 @@ def test_sampling_is_reproducible_gives_k_per_source_and_cuts_at_eos(dm):
 
 def test_fluency_is_the_mean_log_probability_of_the_generated_tokens(dm):
     """Checked against a plain forward pass over `source <|bot|> target` for each candidate alone."""
-    sources = encode_sources(dm.tokenizer, [format_source(["hi"]), format_source(["what did you do today?"])], 64)
+    sources = encode_sources(dm.tokenizer, [Source(["hi"]), Source(["what did you do today?"])], 64)
     targets = sample_batch(dm, sources, GenerateConfig(k=2, max_new_tokens=6), seed=3)
     got = mean_logprobs(dm, sources, targets, k=2)
     bot = dm.tokenizer.convert_tokens_to_ids(BOT)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.modeling import (
-    BOT, RESPONSE, ROT, SPECIAL_TOKENS, DialogModel, encode_sources, encode_targets, format_source,
+    BOT, RESPONSE, ROT, SPECIAL_TOKENS, DialogModel, Source, encode_sources, encode_targets, format_source,
     format_target, parse_target, token_logprobs, train_tokenizer,
 )
 
@@ -81,8 +81,8 @@ def _one_at_a_time(dm, source, target):
 
 
 def test_batched_scores_equal_unbatched_ones_and_mask_padding(tokenizer):
-    sources = encode_sources(tokenizer, [format_source(["hello there, how are you?"]),
-                                         format_source(["what did you do today?", "i went hiking.", "nice!"])], 64)
+    sources = encode_sources(tokenizer, [Source(["hello there, how are you?"]),
+                                         Source(["what did you do today?", "i went hiking.", "nice!"])], 64)
     targets = encode_targets(tokenizer, [format_target("i am fine.", ["Be kind."]), format_target("ok"),
                                          format_target("it's wrong to steal."), format_target("you lie", ["x"])], 32)
     for dm in _tiny_models(tokenizer):
@@ -96,10 +96,34 @@ def test_batched_scores_equal_unbatched_ones_and_mask_padding(tokenizer):
                 assert torch.all(logps[row, len(target):] == 0)
 
 
-def test_sources_are_cut_from_the_left_and_targets_keep_eos(tokenizer):
-    long = format_source(["hello there, how are you?"] * 20)
-    (ids,) = encode_sources(tokenizer, [long], 10)
-    full = tokenizer(long, add_special_tokens=False)["input_ids"]
-    assert ids == full[-10:]
+def test_a_long_source_keeps_its_prefix_and_latest_turns_and_drops_the_oldest(tokenizer):
+    """The old left cut ate the persona/emotion prefix first; now whole turns go, oldest first."""
+    turns = [f"turn number {i} says something long enough to count." for i in range(12)]
+    source = Source(turns, persona=["i love hiking."], emotion="proud")
+    full = tokenizer(source.text, add_special_tokens=False)["input_ids"]
+    budget = len(full) // 2
+    (ids,) = encode_sources(tokenizer, [source], budget)
+    assert len(ids) <= budget
+    # By hand: the longest suffix of whole turns that fits beside the prefix.
+    for keep in range(len(turns), 0, -1):
+        expected = tokenizer(format_source(turns[-keep:], ["i love hiking."], "proud"), add_special_tokens=False)["input_ids"]
+        if len(expected) <= budget:
+            break
+    assert ids == expected
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|persona|> i love hiking. <|emotion|> proud") and turns[-1] in text and turns[0] not in text
+    (short,) = encode_sources(tokenizer, [Source(["hi"], persona=["p."])], budget)
+    assert short == tokenizer(format_source(["hi"], ["p."]), add_special_tokens=False)["input_ids"]  # no cut
+
+
+def test_a_latest_turn_longer_than_the_budget_keeps_its_marker_and_last_tokens(tokenizer):
+    (ids,) = encode_sources(tokenizer, [Source(["old turn.", "word " * 50 + "the end"], persona=["p."])], 16)
+    assert len(ids) == 16
+    text = tokenizer.decode(ids)
+    assert text.startswith("<|persona|> p.") and "<|user|>" in text and text.endswith("the end")
+    assert "old turn" not in text
+
+
+def test_targets_keep_eos_when_cut(tokenizer):
     (target,) = encode_targets(tokenizer, ["you should not lie to friends. " * 10], 8)
     assert len(target) == 8 and target[-1] == tokenizer.eos_token_id

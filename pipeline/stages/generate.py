@@ -45,7 +45,7 @@ import pyarrow as pa
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, AuditModel, GenerateConfig, require
 from pipeline.errors import DataError
-from pipeline.modeling import DialogModel, format_source
+from pipeline.modeling import DialogModel, Source
 from pipeline.rerank import agreement_term, fluency_term, rerank
 from pipeline.sampling import batch_seed, sample_candidates
 from pipeline.schemas import CANDIDATES
@@ -182,7 +182,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
     for batch_index, start in enumerate(tqdm(batches, desc=f"{model_name}/{corpus}", unit="batch",
                                              disable=not progress, leave=False)):
         batch = rows[start: start + config.batch_size]
-        sources = [format_source(r["context"], r["persona"] or (), r["emotion"]) for r in batch]
+        sources = [Source(r["context"], r["persona"] or (), r["emotion"]) for r in batch]
         sampled = sample_candidates(dm, sources, config, batch_seed(config.seed, corpus, batch_index))
         tokens += sampled.tokens
         for i, row in enumerate(batch):

@@ -80,7 +80,7 @@ def load_stage1_generator(model_dir: Path | None, batch_size: int = 8) -> Genera
     if model_dir is None:
         raise ConfigError("mine.generated = true needs the stage-1 model: pass --stage1-model models/stage1")
     from pipeline.config import GenerateConfig
-    from pipeline.modeling import encode_sources, format_source
+    from pipeline.modeling import Source, encode_sources
     from pipeline.sampling import decode_target, sample_batch, source_budget, split_candidate
     from pipeline.scoring import load_init_model
 
@@ -93,7 +93,7 @@ def load_stage1_generator(model_dir: Path | None, batch_size: int = 8) -> Genera
         replies: list[list[str]] = []
         for start in range(0, len(contexts), batch_size):
             batch = contexts[start:start + batch_size]
-            source_ids = encode_sources(dm.tokenizer, [format_source(c) for c in batch], source_budget(dm, config))
+            source_ids = encode_sources(dm.tokenizer, [Source(c) for c in batch], source_budget(dm, config))
             target_ids = sample_batch(dm, source_ids, config, seed=calls)
             calls += 1
             texts = [split_candidate(decode_target(dm.tokenizer, ids))[1] for ids in target_ids]
