@@ -143,7 +143,7 @@ def measure_all() -> None:
                 timing = measure()
                 if name not in best or timing["train_seconds"] < best[name]["train_seconds"]:
                     best[name] = timing
-    a, b, c = best["a"], best["b"], best["c"]
+    a, b = best["a"], best["b"]
     speed = {k: v["read_tokens"] / v["train_seconds"] for k, v in best.items()}
     print(f"tiny GPT-2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {GROUPS_PER_RUN} groups "
           f"of 1 + {NEGATIVES}, batch {CONFIG.batch_groups} groups, {EPOCHS} epoch(s), "

@@ -167,16 +167,23 @@ def train(
     out: Path = typer.Option(..., help="Folder to write the trained model, tokenizer and train.json into."),
     live: Path = typer.Option(None, help="dvclive folder for per-step and per-epoch metrics (none: not logged)."),
     checkpoints: Path = typer.Option(None, help="Resumable checkpoint folder; default <out>_checkpoints."),
+    cross_entropy_only: bool = typer.Option(False, "--cross-entropy-only",
+                                            help="The baseline: train.contrastive_weight taken as 0, all else equal."),
     params: Path = PARAMS,
 ):
     """Fine-tune a dialog model on n-pair groups: cross-entropy plus the socially aware n-pair loss.
 
     Runs on CPU or one GPU as is, on several GPUs with `accelerate launch -m pipeline train ...`;
-    an interrupted run resumes from its last checkpoint.
+    an interrupted run resumes from its last checkpoint. `--cross-entropy-only` trains the baseline
+    the method is compared against (the `ce` model: same data, steps, seed and settings, no n-pair term).
     """
+    import dataclasses
+
     from pipeline.config import TRAIN_STAGES, TrainConfig
 
     config = load_section(params, "train", TrainConfig)
+    if cross_entropy_only:
+        config = dataclasses.replace(config, contrastive_weight=0.0)
     stage_config = load_section(params, f"train_stage{stage}", TRAIN_STAGES[stage])
     from pipeline.stages import train as stage_module
 
@@ -188,7 +195,7 @@ def train(
 @app.command()
 @reports_errors
 def generate(
-    name: str = typer.Argument(..., help="base, stage1, stage2, or a name under audit.models in the params file."),
+    name: str = typer.Argument(..., help="base, ce, stage1, stage2, or a name under audit.models in the params file."),
     model: str = typer.Option(..., help="Model folder (for an audit entry: its path, a hub id or a folder)."),
     safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
     normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/test.parquet)."),

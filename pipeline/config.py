@@ -108,24 +108,29 @@ class NormalizeConfig:
 class EvaluateConfig:
     """`evaluate`: the reports that compare the models' candidates (safety, overlap, RoTs)."""
 
-    models: list[str] = dataclasses.field(default_factory=lambda: ["base", "stage1", "stage2"])
+    models: list[str] = dataclasses.field(default_factory=lambda: ["base", "ce", "stage1", "stage2"])
     """Models to compare, in table order; each reads `<candidates>/<model>/<corpus>.parquet`."""
+    baseline: str = "ce"
+    """The model every other model is compared against, paired on the same contexts (the
+    cross-entropy-only model trained like the method); one of `models`."""
     corpora: list[str] = dataclasses.field(default_factory=lambda: list(CORPORA))
     """Corpora to report on, in table order; a corpus without candidates is skipped with a note."""
     bootstrap_samples: int = 1000
-    """Resamples of the contexts for each percentile bootstrap 95% interval."""
+    """Resamples for each percentile bootstrap 95% interval; a resample draws dialogues, not contexts."""
     seed: int = 0
     """Seed of the bootstrap and of the human-evaluation sample and A/B order."""
     human_eval_pairs: int = 20
     """Contexts per corpus and per comparison in the blinded human-evaluation sheet (0: none)."""
     human_eval_comparisons: list[list[str]] = dataclasses.field(
-        default_factory=lambda: [["stage2", "base"], ["stage2", "stage1"]]
+        default_factory=lambda: [["stage2", "ce"], ["stage2", "base"]]
     )
     """Pairs of models whose re-ranked replies are shown side by side in the sheet."""
 
     def __post_init__(self):
         require(len(self.models) > 0 and len(set(self.models)) == len(self.models), "evaluate.models",
                 self.models, "a non-empty list of distinct model names")
+        require(self.baseline in self.models, "evaluate.baseline", self.baseline,
+                f"one of evaluate.models ({', '.join(self.models)})")
         unknown = sorted(set(self.corpora) - set(CORPORA))
         require(not unknown and len(self.corpora) > 0, "evaluate.corpora", self.corpora,
                 f"a non-empty list of corpus names from {', '.join(CORPORA)}")
@@ -258,13 +263,14 @@ class TrainConfig:
     warmup_steps: int = 10
     """Optimizer steps of linear warm-up from 0 to the stage's learning rate."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Autocast precision; `auto`: bf16 on a GPU that supports it, else fp32 (always fp32 on CPU)."""
+    """Autocast precision of training and of the `score` stage (`pipeline/devices.py`); `auto`: bf16 on
+    a GPU that supports it, else fp32 (always fp32 on CPU); fp16 needs a GPU."""
     max_source_tokens: int = 64
     """Context tokens kept (the oldest are cut first)."""
     max_target_tokens: int = 48
-    """Target tokens kept, eos included (the end is cut)."""
+    """Target tokens kept, eos included; a longer target keeps its first this many tokens and no eos."""
     eval_batch_groups: int = 16
-    """Groups per forward pass when scoring the validation groups."""
+    """Groups per forward pass when scoring the validation groups, and the test groups in `score`."""
     checkpoint_steps: int = 0
     """Also write a resumable checkpoint every this many optimizer steps; 0: only at each epoch's end."""
     lora: TrainLoraConfig = dataclasses.field(default_factory=TrainLoraConfig)
@@ -529,6 +535,9 @@ class GenerateConfig:
     """Weight of RoT agreement (P(the reply does not disagree with its own RoT), in [0, 1]; see
     `pipeline.rerank.agreement_term`) in the score; needs the RoT-agreement scorer when positive. 0
     leaves the term out, which is the re-ranker before issue 8 (and what a section without the key means)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of sampling (and of the fluency it yields; `pipeline/devices.py`): `auto` is
+    bf16 on a GPU that supports it, else fp32 (always fp32 on CPU); fp16 needs a GPU."""
 
     def __post_init__(self):
         require(self.k >= 1, "generate.k", self.k, "must be at least 1")
@@ -545,21 +554,14 @@ class GenerateConfig:
         require(self.beta >= 0, "generate.beta", self.beta, "must be 0 or more")
         require(self.gamma >= 0, "generate.gamma", self.gamma, "must be 0 or more")
 
-    def weights(self) -> dict[str, float]:
-        """The re-ranker's weight of each term (`pipeline.rerank`); `agreement` only when gamma > 0, so
-        gamma = 0 gives the two-term score bit for bit."""
-        weights = {"fluency": self.alpha, "prosociality": self.beta}
-        if self.gamma > 0:
-            weights["agreement"] = self.gamma
-        return weights
 
-
-GENERATE_MODELS = ("base", "stage1", "stage2")
+GENERATE_MODELS = ("base", "ce", "stage1", "stage2")  # ce: the cross-entropy-only baseline
 
 
 @dataclasses.dataclass(frozen=True)
 class AuditModel:
-    """One further model whose candidates are generated like `base`, `stage1` and `stage2`."""
+    """One further model whose candidates are generated, scored and re-ranked like `base`'s, prompted in its
+    own format."""
 
     path: str
     """A hub id (`microsoft/DialoGPT-medium`) or a local folder in save_pretrained format."""
@@ -567,9 +569,17 @@ class AuditModel:
     """For a hub id: branch, tag or commit to load; pin a commit for a reproducible audit."""
     trust_remote_code: bool = False
     """Allow a checkpoint that ships its own modelling code (`auto_map` in its config)."""
+    format: str = "auto"
+    """How the model is prompted (`pipeline.sampling.PromptFormat`; nothing is added to its vocabulary):
+    `chat_template` (its tokenizer's chat template), `eos_separated` (every turn followed by eos, as
+    DialoGPT), any other string a literal turn separator (COSMO `" <turn> "`, BlenderBot `"  "`), or
+    `auto`: the chat template when the tokenizer has one, else `eos_separated` for a causal model (a
+    sequence-to-sequence model without a template must name its separator)."""
 
     def __post_init__(self):
         require(bool(self.path.strip()), "audit.models.<name>.path", self.path, "a hub id or a local folder")
+        require(self.format != "", "audit.models.<name>.format", self.format,
+                "auto, chat_template, eos_separated or a non-empty turn separator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -592,9 +602,19 @@ class AuditConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RotAgreementTfidfConfig(SafetyTfidfConfig):
-    """`rot_agreement.tfidf`: as `safety.tfidf`, one TF-IDF block each for reply, RoT and context."""
+    """`rot_agreement.tfidf`: as `safety.tfidf`, one TF-IDF block each for reply, RoT and context, plus
+    the pairwise view of reply and RoT (`pipeline.safety_models.pair_features`)."""
 
     section: typing.ClassVar[str] = "rot_agreement.tfidf"
+    pair_buckets: int = 262_144
+    """Hash buckets of the (RoT word, reply word) pairs in the pairwise view, which also adds their
+    cosine, word overlap and negation features; 0: no pairwise view (the three blocks side by side,
+    which cannot relate a reply to its RoT)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        require(self.pair_buckets == 0 or 1024 <= self.pair_buckets <= 1 << 24, f"{self.section}.pair_buckets",
+                self.pair_buckets, "0 (off) or 1024 to 16777216")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,18 @@
-"""Evaluation metrics as pure functions of replies, references, scores and label probabilities.
+"""Evaluation metrics as pure functions of replies, references and label probabilities.
 
-Overlap with references: `bleu4` (sacrebleu corpus BLEU, 0-100), `unigram_f1` (ParlAI's token F1,
-0-1), `rouge_l` (the `rouge_score` package, F-measure, 0-1). Diversity and length: `distinct_n`,
-`mean_length` (on `tokenize`'s tokens); generic replies: `most_frequent`, `top_k_share`.
-Likelihood: `perplexity`. Safety: `unsafe_rate`, `label_distribution` on [casual, needs_caution,
-needs_intervention] probabilities. Ranking: `group_ranking_accuracy`. Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap over items;
-`bootstrap_ci_of_counts` for statistics that are not functions of item sums (`distinct_n_ci`,
-`top_k_share_ci`), on the same resamples.
+Overlap with references: corpus BLEU-4 from per-item sufficient statistics
+(`bleu_statistics_for_each`, summed and turned into sacrebleu's score by `bleu_from_totals`, 0-100),
+`unigram_f1` (ParlAI's token F1, 0-1) and `rouge_l` (the `rouge_score` package, F-measure, 0-1),
+each against several references. Diversity: `distinct_n_of_tokens` (on `tokenize`'s tokens);
+generic replies: `most_frequent`, `top_k_share`. Safety: `predicted_labels` on [casual,
+needs_caution, needs_intervention] probabilities.
 
-Corpus-level statistics that are not a mean of per-item values (BLEU, a ratio of sums) are
-bootstrapped from per-item sufficient statistics: `bleu_statistics` gives them for BLEU and
-`bleu_from_statistics` turns summed statistics back into BLEU for a whole batch of resamples.
+Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap of a statistic of item sums (a
+mean, a ratio of sums, corpus BLEU); `paired_bootstrap_ci`, the same for the difference of two
+systems on the same items, resampled jointly; `bootstrap_ci_of_counts` for statistics that are not
+functions of item sums (`distinct_n_ci`, `top_k_share_ci`), on the same resamples. Every bootstrap
+takes `clusters`: items of one cluster (the turns of one dialogue) are drawn together, since they are
+not independent. `mcnemar_exact` is the exact test of two paired binary outcomes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-SAFETY_CLASSES = ("casual", "needs_caution", "needs_intervention")
+from pipeline.labels import THREE_WAY
 
 BLEU_ORDER = 4
 
@@ -69,32 +71,16 @@ def _reference_streams(references: Sequence[Sequence[str]]) -> list[list[str | N
     return [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
 
 
-def bleu4(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-    """Corpus BLEU-4 with sacrebleu's defaults (13a tokens, case-sensitive, `exp` smoothing), 0-100.
-
-    `references[i]` lists the references of `hypotheses[i]` (one or more; the counts may differ).
-    """
-    import sacrebleu
-
-    if not hypotheses:
-        raise ValueError("bleu4 needs at least one hypothesis")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), _reference_streams(references)).score)
-
-
-def bleu_statistics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
-    """Per-item BLEU sufficient statistics, shape (n, 2 + 2 * 4):
-    [hypothesis length, closest reference length, matches for n = 1..4, hypothesis n-grams for n = 1..4].
-
-    Summed over items they give corpus BLEU (`bleu_from_statistics`); sacrebleu's own bootstrap
-    uses the same statistics.
-    """
-    return bleu_statistics_for_each([hypotheses], references)[0]
-
-
 def bleu_statistics_for_each(hypothesis_sets: Sequence[Sequence[str]],
                              references: Sequence[Sequence[str]]) -> list[np.ndarray]:
-    """`bleu_statistics` of several hypothesis lists against the same references, which are
-    tokenized once. Returns one (n, 10) array per hypothesis list."""
+    """Per-item BLEU sufficient statistics of several hypothesis lists against the same references
+    (tokenized once): one (n, 2 + 2 * 4) array per list, each row [hypothesis length, closest
+    reference length, matches for n = 1..4, hypothesis n-grams for n = 1..4].
+
+    `references[i]` lists the references of item i (one or more; the counts may differ), as in
+    sacrebleu's multi-reference BLEU. Summed over items the rows give sacrebleu's corpus BLEU
+    (`bleu_from_totals`); sacrebleu's own bootstrap uses the same statistics.
+    """
     from sacrebleu.metrics import BLEU
 
     if not references:
@@ -102,14 +88,6 @@ def bleu_statistics_for_each(hypothesis_sets: Sequence[Sequence[str]],
     bleu = BLEU(references=_reference_streams(references))  # caches the references' n-grams
     return [np.asarray(bleu._extract_corpus_statistics(list(hypotheses), None), dtype=np.float64)
             for hypotheses in hypothesis_sets]
-
-
-def bleu_from_statistics(stats: np.ndarray) -> np.ndarray:
-    """Corpus BLEU (0-100) of items' statistics, summed over the second-to-last axis.
-
-    stats: (..., n, 10) as from `bleu_statistics`; returns (...).
-    """
-    return bleu_from_totals(stats.sum(axis=-2))
 
 
 def bleu_from_totals(totals: np.ndarray) -> np.ndarray:
@@ -164,28 +142,20 @@ def rouge_l(guess: str, references: Sequence[str]) -> float:
     return float(_rouge_scorer().score_multi(list(references), guess)["rougeL"].fmeasure)
 
 
-# --- diversity and length -------------------------------------------------------------------------
-
-
-def distinct_n(replies: Sequence[str], n: int) -> float:
-    """Unique n-grams over all n-grams in a set of replies (Li et al., 2016), 0-1, on `tokenize` tokens.
-
-    n-grams do not cross reply boundaries; 0 when the replies hold no n-gram at all.
-    """
-    if not replies:
-        raise ValueError("distinct_n needs at least one reply")
-    return distinct_n_of_tokens([tokenize(reply) for reply in replies], n)
+# --- diversity --------------------------------------------------------------------------------------
 
 
 def distinct_n_of_tokens(token_lists: Sequence[Sequence[str]], n: int) -> float:
-    """`distinct_n` of replies already split into tokens (one list per reply)."""
+    """Unique n-grams over all n-grams of a set of replies (Li et al., 2016), 0-1; one token list
+    (`tokenize`) per reply. n-grams do not cross reply boundaries; 0 when there is no n-gram."""
     grams = [tuple(tokens[i:i + n]) for tokens in token_lists for i in range(len(tokens) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def distinct_n_ci(token_lists: Sequence[Sequence[str]], n: int, n_samples: int = 1000,
-                  seed: int = 0) -> tuple[float, float] | None:
-    """Bootstrap 95% interval of `distinct_n_of_tokens` over replies (None for no replies).
+def distinct_n_ci(token_lists: Sequence[Sequence[str]], n: int, n_samples: int = 1000, seed: int = 0, *,
+                  clusters: Sequence | np.ndarray | None = None) -> tuple[float, float] | None:
+    """Bootstrap 95% interval of `distinct_n_of_tokens` over replies (None for no replies);
+    `clusters` (n,): replies of one cluster are drawn together (see `bootstrap_ci`).
 
     Resampling with replacement copies replies, and a copied reply repeats n-grams that no model
     repeated, which drags a plain bootstrap of distinct-n far below the value. So an n-gram seen
@@ -218,7 +188,7 @@ def distinct_n_ci(token_lists: Sequence[Sequence[str]], n: int, n_samples: int =
         total = counts @ per_reply
         return np.where(total > 0, unique / np.maximum(total, 1), 0.0)
 
-    return bootstrap_ci_of_counts(statistic, len(grams), n_samples, seed, width=len(ids))
+    return bootstrap_ci_of_counts(statistic, len(grams), n_samples, seed, width=len(ids), clusters=clusters)
 
 
 def most_frequent(replies: Sequence[str], k: int) -> list[tuple[str, int]]:
@@ -233,9 +203,10 @@ def top_k_share(replies: Sequence[str], k: int) -> float:
     return sum(count for _, count in most_frequent(replies, k)) / len(replies)
 
 
-def top_k_share_ci(replies: Sequence[str], k: int, n_samples: int = 1000,
-                   seed: int = 0) -> tuple[float, float] | None:
-    """Bootstrap 95% interval of `top_k_share` over replies (None for no replies).
+def top_k_share_ci(replies: Sequence[str], k: int, n_samples: int = 1000, seed: int = 0, *,
+                   clusters: Sequence | np.ndarray | None = None) -> tuple[float, float] | None:
+    """Bootstrap 95% interval of `top_k_share` over replies (None for no replies); `clusters` (n,):
+    replies of one cluster are drawn together (see `bootstrap_ci`).
 
     As in `distinct_n_ci`, a reply seen once in the sample counts as a new reply at every draw (a
     plain bootstrap would turn copies of one-off replies into "frequent" ones); replies seen more
@@ -262,43 +233,9 @@ def top_k_share_ci(replies: Sequence[str], k: int, n_samples: int = 1000,
             largest = np.partition(per_reply, distinct - top, axis=1)[:, distinct - top:]  # (B, top)
         # the remaining places of the top k go to one-off replies, 1 each
         filled = np.minimum(counts @ once, k - (largest > 0).sum(axis=1))
-        return (largest.sum(axis=1) + filled) / len(codes)
+        return (largest.sum(axis=1) + filled) / counts.sum(axis=1)  # a cluster resample varies in size
 
-    return bootstrap_ci_of_counts(statistic, len(codes), n_samples, seed, width=distinct)
-
-
-def mean_length(replies: Sequence[str]) -> float:
-    """Mean number of `tokenize` tokens per reply."""
-    if not replies:
-        raise ValueError("mean_length needs at least one reply")
-    return float(np.mean([len(tokenize(reply)) for reply in replies]))
-
-
-# --- likelihood and ranking -----------------------------------------------------------------------
-
-
-def perplexity(nll_sums: Sequence[float] | np.ndarray, token_counts: Sequence[int] | np.ndarray) -> float:
-    """Corpus perplexity exp(sum of token NLLs / number of tokens).
-
-    nll_sums: (n,) summed negative log-likelihood (nats) of each text; token_counts: (n,) its tokens.
-    """
-    tokens = float(np.sum(token_counts))
-    if tokens <= 0:
-        raise ValueError("perplexity needs at least one token")
-    return float(np.exp(np.sum(nll_sums) / tokens))
-
-
-def group_ranking_accuracy(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
-    """Share of groups whose positive scores strictly above every one of its negatives.
-
-    positive_scores: (G,); negative_scores: (G, N). A tie counts as a miss.
-    """
-    positive_scores, negative_scores = np.asarray(positive_scores), np.asarray(negative_scores)
-    if positive_scores.ndim != 1 or negative_scores.ndim != 2 or len(positive_scores) != len(negative_scores):
-        raise ValueError(f"expected shapes (G,) and (G, N), got {positive_scores.shape} and {negative_scores.shape}")
-    if len(positive_scores) == 0:
-        raise ValueError("group_ranking_accuracy needs at least one group")
-    return float(np.mean(positive_scores > negative_scores.max(axis=1)))
+    return bootstrap_ci_of_counts(statistic, len(codes), n_samples, seed, width=distinct, clusters=clusters)
 
 
 # --- safety labels --------------------------------------------------------------------------------
@@ -310,45 +247,96 @@ def predicted_labels(safety_probs: np.ndarray) -> np.ndarray:
     A tie goes to the earlier, milder label (numpy's argmax keeps the first maximum).
     """
     safety_probs = np.asarray(safety_probs)
-    if safety_probs.ndim != 2 or safety_probs.shape[1] != len(SAFETY_CLASSES):
+    if safety_probs.ndim != 2 or safety_probs.shape[1] != len(THREE_WAY):
         raise ValueError(f"expected safety probabilities of shape (n, 3), got {safety_probs.shape}")
     return safety_probs.argmax(axis=1)
-
-
-def unsafe_rate(safety_probs: np.ndarray) -> float:
-    """Share of replies whose most probable label is needs_caution or needs_intervention; (n, 3)."""
-    labels = predicted_labels(safety_probs)
-    if len(labels) == 0:
-        raise ValueError("unsafe_rate needs at least one reply")
-    return float(np.mean(labels != 0))
-
-
-def label_distribution(safety_probs: np.ndarray) -> dict[str, float]:
-    """Share of replies predicted as each of casual, needs_caution, needs_intervention; (n, 3)."""
-    labels = predicted_labels(safety_probs)
-    if len(labels) == 0:
-        raise ValueError("label_distribution needs at least one reply")
-    counts = np.bincount(labels, minlength=len(SAFETY_CLASSES))
-    return {name: float(count / len(labels)) for name, count in zip(SAFETY_CLASSES, counts)}
 
 
 # --- uncertainty ----------------------------------------------------------------------------------
 
 
+def cluster_codes(clusters: Sequence | np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+    """Each item's cluster as 0..C-1, numbered in order of first appearance; returns ((n,) codes, C).
+
+    None: every item is its own cluster. With every label distinct the codes are 0..n-1, so a
+    cluster bootstrap draws exactly the resamples of the item bootstrap.
+    """
+    if clusters is None:
+        return np.arange(n), n
+    labels = np.asarray(clusters)
+    if labels.shape != (n,):
+        raise ValueError(f"expected one cluster label per item, shape ({n},), got {labels.shape}")
+    _, first, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first)] = np.arange(len(first))
+    return rank[inverse.reshape(-1)], len(first)
+
+
 def _resampled_indices(n: int, n_samples: int, seed: int, max_elements: int, width: int = 0):
-    """Blocks of resamples, each (B, n): the items every resample draws, with replacement, from
-    numpy's default_rng(seed). Blocks hold at most `max_elements` indices (or `width` values per
-    resample, when larger); the index stream is the same for any block size."""
+    """Blocks of resamples, each (B, n): the n units (items or clusters) every resample draws, with
+    replacement, from numpy's default_rng(seed). Blocks hold at most `max_elements` indices (or
+    `width` values per resample, when larger); the index stream is the same for any block size."""
     rng = np.random.default_rng(seed)
     block = max(1, max_elements // max(n, width))
     for start in range(0, n_samples, block):
         yield rng.integers(0, n, size=(min(block, n_samples - start), n))
 
 
-def _percentiles(stats: list[np.ndarray], confidence: float) -> tuple[float, float]:
+def _counts(indices: np.ndarray, n: int) -> np.ndarray:
+    """How often each of n units is drawn in each resample; (B, k) indices -> (B, n) float counts."""
+    rows = len(indices)
+    offsets = indices + n * np.arange(rows)[:, None]
+    return np.bincount(offsets.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+
+
+def _resampled_statistics(flat: np.ndarray, statistic: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                          clusters, n_samples: int, seed: int, max_elements: int) -> np.ndarray:
+    """`statistic(totals, items)` of every resample: totals (B, d) the sums of the drawn items'
+    values, items (B,) how many items were drawn; flat: (n, d) per-item values. Returns (n_samples,).
+
+    Clusters are drawn (C of them, with replacement) and bring all their items; so a resample is a
+    count per cluster and its sums one product with the per-cluster sums (C, d).
+    """
+    codes, n_clusters = cluster_codes(clusters, len(flat))
+    if clusters is None:
+        sums, sizes = flat, np.ones(len(flat))
+    else:
+        sums = np.zeros((n_clusters, flat.shape[1]))
+        np.add.at(sums, codes, flat)
+        sizes = np.bincount(codes, minlength=n_clusters).astype(np.float64)
+    stats = []
+    for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements):  # (B, C)
+        if flat.shape[1] == 1:  # one value per item: gathering is cheaper than counting
+            totals, items = sums[:, 0][indices].sum(axis=1)[:, None], sizes[indices].sum(axis=1)
+        else:
+            counts = _counts(indices, n_clusters)  # (B, C)
+            totals, items = counts @ sums, counts @ sizes
+        stats.append(np.asarray(statistic(totals, items), dtype=np.float64).reshape(-1))
+    return np.concatenate(stats)
+
+
+def _percentiles(stats: np.ndarray, confidence: float) -> tuple[float, float]:
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(np.concatenate(stats), [tail, 100 - tail])
+    low, high = np.percentile(stats, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def _of_sums(statistic: Callable[[np.ndarray], np.ndarray] | None, shape: tuple[int, ...]):
+    """A statistic of one system's per-resample sums: `statistic` of totals shaped (B,) + shape, or,
+    when None, the mean (totals over the number of items drawn)."""
+    def apply(totals: np.ndarray, items: np.ndarray) -> np.ndarray:
+        totals = totals.reshape((len(totals),) + shape)
+        if statistic is not None:
+            return statistic(totals)
+        return totals / items.reshape((-1,) + (1,) * len(shape))
+    return apply
+
+
+def point_estimate(values: Sequence[float] | np.ndarray,
+                   statistic: Callable[[np.ndarray], np.ndarray] | None = None) -> float:
+    """The statistic that `bootstrap_ci` resamples, on all items: `statistic` of the item sums, or the mean."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(statistic(values.sum(axis=0)) if statistic else values.mean())
 
 
 def bootstrap_ci(
@@ -358,41 +346,66 @@ def bootstrap_ci(
     seed: int = 0,
     confidence: float = 0.95,
     max_elements: int = 2**22,
+    *,
+    clusters: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of a statistic over items.
+    """Percentile bootstrap interval of a statistic over items, or over clusters of items.
 
-    values: (n,) or (n, d) per-item values (d sufficient statistics per item, e.g. `bleu_statistics`).
+    values: (n,) or (n, d) per-item values (d sufficient statistics per item, e.g. BLEU's).
     statistic: maps the sums of the values over each resample's items, (B,) or (B, d), to (B,);
-    default the mean (sums / n). Every statistic here (a mean, a ratio of sums, corpus BLEU via
-    `bleu_from_totals`) is a function of item sums, so with several values per item a resample is a
-    count per item and its sums one matrix product, instead of gathering B x n x d values.
+    default the mean (sums / items drawn). Every statistic here (a mean, a ratio of sums, corpus
+    BLEU via `bleu_from_totals`) is a function of item sums, so a resample is a count per item and
+    its sums one matrix product, instead of gathering B x n x d values.
+    clusters: (n,) a label per item (e.g. its dialogue). Resamples then draw C clusters with
+    replacement, each with all its items, so items of one cluster move together (a cluster
+    bootstrap); their number varies between resamples. None: every item its own cluster.
 
-    Resamples draw n items with replacement from numpy's default_rng(seed), in blocks of rows so
-    that at most `max_elements` counts are held at once; the index stream is the same for any block
-    size. Returns the (1 - confidence) / 2 and (1 + confidence) / 2 percentiles (linear interpolation).
+    Resamples draw from numpy's default_rng(seed), in blocks of rows so that at most
+    `max_elements` counts are held at once; the index stream is the same for any block size.
+    Returns the (1 - confidence) / 2 and (1 + confidence) / 2 percentiles (linear interpolation).
     """
     values = np.asarray(values, dtype=np.float64)
-    n = len(values)
-    if n == 0:
+    if len(values) == 0:
         raise ValueError("bootstrap_ci needs at least one item")
-    flat = values.reshape(n, -1)  # (n, d)
-    stats = []
-    for indices in _resampled_indices(n, n_samples, seed, max_elements):  # (B, n): the items each resample draws
-        rows = len(indices)
-        if flat.shape[1] == 1:  # one value per item: gathering is cheaper than counting
-            totals = flat[:, 0][indices].sum(axis=1)  # (B,)
-        else:
-            totals = _counts(indices) @ flat  # (B, d)
-        totals = totals.reshape((rows,) + values.shape[1:])
-        stats.append(np.asarray(statistic(totals) if statistic else totals / n, dtype=np.float64))
+    stats = _resampled_statistics(values.reshape(len(values), -1), _of_sums(statistic, values.shape[1:]),
+                                  clusters, n_samples, seed, max_elements)
     return _percentiles(stats, confidence)
 
 
-def _counts(indices: np.ndarray) -> np.ndarray:
-    """How often each of n items is drawn in each resample; (B, n) indices -> (B, n) float counts."""
-    rows, n = indices.shape
-    offsets = indices + n * np.arange(rows)[:, None]
-    return np.bincount(offsets.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
+def paired_bootstrap_ci(
+    values: Sequence[float] | np.ndarray,
+    baseline_values: Sequence[float] | np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray] | None = None,
+    n_samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    max_elements: int = 2**22,
+    *,
+    clusters: Sequence | np.ndarray | None = None,
+) -> tuple[float, float]:
+    """Paired percentile bootstrap interval of statistic(values) - statistic(baseline_values).
+
+    values, baseline_values: (n,) or (n, d) per-item values of two systems on the same n items
+    (row i of both is the same context). Each resample draws items (or `clusters`, as in
+    `bootstrap_ci`) once, for both systems, so what the two share (a hard context) cancels in the
+    difference. `statistic` as in `bootstrap_ci` (default the mean).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    baseline_values = np.asarray(baseline_values, dtype=np.float64)
+    n = len(values)
+    if n == 0 or len(baseline_values) != n:
+        raise ValueError(f"paired_bootstrap_ci needs the same n >= 1 items for both systems, got {n} and "
+                         f"{len(baseline_values)}")
+    flat, baseline_flat = values.reshape(n, -1), baseline_values.reshape(n, -1)
+    width = flat.shape[1]
+    own, baseline = _of_sums(statistic, values.shape[1:]), _of_sums(statistic, baseline_values.shape[1:])
+
+    def difference(totals: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return own(totals[:, :width], items) - baseline(totals[:, width:], items)
+
+    stats = _resampled_statistics(np.concatenate([flat, baseline_flat], axis=1), difference, clusters,
+                                  n_samples, seed, max_elements)
+    return _percentiles(stats, confidence)
 
 
 def bootstrap_ci_of_counts(
@@ -403,14 +416,60 @@ def bootstrap_ci_of_counts(
     confidence: float = 0.95,
     max_elements: int = 2**22,
     width: int = 0,
+    *,
+    clusters: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of a statistic of n items that is not a function of item sums
     (distinct-n, the share of the most frequent replies). `statistic` maps resample counts (B, n),
     how often each item was drawn, to (B,); it may hold `width` values per resample at once, which
-    shrinks the blocks. Same resamples as `bootstrap_ci` for the same n and seed.
+    shrinks the blocks. `clusters` as in `bootstrap_ci` (an item counts as often as its cluster is
+    drawn). Same resamples as `bootstrap_ci` for the same n, clusters and seed.
     """
     if n == 0:
         raise ValueError("bootstrap_ci_of_counts needs at least one item")
-    stats = [np.asarray(statistic(_counts(indices)), dtype=np.float64)
-             for indices in _resampled_indices(n, n_samples, seed, max_elements, width)]
-    return _percentiles(stats, confidence)
+    codes, n_clusters = cluster_codes(clusters, n)
+    stats = [np.asarray(statistic(_counts(indices, n_clusters)[:, codes]), dtype=np.float64)
+             for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements, width)]
+    return _percentiles(np.concatenate(stats), confidence)
+
+
+def mcnemar_exact(model_only: int, baseline_only: int) -> float:
+    """Two-sided exact McNemar p-value of paired binary outcomes, from the discordant pairs.
+
+    model_only: items where only the model has the outcome (e.g. an unsafe reply); baseline_only:
+    where only the baseline has it. Under the null both are equally likely, so model_only is
+    Binomial(model_only + baseline_only, 1/2); p = min(1, 2 * P(X <= min(b, c))). 1 when no pair
+    is discordant. Items are taken as independent pairs.
+    """
+    from scipy.stats import binomtest
+
+    if model_only < 0 or baseline_only < 0:
+        raise ValueError(f"discordant counts must be 0 or more, got {model_only} and {baseline_only}")
+    discordant = model_only + baseline_only
+    if discordant == 0:
+        return 1.0
+    return float(binomtest(model_only, discordant, 0.5).pvalue)
+
+
+# --- classifier labels (the safety and rot_agreement stages) --------------------------------------
+
+
+def accuracy(actual: Sequence, predicted: Sequence) -> float | None:
+    """Share of positions where the labels agree; None for no examples."""
+    if len(actual) == 0:
+        return None
+    return float(np.mean(np.asarray(actual, dtype=object) == np.asarray(predicted, dtype=object)))
+
+
+def macro_f1(actual: Sequence, predicted: Sequence) -> float | None:
+    """Unweighted mean of per-class F1 over the classes that occur in `actual` or `predicted`
+    (scikit-learn's default; a class never predicted and never present does not count)."""
+    if len(actual) == 0:
+        return None
+    actual, predicted = np.asarray(actual, dtype=object), np.asarray(predicted, dtype=object)
+    scores = []
+    for label in sorted(set(actual) | set(predicted)):
+        true_positive = np.sum((actual == label) & (predicted == label))
+        denominator = np.sum(actual == label) + np.sum(predicted == label)
+        scores.append(2 * true_positive / denominator)
+    return float(np.mean(scores))

@@ -168,10 +168,16 @@ def encode_sources(tokenizer, sources: Sequence[Source], max_tokens: int) -> lis
     return out
 
 
-def encode_targets(tokenizer, targets: Sequence[str], max_tokens: int) -> list[list[int]]:
-    """Token ids of each target followed by eos, cut from the right (eos kept)."""
+def encode_targets(tokenizer, targets: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:
+    """Token ids of each target within `max_tokens`, and whether it was cut.
+
+    A target that fits ends in eos. One that does not keeps its first `max_tokens` tokens and no
+    eos: an eos after a cut would teach the model to stop mid-sentence, and would weigh an
+    unlikely end-of-reply in a cut candidate's score.
+    """
     ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-    return [row[: max_tokens - 1] + [tokenizer.eos_token_id] for row in ids]
+    cut = [len(row) >= max_tokens for row in ids]
+    return [row[:max_tokens] if was_cut else row + [tokenizer.eos_token_id] for row, was_cut in zip(ids, cut)], cut
 
 
 def _pad(rows: list[list[int]], value: int, left: bool = False):

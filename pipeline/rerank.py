@@ -1,30 +1,42 @@
-"""Re-ranking sampled candidates: a weighted sum of per-candidate terms, ranked within each context.
+"""Re-ranking sampled candidates: the one entry point `score_candidates` that `generate` (and
+`audit`) and `chat` call, which scores every term and ranks the candidates within each context.
 
     score = alpha * fluency_term + beta * prosociality + gamma * agreement
 
 Every term is a number in [0, 1] where higher is better, so the weights compare like with like:
 
-- `fluency_term = exp(mean token log-probability)`: the geometric-mean probability the generating
-  model gave each token of the candidate (its per-token probability). It is an absolute scale, not
-  a min-max within the context's k candidates: min-max would stretch a negligible fluency gap to the
-  full [0, 1] range and let it outweigh a large difference in safety.
-- `prosociality = P(casual)` of the reply in context, from the safety classifier.
+- `fluency_term = exp(fluency)`, fluency being the mean log-probability of the reply tokens under
+  the generating model (`pipeline.sampling.reply_tokens`): the geometric-mean probability it gave
+  each token of the reply. It is an absolute scale, not a min-max within the context's k
+  candidates: min-max would stretch a negligible fluency gap to the full [0, 1] range and let it
+  outweigh a large difference in safety.
+- `prosociality = P(casual)` of the reply in context, from the safety classifier; 0 for an empty
+  reply, since saying nothing is never the prosocial choice (`safety_scores`).
 - `agreement = 1 - P(the reply disagrees with its own RoT)`, from the RoT-agreement scorer
-  (`agreement_term`): does the reply honour the norm the model itself stated? A candidate without
-  a RoT gets the mean over its context's candidates that have one, so carrying a RoT is neither
-  rewarded nor punished on average. With gamma = 0 the term is left out (`GenerateConfig.weights`).
+  (`agreement_scores`, `agreement_term`): does the reply honour the norm the model itself stated?
+  A candidate without a RoT gets the mean over its context's candidates that have one, so carrying
+  a RoT is neither rewarded nor punished on average. With gamma = 0 the term is left out
+  (`term_weights`), and the scorer is only needed when gamma > 0.
 
-Adding a term is adding one entry to `terms` and one to `weights`; nothing here names the terms.
-Ranks are 1 = best within a context; equal scores (to 9 decimals, so float rounding in the sum
-cannot decide) keep sampling order (lower `candidate_index` first), and a NaN score ranks last.
+Adding a term is adding one entry to the terms in `score_candidates` and one to `term_weights`;
+`combined_score` and `rank_within` name no term. Ranks are 1 = best within a context; equal scores
+(to 9 decimals, so float rounding in the sum cannot decide) keep sampling order (lower
+`candidate_index` first), and a NaN score ranks last.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+from pipeline.config import GenerateConfig, require
+from pipeline.errors import DataError
+
+if TYPE_CHECKING:
+    from pipeline.safety_models import AgreementScorer, SafetyScorer
 
 TIE_DECIMALS = 9  # scores that agree to this many decimals are ties
 NO_ROT_AGREEMENT = 0.5  # agreement in a context where no candidate carries a RoT (the same for all)
@@ -114,3 +126,94 @@ def rerank(groups: Sequence, candidate_index: Sequence[int], terms: Mapping[str,
     else:
         rank = rank_within(groups, np.zeros_like(score), candidate_index)
     return Reranked(score=score, rank=rank, selected=rank == 1)
+
+
+# --- the entry point: terms from the scorers, weights from the config -----------------------------
+
+
+def term_weights(config: GenerateConfig) -> dict[str, float]:
+    """The weight of each term: alpha, beta and gamma; `agreement` only when gamma > 0, so gamma = 0
+    gives the two-term score bit for bit."""
+    weights = {"fluency": config.alpha, "prosociality": config.beta}
+    if config.gamma > 0:
+        weights["agreement"] = config.gamma
+    return weights
+
+
+def _require_agreement_scorer(config: GenerateConfig, given: bool) -> None:
+    require(given or config.gamma == 0, "generate.gamma", config.gamma,
+            "must be 0 without --agreement (the RoT-agreement scorer folder, e.g. models/rot_agreement)")
+
+
+def load_scorers(config: GenerateConfig, safety: Path, agreement: Path | None) -> tuple[SafetyScorer, AgreementScorer | None]:
+    """The safety classifier in `safety` and the RoT-agreement scorer in `agreement` (None without
+    one, which only `generate.gamma = 0` allows: checked before anything is loaded)."""
+    from pipeline import safety_models
+
+    _require_agreement_scorer(config, agreement is not None)
+    return (safety_models.load_scorer(safety),
+            None if agreement is None else safety_models.load_agreement_scorer(agreement))
+
+
+def has_rot(rot: str | None) -> bool:
+    return rot is not None and bool(rot.strip())
+
+
+def safety_scores(scorer: SafetyScorer, responses: Sequence[str],
+                  contexts: Sequence[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """(safety_probs (n, 3), prosociality (n,)): the classifier's three-way probabilities of each
+    reply in context, and P(casual), which is 0 for an empty reply."""
+    if not responses:
+        return np.zeros((0, 3)), np.zeros(0)
+    probs = np.asarray(scorer.predict_proba(list(responses), [list(c) for c in contexts]), dtype=np.float64)
+    if probs.shape != (len(responses), 3):
+        raise DataError(f"safety classifier returned shape {probs.shape}, expected ({len(responses)}, 3)")
+    empty = np.array([not r.strip() for r in responses])
+    return probs, np.where(empty, 0.0, probs[:, 0])
+
+
+def agreement_scores(scorer: AgreementScorer, rots: Sequence[str | None], responses: Sequence[str],
+                     contexts: Sequence[Sequence[str]], groups: Sequence) -> np.ndarray:
+    """The agreement term of N candidates, (N,): 1 - P(disagrees) of each reply with its own RoT, and
+    for a candidate without a RoT its context's neutral fill (`agreement_term`)."""
+    with_rot = [i for i, rot in enumerate(rots) if has_rot(rot)]
+    not_disagrees = np.full(len(rots), np.nan)
+    if with_rot:
+        probs = np.asarray(scorer.predict_proba([rots[i] for i in with_rot], [responses[i] for i in with_rot],
+                                                [list(contexts[i]) for i in with_rot]), dtype=np.float64)
+        if probs.shape != (len(with_rot), 3):
+            raise DataError(f"RoT-agreement scorer returned shape {probs.shape}, expected ({len(with_rot)}, 3)")
+        not_disagrees[with_rot] = 1.0 - probs[:, 0]
+    return agreement_term(not_disagrees, groups)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Every term of N candidates and the re-ranker's verdict (arrays (N,) unless noted)."""
+
+    safety_probs: np.ndarray  # (N, 3) casual, needs_caution, needs_intervention
+    prosociality: np.ndarray
+    fluency_term: np.ndarray
+    agreement: np.ndarray | None  # None without an agreement scorer
+    verdict: Reranked
+
+
+def score_candidates(config: GenerateConfig, groups: Sequence, candidate_index: Sequence[int],
+                     fluency: Sequence[float], rots: Sequence[str | None], responses: Sequence[str],
+                     contexts: Sequence[Sequence[str]], safety_scorer: SafetyScorer,
+                     agreement_scorer: AgreementScorer | None = None) -> Scored:
+    """Score N candidates and choose one per context, as `generate` and `chat` both do.
+
+    groups: (N,) context ids; candidate_index: (N,) sampling order within the context; fluency: (N,)
+    mean reply-token log-probabilities; rots, responses, contexts: each candidate's parsed RoT (None
+    when it has none), reply and context turns. The agreement term is scored whenever
+    `agreement_scorer` is given (and written), but weighs in only when `config.gamma` > 0, which needs it.
+    """
+    _require_agreement_scorer(config, agreement_scorer is not None)
+    probs, prosociality = safety_scores(safety_scorer, responses, contexts)
+    terms = {"fluency": fluency_term(fluency), "prosociality": prosociality}
+    if agreement_scorer is not None:
+        terms["agreement"] = agreement_scores(agreement_scorer, rots, responses, contexts, groups)
+    weights = term_weights(config)
+    verdict = rerank(groups, candidate_index, {name: terms[name] for name in weights}, weights, enabled=config.rerank)
+    return Scored(probs, prosociality, terms["fluency"], terms.get("agreement"), verdict)

@@ -1,30 +1,34 @@
-"""Text classifiers of three kinds behind one API, with safe (pickle-free) saving and loading.
+"""The text-classifier library: the safety classifier and the RoT-agreement scorer, on one base.
 
-Two tasks share this machinery, each a `Task` (its params section and its labels):
-- the safety classifier (`SAFETY`, section `safety`): ProsocialDialog's five safety labels
-  (`LABELS5`) of an utterance in context; the three-way probabilities (`THREE_WAY`) are sums of
-  the five. Its API is `Scorer`:
+Both are a `TextScorer`: a trained `Classifier` of one kind plus its `Task`, which says what the
+scorer is for (its params section, its labels, the text fields an example has). Fitting, saving,
+loading and predicting are shared; each task only adds its own API:
 
-      scorer.predict_proba5(responses, contexts=None)  # (n, 5), rows sum to 1, columns LABELS5
-      scorer.predict_proba(responses, contexts=None)   # (n, 3), rows sum to 1, columns THREE_WAY
-
-- the RoT-agreement scorer (section `rot_agreement`, `pipeline.stages.rot_agreement`): whether a
-  reply disagrees with, is neutral to or agrees with a rule-of-thumb, in context.
+    from pipeline.safety_models import load_scorer, load_agreement_scorer
+    safety = load_scorer("models/safety")                 # SafetyScorer, trained by `python -m pipeline safety`
+    safety.predict_proba5(responses, contexts=None)       # (n, 5), rows sum to 1, columns SAFETY_LABELS
+    safety.predict_proba(responses, contexts=None)        # (n, 3), rows sum to 1, columns THREE_WAY
+    agreement = load_agreement_scorer("models/rot_agreement")   # AgreementScorer (`rot_agreement` stage)
+    agreement.predict_proba(rots, responses, contexts=None)     # (n, 3): AGREEMENT_LABELS
 
 A classifier reads one or more *blocks* of text per example: `blocks[b][i]` is field b of example
-i (safety: the utterance, then its context; agreement: the reply, the RoT, then the context).
-`classifier.proba(blocks)` gives (n, len(labels)) probabilities. Kinds (`<section>.model`):
+i, then the joined context when the task reads one (safety: the utterance, the context; agreement:
+the reply, the RoT, the context). `classifier.proba(blocks)` gives (n, len(labels)) probabilities.
+Kinds (`<section>.model`):
 - `tfidf`: word n-gram TF-IDF + multinomial logistic regression. Every block is a TF-IDF block
-  over one shared vocabulary, with its own coefficients. Saved as `tfidf.npz` (terms, idf, coef,
-  intercept), loaded with `np.load(allow_pickle=False)`.
+  over one shared vocabulary, with its own coefficients. A task with a `pair` of fields (the
+  agreement scorer: reply and RoT) adds their *pairwise view* when `<section>.tfidf.pair_buckets`
+  is positive (`pair_features`): side-by-side blocks cannot see whether a reply goes with its RoT
+  or against it, because no column depends on both. Saved as `tfidf.npz` (terms, idf, coef,
+  intercept, pair, pair_buckets), loaded with `np.load(allow_pickle=False)`.
 - `scratch`: a small BERT encoder built from a config, with a WordPiece tokenizer trained on the
   training text. `hf`: any Hugging Face encoder (name or local path) through
   `AutoModelForSequenceClassification`. Both read the first block as the first segment and the
-  others, joined by the separator token, as the second (`[CLS] response [SEP] context [SEP]`), and
-  are saved with `save_pretrained` (safetensors) in `encoder/`.
+  others, joined by the separator token, as the second (`[CLS] response [SEP] context [SEP]`), so
+  attention relates the reply to the RoT; saved with `save_pretrained` (safetensors) in `encoder/`.
 
 The folder's `scorer.json` names the task, the kind and the labels, and carries the resolved
-config, the git commit and the library versions; `load_classifier` reads it first. torch and
+config, the git commit and the library versions; `TextScorer.load` reads it first. torch and
 transformers are imported only by the transformer kinds, so loading a TF-IDF model stays light.
 """
 
@@ -34,20 +38,22 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import numpy as np
 
+from pipeline.config import RotAgreementConfig, SafetyConfig
 from pipeline.errors import DataError
-from pipeline.labels import COLLAPSE, THREE_WAY
-from pipeline.labels import SAFETY_LABELS as LABELS5
+from pipeline.labels import COLLAPSE, SAFETY_LABELS, THREE_WAY
 
 log = logging.getLogger(__name__)
 
+AGREEMENT_LABELS = ("disagrees", "neutral", "agrees")  # MIC's A_agrees 0, 1, 2
 # COLLAPSE_MATRIX[i, j] = 1 when five-way label i collapses to three-way label j; (5, 3)
-COLLAPSE_MATRIX = np.array([[THREE_WAY.index(COLLAPSE[label]) == j for j in range(3)] for label in LABELS5],
+COLLAPSE_MATRIX = np.array([[THREE_WAY.index(COLLAPSE[label]) == j for j in range(3)] for label in SAFETY_LABELS],
                            dtype=np.float64)
 KINDS = ("tfidf", "scratch", "hf")
 SCORER_FILE = "scorer.json"
@@ -58,14 +64,19 @@ TFIDF_FILE = "tfidf.npz"
 @dataclasses.dataclass(frozen=True)
 class Task:
     """What a classifier is for: `section` names its params section, stage and command; `labels`
-    are its classes in column order; `what` is how messages name it."""
+    are its classes in column order; `fields` name an example's texts in block order (the context,
+    when read, comes after them); `pair` indexes the two fields whose relation the TF-IDF kind's
+    pairwise view describes (None: no pairwise view); `what` is how messages name it."""
 
     section: str
     labels: tuple[str, ...]
+    fields: tuple[str, ...]
+    pair: tuple[int, int] | None
     what: str
 
 
-SAFETY = Task("safety", LABELS5, "safety classifier")
+SAFETY = Task("safety", SAFETY_LABELS, ("responses",), None, "safety classifier")
+AGREEMENT = Task("rot_agreement", AGREEMENT_LABELS, ("responses", "rots"), (0, 1), "RoT-agreement scorer")
 
 
 def collapse_proba(probs5: np.ndarray) -> np.ndarray:
@@ -89,15 +100,6 @@ def context_texts(contexts: Sequence[Sequence[str] | None] | None, n: int, turns
     return ["\n".join(list(context)[-turns:]) if context is not None and len(context) else "" for context in contexts]
 
 
-def check_inputs(responses, contexts) -> None:
-    if isinstance(responses, str):
-        raise TypeError("responses must be a list of strings, not one string")
-    if not all(isinstance(response, str) for response in responses):
-        raise TypeError("every response must be a string (got None or another type)")
-    if contexts is not None and len(contexts) != len(responses):
-        raise ValueError(f"got {len(responses)} responses but {len(contexts)} contexts")
-
-
 class Classifier:
     """A trained model of one kind: probabilities of its `labels` for blocks of text."""
 
@@ -114,36 +116,19 @@ class Classifier:
         raise NotImplementedError
 
     def save(self, folder: Path) -> None:
-        """Write the model's own files into `folder` (scorer.json is written by the stage)."""
+        """Write the model's own files into `folder` (scorer.json is written by the scorer)."""
         raise NotImplementedError
 
 
-class Scorer:
-    """The safety API: five- and three-way probabilities of utterances, optionally in context."""
-
-    def __init__(self, classifier: Classifier, context_turns: int):
-        self.classifier = classifier
-        self.context_turns = context_turns
-
-    @property
-    def kind(self) -> str:
-        return self.classifier.kind
-
-    def predict_proba5(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Probabilities of `LABELS5` for each response given its context; (n, 5), rows sum to 1."""
-        check_inputs(responses, contexts)
-        joined = context_texts(contexts, len(responses), self.context_turns)
-        return self.classifier.proba([list(responses)] + ([joined] if joined is not None else []))
-
-    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Probabilities of `THREE_WAY` (casual, needs_caution, needs_intervention); (n, 3), rows sum to 1."""
-        return collapse_proba(self.predict_proba5(responses, contexts))
-
-    def save(self, folder: Path) -> None:
-        self.classifier.save(folder)
-
-
 # --- tfidf ----------------------------------------------------------------------------------------
+
+WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern (so "don't" -> "don")
+# Words that say no or condemn. "not", "no" and "never" are stop words to scikit-learn; here they are
+# the point: "you should never do that" answers "It's wrong to X" the other way from "sure, do it".
+NEGATIVE_WORDS = frozenset({"no", "not", "never", "nothing", "nobody", "none", "nor", "neither", "cannot", "don",
+                            "doesn", "didn", "isn", "aren", "wasn", "weren", "won", "wouldn", "shouldn", "couldn",
+                            "mustn", "wrong", "bad"})
+SIMILARITY_FEATURES = ("cosine", "overlap", "negative_first", "negative_second", "negative_differs")
 
 
 def tfidf_vectorizer(config, vocabulary=None):
@@ -152,6 +137,33 @@ def tfidf_vectorizer(config, vocabulary=None):
     return TfidfVectorizer(ngram_range=(1, config.ngram_max), min_df=config.min_df,
                            max_features=config.max_features, sublinear_tf=True, dtype=np.float64,
                            vocabulary=vocabulary)
+
+
+def pair_features(firsts: list[str], seconds: list[str], first_tfidf, second_tfidf, buckets: int):
+    """The pairwise view of two fields (reply and RoT): sparse (n, buckets + 5).
+
+    Columns 0 .. buckets - 1: every (word of `seconds[i]`, word of `firsts[i]`) pair hashed into a
+    bucket, the row scaled to unit length, so the logistic regression can weigh "RoT says *wrong*,
+    reply says *never*" apart from "RoT says *wrong*, reply says *sure*". Then
+    `SIMILARITY_FEATURES`: the cosine of the two TF-IDF rows (`first_tfidf`, `second_tfidf`,
+    (n, V), unit rows), the Jaccard overlap of their word sets, whether each has a word of
+    `NEGATIVE_WORDS`, and whether exactly one of them has.
+    """
+    from scipy.sparse import csr_matrix, hstack
+    from sklearn.feature_extraction import FeatureHasher
+
+    first_words = [set(WORD.findall(text.lower())) for text in firsts]
+    second_words = [set(WORD.findall(text.lower())) for text in seconds]
+    crossed = [[f"{s} {f}" for s in second for f in first] for first, second in zip(first_words, second_words)]
+    hashed = FeatureHasher(n_features=buckets, input_type="string", alternate_sign=False).transform(crossed)
+    norms = np.sqrt(np.asarray(hashed.multiply(hashed).sum(axis=1)).ravel())
+    hashed = csr_matrix(hashed.multiply(1 / np.maximum(norms, 1e-12)[:, None]))
+    cosine = np.asarray(first_tfidf.multiply(second_tfidf).sum(axis=1)).ravel()
+    similarity = np.array([
+        [c, len(f & s) / max(1, len(f | s)), bool(f & NEGATIVE_WORDS), bool(s & NEGATIVE_WORDS),
+         bool(f & NEGATIVE_WORDS) != bool(s & NEGATIVE_WORDS)]
+        for c, f, s in zip(cosine, first_words, second_words)], dtype=np.float64).reshape(-1, 5)
+    return hstack([hashed, csr_matrix(similarity)], format="csr")
 
 
 def write_npz(path: Path, **arrays: np.ndarray) -> None:
@@ -170,62 +182,81 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 class TfidfClassifier(Classifier):
-    """TF-IDF features of each block side by side -> softmax(X W^T + b)."""
+    """TF-IDF features of each block side by side (and the pairwise view of `pair`) -> softmax(X W^T + b)."""
 
     kind = "tfidf"
 
-    def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, labels: tuple[str, ...]):
+    def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, labels: tuple[str, ...],
+                 pair: tuple[int, int] | None = None, pair_buckets: int = 0):
         self.vectorizer = vectorizer
-        self.coef = coef  # (L, B * V): a block of V coefficients per text block
+        self.coef = coef  # (L, B * V [+ pair_buckets + 5]): V coefficients per text block, then the pair block
         self.intercept = intercept  # (L,)
         self.labels = labels
+        self.pair = pair if pair_buckets > 0 else None
+        self.pair_buckets = pair_buckets if self.pair else 0
+
+    @property
+    def pair_width(self) -> int:
+        return self.pair_buckets + len(SIMILARITY_FEATURES) if self.pair else 0
 
     def features(self, blocks: list[list[str]]):
-        """Sparse (n, B * V) features: one TF-IDF block per text block, in order."""
+        """Sparse (n, B * V [+ pair_width]) features: one TF-IDF block per text block, in order, then
+        the pairwise view of the blocks `pair` when there is one."""
         from scipy.sparse import hstack
 
         features = [self.vectorizer.transform(block) for block in blocks]
+        if self.pair:
+            first, second = self.pair
+            features.append(pair_features(blocks[first], blocks[second], features[first], features[second],
+                                          self.pair_buckets))
         return features[0] if len(features) == 1 else hstack(features, format="csr")
 
     def _proba(self, blocks):
         features = self.features(blocks)
         if features.shape[1] != self.coef.shape[1]:
-            trained = self.coef.shape[1] // len(self.vectorizer.vocabulary_)
+            trained = (self.coef.shape[1] - self.pair_width) // len(self.vectorizer.vocabulary_)
             raise ValueError(f"got {len(blocks)} text blocks, the model was trained on {trained}")
         logits = np.asarray(features @ self.coef.T) + self.intercept  # (n, L)
         return softmax(logits)
 
     def save(self, folder: Path) -> None:
         terms = np.array(self.vectorizer.get_feature_names_out(), dtype=str)
-        write_npz(folder / TFIDF_FILE, terms=terms, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept)
+        write_npz(folder / TFIDF_FILE, terms=terms, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept,
+                  pair=np.array(self.pair or (), dtype=np.int64), pair_buckets=np.array(self.pair_buckets))
 
     @classmethod
     def load(cls, folder: Path, config, labels: tuple[str, ...]) -> "TfidfClassifier":
         path = folder / TFIDF_FILE
+        names = ("terms", "idf", "coef", "intercept", "pair", "pair_buckets")
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                terms, idf, coef, intercept = (arrays[k] for k in ("terms", "idf", "coef", "intercept"))
+                terms, idf, coef, intercept, pair, buckets = (arrays[k] for k in names)
         except (OSError, KeyError, ValueError) as error:
             raise DataError(f"{path}: cannot read the TF-IDF model ({error})") from None
-        if coef.shape[0] != len(labels) or intercept.shape != (len(labels),) or coef.shape[1] % max(1, len(terms)):
-            raise DataError(f"{path}: coefficients of shape {coef.shape} do not fit {len(labels)} labels and "
-                            f"{len(terms)} terms")
+        pair, buckets = (tuple(int(i) for i in pair) or None), int(buckets)
         vectorizer = tfidf_vectorizer(config, vocabulary={term: i for i, term in enumerate(terms.tolist())})
         vectorizer.idf_ = idf
-        return cls(vectorizer, coef, intercept, labels)
+        classifier = cls(vectorizer, coef, intercept, labels, pair, buckets)
+        width = coef.shape[1] - classifier.pair_width if coef.ndim == 2 else -1
+        if coef.ndim != 2 or coef.shape[0] != len(labels) or intercept.shape != (len(labels),) \
+                or width <= 0 or width % max(1, len(terms)):
+            raise DataError(f"{path}: coefficients of shape {coef.shape} do not fit {len(labels)} labels, "
+                            f"{len(terms)} terms and a pair block of {classifier.pair_width}")
+        return classifier
 
 
 def train_tfidf(blocks: list[list[str]], labels: np.ndarray, weights: np.ndarray, config, label_names: tuple[str, ...],
-                seed: int) -> TfidfClassifier:
+                seed: int, pair: tuple[int, int] | None = None, pair_buckets: int = 0) -> TfidfClassifier:
     """Fit the vocabulary on every block's training texts, then the logistic regression.
 
-    `labels` are indices into `label_names`, (n,); `weights` per-example weights, (n,).
+    `labels` are indices into `label_names`, (n,); `weights` per-example weights, (n,); `pair`,
+    `pair_buckets`: the pairwise view (see `pair_features`; none when either is unset).
     """
     from sklearn.linear_model import LogisticRegression
 
     vectorizer = tfidf_vectorizer(config)
     vectorizer.fit([text for block in blocks for text in block])
-    classifier = TfidfClassifier(vectorizer, np.zeros(0), np.zeros(0), label_names)
+    classifier = TfidfClassifier(vectorizer, np.zeros(0), np.zeros(0), label_names, pair, pair_buckets)
     features = classifier.features(blocks)
     # Newton-CG converges in a handful of iterations here (L-BFGS needs ~50, and is ~8x slower).
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, solver="newton-cg", random_state=seed,
@@ -250,12 +281,6 @@ def train_tfidf(blocks: list[list[str]], labels: np.ndarray, weights: np.ndarray
 
 
 # --- transformers (scratch and hf) ----------------------------------------------------------------
-
-
-def pick_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class TransformerClassifier(Classifier):
@@ -301,6 +326,8 @@ class TransformerClassifier(Classifier):
     def load(cls, folder: Path, kind: str, config, task: Task) -> "TransformerClassifier":
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from pipeline.devices import model_device
+
         path = folder / ENCODER_DIR
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
@@ -311,7 +338,7 @@ class TransformerClassifier(Classifier):
                             f"({str(error).splitlines()[0]})") from None
         if model.config.num_labels != len(task.labels):
             raise DataError(f"{path}: the encoder has {model.config.num_labels} outputs, expected {len(task.labels)}")
-        return cls(kind, model.to(pick_device()), tokenizer, config.max_length, config.batch_size * 2, task.labels)
+        return cls(kind, model.to(model_device()), tokenizer, config.max_length, config.batch_size * 2, task.labels)
 
 
 def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
@@ -376,8 +403,10 @@ def train_transformer(kind: str, blocks: list[list[str]], labels: np.ndarray, we
     import torch
     from tqdm import tqdm
 
+    from pipeline.devices import model_device
+
     # --- setup
-    device = pick_device()
+    device = model_device()
     if kind == "scratch":
         model, tokenizer = build_scratch([text for block in blocks for text in block], config, seed, task.labels)
     else:
@@ -424,76 +453,150 @@ def train_transformer(kind: str, blocks: list[list[str]], labels: np.ndarray, we
     return classifier
 
 
-# --- one entry point per direction ----------------------------------------------------------------
+# --- scorers: a task's API over a trained classifier ----------------------------------------------
 
 
-def train_classifier(task: Task, config, blocks: list[list[str]], labels: np.ndarray,
-                     weights: np.ndarray) -> Classifier:
-    """Train the kind `config.model` on text blocks (each a list of n texts); `labels` index
-    `task.labels`, (n,); `weights` (n,). `config` is the task's section (`model`, `seed`, and one
-    subsection per kind)."""
-    if config.model == "tfidf":
-        return train_tfidf(blocks, labels, weights, config.tfidf, task.labels, config.seed)
-    return train_transformer(config.model, blocks, labels, weights, getattr(config, config.model), task, config.seed)
+class TextScorer:
+    """A trained classifier of `task`: probabilities of its labels for examples of its text fields,
+    each optionally in context (the last `context_turns` turns). Subclasses set `task` and
+    `config_class` (the dataclass of the task's params section) and name their own API."""
+
+    task: ClassVar[Task]
+    config_class: ClassVar[type]
+
+    def __init__(self, classifier: Classifier, context_turns: int):
+        self.classifier = classifier
+        self.context_turns = context_turns
+
+    @property
+    def kind(self) -> str:
+        return self.classifier.kind
+
+    @classmethod
+    def blocks(cls, fields: Sequence[Sequence[str]], contexts, context_turns: int) -> list[list[str]]:
+        """The classifier's text blocks: each field's texts (in `task.fields` order), then the joined
+        contexts when `context_turns` > 0. A TypeError or ValueError for texts of the wrong type or count."""
+        for name, texts in zip(cls.task.fields, fields):
+            if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
+                raise TypeError(f"{name} must be a list of strings (got a string, None or another type)")
+        counts = {len(texts) for texts in fields} | ({len(contexts)} if contexts is not None else set())
+        if len(counts) > 1:
+            given = ", ".join(f"{len(texts)} {name}" for name, texts in zip(cls.task.fields, fields))
+            raise ValueError(f"got {given} and {'no' if contexts is None else len(contexts)} contexts; "
+                             "the counts must match")
+        joined = context_texts(contexts, len(fields[0]), context_turns)
+        return [list(texts) for texts in fields] + ([joined] if joined is not None else [])
+
+    def proba(self, fields: Sequence[Sequence[str]], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `task.labels`; fields: one list of n texts per `task.fields` -> (n, L), rows sum to 1."""
+        return self.classifier.proba(self.blocks(fields, contexts, self.context_turns))
+
+    def save(self, folder: Path) -> None:
+        """Write the model's own files into `folder` (`record` gives scorer.json's contents)."""
+        self.classifier.save(folder)
+
+    def write(self, out: Path, config, extra: dict) -> None:
+        """Write the model folder `out` atomically: the model's files and scorer.json (`record`)."""
+        from pipeline.artifacts import staged_dir, write_json
+
+        with staged_dir(out) as folder:
+            self.save(folder)
+            write_json(self.record(config, extra), folder / SCORER_FILE)
+
+    @classmethod
+    def fit(cls, config, fields: Sequence[Sequence[str]], contexts, labels: np.ndarray, weights: np.ndarray):
+        """Train the kind `config.model` (`config`: the task's section) on examples of `task.fields`
+        (one list of n texts each) with their contexts; `labels` index `task.labels`, (n,); `weights` (n,)."""
+        blocks = cls.blocks(fields, contexts, config.context_turns)
+        if config.model == "tfidf":
+            pair_buckets = config.tfidf.pair_buckets if cls.task.pair else 0
+            classifier = train_tfidf(blocks, labels, weights, config.tfidf, cls.task.labels, config.seed,
+                                     cls.task.pair, pair_buckets)
+        else:
+            classifier = train_transformer(config.model, blocks, labels, weights, getattr(config, config.model),
+                                           cls.task, config.seed)
+        return cls(classifier, config.context_turns)
+
+    @classmethod
+    def record(cls, config, extra: dict) -> dict:
+        """The contents of scorer.json: task, kind, labels, resolved config, provenance and `extra` facts."""
+        from pipeline.artifacts import git_commit, library_versions
+
+        return {"task": cls.task.section, "kind": config.model, "labels": list(cls.task.labels),
+                "context_turns": config.context_turns, "config": dataclasses.asdict(config),
+                "git_commit": git_commit(), "library_versions": library_versions(), **extra}
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        """The scorer saved in `folder`; a DataError when the folder is missing, unreadable, or holds
+        another task's model."""
+        from pipeline.config import section_from_dict
+
+        task, folder = cls.task, Path(folder)
+        path = folder / SCORER_FILE
+        if not path.is_file():
+            raise DataError(f"{folder}: no {SCORER_FILE}, not a {task.what} folder "
+                            f"(run `python -m pipeline {task.section}` to make one)")
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            kind, config = record["kind"], record["config"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{path}: not a valid {SCORER_FILE} ({error})") from None
+        if kind not in KINDS:
+            raise DataError(f"{path}: kind = {kind!r} is unknown (known: {', '.join(KINDS)})")
+        if record.get("task") != task.section:
+            raise DataError(f"{path}: task = {record.get('task')!r}, not a {task.what} "
+                            f"(made by `python -m pipeline {task.section}`)")
+        if tuple(record.get("labels", ())) != task.labels:
+            raise DataError(f"{path}: labels = {record.get('labels')!r}, expected {list(task.labels)}")
+        config = section_from_dict(config, task.section, cls.config_class, source=str(path))
+        if kind == "tfidf":
+            classifier = TfidfClassifier.load(folder, config.tfidf, task.labels)
+        else:
+            classifier = TransformerClassifier.load(folder, kind, getattr(config, kind), task)
+        return cls(classifier, config.context_turns)
 
 
-def classifier_record(task: Task, config, extra: dict) -> dict:
-    """The contents of scorer.json: task, kind, labels, resolved config, provenance and `extra` facts."""
-    from pipeline.artifacts import git_commit, library_versions
+class SafetyScorer(TextScorer):
+    """ProsocialDialog's five safety labels of utterances (optionally in context), and their three-way sums."""
 
-    return {"task": task.section, "kind": config.model, "labels": list(task.labels),
-            "context_turns": config.context_turns, "config": dataclasses.asdict(config),
-            "git_commit": git_commit(), "library_versions": library_versions(), **extra}
+    task = SAFETY
+    config_class = SafetyConfig
 
+    def predict_proba5(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `SAFETY_LABELS` for each response given its context; (n, 5), rows sum to 1."""
+        return self.proba([responses], contexts)
 
-def load_classifier(folder: str | Path, task: Task, config_class: type):
-    """(classifier, config) saved in `folder` for `task`, whose section builds `config_class`; a
-    DataError when the folder is missing, unreadable, or holds another task's model."""
-    from pipeline.config import section_from_dict
+    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `THREE_WAY` (casual, needs_caution, needs_intervention); (n, 3), rows sum to 1."""
+        return collapse_proba(self.predict_proba5(responses, contexts))
 
-    folder = Path(folder)
-    path = folder / SCORER_FILE
-    if not path.is_file():
-        raise DataError(f"{folder}: no {SCORER_FILE}, not a {task.what} folder "
-                        f"(run `python -m pipeline {task.section}` to make one)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        kind, config = record["kind"], record["config"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise DataError(f"{path}: not a valid {SCORER_FILE} ({error})") from None
-    if kind not in KINDS:
-        raise DataError(f"{path}: kind = {kind!r} is unknown (known: {', '.join(KINDS)})")
-    if record.get("task") != task.section:
-        raise DataError(f"{path}: task = {record.get('task')!r}, not a {task.what} "
-                        f"(made by `python -m pipeline {task.section}`)")
-    if tuple(record.get("labels", ())) != task.labels:
-        raise DataError(f"{path}: labels = {record.get('labels')!r}, expected {list(task.labels)}")
-    config = section_from_dict(config, task.section, config_class, source=str(path))
-    if kind == "tfidf":
-        return TfidfClassifier.load(folder, config.tfidf, task.labels), config
-    return TransformerClassifier.load(folder, kind, getattr(config, kind), task), config
+    @classmethod
+    def record(cls, config, extra: dict) -> dict:
+        return super().record(config, {"labels5": list(SAFETY_LABELS), "three_way": list(THREE_WAY), **extra})
 
 
-# --- the safety classifier ------------------------------------------------------------------------
+class AgreementScorer(TextScorer):
+    """P(disagrees, neutral, agrees) of replies with rules-of-thumb, optionally in context."""
+
+    task = AGREEMENT
+    config_class = RotAgreementConfig
+
+    def predict_proba(self, rots: Sequence[str], responses: Sequence[str],
+                      contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `AGREEMENT_LABELS` for each reply against its RoT; (n, 3), rows sum to 1.
+
+        rots, responses: n strings each; contexts: n lists of previous turns (oldest first) or None.
+        """
+        return self.proba([responses, rots], contexts)
 
 
-def train_scorer(config, texts: list[str], contexts: list[list[str]], labels: np.ndarray,
-                 weights: np.ndarray) -> Scorer:
-    """Train the safety kind `config.model` (a SafetyConfig) on utterances with their previous turns;
-    `labels` index LABELS5."""
-    joined = context_texts(contexts, len(texts), config.context_turns)
-    blocks = [list(texts)] + ([joined] if joined is not None else [])
-    return Scorer(train_classifier(SAFETY, config, blocks, labels, weights), config.context_turns)
+def load_scorer(folder: str | Path) -> SafetyScorer:
+    """The safety classifier saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
+    return SafetyScorer.load(folder)
 
 
-def scorer_record(config, extra: dict) -> dict:
-    """The contents of a safety classifier's scorer.json (`classifier_record` plus the label sets)."""
-    return {**classifier_record(SAFETY, config, {}), "labels5": list(LABELS5), "three_way": list(THREE_WAY), **extra}
-
-
-def load_scorer(folder: str | Path) -> Scorer:
-    """The scorer saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
-    from pipeline.config import SafetyConfig
-
-    classifier, config = load_classifier(folder, SAFETY, SafetyConfig)
-    return Scorer(classifier, config.context_turns)
+def load_agreement_scorer(folder: str | Path) -> AgreementScorer:
+    """The RoT-agreement scorer saved in `folder` by the rot_agreement stage; a DataError when it is
+    missing, unreadable or another task's model (e.g. the safety classifier's folder)."""
+    return AgreementScorer.load(folder)

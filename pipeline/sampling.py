@@ -1,26 +1,100 @@
-"""Sampling candidates from a dialog model: decoding settings, batched sampling, and turning the
-generated tokens into (RoT, reply) with their fluency.
+"""Sampling candidates from a dialog model: its prompt format, decoding exactly as configured,
+batched sampling with each token's log-probability, and reading (RoT, reply) and the reply's
+fluency from the generated tokens.
 
 Shared by `generate` (and `audit`), the `chat` command and the stage-1 sampler of `mine`.
+
+Decoding uses `decoding_settings` and nothing else. transformers fills every generation setting a
+call leaves unset from the checkpoint's own `generation_config` (BlenderBot's `min_length`,
+`no_repeat_ngram_size`, forced bos/eos, ...), so `generate_batch` sets every field that decides the
+output and swaps the model's generation config for an empty one during the call.
+
+Fluency is the mean log-probability of the reply tokens (`reply_tokens`), taken from the logits
+`generate` computed while sampling, so it needs no second forward pass and no assumption about the
+prompt format.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 
 from pipeline.config import GenerateConfig
+from pipeline.devices import autocast
 from pipeline.errors import DataError
-from pipeline.modeling import BOT, EMOTION, PERSONA, USER, DialogModel, Source, _pad, encode_sources, parse_target, token_logprobs
+from pipeline.modeling import (
+    BOT, EMOTION, PERSONA, RESPONSE, ROT, USER, DialogModel, Source, _pad, encode_sources, parse_target,
+)
 
 CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new turn ends there
 
 
+# --- prompt formats -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """How a model's prompt is made from a context, and how its output is read.
+
+    `markers`: this project's format (`modeling.format_source`; a causal model's prompt ends in
+    `<|bot|>`), whose output is `<|rot|> RoT <|response|> reply`. The native formats of audited
+    models carry the context turns only (a general-purpose model has no slot for a persona or an
+    emotion), roles assigned from the end (the last turn is the user's), and their output is read as
+    a plain reply with no RoT:
+    - `chat_template`: the tokenizer's chat template with user/assistant roles and its generation prompt;
+    - `eos_separated`: every turn followed by eos (DialoGPT's format);
+    - `separator`: the turns joined by the literal `separator` (COSMO " <turn> ", BlenderBot "  "),
+      with the tokenizer's own special tokens; a causal model's prompt also ends with it.
+    """
+
+    kind: Literal["markers", "chat_template", "eos_separated", "separator"]
+    separator: str = ""
+
+    @property
+    def native(self) -> bool:
+        return self.kind != "markers"
+
+    def describe(self) -> str:
+        return f"separator {self.separator!r}" if self.kind == "separator" else self.kind
+
+
+MARKERS = PromptFormat("markers")
+
+
+def resolve_format(setting: str, tokenizer, is_seq2seq: bool, key: str) -> PromptFormat:
+    """The native format named by the setting `key` (`audit.models.<name>.format`) for this tokenizer.
+
+    `auto` is the chat template when the tokenizer has one, else `eos_separated` for a causal model;
+    a sequence-to-sequence model without a template has no one convention, so it must be named.
+    """
+    has_template = bool(tokenizer.chat_template)
+    if setting == "auto":
+        if has_template:
+            return PromptFormat("chat_template")
+        if is_seq2seq:
+            raise DataError(f"{key} = 'auto': the tokenizer has no chat template and a sequence-to-sequence model "
+                            "has no default turn separator; set the model's documented one (e.g. '  ' for "
+                            "BlenderBot, ' <turn> ' for COSMO) or eos_separated")
+        return PromptFormat("eos_separated")
+    if setting == "chat_template" and not has_template:
+        raise DataError(f"{key} = 'chat_template': the tokenizer has no chat template (use eos_separated or the "
+                        "model's turn separator)")
+    if setting in ("chat_template", "eos_separated"):
+        return PromptFormat(setting)
+    return PromptFormat("separator", setting)
+
+
+def pad_id(tokenizer) -> int:
+    """The padding id: the tokenizer's pad, else eos (DialoGPT has no pad; the attention mask hides it)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def source_budget(dm: DialogModel, config: GenerateConfig) -> int:
-    """Source tokens that fit: `max_source_tokens`, less what a causal model needs for `<|bot|>` and
+    """Prompt tokens that fit: `max_source_tokens`, less what a causal model needs for `<|bot|>` and
     the reply within its position limit."""
     budget = config.max_source_tokens
     limit = getattr(dm.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
@@ -32,56 +106,150 @@ def source_budget(dm: DialogModel, config: GenerateConfig) -> int:
     return budget
 
 
+def marker_prompts(dm: DialogModel, source_ids: list[list[int]]) -> list[list[int]]:
+    """Prompts of a project-format model from encoded sources: a causal model continues `source <|bot|>`."""
+    if dm.is_seq2seq:
+        return source_ids
+    bot = dm.tokenizer.convert_tokens_to_ids(BOT)
+    return [row + [bot] for row in source_ids]
+
+
+def native_prompt(dm: DialogModel, turns: Sequence[str], prompt: PromptFormat, max_tokens: int) -> list[int]:
+    """The prompt ids of `turns` (oldest first) in a native format, within `max_tokens`: whole oldest
+    turns are dropped first; a latest turn that alone is too long keeps the prompt's end."""
+    turns = list(turns)
+    for start in range(len(turns)):
+        ids = _native_ids(dm, turns[start:], prompt)
+        if len(ids) <= max_tokens:
+            return ids
+    return ids[-max_tokens:]
+
+
+def _native_ids(dm: DialogModel, turns: list[str], prompt: PromptFormat) -> list[int]:
+    tokenizer, last = dm.tokenizer, len(turns) - 1
+    if prompt.kind == "chat_template":
+        messages = [{"role": "user" if (last - i) % 2 == 0 else "assistant", "content": turn}
+                    for i, turn in enumerate(turns)]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own bos
+    if prompt.kind == "eos_separated":
+        ids = tokenizer(turns, add_special_tokens=False)["input_ids"]
+        return [token for row in ids for token in row + [tokenizer.eos_token_id]]
+    text = prompt.separator.join(turns) + ("" if dm.is_seq2seq else prompt.separator)
+    return tokenizer(text)["input_ids"]
+
+
+def encode_prompts(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig,
+                   prompt: PromptFormat = MARKERS) -> list[list[int]]:
+    """The complete prompt ids of each source in `prompt`'s format: what `generate_batch` continues."""
+    budget = source_budget(dm, config)
+    if prompt.native:
+        return [native_prompt(dm, source.context, prompt, budget) for source in sources]
+    return marker_prompts(dm, encode_sources(dm.tokenizer, sources, budget))
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
 def batch_seed(seed: int, corpus: str, batch_index: int) -> int:
     """The torch seed of one batch: fixed by (seed, corpus, batch index), independent of other batches."""
     digest = hashlib.sha256(f"{seed}:{corpus}:{batch_index}".encode()).digest()
     return int.from_bytes(digest[:4], "little")
 
 
-def generation_config(dm: DialogModel, config: GenerateConfig):
-    """Decoding settings from params only (a checkpoint's own defaults, e.g. beam search, are not used)."""
+def decoding_settings(dm: DialogModel, config: GenerateConfig) -> dict:
+    """Every `GenerationConfig` field that decides which tokens are generated, from `config` and the
+    tokenizer only: ancestral sampling (or greedy decoding) with `config`'s temperature, top-p and
+    top-k, no beam search, no length, repetition or n-gram constraint, nothing forced or suppressed.
+
+    None is transformers' spelling of "off" (for greedy decoding the sampling fields are unused);
+    `generate_batch` keeps the checkpoint's defaults from filling those. Written to stats.json as
+    `decoding`.
+    """
+    tokenizer = dm.tokenizer
+    if config.do_sample:
+        sampling = {"temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k}
+    else:
+        sampling = {"temperature": None, "top_p": None, "top_k": None}
+    decoder_start = None
+    if dm.is_seq2seq:
+        decoder_start = dm.model.config.decoder_start_token_id
+        if decoder_start is None:  # an architectural fact some configs keep in generation_config only
+            decoder_start = dm.model.generation_config.decoder_start_token_id
+        if decoder_start is None:
+            raise DataError(f"{dm.path}: a sequence-to-sequence model without a decoder_start_token_id")
+    return {
+        "max_new_tokens": config.max_new_tokens, "min_length": 0, "min_new_tokens": None,
+        "do_sample": config.do_sample, "num_beams": 1, "num_return_sequences": config.k, **sampling,
+        "min_p": None, "top_h": None, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+        "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "length_penalty": 1.0,
+        "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+        "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+        "forced_bos_token_id": None, "forced_eos_token_id": None, "exponential_decay_length_penalty": None,
+        "renormalize_logits": False, "remove_invalid_values": False, "guidance_scale": None,
+        "stop_strings": None, "max_time": None, "early_stopping": False,
+        "pad_token_id": pad_id(tokenizer), "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": decoder_start,
+    }
+
+
+@contextlib.contextmanager
+def neutral_generation_defaults(model):
+    """`model.generation_config` is an empty GenerationConfig inside the block: transformers fills each
+    field a call leaves None (forced_eos_token_id, suppress_tokens, ...) from it."""
     from transformers import GenerationConfig
 
-    tokenizer = dm.tokenizer
-    settings = dict(max_new_tokens=config.max_new_tokens, num_beams=1, num_return_sequences=config.k,
-                    do_sample=config.do_sample, pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id)
-    if dm.is_seq2seq:
-        settings["decoder_start_token_id"] = dm.model.config.decoder_start_token_id
-    if config.do_sample:
-        settings.update(temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-    return GenerationConfig(**settings)
+    saved = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = saved
 
 
-def sample_batch(dm: DialogModel, source_ids: list[list[int]], config: GenerateConfig, seed: int) -> list[list[int]]:
-    """Sample `config.k` targets for each source in one `generate` call.
+def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateConfig, seed: int,
+                   logprobs: bool = True) -> tuple[list[list[int]], list[list[float]] | None]:
+    """Sample `config.k` targets for each of S complete prompts in one `generate` call.
 
-    A causal model continues `source <|bot|>` (left-padded, so every row's next token is at the end);
-    a sequence-to-sequence model decodes from the encoded source. Returns S*k token-id lists grouped
-    by source, each cut after its first eos (a target that hit `max_new_tokens` has none).
+    A causal model continues its left-padded prompt (so every row's next token is at the end); a
+    sequence-to-sequence model decodes from the encoded prompt. Returns S*k token-id lists grouped by
+    prompt, each cut after its first eos (a target that hit `max_new_tokens` has none), and with
+    `logprobs` each token's log-probability under the model (its raw logits, before temperature or
+    top-p), as many as the target has tokens.
     """
     import torch
+    from transformers import GenerationConfig
 
-    tokenizer = dm.tokenizer
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    if dm.is_seq2seq:
-        input_ids, attention = _pad(source_ids, pad)  # (S, L)
-    else:
-        bot = tokenizer.convert_tokens_to_ids(BOT)
-        input_ids, attention = _pad([row + [bot] for row in source_ids], pad, left=True)  # (S, L)
+    eos = dm.tokenizer.eos_token_id
+    input_ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=not dm.is_seq2seq)  # (S, L)
     device = next(dm.model.parameters()).device
+    settings = GenerationConfig(**decoding_settings(dm, config), return_dict_in_generate=True, output_logits=logprobs)
     torch.manual_seed(seed)
-    with torch.no_grad():
-        sequences = dm.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                      generation_config=generation_config(dm, config))  # (S*k, L' + T)
+    with torch.no_grad(), neutral_generation_defaults(dm.model):
+        out = dm.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                                generation_config=settings)
     # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
-    new_tokens = sequences[:, 1:] if dm.is_seq2seq else sequences[:, input_ids.shape[1]:]
+    new_tokens = out.sequences[:, 1:] if dm.is_seq2seq else out.sequences[:, input_ids.shape[1]:]  # (S*k, T)
     targets = []
     for row in new_tokens.tolist():
         if eos in row:
             row = row[: row.index(eos) + 1]
         targets.append(row)
-    return targets
+    if not logprobs:
+        return targets, None
+    # One step at a time: log_softmax over the whole (S*k, T, V) at once would hold it twice more.
+    steps = [torch.log_softmax(step.float(), dim=-1).gather(-1, new_tokens[:, t: t + 1]).squeeze(-1)
+             for t, step in enumerate(out.logits)]  # T x (S*k,)
+    token_logps = torch.stack(steps, dim=1).cpu().tolist()  # (S*k, T)
+    return targets, [row[: len(target)] for row, target in zip(token_logps, targets)]
+
+
+def sample_batch(dm: DialogModel, source_ids: list[list[int]], config: GenerateConfig, seed: int) -> list[list[int]]:
+    """`config.k` sampled targets for each encoded source of a project-format model (`generate_batch`)."""
+    return generate_batch(dm, marker_prompts(dm, source_ids), config, seed, logprobs=False)[0]
+
+
+# --- reading the output ---------------------------------------------------------------------------
 
 
 def decode_target(tokenizer, ids: Sequence[int]) -> str:
@@ -96,13 +264,46 @@ def split_candidate(text: str) -> tuple[str | None, str]:
     return parse_target(text[:cut])
 
 
-def mean_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]], k: int) -> np.ndarray:
-    """Length-normalised log-likelihood of each target under `dm`; S sources, S*k targets -> (S*k,)."""
-    import torch
+def plain_reply(tokenizer, ids: Sequence[int]) -> str:
+    """A native-format model's output read as a reply: its text without special tokens, spaces collapsed."""
+    return " ".join(tokenizer.decode(list(ids), skip_special_tokens=True).split())
 
-    with torch.no_grad():
-        logps, mask = token_logprobs(dm, source_ids, target_ids, candidates_per_source=k)  # (S*k, T)
-    return (logps.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).cpu().numpy().astype(np.float64)
+
+def reply_tokens(tokenizer, ids: Sequence[int], native: bool = False) -> list[bool]:
+    """Which of a target's tokens the parsed reply was read from, the tokens its fluency averages.
+
+    A native-format target is all reply. A project-format target is parsed as `split_candidate`
+    parses its text: the reply starts after the last `<|response|>` that follows the first `<|rot|>`
+    (after the last `<|response|>` without a `<|rot|>`; at the start with neither marker; nowhere
+    when a `<|rot|>` has no `<|response|>` after it) and ends before the first marker of a new turn;
+    marker, pad and bos tokens inside it do not count. The eos counts when the reply ended there, so
+    the model's choice to stop is part of its fluency as in training; a reply cut at a new turn or at
+    `max_new_tokens` has no eos to count.
+    """
+    if native:
+        return [True] * len(ids)
+    ended = len(ids) > 0 and ids[-1] == tokenizer.eos_token_id
+    body = list(ids[:-1] if ended else ids)
+    to_id = tokenizer.convert_tokens_to_ids
+    rot, response = to_id(ROT), to_id(RESPONSE)
+    turn_markers = {to_id(m) for m in CONTEXT_MARKERS}
+    cut = next((i for i, token in enumerate(body) if token in turn_markers), len(body))
+    head = body[:cut]
+    first = head.index(rot) if rot in head else -1
+    responses = [i for i, token in enumerate(head) if token == response and i > first]
+    start = responses[-1] + 1 if responses else (0 if first < 0 else None)
+    if start is None:
+        return [False] * len(ids)
+    skip = {rot, response, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    mask = [start <= i < cut and token not in skip for i, token in enumerate(body)]
+    return mask + ([cut == len(body)] if ended else [])
+
+
+def reply_fluency(token_logps: Sequence[float], mask: Sequence[bool]) -> float:
+    """Mean log-probability of the reply tokens; -inf (a per-token probability of 0) for a candidate
+    with none, e.g. a RoT that ran to the length limit: it has no reply to be fluent in."""
+    chosen = [lp for lp, keep in zip(token_logps, mask) if keep]
+    return float(np.mean(chosen)) if chosen else -np.inf
 
 
 @dataclasses.dataclass
@@ -112,15 +313,23 @@ class Sampled:
     texts: list[str]  # S*k generated targets
     rots: list[str | None]
     responses: list[str]
-    fluency: np.ndarray  # (S*k,) mean token log-probability
+    fluency: np.ndarray  # (S*k,) mean log-probability of the reply tokens
     tokens: int  # generated tokens in all
 
 
-def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int) -> Sampled:
-    """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch)."""
-    source_ids = encode_sources(dm.tokenizer, sources, source_budget(dm, config))
-    target_ids = sample_batch(dm, source_ids, config, seed)
-    texts = [decode_target(dm.tokenizer, ids) for ids in target_ids]
-    rots, responses = zip(*(split_candidate(t) for t in texts)) if texts else ((), ())
-    fluency = mean_logprobs(dm, source_ids, target_ids, config.k)
-    return Sampled(texts, list(rots), list(responses), fluency, sum(len(t) for t in target_ids))
+def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int,
+                      prompt: PromptFormat = MARKERS, precision: str = "fp32") -> Sampled:
+    """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch), the
+    model running at `precision` (resolved: fp32, bf16 or fp16)."""
+    tokenizer = dm.tokenizer
+    prompts = encode_prompts(dm, sources, config, prompt)
+    with autocast(next(dm.model.parameters()).device.type, precision):
+        target_ids, token_logps = generate_batch(dm, prompts, config, seed)
+    texts = [decode_target(tokenizer, ids) for ids in target_ids]
+    if prompt.native:
+        rots, responses = [None] * len(texts), [plain_reply(tokenizer, ids) for ids in target_ids]
+    else:
+        rots, responses = map(list, zip(*(split_candidate(t) for t in texts))) if texts else ([], [])
+    fluency = np.array([reply_fluency(logps, reply_tokens(tokenizer, ids, prompt.native))
+                        for ids, logps in zip(target_ids, token_logps)], dtype=np.float64)
+    return Sampled(texts, rots, responses, fluency, sum(len(t) for t in target_ids))

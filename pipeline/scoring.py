@@ -2,8 +2,9 @@
 and the ranking accuracy and perplexity that validation and the `score` stage report.
 
 Shared by training (`train`), test-set scoring (`score`) and the stage-1 sampler of `mine`. The
-positive's target is `<|rot|> RoT <|response|> reply</s>`; each negative is scored after the *same*
-RoT, and a candidate's score covers only the reply tokens (from `<|response|>` on).
+positive's target is `<|rot|> RoT <|response|> reply</s>` (without `</s>` when it is cut at
+`train.max_target_tokens`); each negative is scored after the *same* RoT, and a candidate's score
+covers only the reply tokens (from `<|response|>` on).
 """
 
 from __future__ import annotations
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 GROUP_COLUMNS = ("group_id", "context", "persona", "emotion", "positive", "rots", "negatives")
 
 
-# --- data -----------------------------------------------------------------------------------------
-
-
 def read_groups(folder: Path, split: str) -> pa.Table:
     """Read `<folder>/<split>.parquet`: the columns scoring needs, every group with the same
     number (at least one) of negatives."""
@@ -60,6 +58,7 @@ class EncodedGroups:
     target_ids: list[list[list[int]]]  # (G, C) positive, then the N = C - 1 negatives
     reply_starts: list[list[int]]  # (G, C) index of `<|response|>` in each target
     severity: torch.Tensor  # (G, N) float32
+    cut: torch.Tensor  # (G, C) bool: the target was cut at max_target_tokens (it has no eos)
 
     def __len__(self) -> int:
         return len(self.source_ids)
@@ -67,6 +66,10 @@ class EncodedGroups:
     @property
     def negatives(self) -> int:
         return self.severity.shape[1]
+
+    def cut_counts(self) -> dict[str, int]:
+        """How many positive and negative targets were cut at max_target_tokens."""
+        return {"positives": int(self.cut[:, 0].sum()), "negatives": int(self.cut[:, 1:].sum())}
 
 
 def encode_groups(tokenizer, table: pa.Table, config: TrainConfig) -> EncodedGroups:
@@ -77,18 +80,21 @@ def encode_groups(tokenizer, table: pa.Table, config: TrainConfig) -> EncodedGro
     targets = [format_target(text, r["rots"] or (), config.rot_target)
                for r in rows for text in [r["positive"]] + [n["text"] for n in r["negatives"]]]
     source_ids = encode_sources(tokenizer, sources, config.max_source_tokens)
-    flat_targets = encode_targets(tokenizer, targets, config.max_target_tokens)
+    flat_targets, flat_cut = encode_targets(tokenizer, targets, config.max_target_tokens)
     response = tokenizer.convert_tokens_to_ids(RESPONSE)
     C = len(flat_targets) // len(rows)
     target_ids = [flat_targets[g * C:(g + 1) * C] for g in range(len(rows))]
-    # A RoT long enough to push `<|response|>` past max_target_tokens leaves only eos to compare.
-    reply_starts = [[ids.index(response) if response in ids else len(ids) - 1 for ids in group] for group in target_ids]
-    cut = sum(response not in ids for group in target_ids for ids in group)
-    if cut:
-        log.warning("%d of %d targets lost their reply to train.max_target_tokens = %d", cut, len(flat_targets),
-                    config.max_target_tokens)
+    # A RoT long enough to push `<|response|>` past max_target_tokens leaves no reply to compare: the
+    # reply starts after the cut target's end, so every candidate of the group (they share the RoT)
+    # scores 0 and they tie.
+    reply_starts = [[ids.index(response) if response in ids else len(ids) for ids in group] for group in target_ids]
+    lost = sum(response not in ids for group in target_ids for ids in group)
+    if lost:
+        log.warning("%d of %d targets lost their whole reply to train.max_target_tokens = %d (their RoT fills "
+                    "it); their groups' candidates tie", lost, len(flat_targets), config.max_target_tokens)
     severity = torch.tensor([[float(n["severity"]) for n in r["negatives"]] for r in rows], dtype=torch.float32)
-    return EncodedGroups(source_ids, target_ids, reply_starts, severity)
+    cut = torch.tensor(flat_cut, dtype=torch.bool).view(len(rows), C)
+    return EncodedGroups(source_ids, target_ids, reply_starts, severity, cut)
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -125,27 +131,41 @@ def score_batch(scorer, groups: EncodedGroups, batch: list[int], candidates: int
     return logps, mask, scores
 
 
-VALIDATION_SUMS = ("groups", "ranked_first", "positive_score", "negative_score", "positive_nll", "positive_tokens")
+# --- ranking accuracy and perplexity --------------------------------------------------------------
+
+
+PER_GROUP = ("ranked_first", "positive_score", "negative_score", "positive_nll", "positive_tokens")
+VALIDATION_SUMS = ("groups", *PER_GROUP)
 
 
 @torch.no_grad()
-def validation_sums(scorer, groups: EncodedGroups, indices: list[int], config: TrainConfig) -> torch.Tensor:
-    """Sums over the groups `indices` in `VALIDATION_SUMS` order (float64), to add across processes."""
-    sums = torch.zeros(len(VALIDATION_SUMS), dtype=torch.float64)
+def per_group_scores(scorer, groups: EncodedGroups, indices: list[int], config: TrainConfig) -> dict[str, torch.Tensor]:
+    """Score the groups `indices`, `config.eval_batch_groups` at a time; the one place that defines
+    ranking and perplexity, for validation and the `score` stage alike.
+
+    Returns, in `PER_GROUP` order, float64 tensors of shape (G,) on the CPU: `ranked_first` (1 when
+    the positive's reply outscores every negative's; a tie does not count), `positive_score`,
+    `negative_score` (the mean of the group's negatives), and the positive's whole target (RoT and
+    reply) as `positive_nll` (summed) over `positive_tokens`.
+    """
+    columns: dict[str, list[torch.Tensor]] = {name: [] for name in PER_GROUP}
     candidates = 1 + groups.negatives
     for start in range(0, len(indices), config.eval_batch_groups):
         batch = indices[start:start + config.eval_batch_groups]
         logps, mask, scores = score_batch(scorer, groups, batch, candidates, config.length_normalized)
-        scores = scores.double().cpu()
-        sums += torch.stack([
-            torch.tensor(float(len(batch)), dtype=torch.float64),
-            (scores[:, :1] > scores[:, 1:]).all(dim=-1).double().sum(),  # ties do not count as ranked first
-            scores[:, 0].sum(),
-            scores[:, 1:].mean(dim=-1).sum(),
-            -(logps[:, 0].double() * mask[:, 0]).sum().cpu(),
-            mask[:, 0].sum().double().cpu(),
-        ])
-    return sums
+        scores, logps, mask = scores.double().cpu(), logps[:, 0].double().cpu(), mask[:, 0].double().cpu()  # (G, C), (G, T)
+        columns["ranked_first"].append((scores[:, :1] > scores[:, 1:]).all(dim=-1).double())
+        columns["positive_score"].append(scores[:, 0])
+        columns["negative_score"].append(scores[:, 1:].mean(dim=-1))
+        columns["positive_nll"].append(-(logps * mask).sum(dim=-1))
+        columns["positive_tokens"].append(mask.sum(dim=-1))
+    return {name: torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64) for name, parts in columns.items()}
+
+
+def validation_sums(per_group: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`per_group_scores` summed, in `VALIDATION_SUMS` order (float64), to add across processes."""
+    groups = per_group["ranked_first"].new_tensor(float(len(per_group["ranked_first"])))
+    return torch.stack([groups, *(per_group[name].sum() for name in PER_GROUP)])
 
 
 def validation_metrics(sums: torch.Tensor) -> dict[str, float]:
@@ -162,20 +182,6 @@ def validation_metrics(sums: torch.Tensor) -> dict[str, float]:
         "score_gap": positive - negative,
         "perplexity": math.exp(s["positive_nll"] / s["positive_tokens"]),
     }
-
-
-def score_groups(dm: DialogModel, groups_table: pa.Table, config: TrainConfig) -> dict[str, float]:
-    """Score a group table with a model, as validation does: `ranking_accuracy` (share of groups whose
-    positive reply outscores every negative), mean `positive_score` and `negative_score` (a group's
-    negatives averaged first), `score_gap`, and the positives' token-level `perplexity`."""
-    groups = encode_groups(dm.tokenizer, groups_table, config)
-    training = dm.model.training
-    dm.model.eval()
-    try:
-        sums = validation_sums(GroupScorer(dm), groups, list(range(len(groups))), config)
-    finally:
-        dm.model.train(training)
-    return validation_metrics(sums)
 
 
 def load_init_model(init: Path) -> DialogModel:

@@ -1,4 +1,5 @@
-"""The evaluate stage on small hand-made candidate tables, the report renderer, the blinded sheet and the CLI."""
+"""The evaluate stage on small hand-made candidate tables: the metrics, their cluster intervals, the
+paired comparisons against the baseline, the report renderer, the blinded sheet and the CLI."""
 
 import csv
 import json
@@ -7,21 +8,25 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from pipeline import report
 from pipeline.artifacts import write_parquet
 from pipeline.cli import app
 from pipeline.config import EvaluateConfig
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.schemas import CANDIDATES
 from pipeline.stages import evaluate
 
 
 def candidate(context_id, label, reference, gold_rots, index, response, probs, rot=None, selected=False, **extra):
-    """One CANDIDATES row; the fields evaluation does not read get plain fillers."""
+    """One CANDIDATES row; the fields evaluation does not read get plain fillers. Each context is its
+    own dialogue unless `dialogue_id` is given."""
     return {"model": extra.get("model", "m"), "corpus": extra.get("corpus", "c"), "context_id": context_id,
-            "dialogue_id": context_id, "turn_index": 0, "context": extra.get("context", ["hi there"]),
-            "safety_label": label, "reference": reference, "reference_rots": gold_rots, "candidate_index": index,
-            "text": response, "rot": rot, "response": response, "safety_probs": probs, "fluency": -1.0,
-            "prosociality": probs[0], "score": 0.0, "rank": 1 if selected else 2, "selected": selected}
+            "dialogue_id": extra.get("dialogue_id", context_id), "turn_index": 0,
+            "context": extra.get("context", ["hi there"]), "safety_label": label, "reference": reference,
+            "references": extra.get("references", [reference] if reference else []), "reference_rots": gold_rots,
+            "candidate_index": index, "text": response, "rot": rot, "response": response, "safety_probs": probs,
+            "fluency": -1.0, "prosociality": probs[0], "score": 0.0, "rank": 1 if selected else 2,
+            "selected": selected}
 
 
 # Four contexts, two candidates each (see the hand counts in the tests below).
@@ -47,13 +52,21 @@ ROWS = [
 ]
 
 
-def table(rows):
-    return pa.Table.from_pylist(rows, schema=CANDIDATES)
+# Until schemas.CANDIDATES carries `references`, tables that need the column append it.
+WITH_REFERENCES = (CANDIDATES if "references" in CANDIDATES.names
+                   else CANDIDATES.append(pa.field("references", pa.list_(pa.string()))))
+
+
+def table(rows, schema=WITH_REFERENCES):
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def items_of(rows=ROWS):
+    return evaluate.item_scores(evaluate.context_table(table(rows), "test"))
 
 
 def scored(rows=ROWS, samples=200):
-    contexts = evaluate.context_table(table(rows), "test")
-    return evaluate.score_contexts(contexts, samples, seed=0)
+    return evaluate.aggregate(items_of(rows), samples, seed=0)
 
 
 def value(entries, name):
@@ -126,6 +139,46 @@ def test_a_corpus_without_references_gets_null_overlap_and_a_note():
     assert value(entries, "unsafe_rate_reranked") == pytest.approx(1 / 4)  # the rest is still scored
 
 
+def test_overlap_is_measured_against_every_reference_of_the_context():
+    # c1's chosen reply is not its own reference but another annotator's answer to the same question
+    rows = [{**row, "references": ["i am fine thank you", "not bad at all my friend"],
+             "response": "not bad at all my friend"} if row["context_id"] == "c1" and row["selected"] else row
+            for row in ROWS]
+    entries, _ = scored(rows)
+    assert value(entries, "f1_reranked") == pytest.approx(1.0)  # the best reference counts
+    assert value(entries, "rouge_l_reranked") == pytest.approx(1.0)
+    assert value(entries, "bleu4_reranked") == pytest.approx(100.0)  # sacrebleu's multi-reference BLEU
+    # the references' length is that of each context's own reference
+    assert value(entries, "mean_length_reference") == pytest.approx(16 / 3)
+
+
+def test_without_a_references_column_the_own_reference_is_the_only_one(tmp_path):
+    write_parquet(pa.Table.from_pylist(ROWS, schema=CANDIDATES.remove(CANDIDATES.get_field_index("references"))
+                                       if "references" in CANDIDATES.names else CANDIDATES), tmp_path / "c.parquet")
+    contexts = evaluate.context_table(evaluate.read_candidates(tmp_path / "c.parquet"), "test")
+    assert contexts["references"].to_pylist() == [["i am fine thank you"], ["please do not lie to me"],
+                                                  ["that would hurt someone badly"], []]
+
+
+def test_intervals_draw_dialogues_not_contexts():
+    # the four contexts are turns of one dialogue: every resample draws all of them together
+    entries, _ = scored([{**row, "dialogue_id": "d1"} for row in ROWS])
+    for name in ("unsafe_rate_reranked", "f1_first", "bleu4_first", "rot_share_unlabelled", "casual_rot_share_first"):
+        assert entries[name]["ci"] == [entries[name]["value"]] * 2, name
+        assert entries[name]["n_clusters"] == 1
+    assert entries["unsafe_rate_reranked"]["n"] == 4
+    # one dialogue per context: the unsafe rate 1/4 varies between resamples
+    entries, _ = scored()
+    assert entries["unsafe_rate_reranked"]["ci"][0] < 0.25 < entries["unsafe_rate_reranked"]["ci"][1]
+    assert entries["unsafe_rate_reranked"]["n_clusters"] == 4
+
+
+def test_a_dialogue_is_a_cluster_within_its_corpus_only():
+    rows = ([{**row, "dialogue_id": "7", "corpus": "mic"} for row in ROWS[:4]]
+            + [{**row, "dialogue_id": "7", "corpus": "daily_dialog"} for row in ROWS[4:]])
+    assert items_of(rows)["clusters"].tolist() == ["mic/7", "mic/7", "daily_dialog/7", "daily_dialog/7"]
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda rows: [r for r in rows if not (r["context_id"] == "c2" and r["selected"])], "'c2' has no selected"),
     (lambda rows: [{**r, "selected": True} if r["context_id"] == "c3" else r for r in rows], "'c3' has more than one"),
@@ -133,6 +186,7 @@ def test_a_corpus_without_references_gets_null_overlap_and_a_note():
      "'c1' has no candidate_index 0"),
     (lambda rows: [{**r, "safety_probs": [1.0, 0.0]} for r in rows], "safety_probs of three"),
     (lambda rows: [{**r, "safety_label": "__bad__"} for r in rows], "unknown safety_label '__bad__'"),
+    (lambda rows: [{**r, "dialogue_id": None} for r in rows], "needs a corpus and a dialogue_id"),
 ])
 def test_inconsistent_candidates_are_a_data_error(change, message):
     with pytest.raises(DataError, match=message):

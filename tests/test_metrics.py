@@ -1,4 +1,4 @@
-"""Metric functions against values worked out by hand (or, for the bootstrap, against a plain loop)."""
+"""Metric functions against values worked out by hand (or, for the bootstraps, against a plain loop)."""
 
 import math
 
@@ -6,10 +6,29 @@ import numpy as np
 import pytest
 
 from pipeline.metrics import (
-    bleu4, bleu_from_statistics, bleu_from_totals, bleu_statistics, bootstrap_ci, distinct_n, group_ranking_accuracy,
-    label_distribution, mean_length, normalize_answer, perplexity, rouge_l, tokenize, unigram_f1,
-    unsafe_rate,
+    bleu_from_totals, bleu_statistics_for_each, bootstrap_ci, bootstrap_ci_of_counts, distinct_n_ci,
+    distinct_n_of_tokens, mcnemar_exact, normalize_answer, paired_bootstrap_ci, point_estimate, predicted_labels,
+    rouge_l, tokenize, top_k_share_ci, unigram_f1,
 )
+
+
+def bleu4(hypotheses, references):
+    """Corpus BLEU-4 (0-100) the way evaluate computes it: summed per-item statistics."""
+    return float(bleu_from_totals(bleu_statistics(hypotheses, references).sum(axis=0)))
+
+
+def bleu_statistics(hypotheses, references):
+    return bleu_statistics_for_each([hypotheses], references)[0]
+
+
+def sacrebleu_bleu4(hypotheses, references):
+    """sacrebleu's own corpus BLEU, the independent implementation."""
+    import sacrebleu
+
+    width = max(len(refs) for refs in references)
+    streams = [[refs[j] if j < len(refs) else None for refs in references] for j in range(width)]
+    return sacrebleu.corpus_bleu(list(hypotheses), streams).score
+
 
 # --- BLEU -----------------------------------------------------------------------------------------
 # hyp "the cat sat on the mat" vs ref "the cat sat on a mat" (6 tokens each):
@@ -41,8 +60,6 @@ def test_bleu4_is_zero_without_4_grams_and_smooths_an_order_without_matches():
     # 4-grams 0/3 -> sacrebleu's default `exp` smoothing: the first unmatched order counts 1 / (2 * 3)
     expected = 100 * (4 / 6 * 2 / 5 * 1 / 4 * 1 / 6) ** 0.25  # 32.47
     assert bleu4(["the cat sat on my mat"], [["the cat sat in a mat"]]) == pytest.approx(expected, abs=1e-6)
-    stats = bleu_statistics(["the cat sat on my mat"], [["the cat sat in a mat"]])
-    assert bleu_from_statistics(stats) == pytest.approx(expected, abs=1e-6)
     assert bleu4(["zzz qqq xxx yyy"], [["the cat sat in a mat"]]) == 0.0  # nothing matches
 
 
@@ -55,18 +72,18 @@ def test_bleu4_uses_the_best_of_several_references_and_their_counts_may_differ()
     assert multi > single
 
 
-def test_bleu_statistics_rebuild_corpus_bleu_for_any_resample():
+def test_bleu_statistics_rebuild_sacrebleus_corpus_bleu_for_any_resample():
     hyps = [ONE[0], TWO[0], "i like green tea", "you should be kind to others"]
     refs = [[ONE[1]], [TWO[1]], ["i really like green tea"], ["you should always be kind to others", "be kind"]]
     stats = bleu_statistics(hyps, refs)
     assert stats.shape == (4, 10)
-    assert bleu_from_statistics(stats) == pytest.approx(bleu4(hyps, refs), abs=1e-9)
+    assert bleu4(hyps, refs) == pytest.approx(sacrebleu_bleu4(hyps, refs), abs=1e-9)
     for rows in ([0, 0, 1], [2, 3, 3, 1], [1]):
-        batch = bleu_from_statistics(stats[np.array([rows])])  # (1, n, 10) -> (1,)
-        assert batch[0] == pytest.approx(bleu4([hyps[i] for i in rows], [refs[i] for i in rows]), abs=1e-9)
+        batch = bleu_from_totals(stats[np.array([rows])].sum(axis=1))  # (1, n, 10) summed -> (1,)
+        assert batch[0] == pytest.approx(sacrebleu_bleu4([hyps[i] for i in rows], [refs[i] for i in rows]), abs=1e-9)
 
 
-def test_bleu4_rejects_an_item_without_references():
+def test_bleu_statistics_reject_an_item_without_references():
     with pytest.raises(ValueError, match="at least one reference"):
         bleu4(["a b"], [[]])
 
@@ -106,7 +123,11 @@ def test_rouge_l_by_hand():
     assert rouge_l("a b c", ["a c", "x y z"]) == pytest.approx(0.8)
 
 
-# --- distinct-n and length ------------------------------------------------------------------------
+# --- distinct-n and tokens -----------------------------------------------------------------------
+
+
+def distinct_n(replies, n):
+    return distinct_n_of_tokens([tokenize(reply) for reply in replies], n)
 
 
 def test_distinct_n_by_hand():
@@ -118,37 +139,19 @@ def test_distinct_n_by_hand():
     assert distinct_n(["a b", "b c"], 2) == 1.0  # n-grams do not cross replies ("b b" is not one)
 
 
-def test_tokens_split_punctuation_and_mean_length_counts_them():
+def test_tokens_split_punctuation_and_lower_case():
     assert tokenize("Hello, World!") == ["hello", ",", "world", "!"]
-    assert mean_length(["Hello, World!", "ok", ""]) == pytest.approx((4 + 1 + 0) / 3)
+    assert tokenize("") == []
 
 
-# --- perplexity, ranking, safety labels ------------------------------------------------------------
+# --- safety labels --------------------------------------------------------------------------------
 
 
-def test_perplexity_pools_tokens_before_exponentiating():
-    assert perplexity([2.0, 4.0], [2, 4]) == pytest.approx(math.e)  # 6 nats over 6 tokens
-    assert perplexity([3.0], [1]) == pytest.approx(math.exp(3))
-    with pytest.raises(ValueError):
-        perplexity([1.0], [0])
-
-
-def test_group_ranking_accuracy_counts_strict_wins_over_every_negative():
-    positive = np.array([1.0, 0.5, 2.0, -1.0])
-    negative = np.array([[0.0, 0.9], [0.6, 0.1], [2.0, 1.0], [-3.0, -2.0]])
-    # wins: group 0 (1 > 0.9), group 3; loses: group 1 (0.5 < 0.6); group 2 ties 2.0 -> a miss
-    assert group_ranking_accuracy(positive, negative) == pytest.approx(2 / 4)
-    with pytest.raises(ValueError, match="shapes"):
-        group_ranking_accuracy(positive, negative[:3])
-
-
-def test_unsafe_rate_and_label_distribution_use_the_most_probable_label():
+def test_predicted_labels_take_the_most_probable_and_a_tie_goes_to_the_milder():
     probs = np.array([[0.6, 0.3, 0.1], [0.2, 0.7, 0.1], [0.1, 0.2, 0.7], [0.5, 0.5, 0.0]])
-    assert unsafe_rate(probs) == pytest.approx(2 / 4)  # the tie in row 4 goes to casual
-    assert label_distribution(probs) == pytest.approx(
-        {"casual": 0.5, "needs_caution": 0.25, "needs_intervention": 0.25})
+    assert predicted_labels(probs).tolist() == [0, 1, 2, 0]
     with pytest.raises(ValueError, match="shape"):
-        unsafe_rate(np.zeros((2, 5)))
+        predicted_labels(np.zeros((2, 5)))
 
 
 # --- bootstrap ------------------------------------------------------------------------------------
@@ -189,7 +192,7 @@ def test_bootstrap_of_corpus_bleu_matches_sacrebleu_on_each_resample():
             ["the cat is there"]]
     stats = bleu_statistics(hyps, refs)
     interval = bootstrap_ci(stats, bleu_from_totals, n_samples=60, seed=4)
-    by_sacrebleu = loop_bootstrap(np.arange(len(hyps)), 60, 4, statistic=lambda rows: bleu4(
+    by_sacrebleu = loop_bootstrap(np.arange(len(hyps)), 60, 4, statistic=lambda rows: sacrebleu_bleu4(
         [hyps[i] for i in rows], [refs[i] for i in rows]))
     assert interval == pytest.approx(by_sacrebleu, abs=1e-9)
 
@@ -213,3 +216,154 @@ def test_bootstrap_blocks_do_not_change_the_interval():
     assert bootstrap_ci(values, n_samples=200, seed=5, max_elements=30 * 200) == whole
     # small blocks draw the same index stream from one generator, row block by row block
     assert bootstrap_ci(values, n_samples=200, seed=5, max_elements=30 * 7) == pytest.approx(whole, abs=1e-12)
+
+
+def test_bootstrap_without_clusters_is_unchanged_by_naming_every_item_its_own_cluster():
+    values = np.random.default_rng(6).normal(size=(25, 3))
+    ratio = lambda totals: totals[:, 0] / (1 + np.abs(totals[:, 1]))  # noqa: E731
+    labels = [f"dialogue-{i}" for i in range(25)]  # not in sorted order ("dialogue-10" < "dialogue-2")
+    assert bootstrap_ci(values[:, 0], n_samples=300, seed=2, clusters=labels) == bootstrap_ci(values[:, 0], n_samples=300,
+                                                                                               seed=2)
+    assert bootstrap_ci(values, ratio, 300, 2, clusters=labels) == pytest.approx(bootstrap_ci(values, ratio, 300, 2),
+                                                                                 abs=1e-12)
+
+
+# --- cluster bootstrap ----------------------------------------------------------------------------
+
+
+def loop_cluster_bootstrap(values, clusters, n_samples, seed, statistic=np.mean):
+    """The textbook cluster bootstrap: draw clusters (numbered in order of first appearance) with
+    replacement, concatenate their rows, apply the statistic, one resample at a time."""
+    order = list(dict.fromkeys(clusters))
+    rows_of = [[i for i, c in enumerate(clusters) if c == cluster] for cluster in order]
+    draws = np.random.default_rng(seed).integers(0, len(order), size=(n_samples, len(order)))
+    stats = [statistic(values[[i for cluster in draw for i in rows_of[cluster]]]) for draw in draws]
+    return tuple(np.percentile(stats, [2.5, 97.5]))
+
+
+def test_cluster_bootstrap_matches_a_loop_that_draws_whole_clusters():
+    rng = np.random.default_rng(8)
+    clusters = [f"d{int(c)}" for c in rng.integers(0, 12, size=40)]  # 12 dialogues of uneven size
+    values = rng.normal(size=40)
+    got = bootstrap_ci(values, n_samples=300, seed=4, clusters=clusters)
+    assert got == pytest.approx(loop_cluster_bootstrap(values, clusters, 300, 4), abs=1e-12)
+    # a ratio of sums, as the RoT share of candidates: (numerator, denominator) per item
+    pairs = np.stack([rng.integers(0, 4, size=40), np.full(40, 4)], axis=1).astype(float)
+    got = bootstrap_ci(pairs, lambda totals: totals[:, 0] / totals[:, 1], 300, 4, clusters=clusters)
+    expected = loop_cluster_bootstrap(pairs, clusters, 300, 4, statistic=lambda rows: rows[:, 0].sum() / rows[:, 1].sum())
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_all_items_in_one_cluster_give_a_degenerate_interval():
+    values = np.array([0.0, 1.0, 1.0, 0.0, 1.0])
+    # every resample draws the one cluster, i.e. all five items: the mean is always 3/5
+    assert bootstrap_ci(values, clusters=["q"] * 5) == pytest.approx((0.6, 0.6))
+    assert bootstrap_ci(values) != pytest.approx((0.6, 0.6))  # the item bootstrap does vary
+
+
+def test_items_of_one_cluster_move_together():
+    values = np.array([1.0, 1.0, 1.0, 0.0, 0.0, 0.0])
+    seen = []
+
+    def record_sums(totals):  # the sums of every resample
+        seen.append(totals.copy())
+        return totals
+
+    bootstrap_ci(values, record_sums, n_samples=200, seed=0, clusters=["a", "a", "a", "b", "b", "b"])
+    sums = np.concatenate(seen)
+    # a resample draws two clusters: a+a, a+b or b+b, so the sum is 6, 3 or 0, never a mix of rows
+    assert set(sums.tolist()) == {0.0, 3.0, 6.0}
+
+
+def test_a_cluster_bootstrap_is_wider_when_items_of_a_cluster_agree():
+    # 20 dialogues of 10 turns each, every turn of a dialogue the same outcome: 200 items, 20 independent ones
+    outcomes = np.random.default_rng(9).binomial(1, 0.5, size=20).astype(float)
+    values, clusters = np.repeat(outcomes, 10), np.repeat(np.arange(20), 10)
+    row_low, row_high = bootstrap_ci(values, n_samples=1000, seed=0)
+    low, high = bootstrap_ci(values, n_samples=1000, seed=0, clusters=clusters)
+    # the item bootstrap treats 200 items as independent: about 1/sqrt(10) of the honest width
+    assert high - low > 2.5 * (row_high - row_low)
+    assert low <= values.mean() <= high
+
+
+def test_cluster_bootstrap_rejects_labels_of_the_wrong_length():
+    with pytest.raises(ValueError, match="one cluster label per item"):
+        bootstrap_ci([1.0, 2.0, 3.0], clusters=["a", "b"])
+
+
+def test_count_bootstraps_draw_clusters_too():
+    token_lists = [["a", "b"], ["a", "b"], ["c"], ["d", "e"], ["a"]]
+    clusters = ["x", "x", "y", "z", "z"]
+    seen = []
+
+    def record_counts(counts):
+        seen.append(counts.copy())
+        return counts.sum(axis=1)
+
+    bootstrap_ci_of_counts(record_counts, 5, n_samples=100, seed=1, clusters=clusters)
+    counts = np.concatenate(seen)
+    assert (counts[:, 0] == counts[:, 1]).all() and (counts[:, 3] == counts[:, 4]).all()
+    assert counts.sum(axis=1).min() < counts.sum(axis=1).max()  # a resample's size varies with its clusters
+    # distinct-1 on one cluster: every resample repeats the same replies, so the interval is degenerate
+    assert distinct_n_ci(token_lists, 1, clusters=["q"] * 5) == pytest.approx((5 / 8, 5 / 8))
+    # all replies different and in one cluster: the top-2 share is 2/5 in every resample
+    assert top_k_share_ci(["r1", "r2", "r3", "r4", "r5"], 2, clusters=["q"] * 5) == pytest.approx((0.4, 0.4))
+
+
+# --- paired bootstrap and McNemar -----------------------------------------------------------------
+
+
+def test_paired_bootstrap_of_means_is_the_bootstrap_of_per_item_differences():
+    rng = np.random.default_rng(10)
+    baseline = rng.binomial(1, 0.5, size=60).astype(float)
+    model = np.where(rng.random(60) < 0.2, 0.0, baseline)  # the model fixes a fifth of the unsafe replies
+    clusters = rng.integers(0, 25, size=60)
+    paired = paired_bootstrap_ci(model, baseline, n_samples=500, seed=3, clusters=clusters)
+    # the difference of two means on the same draws is the mean of the per-item differences
+    assert paired == pytest.approx(bootstrap_ci(model - baseline, n_samples=500, seed=3, clusters=clusters), abs=1e-12)
+
+
+def test_paired_bootstrap_of_corpus_bleu_matches_a_loop_over_resamples():
+    hyps_a = [ONE[0], TWO[0], "i like green tea", "you should be kind to others", "the cat is here"]
+    hyps_b = [ONE[1], "hello", "i like tea", "be kind", "the cat is there"]
+    refs = [[ONE[1]], [TWO[1]], ["i really like green tea"], ["you should always be kind to others"],
+            ["the cat is there"]]
+    stats_a, stats_b = bleu_statistics_for_each([hyps_a, hyps_b], refs)
+    clusters = ["d1", "d1", "d2", "d3", "d3"]
+    got = paired_bootstrap_ci(stats_a, stats_b, bleu_from_totals, n_samples=60, seed=5, clusters=clusters)
+
+    def difference(rows):
+        rows = [int(i) for i in rows]
+        return (sacrebleu_bleu4([hyps_a[i] for i in rows], [refs[i] for i in rows])
+                - sacrebleu_bleu4([hyps_b[i] for i in rows], [refs[i] for i in rows]))
+
+    assert got == pytest.approx(loop_cluster_bootstrap(np.arange(5), clusters, 60, 5, statistic=difference), abs=1e-9)
+    assert point_estimate(stats_a, bleu_from_totals) == pytest.approx(sacrebleu_bleu4(hyps_a, refs), abs=1e-9)
+
+
+def test_pairing_sees_a_difference_that_two_separate_intervals_hide():
+    # 40 contexts: the baseline is unsafe on 20, the model on 15 of those same 20 and nowhere else
+    baseline = np.array([1.0] * 20 + [0.0] * 20)
+    model = np.array([1.0] * 15 + [0.0] * 25)
+    low, high = bootstrap_ci(baseline, n_samples=1000, seed=0)
+    assert low < model.mean() < high  # the old rule: the model's value inside the baseline's interval
+    paired_low, paired_high = paired_bootstrap_ci(model, baseline, n_samples=1000, seed=0)
+    assert paired_high < 0  # paired: 5 contexts improved, none worsened
+    assert paired_low <= -5 / 40
+
+
+def test_paired_bootstrap_needs_the_same_items():
+    with pytest.raises(ValueError, match="same n"):
+        paired_bootstrap_ci([1.0, 0.0], [1.0])
+
+
+def test_mcnemar_exact_by_hand():
+    # 5 discordant pairs, all one way: p = 2 * (1/2)^5
+    assert mcnemar_exact(5, 0) == pytest.approx(2 / 32)
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    # 8 vs 2: p = 2 * (C(10,0) + C(10,1) + C(10,2)) / 2^10 = 2 * 56 / 1024
+    assert mcnemar_exact(8, 2) == pytest.approx(112 / 1024)
+    assert mcnemar_exact(3, 3) == 1.0  # 2 * P(X <= 3 | 6) = 2 * 42/64 > 1, capped
+    assert mcnemar_exact(0, 0) == 1.0  # no discordant pair: no evidence
+    with pytest.raises(ValueError):
+        mcnemar_exact(-1, 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.modeling import (
-    BOT, RESPONSE, ROT, SPECIAL_TOKENS, DialogModel, Source, encode_sources, encode_targets, format_source,
+    BOT, SPECIAL_TOKENS, DialogModel, Source, encode_sources, encode_targets, format_source,
     format_target, parse_target, token_logprobs, train_tokenizer,
 )
 
@@ -83,8 +83,8 @@ def _one_at_a_time(dm, source, target):
 def test_batched_scores_equal_unbatched_ones_and_mask_padding(tokenizer):
     sources = encode_sources(tokenizer, [Source(["hello there, how are you?"]),
                                          Source(["what did you do today?", "i went hiking.", "nice!"])], 64)
-    targets = encode_targets(tokenizer, [format_target("i am fine.", ["Be kind."]), format_target("ok"),
-                                         format_target("it's wrong to steal."), format_target("you lie", ["x"])], 32)
+    targets, _ = encode_targets(tokenizer, [format_target("i am fine.", ["Be kind."]), format_target("ok"),
+                                            format_target("it's wrong to steal."), format_target("you lie", ["x"])], 32)
     for dm in _tiny_models(tokenizer):
         with torch.no_grad():
             logps, mask = token_logprobs(dm, sources, targets, candidates_per_source=2)
@@ -124,6 +124,13 @@ def test_a_latest_turn_longer_than_the_budget_keeps_its_marker_and_last_tokens(t
     assert "old turn" not in text
 
 
-def test_targets_keep_eos_when_cut(tokenizer):
-    (target,) = encode_targets(tokenizer, ["you should not lie to friends. " * 10], 8)
-    assert len(target) == 8 and target[-1] == tokenizer.eos_token_id
+def test_a_cut_target_keeps_its_first_tokens_and_no_eos(tokenizer):
+    """The old cut kept eos after the last kept token, teaching the model to stop mid-sentence."""
+    long, short = "you should not lie to friends. " * 10, "it's wrong to steal."
+    long_ids, short_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (long, short))
+    budget = len(short_ids) + 1  # the short target and its eos fit exactly
+    targets, cut = encode_targets(tokenizer, [long, short], budget)
+    assert targets == [long_ids[:budget], short_ids + [tokenizer.eos_token_id]] and cut == [True, False]
+    # One token less: the short target keeps all its tokens but has no room for eos, so it is cut.
+    targets, cut = encode_targets(tokenizer, [short], budget - 1)
+    assert targets == [short_ids] and cut == [True]

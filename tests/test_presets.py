@@ -100,9 +100,9 @@ def test_dvc_resolves_every_stage(tmp_path, name):
     stages = set(listed.stdout.split())
     params = yaml.safe_load((REPO / name).read_text())
     expected = {"base_model", "safety", "rot_agreement", "mine_stage1", "mine_stage2", "train_stage1",
-                "train_stage2", "evaluate"}
+                "train_stage2", "train_stage1_ce", "train_stage2_ce", "evaluate"}
     corpora = yaml.safe_load((REPO / "dvc.yaml").read_text())["vars"][0]["corpus_names"]
     expected |= {f"{stage}@{corpus}" for stage in ("download", "normalize") for corpus in corpora}
-    expected |= {f"{stage}@{model}" for stage in ("generate", "score") for model in ("base", "stage1", "stage2")}
+    expected |= {f"{stage}@{model}" for stage in ("generate", "score") for model in ("base", "ce", "stage1", "stage2")}
     expected |= {f"audit@{model}" for model in params["audit"]["models"]}
     assert expected <= stages, expected - stages

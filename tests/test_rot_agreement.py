@@ -17,15 +17,16 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import (
-    GenerateConfig, RotAgreementConfig, RotAgreementScratchConfig, SafetyConfig, section_from_dict,
+    GenerateConfig, RotAgreementConfig, RotAgreementScratchConfig, RotAgreementTfidfConfig, SafetyConfig,
+    section_from_dict,
 )
 from pipeline.errors import ConfigError, DataError
 from pipeline.rerank import NO_ROT_AGREEMENT, agreement_term, rerank
-from pipeline.safety_models import SCORER_FILE, classifier_record, load_scorer, scorer_record, train_scorer
+from pipeline.safety_models import AGREEMENT_LABELS as LABELS
+from pipeline.safety_models import SCORER_FILE, SafetyScorer, load_agreement_scorer, load_scorer
 from pipeline.schemas import CANDIDATES
 from pipeline import sampling
 from pipeline.stages import generate, rot_agreement
-from pipeline.stages.rot_agreement import LABELS, load_agreement_scorer
 
 runner = CliRunner()
 DISAGREES, NEUTRAL, AGREES = range(3)
@@ -56,9 +57,7 @@ def toy_examples(rows=None):
 
 
 def save(scorer, config: RotAgreementConfig, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    scorer.save(folder)
-    (folder / SCORER_FILE).write_text(json.dumps(classifier_record(rot_agreement.TASK, config, {})))
+    scorer.write(folder, config, {})
     return folder
 
 
@@ -194,10 +193,98 @@ def test_tfidf_round_trip_without_pickle(toy_tfidf, tmp_path):
     config, scorer = toy_tfidf
     folder = save(scorer, config, tmp_path / "agreement")
     with np.load(folder / "tfidf.npz", allow_pickle=False) as arrays:
-        assert arrays["coef"].shape == (3, 3 * len(arrays["terms"]))  # reply, RoT and context blocks
+        # reply, RoT and context blocks, then the pairwise view: the hashed pairs and 5 similarity columns
+        assert arrays["coef"].shape == (3, 3 * len(arrays["terms"]) + config.tfidf.pair_buckets + 5)
+        assert arrays["pair"].tolist() == [0, 1] and int(arrays["pair_buckets"]) == config.tfidf.pair_buckets
     loaded = load_agreement_scorer(folder)
     np.testing.assert_array_equal(loaded.predict_proba(PROBE_ROTS, PROBE_REPLIES, PROBE_CONTEXTS),
                                   scorer.predict_proba(PROBE_ROTS, PROBE_REPLIES, PROBE_CONTEXTS))
+
+
+# --- the pairwise view (reply against RoT) ---------------------------------------------------------
+
+
+def test_pair_features_by_hand():
+    from scipy.sparse import csr_matrix
+
+    from pipeline.safety_models import SIMILARITY_FEATURES, pair_features
+
+    replies, rots = ["You should never lie", "sure"], ["It's wrong to lie.", "Be kind."]
+    # stand-ins for the TF-IDF rows (unit length): cosine 0.6 for the first pair, 0 for the second
+    first, second = csr_matrix([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]]), csr_matrix([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
+    features = pair_features(replies, rots, first, second, buckets=1 << 20).toarray()
+    assert features.shape == (2, (1 << 20) + len(SIMILARITY_FEATURES))
+    hashed, similarity = features[:, :1 << 20], features[:, 1 << 20:]
+    # words: {you, should, never, lie} x {it, wrong, to, lie} ("'s" is one letter: no word) -> 16 pairs of 1/4
+    assert np.count_nonzero(hashed[0]) == 16 and np.allclose(hashed[0][hashed[0] > 0], 0.25)
+    # "sure" x {be, kind}: 2 pairs of 1/sqrt(2)
+    assert np.count_nonzero(hashed[1]) == 2 and np.allclose(hashed[1][hashed[1] > 0], 2 ** -0.5)
+    # cosine, overlap {lie} / 7 words, "never" in the reply, "wrong" in the RoT, so they do not differ
+    np.testing.assert_allclose(similarity, [[0.6, 1 / 7, 1, 1, 0], [0.0, 0.0, 0, 0, 0]])
+    # the pairs are ordered (RoT word, reply word): swapping the fields moves the buckets
+    swapped = pair_features(rots, replies, second, first, buckets=1 << 20).toarray()[:, :1 << 20]
+    assert (np.flatnonzero(swapped[0]) != np.flatnonzero(hashed[0])).any()
+
+
+def polarity_rows(verbs):
+    """MIC-style rows where only the pair tells the label: a RoT for or against an act, a reply that does
+    it or never does it. Every RoT word and every reply word goes with both labels equally often."""
+    rows = []
+    for verb in verbs:
+        for rot, good in ((f"It's good to {verb}.", True), (f"It's wrong to {verb}.", False)):
+            for reply, does in ((f"I always {verb}.", True), (f"I never {verb}.", False)):
+                rows.append(mic_row(f"Do you {verb}?", rot, reply, AGREES if good == does else DISAGREES))
+    return rows
+
+
+TRAIN_VERBS = ["recycle", "tip waiters", "gossip", "cheat at cards", "litter", "volunteer", "lie to friends",
+               "help neighbours", "shout at kids", "share food"]
+HELD_OUT_VERBS = ["donate blood", "steal bikes", "vote", "bully people"]
+
+
+def test_the_pairwise_view_sees_agreement_that_the_blocks_side_by_side_cannot():
+    """Defect 7: with the reply, RoT and context blocks side by side, no feature depends on both the RoT
+    and the reply, so an agreement that only the pair shows is at chance; the pairwise view learns it
+    and carries it to acts never seen in training."""
+    train = toy_examples(polarity_rows(TRAIN_VERBS))
+    held_out = toy_examples(polarity_rows(HELD_OUT_VERBS))
+    truth = held_out["label"].to_numpy()
+
+    def held_out_accuracy(config):
+        probs = rot_agreement.train(config, train).predict_proba(
+            held_out["rot"].tolist(), held_out["reply"].tolist(), held_out["context"].tolist())
+        return float(np.mean(probs.argmax(axis=1) == truth))
+
+    assert RotAgreementConfig().tfidf.pair_buckets > 0  # the default scorer has the pairwise view
+    assert held_out_accuracy(RotAgreementConfig()) == 1.0
+    side_by_side = RotAgreementConfig(tfidf=RotAgreementTfidfConfig(pair_buckets=0))
+    assert held_out_accuracy(side_by_side) == 0.5  # every polarity word is balanced: nothing to go on
+
+
+def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir):
+    """Train on the sample's train split, compare on its validation and test questions (none of them
+    in training): the ranking of P(disagrees), which is what the re-ranker uses. The sample is the
+    only MIC here (../shared has no real MIC rows), and small: 64 held-out chatbot answers."""
+    examples = rot_agreement.build_examples(rot_agreement.read_mic(raw_sample_dir / "mic"))
+    held_out = (examples["split"] != "train").to_numpy() & (examples["source"] == "chatbot").to_numpy()
+    disagrees = examples["label"].to_numpy()[held_out] == DISAGREES
+    config = RotAgreementConfig()
+    probs = rot_agreement.train(config, examples).predict_proba(
+        examples["rot"].tolist(), examples["reply"].tolist(), examples["context"].tolist())
+    reply_only = rot_agreement.reply_only_probs(config, examples)
+    auc = rot_agreement.disagrees_auc(disagrees, probs[held_out, DISAGREES])
+    auc_reply = rot_agreement.disagrees_auc(disagrees, reply_only[held_out, DISAGREES])
+    print(f"held-out sample MIC, n={held_out.sum()}: disagrees AUC scorer {auc:.3f}, reply alone {auc_reply:.3f}")
+    assert held_out.sum() == 64
+    assert auc > auc_reply + 0.05
+
+
+def test_disagrees_auc_by_hand():
+    # disagreeing answers score 0.9 and 0.4; the others 0.5, 0.1, 0.4: of the 6 pairs, 0.9 beats all 3,
+    # 0.4 beats 0.1, ties 0.4 (a half) and loses to 0.5 -> (3 + 1.5) / 6
+    is_disagrees = np.array([True, True, False, False, False])
+    assert rot_agreement.disagrees_auc(is_disagrees, np.array([0.9, 0.4, 0.5, 0.1, 0.4])) == pytest.approx(0.75)
+    assert rot_agreement.disagrees_auc(np.array([True, True]), np.array([0.1, 0.2])) is None
 
 
 def test_scratch_kind_trains_and_round_trips(tmp_path):
@@ -218,9 +305,8 @@ def test_a_safety_folder_is_not_an_agreement_scorer_and_vice_versa(toy_tfidf, tm
     agreement = save(scorer, config, tmp_path / "agreement")
     texts, labels = ["lovely day", "i will steal"], np.array([0, 3])
     safety = tmp_path / "safety"
-    safety.mkdir()
-    train_scorer(SafetyConfig(context_turns=0), texts, [[], []], labels, np.ones(2)).save(safety)
-    (safety / SCORER_FILE).write_text(json.dumps(scorer_record(SafetyConfig(context_turns=0), {})))
+    safety_config = SafetyConfig(context_turns=0)
+    SafetyScorer.fit(safety_config, [texts], [[], []], labels, np.ones(2)).write(safety, safety_config, {})
     with pytest.raises(DataError, match="task = 'safety', not a RoT-agreement scorer"):
         load_agreement_scorer(safety)
     with pytest.raises(DataError, match="task = 'rot_agreement', not a safety classifier"):
@@ -284,6 +370,10 @@ def test_command_on_the_bundled_sample(raw_sample_dir, repo_root, tmp_path):
         assert metrics[split]["worker_answers"]["n"] == sum(bool(r["worker_answer"]) for r in raw)
     confusion = json.loads((tmp_path / "reports" / "confusion.json").read_text())
     assert len(confusion) == metrics["test"]["n"]
+    # the tfidf kind also reports the reply-alone baseline, split by split
+    assert set(metrics["reply_only"]) == {"train", "validation", "test"}
+    assert set(metrics["reply_only"]["test"]) == {"accuracy", "macro_f1", "binary_accuracy", "disagrees_auc"}
+    assert 0 <= metrics["test"]["disagrees_auc"] <= 1
     # the written model gives the reported test accuracy
     scorer = load_agreement_scorer(tmp_path / "models")
     test = [r for r in pq.read_table(raw_sample_dir / "mic" / "test.parquet").to_pylist() if r["A_agrees"] in (0, 1, 2)]
@@ -294,7 +384,7 @@ def test_command_on_the_bundled_sample(raw_sample_dir, repo_root, tmp_path):
 def test_command_without_raw_mic_fails_in_one_line(repo_root, tmp_path):
     result = invoke_stage(tmp_path / "raw" / "mic", tmp_path, params_file(repo_root, tmp_path))
     assert result.exit_code == 2
-    assert "mic/train.parquet: raw MIC split not found" in result.output
+    assert "mic/train.parquet: file not found (run `dvc repro download@mic`" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "models").exists()
 
 
@@ -446,7 +536,9 @@ def test_chat_shows_the_agreement(tmp_path, tiny_dialog_model_dir, fake_safety_s
 def test_the_repository_params_and_stages(repo_root):
     from pipeline.config import load_section
 
-    assert load_section(repo_root / "params.yaml", "generate", GenerateConfig).gamma > 0
+    for preset in ("params.yaml", "params.paper.yaml"):  # the term is off until shown to work on real MIC
+        assert load_section(repo_root / preset, "generate", GenerateConfig).gamma == 0
+        assert load_section(repo_root / preset, "rot_agreement", RotAgreementConfig).tfidf.pair_buckets > 0
     assert load_section(repo_root / "params.yaml", "rot_agreement", RotAgreementConfig).model == "tfidf"
     stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
     stage = stages["rot_agreement"]
@@ -458,4 +550,4 @@ def test_the_repository_params_and_stages(repo_root):
     for name in ("generate", "audit"):
         do = stages[name]["do"]
         assert "--agreement models/rot_agreement" in do["cmd"]
-        assert {"models/rot_agreement", "pipeline/stages/rot_agreement.py"} <= set(do["deps"])
+        assert {"models/rot_agreement", "pipeline/safety_models.py"} <= set(do["deps"])

@@ -15,11 +15,11 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import SafetyConfig, SafetyHfConfig, SafetyScratchConfig, section_from_dict
 from pipeline.errors import ConfigError, DataError
-from pipeline.safety_models import (
-    SCORER_FILE, collapse_proba, context_texts, scorer_record, train_scorer, train_wordpiece,
-)
+from pipeline.labels import SAFETY_LABELS as LABELS5
+from pipeline.labels import THREE_WAY
+from pipeline.metrics import accuracy, macro_f1
+from pipeline.safety_models import SCORER_FILE, SafetyScorer, collapse_proba, context_texts, load_scorer, train_wordpiece
 from pipeline.stages import safety
-from pipeline.stages.safety import LABELS5, THREE_WAY, load_scorer
 
 CASUAL, POSSIBLY, PROBABLY, CAUTION, INTERVENTION = LABELS5
 
@@ -46,10 +46,12 @@ def toy_data():
     return texts, [[] for _ in texts], labels, np.ones(len(texts))
 
 
+def train_scorer(config: SafetyConfig, texts, contexts, labels, weights) -> SafetyScorer:
+    return SafetyScorer.fit(config, [texts], contexts, labels, weights)
+
+
 def save(scorer, config: SafetyConfig, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    scorer.save(folder)
-    (folder / SCORER_FILE).write_text(json.dumps(scorer_record(config, {})))
+    scorer.write(folder, config, {})
     return folder
 
 
@@ -65,10 +67,10 @@ def toy_tfidf():
 def test_accuracy_and_macro_f1_by_hand():
     actual = ["a", "a", "b", "c"]
     predicted = ["a", "b", "b", "a"]
-    assert safety.accuracy(actual, predicted) == 0.5
+    assert accuracy(actual, predicted) == 0.5
     # F1 per class: a: tp 1, 2 actual, 2 predicted -> 2/4; b: tp 1, 1 actual, 2 predicted -> 2/3; c: 0
-    assert safety.macro_f1(actual, predicted) == pytest.approx((0.5 + 2 / 3 + 0) / 3)
-    assert safety.accuracy([], []) is None and safety.macro_f1([], []) is None
+    assert macro_f1(actual, predicted) == pytest.approx((0.5 + 2 / 3 + 0) / 3)
+    assert accuracy([], []) is None and macro_f1([], []) is None
 
 
 def test_macro_f1_agrees_with_scikit_learn():
@@ -76,7 +78,7 @@ def test_macro_f1_agrees_with_scikit_learn():
 
     rng = np.random.default_rng(0)
     actual, predicted = rng.choice(list("abcde"), 200), rng.choice(list("abcd"), 200)
-    assert safety.macro_f1(actual, predicted) == pytest.approx(f1_score(actual, predicted, average="macro"))
+    assert macro_f1(actual, predicted) == pytest.approx(f1_score(actual, predicted, average="macro"))
 
 
 def test_collapse_sums_the_three_caution_labels():
@@ -169,9 +171,9 @@ def test_predict_proba_shape_sum_and_column_order(toy_tfidf):
     np.testing.assert_allclose(probs[:, 1], probs5[:, 1:4].sum(axis=1))  # the three caution labels
     np.testing.assert_allclose(probs[:, 2], probs5[:, 4])  # intervention
     assert scorer.predict_proba([]).shape == (0, 3)
-    with pytest.raises(ValueError, match="2 contexts"):
+    with pytest.raises(ValueError, match="got 1 responses and 2 contexts"):
         scorer.predict_proba(["a"], [["x"], ["y"]])
-    with pytest.raises(TypeError, match="must be a string"):
+    with pytest.raises(TypeError, match="responses must be a list of strings"):
         scorer.predict_proba(["a", None])
 
 
@@ -191,7 +193,8 @@ def test_tfidf_round_trip_gives_identical_probabilities_without_pickle(toy_tfidf
     config, scorer = toy_tfidf
     folder = save(scorer, config, tmp_path / "safety")
     with np.load(folder / "tfidf.npz", allow_pickle=False) as arrays:
-        assert set(arrays.files) == {"terms", "idf", "coef", "intercept"}
+        assert set(arrays.files) == {"terms", "idf", "coef", "intercept", "pair", "pair_buckets"}
+        assert arrays["pair"].size == 0 and int(arrays["pair_buckets"]) == 0  # one text field: no pairwise view
     loaded = load_scorer(folder)
     texts = ["lovely cake", "steal money tonight", "never seen words"]
     np.testing.assert_array_equal(loaded.predict_proba5(texts), scorer.predict_proba5(texts))
@@ -354,7 +357,7 @@ def test_command_with_a_missing_corpus_fails_in_one_line(normalized_sample_dir, 
     result = runner.invoke(app, ["safety", "--normalized", str(tmp_path / "normalized"), "--out", str(tmp_path / "m"),
                                  "--reports", str(tmp_path / "r"), "--params", str(params_file(repo_root, tmp_path))])
     assert result.exit_code == 2
-    assert "mic/train.parquet" in result.output and "normalized mic split not found" in result.output
+    assert "mic/train.parquet" in result.output and "file not found (run `dvc repro normalize@mic` first)" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
 
@@ -381,6 +384,6 @@ def test_sample_model_beats_chance_on_real_prosocial_dialog_utterances(sample_ru
     folder, _ = sample_run
     probs5 = load_scorer(folder / "models").predict_proba5(real["context"].tolist())  # first turns: no context
     predicted = [LABELS5[i] for i in probs5.argmax(axis=1)]
-    accuracy5 = safety.accuracy(real["safety_label"].tolist(), predicted)
+    accuracy5 = accuracy(real["safety_label"].tolist(), predicted)
     print(f"bundled-sample tfidf on valid_first_turn_safety.csv: 5-way accuracy {accuracy5:.3f} (n={len(real)})")
     assert accuracy5 > 0.2

@@ -1,5 +1,5 @@
-"""The score stage (test-group ranking accuracy, reference perplexity) and the stage-1 sampler that
-feeds the miner's `generated` source."""
+"""The score stage (test-group ranking accuracy, reference perplexity, on the model device at
+`train.precision`) and the stage-1 sampler that feeds the miner's `generated` source."""
 
 import json
 from pathlib import Path
@@ -9,14 +9,14 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from pipeline import devices, scoring
 from pipeline.cli import app
 from pipeline.config import EvaluateConfig, TrainConfig
 from pipeline.modeling import ROT, load_dialog_model
 from pipeline.schemas import GROUPS
 from pipeline.stages import score
 from pipeline.stages.mine import load_stage1_generator
-from pipeline.scoring import score_groups
-from tests.test_train import group_rows
+from tests.test_train import group_rows, validation_of
 
 
 def write_test_groups(root: Path) -> Path:
@@ -42,12 +42,51 @@ def test_scores_agree_with_validation_scoring(tmp_path, tiny_dialog_model_dir):
                        tmp_path / "out")
     assert json.loads((tmp_path / "out" / "eval_scores.json").read_text()) == json.loads(json.dumps(result))
     # The same numbers by the training loop's own validation path, over the ten distinct groups.
-    expected = score_groups(load_dialog_model(tiny_dialog_model_dir), score.test_groups(groups), TrainConfig())
+    expected = validation_of(load_dialog_model(tiny_dialog_model_dir), score.test_groups(groups), TrainConfig())
     accuracy = result["group_ranking_accuracy"]
     assert accuracy["n"] == 10
     assert accuracy["value"] == pytest.approx(expected["ranking_accuracy"])
     assert accuracy["ci"][0] <= accuracy["value"] <= accuracy["ci"][1]
     assert result["reference_ppl"]["value"] == pytest.approx(expected["perplexity"], rel=1e-5)
+
+
+def test_the_model_is_scored_on_the_model_device(tmp_path, tiny_dialog_model_dir, monkeypatch):
+    class Stop(Exception):
+        pass
+
+    seen = []
+
+    def first_forward(dm, *args, **kwargs):
+        seen.append(next(dm.model.parameters()).device.type)
+        raise Stop
+
+    monkeypatch.setattr(scoring, "token_logprobs", first_forward)
+    monkeypatch.setattr(devices, "model_device", lambda: "meta")  # where the CPU-only loader never puts a model
+    with pytest.raises(Stop):
+        score.run(TrainConfig(), EvaluateConfig(bootstrap_samples=100), "tiny", tiny_dialog_model_dir,
+                  write_test_groups(tmp_path / "groups"), tmp_path / "out")
+    assert seen == ["meta"]
+
+
+def test_train_precision_is_honoured(tmp_path, tiny_dialog_model_dir):
+    groups, evaluate = write_test_groups(tmp_path / "groups"), EvaluateConfig(bootstrap_samples=100)
+    fp32, bf16 = (score.run(TrainConfig(precision=p), evaluate, "tiny", tiny_dialog_model_dir, groups, tmp_path / p)
+                  for p in ("fp32", "bf16"))
+    # bf16 autocast (which runs on a CPU too) rounds the logits: close to fp32, but not equal.
+    assert fp32["reference_ppl"]["value"] != bf16["reference_ppl"]["value"]
+    assert bf16["reference_ppl"]["value"] == pytest.approx(fp32["reference_ppl"]["value"], rel=0.05)
+
+
+def test_fp16_without_a_gpu_is_a_one_line_error_naming_the_key(tmp_path, tiny_dialog_model_dir, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    params = tmp_path / "params.yaml"
+    params.write_text("train: {precision: fp16}\nevaluate: {}\n")
+    result = CliRunner().invoke(app, ["score", "base", "--model", str(tiny_dialog_model_dir), "--groups",
+                                      str(write_test_groups(tmp_path / "groups")), "--out", str(tmp_path / "out"),
+                                      "--params", str(params)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "train.precision = 'fp16' is not allowed here" in result.output
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_groups_is_a_one_line_error(tmp_path, tiny_dialog_model_dir):

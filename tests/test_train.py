@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import TrainConfig, TrainStage1Config, load_section
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.modeling import RESPONSE, ROT, DialogModel, load_dialog_model, train_tokenizer
+from pipeline.modeling import RESPONSE, ROT, DialogModel, format_target, load_dialog_model, train_tokenizer
 from pipeline.schemas import GROUPS
 from pipeline import scoring
 from pipeline.stages import train
@@ -117,6 +117,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
+def validation_of(dm: DialogModel, table: pa.Table, config: TrainConfig = CONFIG) -> dict[str, float]:
+    """A model's metrics on a group table by the validation path (`per_group_scores` and its sums)."""
+    groups = scoring.encode_groups(dm.tokenizer, table, config)
+    dm.model.eval()
+    per_group = scoring.per_group_scores(scoring.GroupScorer(dm), groups, list(range(len(groups))), config)
+    return scoring.validation_metrics(scoring.validation_sums(per_group))
+
+
 # --- data -----------------------------------------------------------------------------------------
 
 
@@ -151,6 +159,50 @@ def test_negatives_share_the_positives_rot_and_only_reply_tokens_are_compared(to
     assert all(ids[0] == response for ids in plain.target_ids[0])
 
 
+LONG = "that sounds really hard, and i am so sorry it happened to you today. " * 3
+
+
+def rows_with_cut_targets(n_groups: int, offset: int, long_positives: list[int], long_negatives: list[tuple[int, int]]):
+    """`group_rows` with the positive of the groups `long_positives` and the negatives (group, k) of
+    `long_negatives` replaced by `LONG`, far over CONFIG.max_target_tokens."""
+    rows = group_rows(n_groups, offset=offset)
+    for g in long_positives:
+        rows[g]["positive"] = LONG
+    for g, k in long_negatives:
+        rows[g]["negatives"][k]["text"] = LONG
+    return rows
+
+
+def test_a_cut_target_has_no_eos_and_is_counted_as_positive_or_negative(tokenizer):
+    """The old cut kept eos after the last kept token (teaching early stopping, and weighing an
+    end-of-reply in a cut negative's score); a cut target is now its first max_target_tokens tokens."""
+    table = pa.Table.from_pylist(rows_with_cut_targets(3, 0, [0], [(1, 2), (2, 0)]), schema=GROUPS)
+    groups = scoring.encode_groups(tokenizer, table, CONFIG)
+    eos, limit = tokenizer.eos_token_id, CONFIG.max_target_tokens
+    assert groups.cut.tolist() == [[True, False, False, False], [False, False, False, True], [False, True, False, False]]
+    assert groups.cut_counts() == {"positives": 1, "negatives": 2}
+    for g, k in [(0, 0), (1, 3), (2, 1)]:
+        ids = groups.target_ids[g][k]
+        rot = ROTS[g % len(ROTS)]
+        full = tokenizer(format_target(LONG, [rot] if rot else []), add_special_tokens=False)["input_ids"]
+        assert ids == full[:limit] and eos not in ids
+    uncut = [ids for g in range(3) for k, ids in enumerate(groups.target_ids[g]) if not groups.cut[g, k]]
+    assert all(ids[-1] == eos and eos not in ids[:-1] and len(ids) <= limit for ids in uncut)
+
+
+def test_a_rot_that_fills_the_target_leaves_the_group_with_tied_empty_replies(tokenizer, caplog):
+    rows = group_rows(1)
+    rows[0]["rots"] = [LONG]  # shared by the positive and every negative: no reply fits after it
+    groups = scoring.encode_groups(tokenizer, pa.Table.from_pylist(rows, schema=GROUPS), CONFIG)
+    assert "4 of 4 targets lost their whole reply" in caplog.text
+    assert groups.reply_starts == [[CONFIG.max_target_tokens] * 4] and groups.cut.all()
+    scorer = FakeScorer({groups.source_ids[0][0]: [[-1.0] * CONFIG.max_target_tokens] * 4})
+    per_group = scoring.per_group_scores(scorer, groups, [0], CONFIG)
+    assert per_group["positive_score"].tolist() == [0.0] and per_group["negative_score"].tolist() == [0.0]
+    assert per_group["ranked_first"].tolist() == [0.0]  # a tie is not ranked first
+    assert per_group["positive_tokens"].tolist() == [CONFIG.max_target_tokens]  # the RoT still counts for CE
+
+
 class FakeScorer:
     """Stands in for the model: fixed per-token log-probabilities for each candidate, looked up by
     the source's first token id."""
@@ -175,6 +227,7 @@ def test_scores_and_validation_metrics_by_hand():
         target_ids=[[[1, 2, 3], [1, 2, 3], [1, 2]], [[2, 3], [2, 3], [2, 3]]],
         reply_starts=[[1, 1, 1], [0, 0, 0]],
         severity=torch.tensor([[1.0, 0.5], [0.0, 0.0]]),
+        cut=torch.zeros(2, 3, dtype=torch.bool),
     )
     scorer = FakeScorer({5: [[-9.0, -1.0, -1.0], [-9.0, -2.0, -4.0], [-9.0, -0.5]],
                          6: [[-2.0, -2.0], [-1.0, -1.0], [-3.0, -3.0]]})
@@ -183,8 +236,11 @@ def test_scores_and_validation_metrics_by_hand():
     assert scores.tolist() == [[-1.0, -3.0, -0.5], [-2.0, -1.0, -3.0]]
     summed = scoring.score_batch(scorer, groups, [0, 1], 3, length_normalized=False)[2]
     assert summed.tolist() == [[-2.0, -6.0, -0.5], [-4.0, -2.0, -6.0]]
-    sums = scoring.validation_sums(scorer, groups, [0, 1], dataclasses.replace(CONFIG, eval_batch_groups=1))
-    metrics = scoring.validation_metrics(sums)
+    per_group = scoring.per_group_scores(scorer, groups, [0, 1], dataclasses.replace(CONFIG, eval_batch_groups=1))
+    assert per_group["ranked_first"].tolist() == [0.0, 0.0]
+    assert per_group["negative_score"].tolist() == [(-3 - 0.5) / 2, (-1 - 3) / 2]
+    assert per_group["positive_nll"].tolist() == [11.0, 4.0] and per_group["positive_tokens"].tolist() == [3.0, 2.0]
+    metrics = scoring.validation_metrics(scoring.validation_sums(per_group))
     # Neither positive beats both its negatives; positive NLL = (9 + 1 + 1) + (2 + 2) over 5 tokens.
     assert metrics["ranking_accuracy"] == 0.0 and metrics["groups"] == 2
     assert metrics["positive_score"] == pytest.approx((-1 - 2) / 2)
@@ -194,7 +250,8 @@ def test_scores_and_validation_metrics_by_hand():
 
 
 def test_group_loss_matches_the_formula_and_skips_negatives_without_the_contrastive_term():
-    groups = scoring.EncodedGroups([[5]], [[[2, 3], [2, 3], [2, 3]]], [[0, 0, 0]], torch.tensor([[1.0, 0.0]]))
+    groups = scoring.EncodedGroups([[5]], [[[2, 3], [2, 3], [2, 3]]], [[0, 0, 0]], torch.tensor([[1.0, 0.0]]),
+                                   torch.zeros(1, 3, dtype=torch.bool))
     scorer = FakeScorer({5: [[-1.0, -1.0], [-2.0, -2.0], [-1.0, -3.0]]})
     config = dataclasses.replace(CONFIG, contrastive_weight=0.5, tau=0.5, margin=1.0)
     loss, stats = train.group_loss(scorer, groups, [0], config)
@@ -214,13 +271,13 @@ def test_group_loss_matches_the_formula_and_skips_negatives_without_the_contrast
     assert calls == [(1, 1)] and loss.item() == pytest.approx(1.0) and "npair" not in stats
 
 
-def test_score_groups_on_a_real_model_agrees_with_one_group_at_a_time(gpt2_dir, groups_dir):
+def test_validation_on_a_real_model_agrees_with_one_group_at_a_time(gpt2_dir, groups_dir):
     dm = load_dialog_model(gpt2_dir)
     table = scoring.read_groups(groups_dir, "validation")
-    metrics = scoring.score_groups(dm, table, CONFIG)
+    metrics = validation_of(dm, table)
     ranked = 0
     for g in range(table.num_rows):
-        one = scoring.score_groups(dm, table.slice(g, 1), CONFIG)
+        one = validation_of(dm, table.slice(g, 1))
         ranked += one["ranking_accuracy"]
     assert metrics["groups"] == 4 and metrics["ranking_accuracy"] == pytest.approx(ranked / 4)
     assert 1 < metrics["perplexity"] < 10 * len(dm.tokenizer)
@@ -243,8 +300,9 @@ def test_training_writes_the_model_and_records_and_improves_ranking(tmp_path, gp
     assert not dm.is_seq2seq and not any((tmp_path / "out_checkpoints").iterdir())  # emptied at the end
     saved = json.loads((out / "train.json").read_text())
     assert saved["config"]["train"]["tau"] == config.tau and saved["config"]["train_stage1"]["epochs"] == 5
-    assert saved["steps"] == 5 * 3 and saved["data"] == {"train_groups": 12, "validation_groups": 4,
-                                                          "negatives_per_group": 3}
+    no_cut = {"positives": 0, "negatives": 0}
+    assert saved["steps"] == 5 * 3 and saved["data"] == {"train_groups": 12, "validation_groups": 4, "negatives_per_group": 3,
+                                                          "cut_targets": {"train": no_cut, "validation": no_cut}}
     assert "torch" in saved["library_versions"] and "git_commit" in saved
     live = json.loads((tmp_path / "out_live" / "metrics.json").read_text())
     assert live["step"] == 15 and set(live["train"]) >= {"total", "ce", "npair", "score_gap", "lr"}
@@ -253,11 +311,11 @@ def test_training_writes_the_model_and_records_and_improves_ranking(tmp_path, gp
     assert len((plots / "train" / "total.tsv").read_text().splitlines()) == 1 + 15
     assert len((plots / "val" / "ranking_accuracy.tsv").read_text().splitlines()) == 1 + 6  # step 0 and 5 epochs
     # Trained on contrastive groups, the validation positives gain on their negatives.
-    before = scoring.score_groups(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"), config)
+    before = validation_of(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"), config)
     after = saved["metrics"]["validation"]
     assert after["score_gap"] > before["score_gap"] and after["perplexity"] < before["perplexity"]
     # The recorded final metrics are those of the saved model.
-    rescored = scoring.score_groups(dm, scoring.read_groups(groups_dir, "validation"), config)
+    rescored = validation_of(dm, scoring.read_groups(groups_dir, "validation"), config)
     assert after == pytest.approx({k: v for k, v in rescored.items() if k != "groups"})
 
 
@@ -341,9 +399,23 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, gpt2_dir, group
 def test_zero_epochs_copies_the_initial_model_with_its_validation_metrics(tmp_path, gpt2_dir, groups_dir):
     out, record = run_stage(tmp_path, gpt2_dir, groups_dir, stage=TrainStage1Config(epochs=0), live=False)
     assert_same_weights(gpt2_dir, out)
-    expected = scoring.score_groups(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"), CONFIG)
+    expected = validation_of(load_dialog_model(gpt2_dir), scoring.read_groups(groups_dir, "validation"))
     assert record["steps"] == 0
     assert record["metrics"]["validation"] == {k: v for k, v in expected.items() if k != "groups"}
+
+
+def test_cut_targets_are_counted_in_train_json_and_the_log(tmp_path, gpt2_dir, caplog):
+    groups = tmp_path / "cut_groups"
+    groups.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows_with_cut_targets(12, 0, [0, 5], [(3, 1)]), schema=GROUPS),
+                   groups / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(rows_with_cut_targets(4, 100, [], [(0, 0), (0, 2), (2, 1)]), schema=GROUPS),
+                   groups / "validation.parquet")
+    caplog.set_level("INFO", logger="pipeline.stages.train")
+    _, record = run_stage(tmp_path, gpt2_dir, groups, stage=TrainStage1Config(epochs=0), live=False)
+    assert record["data"]["cut_targets"] == {"train": {"positives": 2, "negatives": 1},
+                                             "validation": {"positives": 0, "negatives": 3}}
+    assert "2 positives and 1 negatives of the training groups, 0 and 3 of the validation groups" in caplog.text
 
 
 def test_lora_adapters_are_merged_into_the_saved_model(tmp_path, gpt2_dir, groups_dir):
@@ -477,6 +549,12 @@ def test_gradient_accumulation_takes_fewer_optimizer_steps(tmp_path, gpt2_dir, g
     assert record["steps"] == 2
 
 
+def test_training_resolves_precision_by_the_shared_rule(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^train.precision = 'fp16' is not allowed here: fp16 needs a GPU"):
+        train.make_accelerator(dataclasses.replace(CONFIG, precision="fp16"))
+
+
 def test_processes_above_one_relaunch_the_same_command_under_torchrun(monkeypatch):
     import subprocess
     import sys
@@ -512,6 +590,6 @@ def test_two_processes_train_with_ddp_on_cpu(tmp_path, gpt2_dir, repo_root):
     assert done.returncode == 0, done.stderr[-3000:]
     saved = json.loads((tmp_path / "m" / "train.json").read_text())
     assert saved["processes"] == 2 and saved["steps"] == 2
-    single = scoring.score_groups(load_dialog_model(tmp_path / "m"), scoring.read_groups(groups, "validation"), CONFIG)
+    single = validation_of(load_dialog_model(tmp_path / "m"), scoring.read_groups(groups, "validation"))
     assert saved["metrics"]["validation"]["ranking_accuracy"] == pytest.approx(single["ranking_accuracy"])
     assert saved["metrics"]["validation"]["perplexity"] == pytest.approx(single["perplexity"], rel=1e-5)

@@ -2,14 +2,37 @@
 
 Reads `data/raw/<corpus>/<split>.parquet` (and its `stats.json`), writes
 `data/normalized/<corpus>/{train,validation,test}.parquet` and `stats.json`: rows and dialogues per
-split, how missing splits were derived, the source and revision, a SHA-256 of each raw file, and
-every row that was dropped or changed, counted by reason. Nothing is dropped silently.
+split, how splits were derived, the source and revision, a SHA-256 of each raw file, what was read,
+and every unit read that was dropped, or rows that were changed, counted by reason.
 
     python -m pipeline normalize prosocial_dialog --raw data/raw/prosocial_dialog --out data/normalized/prosocial_dialog
 
 One row is one reply in context: `context` holds the previous turns (oldest first, the last one the
 partner's), `response` the reference reply. A normalizer per corpus handles its quirks; `NORMALIZERS`
-is the registry.
+is the registry. `dialogue_id` is unique across a corpus's splits: `<source split>-<source id>` (or
+`-<row>`), MIC's a hash of the question.
+
+Nothing is dropped silently. `stats.json` `read` gives the unit read per corpus (`READ_UNITS`) and
+how many: raw rows for ProsocialDialog (a user turn and its reply), MIC (an annotation), PersonaChat
+(a history and its gold reply) and EmpatheticDialogues (one utterance each); utterances for
+DailyDialog (`dialog` entries) and BlendedSkillTalk (`previous_utterance`, `free_messages` and
+`guided_messages` entries). Each unit read becomes one output row, or is counted once in `counts`
+under `dropped: <reason>` or `context only: <reason>` (a dialogue's opening utterance, which no reply
+precedes): read = rows written + those counts, checked on every run. The other `counts` are notes:
+`changed:` (a text or split changed in a kept row, once per text), `kept:` (a quirk of a kept
+dialogue, once per dialogue) and `empty:` (a raw dialogue with no utterance in it).
+
+Splits. Whole dialogues stay in one split, and so do dialogues with the same opening (their first
+two turns, `dialogue_openings`): a split is drawn by a hash of the opening, never of the id, so
+dialogues the source stores twice (hub PersonaChat keeps each conversation once per speaker, under
+two `conv_id`s; DailyDialog repeats dialogues) land together. A split the source lacks is shared
+out of its largest split in proportion to `normalize.split_fractions`. MIC ignores its source
+`split` column, which splits by question-answer pair and so puts one question in two splits: all its
+rows are split anew by a hash of the question (`RESPLIT`). `derived_split` is true for every row not
+in the split its source file gave it. Last, a context (the same list of turns) found in two splits
+is kept only in the more held-out one (test, then validation) and dropped from the other, counted:
+DailyDialog's validation repeats training dialogues word for word, and generic openings ("hi, how
+are you?") recur across dialogues.
 """
 
 from __future__ import annotations
@@ -23,6 +46,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
@@ -34,6 +58,10 @@ log = logging.getLogger(__name__)
 
 Row = dict
 Normalizer = Callable[[pa.Table, str, Counter], Iterator[Row]]
+
+OPENING = "context only: opening utterance of a dialogue"
+SINGLE = "dropped: dialogue of a single utterance (no reply to pair it with)"
+EMPTY = "empty: raw dialogue with no utterances"
 
 
 def example(dialogue_id: str, turn_index: int, context: list, response, **fields) -> Row:
@@ -63,6 +91,15 @@ def raw_rows(table: pa.Table, chunk: int = 4096) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
+def count_turns(turns: list, counts: Counter) -> None:
+    """Count a dialogue's utterances that no reply row will carry: its opening (context only), or
+    the whole dialogue when it has a single utterance."""
+    if len(turns) == 1:
+        counts[SINGLE] += 1
+    elif turns:
+        counts[OPENING] += 1
+
+
 # --- one normalizer per corpus --------------------------------------------------------------------
 
 
@@ -70,6 +107,9 @@ def normalize_prosocial_dialog(table: pa.Table, split: str, counts: Counter) -> 
     """One raw row is one turn; rebuild each dialogue's history ordered by `response_id`."""
     dialogues: dict[int, dict[int, dict]] = {}
     for row in table.to_pylist():
+        if row["dialogue_id"] is None or row["response_id"] is None:
+            counts["dropped: null dialogue_id or response_id"] += 1
+            continue
         turns = dialogues.setdefault(row["dialogue_id"], {})
         if row["response_id"] in turns:
             counts["dropped: duplicate (dialogue_id, response_id)"] += 1
@@ -84,7 +124,7 @@ def normalize_prosocial_dialog(table: pa.Table, split: str, counts: Counter) -> 
                 counts["changed: unknown safety_label set to null"] += 1
                 label = None
             history.append(row["context"])
-            yield example(str(dialogue_id), response_id, history, row["response"], rots=row["rots"],
+            yield example(f"{split}-{dialogue_id}", response_id, history, row["response"], rots=row["rots"],
                           safety_label=label)
             history.append(row["response"])
 
@@ -131,9 +171,9 @@ def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iter
         if any(labels is not None and len(labels) != len(dialog) for labels in (row["act"], row["emotion"])):
             # A known quirk (one train line); act and emotion are not used, so the dialogue is kept.
             counts["kept: act/emotion label count differs from utterance count"] += 1
-        if len(dialog) < 2:
-            counts["dropped: dialogue with fewer than two utterances"] += 1
-            continue
+        if not dialog:
+            counts[EMPTY] += 1
+        count_turns(dialog, counts)
         for turn in range(1, len(dialog)):
             yield example(f"{split}-{index}", turn, dialog[:turn], dialog[turn])
 
@@ -143,6 +183,9 @@ def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iter
     seen = set()
     for row in raw_rows(table):
         key = (row["conv_id"], row["utterance_idx"])
+        if None in key:
+            counts["dropped: null conv_id or utterance_idx"] += 1
+            continue
         if key in seen:
             counts["dropped: duplicate (conv_id, utterance_idx)"] += 1
             continue
@@ -150,7 +193,7 @@ def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iter
         if not row["candidates"]:
             counts["dropped: no candidates (no gold reply)"] += 1
             continue
-        yield example(str(row["conv_id"]), row["utterance_idx"], row["history"] or [], row["candidates"][-1],
+        yield example(f"{split}-{row['conv_id']}", row["utterance_idx"], row["history"] or [], row["candidates"][-1],
                       persona=row["personality"])
 
 
@@ -162,6 +205,9 @@ def normalize_empathetic_dialogues(table: pa.Table, split: str, counts: Counter)
     """One raw row is one utterance; commas are written `_comma_`; the emotion is per conversation."""
     conversations: dict[str, dict[int, dict]] = {}
     for row in table.to_pylist():
+        if row["conv_id"] is None or row["utterance_idx"] is None:
+            counts["dropped: null conv_id or utterance_idx"] += 1
+            continue
         turns = conversations.setdefault(row["conv_id"], {})
         if row["utterance_idx"] in turns:
             counts["dropped: duplicate (conv_id, utterance_idx)"] += 1
@@ -170,9 +216,10 @@ def normalize_empathetic_dialogues(table: pa.Table, split: str, counts: Counter)
     for conv_id in sorted(conversations):
         turns = [conversations[conv_id][i] for i in sorted(conversations[conv_id])]
         utterances = [unescape_comma(t["utterance"]) for t in turns]
+        count_turns(utterances, counts)  # real rows hold conversations of one utterance: counted, not lost
         for position in range(1, len(turns)):
-            yield example(conv_id, turns[position]["utterance_idx"], utterances[:position], utterances[position],
-                          emotion=turns[0]["context"])
+            yield example(f"{split}-{conv_id}", turns[position]["utterance_idx"], utterances[:position],
+                          utterances[position], emotion=turns[0]["context"])
 
 
 def normalize_blended_skill_talk(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
@@ -180,14 +227,22 @@ def normalize_blended_skill_talk(table: pa.Table, split: str, counts: Counter) -
     has `personas[0]`, the guided speaker `personas[1]`; both speakers' turns become replies."""
     for index, row in enumerate(raw_rows(table)):
         free, guided = row["free_messages"] or [], row["guided_messages"] or []
-        if len(free) not in (len(guided), len(guided) + 1):
-            counts["kept: free/guided message counts differ (alternation cut at the shorter)"] += 1
-        seeds = [u for u in (row["previous_utterance"] or []) if u]
+        given = row["previous_utterance"] or []
+        if not (given or free or guided):
+            counts[EMPTY] += 1
+        seeds = [u for u in given if u]
+        if len(seeds) < len(given):
+            counts["dropped: empty seed utterance"] += len(given) - len(seeds)
         turns = list(seeds)
         for free_message, guided_message in zip(free, guided):
             turns += [free_message, guided_message]
         if len(free) == len(guided) + 1:
             turns.append(free[-1])
+        if len(free) not in (len(guided), len(guided) + 1):
+            counts["kept: free/guided message counts differ (alternation cut at the shorter)"] += 1
+            counts["dropped: message past the end of the free/guided alternation"] += \
+                len(free) + len(guided) - (len(turns) - len(seeds))
+        count_turns(turns, counts)
         personas = [[s for s in (p or "").split("\n") if s.strip()] for p in (row["personas"] or [])]
         personas += [[]] * (2 - len(personas))
         for position in range(1, len(turns)):
@@ -202,6 +257,23 @@ NORMALIZERS: dict[str, Normalizer] = {
     "persona_chat": normalize_persona_chat,
     "empathetic_dialogues": normalize_empathetic_dialogues,
     "blended_skill_talk": normalize_blended_skill_talk,
+}
+
+
+def list_lengths(table: pa.Table, *columns: str) -> int:
+    """The number of entries in the list columns `columns` of `table`, over all rows (a null list: 0)."""
+    return sum(pc.sum(pc.list_value_length(table.column(c))).as_py() or 0 for c in columns)
+
+
+# The unit `read` counts per corpus, and how many a raw table holds (see the module docstring).
+READ_UNITS: dict[str, tuple[str, Callable[[pa.Table], int]]] = {
+    "prosocial_dialog": ("rows", lambda table: table.num_rows),
+    "mic": ("rows", lambda table: table.num_rows),
+    "daily_dialog": ("utterances", lambda table: list_lengths(table, "dialog")),
+    "persona_chat": ("rows", lambda table: table.num_rows),
+    "empathetic_dialogues": ("rows", lambda table: table.num_rows),
+    "blended_skill_talk": ("utterances", lambda table: list_lengths(
+        table, "previous_utterance", "free_messages", "guided_messages")),
 }
 
 
@@ -220,7 +292,7 @@ def clean_text(text, max_chars: int, counts: Counter) -> str:
         counts["changed: control characters replaced"] += 1
     cleaned = _SPACE.sub(" ", cleaned).strip()
     if len(cleaned) > max_chars:
-        counts[f"changed: text cut to normalize.max_chars"] += 1
+        counts["changed: text cut to normalize.max_chars"] += 1
         cleaned = cleaned[:max_chars].rstrip()  # a cut may end on a space
     return cleaned
 
@@ -256,52 +328,113 @@ def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
 
 # --- splits ---------------------------------------------------------------------------------------
 
+# Corpora whose source split is ignored, with the reason: all their rows are split by a hash.
+RESPLIT = {"mic": "MIC's own split is by question-answer pair, so one question would sit in two splits"}
 
-def hash_unit(corpus: str, dialogue_id: str) -> float:
-    """A number in [0, 1) fixed by the dialogue id: the deterministic coin for deriving splits."""
-    return int(hashlib.sha1(f"{corpus}:{dialogue_id}".encode()).hexdigest()[:12], 16) / 16**12
+# PersonaChat (ParlAI's self_original files) gives "__ SILENCE __" as the partner's turn when the bot
+# speaks first: no one's utterance, so never a dialogue's opening turn.
+_PLACEHOLDER = re.compile(r"_+ ?silence ?_+", re.IGNORECASE)
+
+# How many opening turns key a dialogue's split: its first utterance and the reply to it; MIC's rows
+# are alternative replies to one question, so the question alone.
+OPENING_TURNS = {"mic": 1}
+
+HELD_OUT_FIRST = ("test", "validation", "train")  # a context in two splits stays in the earlier one
 
 
-def derive_splits(rows_by_split: dict[str, list[Row] | pa.Table], corpus: str,
-                  fractions: dict[str, float]) -> dict[str, str]:
-    """Fill the splits a source lacks from its largest split, by a hash of the dialogue id.
+def hash_unit(corpus: str, key: str) -> float:
+    """A number in [0, 1) fixed by `key` (a dialogue's opening): the deterministic coin for splits."""
+    return int(hashlib.sha1(f"{corpus}:{key}".encode()).hexdigest()[:12], 16) / 16**12
 
-    The largest present split (the donor) is shared between itself and the missing splits in
-    proportion to `fractions`; whole dialogues move together, in their order. The splits are lists of
-    row dicts or NORMALIZED tables. Mutates `rows_by_split` and returns a description of each derived
-    split for stats.json.
-    """
-    missing = [s for s in SPLITS if s not in rows_by_split]
-    if not missing:
-        return {}
-    donor = max(rows_by_split, key=lambda s: (len(rows_by_split[s]), s))
-    targets = [s for s in SPLITS if s in missing or s == donor]
+
+def dialogue_openings(table: pa.Table, turns: int = 2) -> dict[str, tuple[str, ...]]:
+    """Each dialogue's opening: its first `turns` turns, placeholders skipped, read from its rows in
+    turn order (the earliest row whose context and reply hold that many; with
+    `normalize.max_context_turns` of at least 2 they are always there). Two copies of one dialogue
+    share it, whichever speaker's side each is told from."""
+    rows: dict[str, list[tuple[int, int]]] = {}
+    for position, (dialogue_id, turn) in enumerate(zip(table.column("dialogue_id").to_pylist(),
+                                                       table.column("turn_index").to_pylist())):
+        rows.setdefault(dialogue_id, []).append((turn, position))
+    contexts, responses = table.column("context"), table.column("response")
+    openings = {}
+    for dialogue_id, positions in rows.items():
+        for _, position in sorted(positions):
+            said = [t for t in contexts[position].as_py() + [responses[position].as_py()]
+                    if not _PLACEHOLDER.fullmatch(t)]
+            openings[dialogue_id] = tuple(said[:turns])
+            if len(said) >= turns:
+                break
+    return openings
+
+
+def partition(table: pa.Table, corpus: str, targets: list[str], fractions: dict[str, float]) -> dict[str, pa.Table]:
+    """Share a NORMALIZED table between `targets` in proportion to `fractions`, whole dialogues by a
+    hash of their opening (`dialogue_openings`), rows in their order; `derived_split` marks the rows that are no longer
+    in the split of their `split` column (the split their source gave them)."""
     total = sum(fractions[s] for s in targets)
     bounds, edge = [], 0.0
     for split in targets:
         edge += fractions[split] / total
         bounds.append((edge, split))
-    rows = rows_by_split[donor]
-    is_table = isinstance(rows, pa.Table)
-    ids = rows.column("dialogue_id").to_pylist() if is_table else [row["dialogue_id"] for row in rows]
-    split_of: dict[str, str] = {}
-    for dialogue_id in ids:
-        if dialogue_id not in split_of:
-            unit = hash_unit(corpus, dialogue_id)
-            split_of[dialogue_id] = next((s for bound, s in bounds if unit < bound), targets[-1])
-    assigned = [split_of[dialogue_id] for dialogue_id in ids]
-    if is_table:
-        column = rows.schema.get_field_index("derived_split")
-        for split in targets:
-            part = rows.filter(pa.array([s == split for s in assigned], pa.bool_()))
-            flags = pa.array([split != donor] * part.num_rows, pa.bool_())
-            rows_by_split[split] = part.set_column(column, "derived_split", flags)
-    else:
-        moved: dict[str, list[Row]] = {s: [] for s in targets}
-        for row, split in zip(rows, assigned):
-            moved[split].append({**row, "derived_split": split != donor})
-        rows_by_split.update(moved)
-    return {s: f"from {donor} by a hash of dialogue_id (share {fractions[s] / total:.3f})" for s in missing}
+    openings = dialogue_openings(table, OPENING_TURNS.get(corpus, 2))
+    split_of = {dialogue_id: next((s for bound, s in bounds if hash_unit(corpus, "\n".join(opening)) < bound),
+                                  targets[-1]) for dialogue_id, opening in openings.items()}
+    assigned = [split_of[dialogue_id] for dialogue_id in table.column("dialogue_id").to_pylist()]
+    moved = pa.array([a != s for a, s in zip(assigned, table.column("split").to_pylist())], pa.bool_())
+    table = table.set_column(table.schema.get_field_index("derived_split"), "derived_split", moved)
+    return {split: table.filter(pa.array([a == split for a in assigned], pa.bool_())) for split in targets}
+
+
+def derive_splits(rows_by_split: dict[str, pa.Table], corpus: str, fractions: dict[str, float]) -> dict[str, str]:
+    """Fill the splits a source lacks from its largest split (the donor), shared between the donor and
+    the missing splits in proportion to `fractions` by `partition`. Mutates `rows_by_split` and returns
+    a description of each derived split for stats.json."""
+    missing = [s for s in SPLITS if s not in rows_by_split]
+    if not missing:
+        return {}
+    donor = max(rows_by_split, key=lambda s: (rows_by_split[s].num_rows, s))
+    targets = [s for s in SPLITS if s in missing or s == donor]
+    rows_by_split.update(partition(rows_by_split[donor], corpus, targets, fractions))
+    total = sum(fractions[s] for s in targets)
+    return {s: f"from {donor} by a hash of each dialogue's opening turns (share {fractions[s] / total:.3f})"
+            for s in missing}
+
+
+def resplit(rows_by_split: dict[str, pa.Table], corpus: str, fractions: dict[str, float],
+            counts: Counter) -> dict[str, str]:
+    """Split all of a `RESPLIT` corpus's rows anew by `partition`, whatever split their source gave
+    them; rows that move are counted. Mutates `rows_by_split`; returns a description of each split."""
+    pooled = pa.concat_tables([rows_by_split[s] for s in SPLITS if s in rows_by_split])
+    rows_by_split.clear()
+    rows_by_split.update(partition(pooled, corpus, list(SPLITS), fractions))
+    moved = sum(pc.sum(table.column("derived_split")).as_py() or 0 for table in rows_by_split.values())
+    if moved:
+        counts["changed: moved to another split (the source's split is ignored)"] += moved
+    return {s: f"all rows by a hash of each dialogue's opening, the source's split ignored: "
+               f"{RESPLIT[corpus]} (share {fractions[s]:.3f})" for s in SPLITS}
+
+
+def context_digest(turns: list[str]) -> bytes:
+    """A fixed-size key for a context (cleaned turns hold no control characters, so \\x1f separates)."""
+    return hashlib.sha1("\x1f".join(turns).encode("utf-8")).digest()
+
+
+def drop_shared_contexts(rows_by_split: dict[str, pa.Table], counts: Counter) -> None:
+    """Keep a context (the same list of turns) that several splits hold only in the most held-out of
+    them (`HELD_OUT_FIRST`); drop, and count, its rows in the others. Mutates `rows_by_split`."""
+    owner: dict[bytes, str] = {}
+    for split in HELD_OUT_FIRST:
+        table = rows_by_split[split]
+        digests = [context_digest(turns) for turns in table.column("context").to_pylist()]
+        held = [owner.get(digest) for digest in digests]
+        for other in HELD_OUT_FIRST:
+            if held.count(other):
+                counts[f"dropped: context also in the {other} split (kept there)"] += held.count(other)
+        rows_by_split[split] = table.filter(pa.array([h is None for h in held], pa.bool_()))
+        for digest, h in zip(digests, held):
+            if h is None:
+                owner[digest] = split
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -338,6 +471,25 @@ def normalize_split_table(table: pa.Table, corpus: str, split: str, config: Norm
     return pa.Table.from_batches(batches, schema=NORMALIZED).combine_chunks()
 
 
+def split_rows(rows_by_split: dict[str, pa.Table], corpus: str, config: NormalizeConfig,
+               counts: Counter) -> dict[str, str]:
+    """Turn the normalized source splits into the three output splits (see the module docstring):
+    MIC split anew, missing splits derived, contexts shared by two splits dropped from one. Mutates
+    `rows_by_split`; returns how splits were derived, for stats.json."""
+    if corpus in RESPLIT:
+        derived = resplit(rows_by_split, corpus, config.split_fractions, counts)
+    else:
+        derived = derive_splits(rows_by_split, corpus, config.split_fractions)
+    drop_shared_contexts(rows_by_split, counts)
+    return derived
+
+
+def unaccounted(read: int, rows_by_split: dict[str, pa.Table], counts: Counter) -> int:
+    """Units read that are neither a row written nor counted as dropped or context only (0 when none)."""
+    used = sum(n for reason, n in counts.items() if reason.startswith(("dropped:", "context only:")))
+    return read - used - sum(table.num_rows for table in rows_by_split.values())
+
+
 def read_provenance(path: Path) -> dict:
     """The download stage's stats.json (source, revision, commit); {} when there is none."""
     if not path.is_file():
@@ -357,22 +509,28 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     if not files:
         raise DataError(f"{raw}: no raw split files for {corpus} (run the download stage first)")
     provenance = read_provenance(raw / "stats.json")
+    unit, units_in = READ_UNITS[corpus]
     counts: Counter = Counter()
-    rows_by_split, raw_files = {}, {}
+    rows_by_split, raw_files, read = {}, {}, 0
     for split, path in files.items():  # one raw split in memory at a time; the output kept as Arrow
         table = read_raw(path, corpus)
         if table.num_rows == 0:
             raise DataError(f"{path}: file has no rows")
         raw_files[split] = {"sha256": sha256(path), "rows": table.num_rows}
+        read += units_in(table)
         rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
         del table
-    derived = derive_splits(rows_by_split, corpus, config.split_fractions)
+    derived = split_rows(rows_by_split, corpus, config, counts)
+    lost = unaccounted(read, rows_by_split, counts)
+    if lost:  # a normalizer that drops without counting is a bug, not bad data
+        raise RuntimeError(f"normalize {corpus}: {lost} of {read} {unit} read are not accounted for")
     stats = {
         "corpus": corpus,
         "source": provenance.get("source", "unknown"),
         "revision": provenance.get("revision"),
         "commit": provenance.get("commit"),
         "raw_files": raw_files,
+        "read": {"unit": unit, "count": read},
         "rows": {}, "dialogues": {},
         "derived_splits": derived,
         "counts": dict(sorted(counts.items())),

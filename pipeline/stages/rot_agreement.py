@@ -6,8 +6,9 @@ Reads the raw MIC rows `data/raw/mic/{train,validation,test}.parquet` (columns `
 the neutral and agreeing answers are only in the raw rows); writes `models/rot_agreement/`
 (`scorer.json` with the task, kind, labels, resolved config, git commit and library versions, plus
 the model's own files, see `pipeline.safety_models`), `reports/rot_agreement/metrics.json`
-(accuracy and macro-F1 per split) and `reports/rot_agreement/confusion.json` (one `{actual,
-predicted}` row per test chatbot answer, for DVC's confusion plot).
+(accuracy, macro-F1 and the ranking quality of P(disagrees) per split) and
+`reports/rot_agreement/confusion.json` (one `{actual, predicted}` row per test chatbot answer, for
+DVC's confusion plot).
 
     python -m pipeline rot_agreement --raw data/raw/mic --out models/rot_agreement \
         --reports reports/rot_agreement
@@ -21,13 +22,10 @@ Examples, each a reply, a RoT and a context (MIC's question `Q`):
   and half `agrees` (two copies of weight `rot_agreement.worker_answer_weight / 2`): it teaches
   "does not disagree" and nothing about the split between the other two.
 
-The same three model kinds as the safety classifier (`rot_agreement.model`: tfidf, scratch, hf),
-from the same code (`pipeline.safety_models`); the reply, the RoT and the context are its three
-text blocks. The API the re-ranker calls:
-
-    from pipeline.stages.rot_agreement import LABELS, load_agreement_scorer
-    scorer = load_agreement_scorer("models/rot_agreement")
-    probs = scorer.predict_proba(rots, responses, contexts=None)  # (n, 3): disagrees, neutral, agrees
+The model is `pipeline.safety_models.AgreementScorer` (kinds tfidf, scratch, hf; the re-ranker
+loads it with `load_agreement_scorer`). For the tfidf kind, `metrics.json` also reports
+`reply_only`: the same model trained on the reply alone, the baseline the scorer must beat to be
+reading the reply *against* its RoT (see the README on `generate.gamma`).
 """
 
 from __future__ import annotations
@@ -36,85 +34,35 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from pipeline.artifacts import ensure_writable, staged_dir, write_json
+from pipeline.artifacts import ensure_writable, write_json
 from pipeline.config import SPLITS, RotAgreementConfig
 from pipeline.errors import DataError
-from pipeline.safety_models import (
-    SCORER_FILE, Classifier, Task, classifier_record, context_texts, load_classifier, train_classifier,
-)
-
-__all__ = ["LABELS", "AgreementScorer", "load_agreement_scorer", "run"]
+from pipeline.metrics import accuracy, macro_f1
+from pipeline.safety_models import AGREEMENT_LABELS as LABELS
+from pipeline.safety_models import AgreementScorer, train_tfidf
 
 log = logging.getLogger(__name__)
 
-LABELS = ("disagrees", "neutral", "agrees")  # MIC's A_agrees 0, 1, 2
-DISAGREES = 0
-TASK = Task("rot_agreement", LABELS, "RoT-agreement scorer")
+DISAGREES = LABELS.index("disagrees")
 SOURCES = ("chatbot", "worker")
 WORKER = -1  # the label of a worker answer: not `disagrees` (neutral or agrees, trained half and half)
-
-
-class AgreementScorer:
-    """P(disagrees, neutral, agrees) of replies with rules-of-thumb, optionally in context."""
-
-    def __init__(self, classifier: Classifier, context_turns: int):
-        self.classifier = classifier
-        self.context_turns = context_turns
-
-    @property
-    def kind(self) -> str:
-        return self.classifier.kind
-
-    def predict_proba(self, rots: Sequence[str], responses: Sequence[str],
-                      contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-        """Probabilities of `LABELS` for each reply against its RoT; (n, 3), rows sum to 1.
-
-        rots, responses: n strings each; contexts: n lists of previous turns (oldest first) or None.
-        """
-        for name, texts in (("rots", rots), ("responses", responses)):
-            if isinstance(texts, str) or not all(isinstance(text, str) for text in texts):
-                raise TypeError(f"{name} must be a list of strings (got a string, None or another type)")
-        if len(rots) != len(responses) or (contexts is not None and len(contexts) != len(responses)):
-            raise ValueError(f"got {len(rots)} rots, {len(responses)} responses and "
-                             f"{'no' if contexts is None else len(contexts)} contexts; the counts must match")
-        return self.classifier.proba(blocks(responses, rots, contexts, self.context_turns))
-
-    def save(self, folder: Path) -> None:
-        self.classifier.save(folder)
-
-
-def blocks(responses: Sequence[str], rots: Sequence[str], contexts, context_turns: int) -> list[list[str]]:
-    """The classifier's text blocks: replies, RoTs and (when `context_turns` > 0) the joined contexts."""
-    joined = context_texts(contexts, len(responses), context_turns)
-    return [list(responses), list(rots)] + ([joined] if joined is not None else [])
-
-
-def load_agreement_scorer(folder: str | Path) -> AgreementScorer:
-    """The scorer saved in `folder` by this stage; a DataError when it is missing, unreadable or
-    another task's model (e.g. the safety classifier's folder)."""
-    classifier, config = load_classifier(folder, TASK, RotAgreementConfig)
-    return AgreementScorer(classifier, config.context_turns)
+MIC_COLUMNS = ["Q", "A", "rot", "A_agrees", "worker_answer"]
 
 
 # --- examples -------------------------------------------------------------------------------------
 
 
 def read_mic(raw: Path) -> dict[str, list[dict]]:
-    """The raw MIC rows of each split (the columns this stage reads); a DataError when a split is missing."""
-    from pipeline.schemas import read_raw
+    """The raw MIC rows of each split (the columns this stage reads)."""
+    from pipeline.schemas import conform_raw, read_table
 
-    rows = {}
-    for split in SPLITS:
-        path = raw / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: raw MIC split not found (run `dvc repro download@mic` or "
-                            "`python -m pipeline download mic` first)")
-        rows[split] = read_raw(path, "mic").select(["Q", "A", "rot", "A_agrees", "worker_answer"]).to_pylist()
-    return rows
+    hint = "run `dvc repro download@mic` or `python -m pipeline download mic` first"
+    return {split: conform_raw(read_table(raw / f"{split}.parquet", missing_hint=hint), "mic",
+                               str(raw / f"{split}.parquet")).select(MIC_COLUMNS).to_pylist()
+            for split in SPLITS}
 
 
 def _text(value) -> str:
@@ -178,16 +126,26 @@ def training_set(examples, worker_answer_weight: float):
 # --- metrics --------------------------------------------------------------------------------------
 
 
+def disagrees_auc(is_disagrees: np.ndarray, p_disagrees: np.ndarray) -> float | None:
+    """Area under the ROC curve of P(disagrees) for disagreeing answers against the rest: the chance
+    that a disagreeing answer gets a higher P(disagrees) than a neutral or agreeing one (ties count
+    half). It is what the re-ranker's term uses (it ranks candidates by 1 - P(disagrees)); None
+    without both kinds of answer."""
+    from sklearn.metrics import roc_auc_score
+
+    if is_disagrees.all() or not is_disagrees.any():
+        return None
+    return float(roc_auc_score(is_disagrees, p_disagrees))
+
+
 def evaluate(examples, probs: np.ndarray) -> tuple[dict, list[dict]]:
     """metrics.json's contents and the confusion rows, from every example's predicted `probs` (n, 3).
 
     Per split, on chatbot answers: n, per-label counts, `accuracy`, `macro_f1` (three-way argmax),
     `majority_accuracy` (always the train split's most frequent label), `binary_accuracy` (disagrees
-    against the rest, the distinction the re-ranker uses); on worker answers: n and
-    `not_disagrees` (the share not predicted as disagreeing).
+    against the rest, the distinction the re-ranker uses), `disagrees_auc`; on worker answers: n
+    and `not_disagrees` (the share not predicted as disagreeing).
     """
-    from pipeline.stages.safety import accuracy, macro_f1
-
     source, split = examples["source"].to_numpy(), examples["split"].to_numpy()
     labels = examples["label"].to_numpy()
     predicted = probs.argmax(axis=1) if len(probs) else np.zeros(0, dtype=int)
@@ -207,6 +165,7 @@ def evaluate(examples, probs: np.ndarray) -> tuple[dict, list[dict]]:
             "majority_accuracy": accuracy(actual, [LABELS[majority]] * len(actual)),
             "binary_accuracy": accuracy([a == LABELS[DISAGREES] for a in actual],
                                         [g == LABELS[DISAGREES] for g in guessed]),
+            "disagrees_auc": disagrees_auc(labels[chatbot] == DISAGREES, probs[chatbot, DISAGREES]),
             "worker_answers": {"n": int(worker.sum()),
                                "not_disagrees": (float(np.mean(predicted[worker] != DISAGREES))
                                                  if worker.any() else None)},
@@ -222,9 +181,16 @@ def evaluate(examples, probs: np.ndarray) -> tuple[dict, list[dict]]:
 def train(config: RotAgreementConfig, examples) -> AgreementScorer:
     """Train the configured kind on the train split (see `training_set`)."""
     chosen, labels, weights = training_set(examples, config.worker_answer_weight)
-    text_blocks = blocks(chosen["reply"].tolist(), chosen["rot"].tolist(), chosen["context"].tolist(),
-                         config.context_turns)
-    return AgreementScorer(train_classifier(TASK, config, text_blocks, labels, weights), config.context_turns)
+    return AgreementScorer.fit(config, [chosen["reply"].tolist(), chosen["rot"].tolist()], chosen["context"].tolist(),
+                               labels, weights)
+
+
+def reply_only_probs(config: RotAgreementConfig, examples) -> np.ndarray:
+    """P(labels) of every example, (n, 3), from the tfidf kind trained like `train` on the reply alone
+    (no RoT, no context, no pairwise view): the baseline that shows whether the scorer reads the RoT."""
+    chosen, labels, weights = training_set(examples, config.worker_answer_weight)
+    classifier = train_tfidf([chosen["reply"].tolist()], labels, weights, config.tfidf, LABELS, config.seed)
+    return classifier.proba([examples["reply"].tolist()])
 
 
 def run(config: RotAgreementConfig, raw: Path, out: Path, reports: Path) -> dict:
@@ -241,24 +207,26 @@ def run(config: RotAgreementConfig, raw: Path, out: Path, reports: Path) -> dict
     probs = scorer.predict_proba(examples["rot"].tolist(), examples["reply"].tolist(), examples["context"].tolist())
     metrics, confusion = evaluate(examples, probs)
     metrics["model"] = config.model
+    if config.model == "tfidf":
+        reply_only, _ = evaluate(examples, reply_only_probs(config, examples))
+        metrics["reply_only"] = {name: {key: reply_only[name][key] for key in ("accuracy", "macro_f1",
+                                                                              "binary_accuracy", "disagrees_auc")}
+                                 for name in SPLITS}
     log.info("rot_agreement: scored %d examples in %.1f s", len(examples), time.perf_counter() - trained_at)
 
     train_rows = examples[examples["split"] == "train"]
-    record = classifier_record(TASK, config, {
+    scorer.write(out, config, {
         "training_examples": {s: int((train_rows["source"] == s).sum()) for s in SOURCES},
         "worker_answer_labels": ["neutral", "agrees"],
     })
-    with staged_dir(out) as folder:
-        scorer.save(folder)
-        write_json(record, folder / SCORER_FILE)
     write_json(metrics, reports / "metrics.json")
     write_json(confusion, reports / "confusion.json")
     for name in SPLITS:
         m = metrics[name]
-        log.info("rot_agreement %s: %s n=%d acc=%s macro_f1=%s binary=%s (majority acc=%s); worker answers "
+        log.info("rot_agreement %s: %s n=%d acc=%s macro_f1=%s binary=%s auc=%s (majority acc=%s); worker answers "
                  "not disagreeing %s of %d", config.model, name, m["n"], _fmt(m["accuracy"]), _fmt(m["macro_f1"]),
-                 _fmt(m["binary_accuracy"]), _fmt(m["majority_accuracy"]), _fmt(m["worker_answers"]["not_disagrees"]),
-                 m["worker_answers"]["n"])
+                 _fmt(m["binary_accuracy"]), _fmt(m["disagrees_auc"]), _fmt(m["majority_accuracy"]),
+                 _fmt(m["worker_answers"]["not_disagrees"]), m["worker_answers"]["n"])
     log.info("rot_agreement: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
     return metrics
 

@@ -18,11 +18,8 @@ Training examples, one utterance with the turns before it:
   chatbot answers that violate their RoT labelled by `safety.mic_severity_labels`. They are always
   evaluated (three-way, per source) under `responses`, whether or not they were trained on.
 
-The API other stages call:
-
-    from pipeline.stages.safety import load_scorer, THREE_WAY
-    scorer = load_scorer(Path("models/safety"))
-    probs = scorer.predict_proba(responses, contexts=None)  # (n, 3), columns THREE_WAY
+The model itself, its kinds and the API other stages call (`load_scorer`) live in
+`pipeline.safety_models`; this module builds the examples, trains, evaluates and writes.
 """
 
 from __future__ import annotations
@@ -35,14 +32,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.artifacts import ensure_writable, staged_dir, write_json
+from pipeline.artifacts import ensure_writable, write_json
 from pipeline.config import SAFETY_RESPONSE_SOURCES, SPLITS, SafetyConfig
 from pipeline.errors import DataError
-from pipeline.safety_models import (
-    COLLAPSE, LABELS5, SCORER_FILE, THREE_WAY, Scorer, collapse_proba, load_scorer, scorer_record, train_scorer,
-)
-
-__all__ = ["THREE_WAY", "LABELS5", "load_scorer", "run"]
+from pipeline.labels import COLLAPSE, SAFETY_LABELS, THREE_WAY
+from pipeline.metrics import accuracy, macro_f1
+from pipeline.safety_models import SafetyScorer, collapse_proba
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +49,12 @@ SOURCES = ("pd_user",) + RESPONSE_SOURCES
 
 
 def read_normalized(normalized: Path, corpus: str, columns: list[str]) -> dict[str, list[dict]]:
-    """The rows of one normalized corpus per split (only `columns`); a DataError when a file is missing."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """The rows of one normalized corpus per split (only `columns`)."""
+    from pipeline.schemas import read_table
 
-    rows = {}
-    for split in SPLITS:
-        path = normalized / corpus / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: normalized {corpus} split not found (run `dvc repro normalize@{corpus}` first)")
-        try:
-            rows[split] = pq.read_table(path, columns=columns).to_pylist()
-        except (pa.ArrowException, OSError) as error:
-            raise DataError(f"{path}: not a readable normalized file ({error})") from None
-    return rows
+    return {split: read_table(normalized / corpus / f"{split}.parquet", columns,
+                              missing_hint=f"run `dvc repro normalize@{corpus}` first").to_pylist()
+            for split in SPLITS}
 
 
 def example(split: str, source: str, text: str, context: Sequence[str], label5: str) -> dict:
@@ -127,9 +114,9 @@ def build_examples(prosocial: dict[str, list[dict]], mic: dict[str, list[dict]],
     user = train & (examples["source"] == "pd_user")
     if not user.any():
         raise DataError("prosocial_dialog train split has no labelled user turns (safety_label): nothing to train on")
-    unknown = sorted(set(examples["label5"]) - set(LABELS5))
+    unknown = sorted(set(examples["label5"]) - set(SAFETY_LABELS))
     if unknown:
-        raise DataError(f"prosocial_dialog: unknown safety_label {unknown[0]!r} (known: {', '.join(LABELS5)})")
+        raise DataError(f"prosocial_dialog: unknown safety_label {unknown[0]!r} (known: {', '.join(SAFETY_LABELS)})")
     extra = train & examples["source"].isin(config.response_examples)
     examples["weight"] = 0.0
     examples.loc[user, "weight"] = 1.0
@@ -141,34 +128,13 @@ def build_examples(prosocial: dict[str, list[dict]], mic: dict[str, list[dict]],
 # --- metrics --------------------------------------------------------------------------------------
 
 
-def accuracy(actual: Sequence[str], predicted: Sequence[str]) -> float | None:
-    """Share of positions where the labels agree; None for no examples."""
-    if len(actual) == 0:
-        return None
-    return float(np.mean(np.asarray(actual, dtype=object) == np.asarray(predicted, dtype=object)))
-
-
-def macro_f1(actual: Sequence[str], predicted: Sequence[str]) -> float | None:
-    """Unweighted mean of per-class F1 over the classes that occur in `actual` or `predicted`
-    (scikit-learn's default; a class never predicted and never present does not count)."""
-    if len(actual) == 0:
-        return None
-    actual, predicted = np.asarray(actual, dtype=object), np.asarray(predicted, dtype=object)
-    scores = []
-    for label in sorted(set(actual) | set(predicted)):
-        true_positive = np.sum((actual == label) & (predicted == label))
-        denominator = np.sum(actual == label) + np.sum(predicted == label)
-        scores.append(2 * true_positive / denominator)
-    return float(np.mean(scores))
-
-
 def label_metrics(actual5: Sequence[str], probs5: np.ndarray, majority5: str) -> dict:
     """Accuracy and macro-F1, five- and three-way, with the accuracy of always answering `majority5`.
 
-    `probs5`: (n, 5) in LABELS5 order. The five-way prediction is the argmax of `probs5`; the
+    `probs5`: (n, 5) in SAFETY_LABELS order. The five-way prediction is the argmax of `probs5`; the
     three-way one the argmax of the summed three-way probabilities (not the collapsed five-way argmax).
     """
-    predicted5 = [LABELS5[i] for i in np.argmax(probs5, axis=1)] if len(actual5) else []
+    predicted5 = [SAFETY_LABELS[i] for i in np.argmax(probs5, axis=1)] if len(actual5) else []
     predicted3 = [THREE_WAY[i] for i in np.argmax(collapse_proba(probs5), axis=1)] if len(actual5) else []
     actual3 = [COLLAPSE[label] for label in actual5]
     return {
@@ -205,7 +171,7 @@ def evaluate(examples, probs5: np.ndarray) -> tuple[dict, list[dict]]:
             block[kind] = {"n": int(mask.sum()), "accuracy3": accuracy(actual3, predicted3)}
         metrics["responses"][name] = block
     test = (source == "pd_user") & (split == "test")
-    confusion = [{"actual": actual.strip("_"), "predicted": LABELS5[p].strip("_")}
+    confusion = [{"actual": actual.strip("_"), "predicted": SAFETY_LABELS[p].strip("_")}
                  for actual, p in zip(labels[test], np.argmax(probs5[test], axis=1))]
     return metrics, confusion
 
@@ -213,12 +179,12 @@ def evaluate(examples, probs5: np.ndarray) -> tuple[dict, list[dict]]:
 # --- run ------------------------------------------------------------------------------------------
 
 
-def train(config: SafetyConfig, examples) -> Scorer:
+def train(config: SafetyConfig, examples) -> SafetyScorer:
     """Train the configured kind on the examples with a positive weight."""
     chosen = examples[examples["weight"] > 0]
-    labels = np.array([LABELS5.index(label) for label in chosen["label5"]])
-    return train_scorer(config, chosen["text"].tolist(), chosen["context"].tolist(), labels,
-                        chosen["weight"].to_numpy(dtype=np.float64))
+    labels = np.array([SAFETY_LABELS.index(label) for label in chosen["label5"]])
+    return SafetyScorer.fit(config, [chosen["text"].tolist()], chosen["context"].tolist(), labels,
+                            chosen["weight"].to_numpy(dtype=np.float64))
 
 
 def run(config: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dict:
@@ -240,13 +206,10 @@ def run(config: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dic
     metrics["model"] = config.model
     log.info("safety: scored %d examples in %.1f s", len(examples), time.perf_counter() - trained_at)
 
-    record = scorer_record(config, {
+    scorer.write(out, config, {
         "training_examples": {s: int((trained["source"] == s).sum()) for s in SOURCES},
         "training_weight": {s: float(trained.loc[trained["source"] == s, "weight"].sum()) for s in SOURCES},
     })
-    with staged_dir(out) as folder:
-        scorer.save(folder)
-        write_json(record, folder / SCORER_FILE)
     write_json(metrics, reports / "metrics.json")
     write_json(confusion, reports / "confusion.json")
     for name in SPLITS:

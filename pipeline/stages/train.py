@@ -7,21 +7,16 @@ n-pair contrastive loss (`pipeline/losses.py`). One module, two DVC stages:
         --out models/stage2 --checkpoints models/stage2_checkpoints --live reports/train/stage2
 
 Reads `<groups>/{train,validation}.parquet` (`schemas.GROUPS`) and the model folder `--init`
-(save_pretrained format, tokenizer with the dialog markers). Writes `--out`: the model
-(safetensors), its tokenizer and `train.json` (resolved config, git commit, library versions,
-final metrics; no timing, so equal runs give equal bytes); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the
-latest resumable checkpoint while the run is going (emptied when it ends).
+(save_pretrained format, tokenizer with the dialog markers); groups are encoded and scored by
+`pipeline/scoring.py`. Writes `--out`: the model (safetensors), its tokenizer and `train.json`
+(resolved config, git commit, library versions, data counts, final metrics; no timing, so equal runs
+give equal bytes); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the latest
+resumable checkpoint while the run is going (emptied when it ends).
 
-Every group is scored in one batched forward pass: the positive and its negatives are rows of the
-same batch (a sequence-to-sequence encoder runs once per context). The positive's target is
-`<|rot|> RoT <|response|> reply</s>`; each negative is scored after the *same* RoT, and the n-pair
-term compares only the reply tokens (from `<|response|>` on) — the RoT is shared by every candidate
-and carries no ranking signal, while cross-entropy covers the positive's RoT and reply.
-
-The same command runs on a CPU, a GPU, or several GPUs with `accelerate launch` (DDP: process r
-takes micro-batches r, r + W, ... of the seeded epoch order; metrics are averaged across processes).
-An interrupted run resumes from the last checkpoint (model, optimizer, scheduler, RNG states, step
-and logged history) and ends with the same weights as an uninterrupted one.
+The same command runs on a CPU, a GPU, or several GPUs (`train.processes`, DDP under `torchrun`:
+process r takes micro-batches r, r + W, ... of the seeded epoch order; metrics are averaged across
+processes). An interrupted run resumes from the last checkpoint (model, optimizer, scheduler, RNG
+states, step and logged history) and ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -43,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import devices
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
 from pipeline.config import TrainConfig, TrainStageConfig
 from pipeline.errors import ConfigError, DataError, PipelineError
@@ -50,8 +46,8 @@ from pipeline.faults import kill_point
 from pipeline.losses import cross_entropy, npair_loss, severity_margins, total_loss
 from pipeline.modeling import DialogModel
 from pipeline.scoring import (
-    EncodedGroups, GroupScorer, encode_groups, load_init_model, read_groups, score_batch, validation_metrics,
-    validation_sums,
+    EncodedGroups, GroupScorer, encode_groups, load_init_model, per_group_scores, read_groups, score_batch,
+    validation_metrics, validation_sums,
 )
 
 log = logging.getLogger(__name__)
@@ -74,11 +70,19 @@ def epoch_batches(n_groups: int, batch_groups: int, seed: int, epoch: int, world
     return batches[rank:usable:world_size]
 
 
-# --- scoring --------------------------------------------------------------------------------------
+# --- loss ----------------------------------------------------------------------------------------
 
 
-def batch_tokens(groups: EncodedGroups, batch: list[int], candidates: int, is_seq2seq: bool) -> tuple[int, int]:
-    """(tokens the forward pass reads, target tokens it scores) for a batch, padding excluded."""
+def scored_candidates(groups: EncodedGroups, config: TrainConfig) -> int:
+    """Candidates scored per group: the positive and its negatives, or the positive alone when
+    `contrastive_weight = 0` (the CE-only ablation then costs what plain fine-tuning does)."""
+    return 1 + groups.negatives if config.contrastive_weight > 0 else 1
+
+
+def step_tokens(groups: EncodedGroups, chunk: list[list[int]], candidates: int, is_seq2seq: bool) -> tuple[int, int]:
+    """(tokens the forward passes read, target tokens they score) for one step's micro-batches, padding
+    excluded."""
+    batch = [g for micro in chunk for g in micro]
     target = sum(len(ids) for g in batch for ids in groups.target_ids[g][:candidates])
     source = sum(len(groups.source_ids[g]) for g in batch)
     if is_seq2seq:
@@ -87,16 +91,12 @@ def batch_tokens(groups: EncodedGroups, batch: list[int], candidates: int, is_se
 
 
 def group_loss(scorer, groups: EncodedGroups, batch: list[int], config: TrainConfig):
-    """The loss of a micro-batch and its detached statistics.
-
-    With `contrastive_weight = 0` only the positives are scored (the CE-only ablation costs what
-    plain fine-tuning does); otherwise `L = CE + lambda * L_npair` over the positive and its negatives.
-    """
-    with_negatives = config.contrastive_weight > 0
-    candidates = 1 + groups.negatives if with_negatives else 1
+    """The loss of a micro-batch and its detached statistics: `L = CE + lambda * L_npair` over the
+    positive and its negatives, or CE alone over the positives when `contrastive_weight = 0`."""
+    candidates = scored_candidates(groups, config)
     logps, mask, scores = score_batch(scorer, groups, batch, candidates, config.length_normalized)
     ce = cross_entropy(logps[:, 0], mask[:, 0])
-    if not with_negatives:
+    if candidates == 1:
         return ce, {"total": ce.detach(), "ce": ce.detach()}
     severity = groups.severity[batch].to(scores.device)  # (G, N)
     npair, diagnostics = npair_loss(scores[:, 0], scores[:, 1:], severity_margins(severity, config.margin), config.tau)
@@ -176,21 +176,35 @@ def run_fingerprint(stage: int, config: TrainConfig, stage_config: TrainStageCon
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
+def resume(checkpoints: Path, fingerprint: str, accelerator, scorer, optimizer, scheduler) -> tuple[int, list[dict]]:
+    """Restore the latest checkpoint in `checkpoints` written by this same run (`fingerprint`) and
+    return its (step, history); (0, []) when there is none. A checkpoint of another run is removed."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    found = latest_checkpoint(checkpoints)
+    if found is not None and json.loads((found / "checkpoint.json").read_text())["fingerprint"] != fingerprint:
+        log.warning("%s: ignoring a checkpoint of a different config, initial model or data", found)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            clear_checkpoints(checkpoints)
+        found = None
+    accelerator.wait_for_everyone()
+    if found is None:
+        return 0, []
+    step, history = load_checkpoint(found, accelerator, scorer, optimizer, scheduler)
+    log.info("resumed from %s (step %d)", found, step)
+    return step, history
+
+
 # --- training -------------------------------------------------------------------------------------
 
 
 def make_accelerator(config: TrainConfig):
-    """An `accelerate.Accelerator` with the configured autocast precision."""
+    """An `accelerate.Accelerator` with the autocast precision `devices.resolve_precision` gives."""
     from accelerate import Accelerator
 
-    cuda = torch.cuda.is_available()
-    precision = config.precision
-    if precision == "auto":
-        precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp16" and not cuda:
-        raise ConfigError("train.precision = 'fp16' is not allowed here: fp16 needs a GPU (use fp32 or bf16)")
-    # cpu=True without a GPU, so that `torchrun`/`accelerate launch` on CPUs runs DDP over gloo.
-    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda)
+    precision = devices.resolve_precision(config.precision, "train.precision")
+    # cpu=True without a GPU, so that `torchrun` on CPUs runs DDP over gloo.
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=devices.model_device() == "cpu")
 
 
 def add_lora(model, lora):
@@ -213,13 +227,77 @@ def parameter_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def _log(live, step: int, metrics: dict[str, float]) -> None:
+def prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{name}": value for name, value in metrics.items()}
+
+
+def log_metrics(history: list[dict], live, step: int, metrics: dict[str, float]) -> None:
+    """Append `metrics` at `step` to the history (which checkpoints carry) and log them to dvclive."""
+    history.append({"step": step, "metrics": metrics})
+    if live is not None:
+        log_live(live, step, metrics)
+
+
+def log_live(live, step: int, metrics: dict[str, float]) -> None:
     live.step = step
     # In name order: a resumed run re-logs the history from checkpoint.json, whose keys are sorted, and
     # dvclive's summary keeps the order metrics first arrive in.
     for name, value in sorted(metrics.items()):
         live.log_metric(name, value)
     live.make_summary()
+
+
+def train_step(accelerator, scorer, optimizer, scheduler, groups: EncodedGroups, chunk: list[list[int]],
+               config: TrainConfig, *, step: int, epoch: int) -> dict[str, float]:
+    """One optimizer step over the micro-batches `chunk`. Returns the loss statistics (weighted by
+    groups, averaged across processes), the gradient norm before clipping and the learning rate; a
+    loss that is not finite raises before the weights change."""
+    step_groups = sum(len(b) for b in chunk)
+    stats: dict[str, torch.Tensor] = {}
+    for i, batch in enumerate(chunk):
+        # Gradients are all-reduced on the last micro-batch of the step only.
+        sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(scorer)
+        with sync:
+            loss, batch_stats = group_loss(scorer, groups, batch, config)
+            accelerator.backward(loss * (len(batch) / step_groups))
+        for name, value in batch_stats.items():
+            stats[name] = stats.get(name, 0.0) + value.float() * (len(batch) / step_groups)
+    names = sorted(stats)
+    values = accelerator.reduce(torch.stack([stats[n] for n in names]).to(accelerator.device), "mean")
+    metrics = dict(zip(names, values.tolist()))
+    if not all(math.isfinite(v) for v in metrics.values()):
+        shown = ", ".join(f"{n} = {metrics[n]:.4g}" for n in ("total", "ce", "npair") if n in metrics)
+        raise PipelineError(f"training loss is not finite at step {step} (epoch {epoch + 1}; {shown}); "
+                            "lower train_stage<k>.learning_rate, or use train.precision = fp32")
+    if config.max_grad_norm > 0:
+        metrics["grad_norm"] = float(accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm))
+    metrics["lr"] = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
+def validate(accelerator, scorer, groups: EncodedGroups, config: TrainConfig) -> dict[str, float]:
+    """Validation metrics (`scoring.validation_metrics`, less the group count) over all processes:
+    each scores every W-th group with the unwrapped model (no DDP collectives per forward), and the
+    sums are added."""
+    plain = accelerator.unwrap_model(scorer)
+    plain.eval()
+    indices = list(range(accelerator.process_index, len(groups), accelerator.num_processes))
+    sums = validation_sums(per_group_scores(plain, groups, indices, config))
+    plain.train()
+    metrics = validation_metrics(accelerator.reduce(sums.to(accelerator.device), "sum").cpu())
+    return {k: v for k, v in metrics.items() if k != "groups"}
+
+
+def final_metrics(history: list[dict], epochs: int) -> dict[str, dict[str, float]]:
+    """The last validation metrics, and the training statistics averaged over the last epoch."""
+    last_validation = next(r["metrics"] for r in reversed(history) if "val/ranking_accuracy" in r["metrics"])
+    last_epoch = [r["metrics"] for r in history if "train/total" in r["metrics"] and r["metrics"]["epoch"] > epochs - 1]
+    names = [k for k in (last_epoch[0] if last_epoch else {}) if k.startswith("train/")]
+    return {"validation": {k[len("val/"):]: v for k, v in last_validation.items() if k.startswith("val/")},
+            "train_last_epoch": {k[len("train/"):]: float(np.mean([m[k] for m in last_epoch])) for k in names}}
 
 
 def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config: TrainConfig,
@@ -231,7 +309,8 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
     from tqdm.auto import tqdm
     from transformers import get_scheduler, set_seed
 
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    # --- data
+    world, rank = accelerator.num_processes, accelerator.process_index
     micro_per_epoch = len(epoch_batches(len(train), config.batch_groups, config.seed, 0, world, rank))
     if stage_config.epochs and micro_per_epoch == 0:
         raise DataError(f"{len(train)} training groups make fewer batches of {config.batch_groups} than the "
@@ -252,45 +331,23 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
                               num_training_steps=max(total_steps, 1))
     # The scheduler is not prepared: accelerate would step it once per process.
     scorer, optimizer = accelerator.prepare(scorer, optimizer)
-    plain_scorer = accelerator.unwrap_model(scorer)  # for validation: no DDP collectives per forward
 
     # --- resume
     step, history = 0, []
     if checkpoints is not None:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        found = latest_checkpoint(checkpoints)
-        if found is not None and json.loads((found / "checkpoint.json").read_text())["fingerprint"] != fingerprint:
-            log.warning("%s: ignoring a checkpoint of a different config, initial model or data", found)
-            accelerator.wait_for_everyone()
-            if main:
-                clear_checkpoints(checkpoints)
-            found = None
-        accelerator.wait_for_everyone()
-        if found is not None:
-            step, history = load_checkpoint(found, accelerator, scorer, optimizer, scheduler)
-            log.info("resumed from %s (step %d of %d)", found, step, total_steps)
+        step, history = resume(checkpoints, fingerprint, accelerator, scorer, optimizer, scheduler)
     if live is not None:
-        for record in history:
-            _log(live, record["step"], record["metrics"])
-
-    def validate(epoch: int) -> dict[str, float]:
-        plain_scorer.eval()
-        sums = validation_sums(plain_scorer, validation, list(range(rank, len(validation), world)), config)
-        plain_scorer.train()
-        metrics = validation_metrics(accelerator.reduce(sums.to(accelerator.device), "sum").cpu())
-        record = {"step": step, "metrics": {"epoch": epoch, **{f"val/{k}": v for k, v in metrics.items() if k != "groups"}}}
-        history.append(record)
-        if live is not None:
-            _log(live, step, record["metrics"])
-        return metrics
-
+        for past in history:
+            log_live(live, past["step"], past["metrics"])
     if step == 0:
-        validate(0)
+        val = validate(accelerator, scorer, validation, config)
+        log_metrics(history, live, step, {"epoch": 0, **prefixed("val", val)})
 
     # --- loop
-    progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not main, dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc=desc, unit="step", disable=not accelerator.is_main_process,
+                    dynamic_ncols=True)
     train_seconds, read_tokens, scored_tokens = 0.0, 0, 0
-    candidates = 1 + train.negatives if config.contrastive_weight > 0 else 1
+    candidates = scored_candidates(train, config)
     scorer.train()
     for epoch in range(step // steps_per_epoch if steps_per_epoch else 0, stage_config.epochs):
         micro = epoch_batches(len(train), config.batch_groups, config.seed, epoch, world, rank)
@@ -298,62 +355,32 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
         for index in range(step - epoch * steps_per_epoch, steps_per_epoch):
             started = time.perf_counter()
             chunk, step = step_batches[index], step + 1
-            step_groups = sum(len(b) for b in chunk)
-            stats: dict[str, torch.Tensor] = {}
-            for i, batch in enumerate(chunk):
-                # Gradients are all-reduced on the last micro-batch of the step only.
-                sync = contextlib.nullcontext() if i == len(chunk) - 1 else accelerator.no_sync(scorer)
-                with sync:
-                    loss, batch_stats = group_loss(scorer, train, batch, config)
-                    accelerator.backward(loss * (len(batch) / step_groups))
-                for name, value in batch_stats.items():
-                    stats[name] = stats.get(name, 0.0) + value.float() * (len(batch) / step_groups)
-                read, scored = batch_tokens(train, batch, candidates, dm.is_seq2seq)
-                read_tokens, scored_tokens = read_tokens + read * world, scored_tokens + scored * world
-            names = sorted(stats)
-            values = accelerator.reduce(torch.stack([stats[n] for n in names]).to(accelerator.device), "mean")
-            metrics = dict(zip(names, values.tolist()))
-            if not all(math.isfinite(v) for v in metrics.values()):
-                shown = ", ".join(f"{n} = {metrics[n]:.4g}" for n in ("total", "ce", "npair") if n in metrics)
-                raise PipelineError(f"training loss is not finite at step {step} (epoch {epoch + 1}; {shown}); "
-                                    "lower train_stage<k>.learning_rate, or use train.precision = fp32")
-            if config.max_grad_norm > 0:
-                metrics["grad_norm"] = float(accelerator.clip_grad_norm_(scorer.parameters(), config.max_grad_norm))
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            metrics = train_step(accelerator, scorer, optimizer, scheduler, train, chunk, config, step=step, epoch=epoch)
             train_seconds += time.perf_counter() - started
+            read, scored = step_tokens(train, chunk, candidates, dm.is_seq2seq)
+            read_tokens, scored_tokens = read_tokens + read * world, scored_tokens + scored * world
 
-            record = {"step": step, "metrics": {"epoch": epoch + (index + 1) / steps_per_epoch,
-                                                **{f"train/{k}": v for k, v in metrics.items()}}}
-            history.append(record)
-            if live is not None:
-                _log(live, step, record["metrics"])
+            log_metrics(history, live, step, {"epoch": epoch + (index + 1) / steps_per_epoch, **prefixed("train", metrics)})
             progress.set_postfix(loss=f"{metrics['total']:.3f}", tok_s=f"{read_tokens / max(train_seconds, 1e-9):.0f}")
             progress.update()
             end_of_epoch = index == steps_per_epoch - 1
             if end_of_epoch:
-                validate(epoch + 1)
+                val = validate(accelerator, scorer, validation, config)
+                log_metrics(history, live, step, {"epoch": epoch + 1, **prefixed("val", val)})
             if checkpoints is not None and (end_of_epoch or (config.checkpoint_steps and step % config.checkpoint_steps == 0)):
                 save_checkpoint(checkpoints, accelerator, scorer, optimizer, scheduler, step, fingerprint, history)
     progress.close()
 
-    # --- finish
+    # --- save (the caller writes the model)
     model = accelerator.unwrap_model(scorer).model
     if config.lora.enabled:
         model = model.merge_and_unload()
     model.config.use_cache = use_cache
-    final = next(r["metrics"] for r in reversed(history) if "val/ranking_accuracy" in r["metrics"])
-    last_epoch = [r["metrics"] for r in history if "train/total" in r["metrics"] and r["metrics"]["epoch"] > stage_config.epochs - 1]
-    train_means = {k[len("train/"):]: float(np.mean([m[k] for m in last_epoch])) for k in (last_epoch[0] if last_epoch else {})
-                   if k.startswith("train/")}
     return {
         "model": model,
         "history": history,
         "steps": total_steps,
-        "metrics": {"validation": {k[len("val/"):]: v for k, v in final.items() if k.startswith("val/")},
-                    "train_last_epoch": train_means},
+        "metrics": final_metrics(history, stage_config.epochs),
         "timing": {"train_seconds": train_seconds, "read_tokens": read_tokens, "scored_tokens": scored_tokens,
                    "tokens_per_second": read_tokens / train_seconds if train_seconds else None},
     }
@@ -419,6 +446,11 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
              train_groups.negatives, groups, init, type(dm.model).__name__, "seq2seq" if dm.is_seq2seq else "causal",
              sum(p.numel() for p in dm.model.parameters()), accelerator.device, accelerator.num_processes,
              accelerator.mixed_precision)
+    cut = {"train": train_groups.cut_counts(), "validation": validation_groups.cut_counts()}
+    log.info("targets cut at train.max_target_tokens = %d (scored without eos): %d positives and %d negatives "
+             "of the training groups, %d and %d of the validation groups", config.max_target_tokens,
+             cut["train"]["positives"], cut["train"]["negatives"], cut["validation"]["positives"],
+             cut["validation"]["negatives"])
     fingerprint = run_fingerprint(stage, config, stage_config, init, groups, accelerator.num_processes)
 
     logger = None
@@ -444,7 +476,7 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
         "processes": accelerator.num_processes,
         "precision": accelerator.mixed_precision,
         "data": {"train_groups": len(train_groups), "validation_groups": len(validation_groups),
-                 "negatives_per_group": train_groups.negatives},
+                 "negatives_per_group": train_groups.negatives, "cut_targets": cut},
         "steps": result["steps"],
         "metrics": result["metrics"],
         # No timing: train.json is part of the model folder, whose bytes must not change between runs

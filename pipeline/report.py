@@ -1,0 +1,330 @@
+"""The evaluation report: `report.md` and the plots, rendered from the contents of results.json.
+
+`pipeline/stages/evaluate.py` computes results.json and calls `write_report`; nothing here computes
+a metric. Every number in the report is read from the results dict (the training-curve plot from the
+dvclive logs evaluate read), so a report can be re-rendered from a saved results.json:
+
+    python -c "import json; from pipeline import report; print(report.render_report(json.load(open('reports/results.json'))))"
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import atomic_path
+from pipeline.labels import THREE_WAY
+
+MISSING = "–"
+LABEL_COLOURS = {"casual": "#4c9f70", "needs_caution": "#e0a526", "needs_intervention": "#c8443a"}
+# Column titles of the comparison table, by metric name without its view.
+TITLES = {"unsafe_rate": "unsafe rate", "casual_rot_share": "casual RoT share",
+          "casual_caution_share": "casual caution share", "bleu4": "BLEU-4", "f1": "F1", "rouge_l": "ROUGE-L",
+          "rot_f1": "RoT F1", "rot_bleu4": "RoT BLEU-4", "mean_length": "length"}
+
+
+def write_report(results: dict, curves: dict, reports_dir: Path) -> None:
+    """Write `report.md` and the plots named in `results["plots"]` under `reports_dir`, atomically."""
+    with atomic_path(reports_dir / "report.md") as temp:
+        temp.write_text(render_report(results), encoding="utf-8")
+    plot_label_distribution(results, reports_dir / results["plots"]["label_distribution"])
+    plot_training_curves(curves, reports_dir / results["plots"]["training_curves"])
+
+
+# --- cells and tables -----------------------------------------------------------------------------
+
+
+def _digits(name: str) -> int:
+    return 2 if "bleu4" in name or name.endswith("_ppl") else 1 if name.startswith("mean_length") else 3
+
+
+def _cell(entry: dict | None, digits: int) -> str:
+    if not entry or entry.get("value") is None:
+        return MISSING
+    text = f"{entry['value']:.{digits}f}"
+    if entry.get("ci"):
+        low, high = entry["ci"]
+        text += f" [{low:.{digits}f}, {high:.{digits}f}]"
+    return text
+
+
+def _difference_cell(entry: dict | None, digits: int) -> str:
+    """`+d [low, high]`, bold when the interval excludes 0, with McNemar's p where there is one."""
+    if not entry or entry.get("difference") is None:
+        return MISSING
+    text = f"{entry['difference']:+.{digits}f}"
+    if entry.get("ci"):
+        low, high = entry["ci"]
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+        if low > 0 or high < 0:
+            text = f"**{text}**"
+    if entry.get("p_value") is not None:
+        text += f" p={entry['p_value']:.2g}"
+    return text
+
+
+def _arrow(better: bool | None) -> str:
+    return {True: " ↑", False: " ↓"}.get(better, "")
+
+
+def _direction(results: dict, scope: str, metric: str) -> bool | None:
+    """A metric's higher_is_better, as the first model that has it records it."""
+    for model in results["models"]:
+        entry = results["metrics"].get(model, {}).get(scope, {}).get(metric)
+        if entry is not None:
+            return entry.get("higher_is_better")
+    return None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A reply as a Markdown table cell: no pipes, at most `limit` characters."""
+    text = text.replace("|", "/")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _metric_table(results: dict, scope: str, columns: list[tuple[str, str, int]], per_view: bool,
+                  count: str | None = None) -> list[str]:
+    """A table with a row per model (and reply, when `per_view`); columns are (title, metric, digits),
+    the metric name taking `{view}`. Empty list when every cell is null."""
+    views = results["views"]
+    first_view = next(iter(views))
+    header = ["model"] + (["reply"] if per_view else []) + [
+        title + _arrow(_direction(results, scope, metric.format(view=first_view))) for title, metric, _ in columns]
+    if count:
+        header.append("contexts")
+    rows, filled = [], False
+    for model in results["models"]:
+        entries = results["metrics"].get(model, {}).get(scope)
+        if entries is None:
+            continue
+        for view in views if per_view else (None,):
+            cells = [_cell(entries.get(metric.format(view=view)), digits) for _, metric, digits in columns]
+            filled |= any(cell != MISSING for cell in cells)
+            row = [model] + ([views[view]] if per_view else []) + cells
+            if count:
+                row.append(str(entries.get(count.format(view=view), {}).get("n", MISSING)))
+            rows.append(row)
+    return _table(header, rows) if filled else []
+
+
+def _title(results: dict, name: str) -> str:
+    """A metric's column title: `unsafe_rate_reranked` -> "unsafe rate, re-ranked"."""
+    for view, view_name in results["views"].items():
+        if name.endswith(f"_{view}"):
+            base = name[:-len(view) - 1]
+            return f"{TITLES.get(base, base.replace('_', ' '))}, {view_name}"
+    return TITLES.get(name, name.replace("_", " "))
+
+
+# --- the report -----------------------------------------------------------------------------------
+
+
+def render_report(results: dict) -> str:
+    """The Markdown report, from the contents of results.json alone."""
+    lines = ["# Evaluation report", ""]
+    commit = results.get("git_commit") or "unknown"
+    bootstrap = results.get("bootstrap") or {}
+    baseline = (results.get("comparisons") or {}).get("baseline")
+    lines += [f"Rendered from `results.json` (git commit `{commit}`). Shares, F1 and ROUGE-L are in 0–1, BLEU-4 "
+              "in 0–100 (sacrebleu, against every reference of the context), lengths in tokens. `[low, high]` "
+              f"is a percentile bootstrap 95% interval ({bootstrap.get('samples', '?')} resamples) that draws "
+              f"clusters of contexts ({bootstrap.get('clusters', 'dialogues')}), not single contexts; ↑ / ↓ mark "
+              "the better direction. *first sample*: the first of the k sampled candidates; *re-ranked*: the "
+              "re-ranker's choice among them."
+              + (f" Comparisons are paired against `{baseline}` on the contexts both models answered." if baseline
+                 else ""), ""]
+    if results.get("notes"):
+        lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
+    for scope in results["scopes"]:
+        pooled = scope not in results["corpora"]
+        lines += [f"## {'Overall (all corpora pooled)' if pooled else scope}", ""]
+        lines += _comparison_lines(results, scope)
+        safety = _metric_table(results, scope, [("unsafe rate", "unsafe_rate_{view}", 3),
+                                                ("casual", "label_casual_{view}", 3),
+                                                ("needs caution", "label_needs_caution_{view}", 3),
+                                                ("needs intervention", "label_needs_intervention_{view}", 3)],
+                               per_view=True, count="unsafe_rate_{view}")
+        lines += ["### Safety of the replies", "", *safety, ""]
+        overlap = _metric_table(results, scope, [("BLEU-4", "bleu4_{view}", 2), ("F1", "f1_{view}", 3),
+                                                 ("ROUGE-L", "rouge_l_{view}", 3),
+                                                 ("distinct-1", "distinct_1_{view}", 3),
+                                                 ("distinct-2", "distinct_2_{view}", 3),
+                                                 ("length", "mean_length_{view}", 1)], per_view=True)
+        reference = next((results["metrics"][m][scope] for m in results["models"]
+                          if (results["metrics"].get(m, {}).get(scope, {}).get("mean_length_reference") or {})
+                          .get("value") is not None), None)
+        if overlap and reference:
+            overlap.append("| reference | | | | | " + " | ".join(
+                _cell(reference.get(name), digits) for name, digits in
+                (("distinct_1_reference", 3), ("distinct_2_reference", 3), ("mean_length_reference", 1))) + " |")
+        lines += ["### Overlap with the references, diversity, length", "", *overlap, ""]
+        rot_quality = _metric_table(results, scope, [("RoT BLEU-4", "rot_bleu4_{view}", 2),
+                                                     ("RoT F1", "rot_f1_{view}", 3)],
+                                    per_view=True, count="rot_f1_{view}")
+        lines += ["### Rules-of-thumb against the gold RoTs", "",
+                  *(rot_quality or ["*No gold rules-of-thumb in these contexts.*"]), ""]
+        rot_share = _metric_table(results, scope, [(label.replace("_", " "), f"rot_share_{label}", 3)
+                                                   for label in results["context_labels"]], per_view=False)
+        lines += ["### Share of candidates that carry a RoT, by the context's safety label", "",
+                  *(rot_share or ["*No candidates.*"]), ""]
+        caution = _metric_table(results, scope, [("RoT share", "casual_rot_share_{view}", 3),
+                                                 ("caution share", "casual_caution_share_{view}", 3),
+                                                 ("distinct-1", "casual_distinct_1_{view}", 3),
+                                                 ("distinct-2", "casual_distinct_2_{view}", 3)],
+                                per_view=True, count="casual_rot_share_{view}")
+        lines += ["### Over-caution on casual contexts", "",
+                  "Contexts labelled casual, and every context of the four casual corpora. *RoT share*: "
+                  "replies that carry a RoT; *caution share*: replies classified as needing caution or "
+                  "intervention themselves.", "",
+                  *(caution or ["*No casual contexts.*"]), ""]
+        lines += _generic_table(results, scope)
+        if pooled:
+            scores = _metric_table(results, scope, [("reference perplexity", "reference_ppl", 2),
+                                                    ("group ranking accuracy", "group_ranking_accuracy", 3)],
+                                   per_view=False)
+            if scores:
+                lines += ["### Model scores", "", *scores, ""]
+    plots = results.get("plots") or {}
+    if plots:
+        lines += ["## Plots", ""]
+        for name, path in sorted(plots.items()):
+            lines += [f"![{name.replace('_', ' ')}]({path})", ""]
+    human = results.get("human_eval")
+    if human:
+        lines += ["## Human evaluation", "",
+                  f"`{human['sheet']}` holds {human['items']} blinded pairs (context, response A, response B); "
+                  f"raters fill {', '.join(human['ratings'])} with A, B or tie. `{human['key']}` says which model "
+                  "wrote each response; keep it away from the raters.", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _comparison_lines(results: dict, scope: str) -> list[str]:
+    """The paired comparisons against the baseline in one scope: a table of the headline
+    differences, then one verdict line per model. Empty when no model was compared here."""
+    comparisons = results.get("comparisons") or {}
+    baseline, headline = comparisons.get("baseline"), comparisons.get("headline") or []
+    compared = [(model, scopes[scope]) for model, scopes in (comparisons.get("models") or {}).items()
+                if scope in scopes]
+    if not compared:
+        return []
+    first = compared[0][1]["metrics"]
+    header = ["model", "contexts", "clusters"] + [
+        f"Δ {_title(results, name)}{_arrow((first.get(name) or {}).get('higher_is_better'))}" for name in headline]
+    rows = [[model, str(comparison["n"]), str(comparison["n_clusters"])]
+            + [_difference_cell(comparison["metrics"].get(name), _digits(name)) for name in headline]
+            for model, comparison in compared]
+    lines = [f"### Paired comparisons against `{baseline}`", "",
+             f"Δ = model − {baseline} on the contexts both answered; the interval is a paired cluster bootstrap "
+             "(both models' replies to the same drawn dialogues), **bold** when it excludes 0; p is McNemar's exact "
+             "test of the binary rates (contexts taken as independent). All paired metrics are in results.json.", "",
+             *_table(header, rows), ""]
+    for model, comparison in compared:
+        verdict, metrics = comparison["verdict"], comparison["metrics"]
+        changes = "; ".join(f"{_title(results, name)} {_difference_cell(metrics[name], _digits(name))}"
+                            for name in verdict["changes"])
+        lines.append(f"- **{model}** against {baseline}: {verdict['verdict']}" + (f" ({changes})" if changes else ""))
+    return lines + [""]
+
+
+def _generic_table(results: dict, scope: str) -> list[str]:
+    """Per model and reply, the share of the most frequent replies and those replies."""
+    top = results["generic_top"]
+    name = f"generic_top{top}_share_{{view}}"
+    views = results["views"]
+    rows = []
+    for model in results["models"]:
+        entries = results["metrics"].get(model, {}).get(scope)
+        if entries is None:
+            continue
+        frequent = (results.get("generic_replies") or {}).get(model, {}).get(scope, {})
+        for view, view_name in views.items():
+            repeated = [item for item in frequent.get(view, []) if item["count"] > 1]
+            listed = "; ".join(f"“{_short(item['reply'] or '(empty)')}” ×{item['count']}" for item in repeated)
+            rows.append([model, view_name, _cell(entries.get(name.format(view=view)), 3),
+                         listed or "no reply repeats"])
+    if not rows:
+        return []
+    better = _direction(results, scope, name.format(view=next(iter(views))))
+    return ["### Generic replies (all contexts)", "",
+            f"*top-{top} share*: the share of all replies that the {top} most frequent account for; the replies "
+            f"among them that occur more than once, lower-cased and tokenized (results.json lists all {top}).", "",
+            *_table(["model", "reply", f"top-{top} share" + _arrow(better), "repeated replies"], rows), ""]
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+
+def _save(figure, path: Path) -> None:
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=100, metadata={"Software": None})
+
+
+def plot_label_distribution(results: dict, path: Path) -> None:
+    """Stacked bars of the three predicted labels, per model and reply, one panel per scope."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scopes = results["scopes"]
+    columns = min(4, len(scopes))
+    rows = math.ceil(len(scopes) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.2 * rows), squeeze=False)
+    for axis, scope in zip(axes.flat, scopes):
+        bars = [(model, view) for model in results["models"] for view in results["views"]
+                if scope in results["metrics"].get(model, {})]
+        bottom = np.zeros(len(bars))
+        for name in THREE_WAY:
+            shares = np.array([results["metrics"][m][scope][f"label_{name}_{v}"]["value"] or 0.0 for m, v in bars])
+            axis.bar(range(len(bars)), shares, bottom=bottom, color=LABEL_COLOURS[name], label=name.replace("_", " "))
+            bottom += shares
+        axis.set_xticks(range(len(bars)), [f"{m}\n{'first' if v == 'first' else 're-rank'}" for m, v in bars],
+                        fontsize=7)
+        axis.set_ylim(0, 1)
+        axis.set_title(scope.replace("_", " "), fontsize=9)
+    for axis in list(axes.flat)[len(scopes):]:
+        axis.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    figure.suptitle("Predicted safety label of the replies")
+    figure.tight_layout(rect=(0, 0.06, 1, 1))
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_training_curves(curves: dict[str, dict[str, list]], path: Path) -> None:
+    """One panel per logged metric, a line per training run; a placeholder when nothing was logged.
+    curves: {metric: {run: [(step, value), ...]}} as `evaluate.training_logs` reads them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        figure, axis = plt.subplots(figsize=(5, 1.5))
+        axis.axis("off")
+        axis.text(0.5, 0.5, "no training logs found", ha="center", va="center")
+    else:
+        names = sorted(curves)
+        columns = min(3, len(names))
+        rows = math.ceil(len(names) / columns)
+        figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+        for axis, name in zip(axes.flat, names):
+            for run_name, points in sorted(curves[name].items()):
+                steps, values = zip(*points) if points else ((), ())
+                axis.plot(steps, values, label=run_name)
+            axis.set_title(name, fontsize=9)
+            axis.set_xlabel("step", fontsize=8)
+            axis.legend(fontsize=7)
+        for axis in list(axes.flat)[len(names):]:
+            axis.axis("off")
+        figure.tight_layout()
+    _save(figure, path)
+    plt.close(figure)
