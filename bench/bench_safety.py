@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import SafetyConfig
-from pipeline.safety_models import LABELS5, train_scorer
+from pipeline.labels import SAFETY_LABELS as LABELS5
+from pipeline.safety_models import SafetyScorer
 from pipeline.stages.safety import label_metrics
 
 CSV = Path(__file__).resolve().parents[2] / "shared" / "corpora" / "prosocialdialog" / "valid_first_turn_safety.csv"
@@ -41,8 +42,8 @@ def main() -> dict | None:
     config = SafetyConfig()
     started = time.perf_counter()
     labels = np.array([LABELS5.index(label) for label in train["safety_label"]])
-    scorer = train_scorer(config, train["context"].tolist(), [[] for _ in range(len(train))], labels,
-                          np.ones(len(train)))
+    scorer = SafetyScorer.fit(config, [train["context"].tolist()], [[] for _ in range(len(train))], labels,
+                              np.ones(len(train)))
     train_seconds = time.perf_counter() - started
     majority = train["safety_label"].mode()[0]
     metrics = label_metrics(held_out["safety_label"].tolist(), scorer.predict_proba5(held_out["context"].tolist()),

@@ -3,21 +3,23 @@
     python -m pipeline chat --model models/stage2 --safety models/safety --agreement models/rot_agreement
 
 Reads user lines from stdin until end of input or `/quit`. For each line it samples `generate.k`
-candidates with the decoding settings of params.yaml, scores them exactly as the `generate` stage
-does, and prints the chosen reply, its RoT, its safety probabilities, its RoT agreement (with
+candidates with the decoding settings of params.yaml, scores them with the `generate` stage's own
+re-ranking entry point (`pipeline.rerank.score_candidates`), and prints the chosen reply, its RoT, its safety probabilities, its RoT agreement (with
 `--agreement`, which `generate.gamma > 0` needs) and the re-ranker's table. The chosen reply joins
 the conversation history, which conditions the next reply.
 """
 
 from __future__ import annotations
 
-from typing import Callable, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from pipeline.config import GenerateConfig
 from pipeline.modeling import DialogModel, Source
-from pipeline.rerank import fluency_term, rerank
+from pipeline.rerank import score_candidates, term_weights
 from pipeline.sampling import batch_seed, sample_candidates
-from pipeline.stages.generate import AgreementScorer, SafetyScorer, agreement_scores, safety_scores
+
+if TYPE_CHECKING:
+    from pipeline.safety_models import AgreementScorer, SafetyScorer
 
 QUIT = "/quit"
 
@@ -29,21 +31,16 @@ def reply(dm: DialogModel, scorer: SafetyScorer, history: list[str], config: Gen
     agreement (None without `agreement_scorer`), score, rank, selected, candidate_index. Turn `turn`
     is sampled with its own seed."""
     sampled = sample_candidates(dm, [Source(list(history))], config, batch_seed(config.seed, "chat", turn))
-    contexts = [list(history)] * len(sampled.responses)
-    probs, prosociality = safety_scores(scorer, sampled.responses, contexts)
-    terms = {"fluency": fluency_term(sampled.fluency), "prosociality": prosociality}
-    if agreement_scorer is not None:
-        terms["agreement"] = agreement_scores(agreement_scorer, sampled.rots, sampled.responses, contexts,
-                                              ["chat"] * config.k)
-    weights = config.weights()
-    verdict = rerank(["chat"] * config.k, list(range(config.k)), {name: terms[name] for name in weights}, weights,
-                     enabled=config.rerank)
+    k = config.k
+    scored = score_candidates(config, ["chat"] * k, list(range(k)), sampled.fluency, sampled.rots,
+                              sampled.responses, [list(history)] * k, scorer, agreement_scorer)
+    verdict = scored.verdict
     rows = [{"candidate_index": j, "rot": sampled.rots[j], "response": sampled.responses[j],
-             "fluency": float(sampled.fluency[j]), "fluency_term": float(terms["fluency"][j]),
-             "safety_probs": probs[j].tolist(), "prosociality": float(prosociality[j]),
-             "agreement": float(terms["agreement"][j]) if "agreement" in terms else None,
+             "fluency": float(sampled.fluency[j]), "fluency_term": float(scored.fluency_term[j]),
+             "safety_probs": scored.safety_probs[j].tolist(), "prosociality": float(scored.prosociality[j]),
+             "agreement": float(scored.agreement[j]) if scored.agreement is not None else None,
              "score": float(verdict.score[j]), "rank": int(verdict.rank[j]), "selected": bool(verdict.selected[j])}
-            for j in range(config.k)]
+            for j in range(k)]
     return sorted(rows, key=lambda r: r["rank"])
 
 
@@ -52,9 +49,7 @@ def render(candidates: list[dict], config: GenerateConfig) -> str:
     candidate (with an `agree` column when agreement was scored)."""
     chosen = candidates[0]
     casual, caution, intervention = chosen["safety_probs"]
-    how = f"score = {config.alpha:g} * fluency + {config.beta:g} * prosociality"
-    if config.gamma > 0:
-        how += f" + {config.gamma:g} * agreement"
+    how = "score = " + " + ".join(f"{weight:g} * {term}" for term, weight in term_weights(config).items())
     if not config.rerank:
         how = "re-ranking off: the first sample is chosen"
     scored = chosen["agreement"] is not None
@@ -67,7 +62,7 @@ def render(candidates: list[dict], config: GenerateConfig) -> str:
         lines.append(f"  RoT agreement: {chosen['agreement']:.3f}" + (
             " (1 - P(the reply disagrees with its RoT))" if chosen["rot"]
             else " (no RoT: the neutral fill, the mean over the candidates that have one, else 0.5)"))
-    lines += [f"  candidates ({how}; fluency = per-token probability, logp = mean token log-prob"
+    lines += [f"  candidates ({how}; fluency = per-token probability, logp = mean log-prob of the reply tokens"
               + ("; agree = RoT agreement" if scored else "") + "):",
               "      #   logp  fluency  prosocial" + ("  agree" if scored else "") + "   score  rank  reply"]
     for row in candidates:

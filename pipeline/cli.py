@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import CORPORA, CorporaConfig, NormalizeConfig, load_section
+from pipeline.config import KNOWN_CORPORA, CorporaConfig, NormalizeConfig, load_section
 from pipeline.errors import DataError, reports_errors
 
 app = typer.Typer(
@@ -33,15 +33,15 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 def check_corpus(corpus: str) -> str:
-    if corpus not in CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    if corpus not in KNOWN_CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
     return corpus
 
 
 @app.command()
 @reports_errors
 def download(
-    corpus: str = typer.Argument(..., help=f"One of: {', '.join(CORPORA)}."),
+    corpus: str = typer.Argument(..., help=f"One of: {', '.join(KNOWN_CORPORA)}."),
     out: Path = typer.Option(..., help="Folder to write <split>.parquet and stats.json into."),
     params: Path = PARAMS,
 ):
@@ -56,7 +56,7 @@ def download(
 @reports_errors
 def mirror(
     out: Path = typer.Option(..., help="Mirror folder to write <corpus>/<split>.parquet into."),
-    corpus: list[str] = typer.Option(list(CORPORA), help="Corpora to fetch (repeat the option); default all."),
+    corpus: list[str] = typer.Option(list(KNOWN_CORPORA), help="Corpora to fetch (repeat the option); default all."),
     params: Path = PARAMS,
 ):
     """Download corpora from the Hugging Face hub into a mirror folder for an air-gapped machine."""
@@ -69,7 +69,7 @@ def mirror(
 @app.command()
 @reports_errors
 def normalize(
-    corpus: str = typer.Argument(..., help=f"One of: {', '.join(CORPORA)}."),
+    corpus: str = typer.Argument(..., help=f"One of: {', '.join(KNOWN_CORPORA)}."),
     raw: Path = typer.Option(..., help="Raw corpus folder written by `download`."),
     out: Path = typer.Option(..., help="Folder to write the normalized splits and stats.json into."),
     params: Path = PARAMS,
@@ -99,7 +99,7 @@ def mine(
     config = load_section(params, "mine", MineConfig)
     from pipeline.stages import mine as stage_module
 
-    generate = stage_module.load_stage1_generator(stage1_model) if stage == 2 and config.generated else None
+    generate = stage_module.load_stage1_generator(stage1_model, config) if stage == 2 and config.generated else None
     stage_module.run(config, stage, normalized, safety, out, stage1_groups=stage1_groups, generate=generate)
 
 
@@ -240,10 +240,9 @@ def chat(
     config = load_section(params, "generate", GenerateConfig)
     from pipeline import chat as chat_module
     from pipeline.modeling import load_dialog_model
-    from pipeline.stages import generate as stage_module
+    from pipeline.rerank import load_scorers
 
-    agreement_scorer = stage_module.agreement_scorer_for(config, agreement)
-    scorer = stage_module.load_safety_scorer(safety)
+    scorer, agreement_scorer = load_scorers(config, safety, agreement)
     dm = load_dialog_model(model)
     dm.model.eval()
     chat_module.chat_loop(dm, scorer, config, sys.stdin, typer.echo, agreement_scorer)
@@ -253,6 +252,8 @@ def chat(
 @reports_errors
 def rot_agreement(
     raw: Path = typer.Option(..., help="Raw MIC folder written by `download mic` (<split>.parquet)."),
+    normalized: Path = typer.Option(..., help="Folder of normalized corpora: mic/<split>.parquet gives each "
+                                              "question's split."),
     out: Path = typer.Option(..., help="Model folder to write (scorer.json and the model's files)."),
     reports: Path = typer.Option(..., help="Folder to write metrics.json and confusion.json into."),
     params: Path = PARAMS,
@@ -264,7 +265,7 @@ def rot_agreement(
     config = load_section(params, "rot_agreement", RotAgreementConfig)
     from pipeline.stages import rot_agreement as stage_module
 
-    stage_module.run(config, raw, out, reports)
+    stage_module.run(config, raw, normalized, out, reports)
 
 
 @app.command()

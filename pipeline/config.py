@@ -28,6 +28,10 @@ CORPORA = (
 )
 ADVERSARIAL_CORPORA = ("prosocial_dialog", "mic")
 CASUAL_CORPORA = ("daily_dialog", "persona_chat", "empathetic_dialogues", "blended_skill_talk")
+# Dialog-safety corpora with human-labelled replies. `download` and `normalize` take them already;
+# they join CORPORA (what every later stage reads) once those stages handle them.
+DIALOG_SAFETY_CORPORA = ("diasafety", "toxichat")
+KNOWN_CORPORA = CORPORA + DIALOG_SAFETY_CORPORA  # the corpora `download` and `normalize` accept
 SPLITS = ("train", "validation", "test")
 
 
@@ -42,19 +46,23 @@ def require(condition: bool, key: str, value: Any, allowed: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class HubCorpus:
-    """Where one corpus lives on the Hugging Face hub."""
+    """Where one corpus lives on the Hugging Face hub (or, with `data_files`, at which URLs)."""
 
     repo: str
-    """Dataset repository id, e.g. `allenai/prosocial-dialog`."""
+    """Dataset repository id, e.g. `allenai/prosocial-dialog`; with `data_files`, the repository the
+    files come from (recorded as provenance), e.g. `abaheti95/ToxiChat` on GitHub."""
     revision: str
     """Branch, tag or commit to download; pin a commit for a reproducible run."""
     file: str = ""
     """A single file inside the repository to read instead of `load_dataset` (MIC's `MIC.zip`)."""
+    data_files: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Per split, a JSON(-lines) file's URL or path, read with `datasets`' JSON loader instead of the
+    hub (ToxiChat, which is not on the hub); `{revision}` in it is replaced by `revision`."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CorporaConfig:
-    """`corpora`: where the `download` stage reads the six corpora from."""
+    """`corpora`: where the `download` stage reads the corpora (`KNOWN_CORPORA`) from."""
 
     source: Literal["sample", "mirror", "hub"] = "sample"
     """`sample`: the small files bundled in `data/sample`; `mirror`: a local folder laid out as
@@ -70,10 +78,15 @@ class CorporaConfig:
 
     def __post_init__(self):
         for key in ("overrides", "hub"):
-            unknown = sorted(set(getattr(self, key)) - set(CORPORA))
-            require(not unknown, f"corpora.{key}", unknown, f"corpus names are {', '.join(CORPORA)}")
-        missing = [c for c in CORPORA if self.source_of(c) == "hub" and c not in self.hub]
+            unknown = sorted(set(getattr(self, key)) - set(KNOWN_CORPORA))
+            require(not unknown, f"corpora.{key}", unknown, f"corpus names are {', '.join(KNOWN_CORPORA)}")
+        missing = [c for c in KNOWN_CORPORA if self.source_of(c) == "hub" and c not in self.hub]
         require(not missing, "corpora.hub", sorted(self.hub), f"needs an entry for {', '.join(missing)}")
+        for corpus, hub in self.hub.items():
+            unknown = sorted(set(hub.data_files) - set(SPLITS))
+            require(not unknown, f"corpora.hub.{corpus}.data_files", unknown, f"split names are {', '.join(SPLITS)}")
+            require(not (hub.file and hub.data_files), f"corpora.hub.{corpus}.file", hub.file,
+                    "give `file` or `data_files`, not both")
 
     def source_of(self, corpus: str) -> str:
         """The source a corpus is downloaded from: its override, else `source`."""
@@ -91,7 +104,9 @@ class NormalizeConfig:
     split_fractions: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"train": 0.8, "validation": 0.1, "test": 0.1}
     )
-    """Shares used to derive a split the source lacks, by a hash of the dialogue id."""
+    """Shares of the splits normalize draws itself (a split the source lacks, shared out of its largest
+    one; every split of MIC, whose own split is by question-answer pair), by a hash of each dialogue's
+    opening turns."""
 
     def __post_init__(self):
         require(self.max_context_turns >= 1, "normalize.max_context_turns", self.max_context_turns, "must be at least 1")
@@ -172,6 +187,21 @@ class MineConfig:
     """Candidates sampled from the stage-1 model per casual context."""
     generated_threshold: float = 0.5
     """A sampled candidate is a negative when 1 - P(casual) is at least this."""
+    generated_batch_size: int = 8
+    """Casual contexts per stage-1 `generate` call (each gives `generated_k` samples)."""
+    generated_max_source_tokens: int = 128
+    """Context tokens the stage-1 sampler keeps (whole oldest turns are cut first)."""
+    generated_max_new_tokens: int = 32
+    """Longest stage-1 sample in tokens (RoT and reply together)."""
+    generated_temperature: float = 1.0
+    """Softmax temperature of the stage-1 sampler (ancestral sampling, no other constraint)."""
+    generated_top_p: float = 0.9
+    """Nucleus sampling of the stage-1 sampler (1.0: off)."""
+    generated_top_k: int = 0
+    """Top-k sampling of the stage-1 sampler (0: off)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the stage-1 sampler (`pipeline/devices.py`): `auto` is bf16 on a GPU that
+    supports it, else fp32 (always fp32 on CPU); fp16 needs a GPU."""
     label_severity: dict[str, float] = dataclasses.field(
         default_factory=lambda: dict(zip(UNSAFE_LABELS, (0.4, 0.6, 0.8, 1.0)))
     )
@@ -197,6 +227,16 @@ class MineConfig:
         require(self.generated_k >= 1, "mine.generated_k", self.generated_k, "must be at least 1")
         require(0 <= self.generated_threshold <= 1, "mine.generated_threshold", self.generated_threshold,
                 "a probability between 0 and 1")
+        require(self.generated_batch_size >= 1, "mine.generated_batch_size", self.generated_batch_size,
+                "must be at least 1")
+        require(self.generated_max_source_tokens >= 8, "mine.generated_max_source_tokens",
+                self.generated_max_source_tokens, "must be at least 8")
+        require(self.generated_max_new_tokens >= 1, "mine.generated_max_new_tokens", self.generated_max_new_tokens,
+                "must be at least 1")
+        require(self.generated_temperature > 0, "mine.generated_temperature", self.generated_temperature,
+                "must be greater than 0")
+        require(0 < self.generated_top_p <= 1, "mine.generated_top_p", self.generated_top_p, "must be in (0, 1]")
+        require(self.generated_top_k >= 0, "mine.generated_top_k", self.generated_top_k, "must be 0 (off) or more")
         require(set(self.label_severity) == set(UNSAFE_LABELS), "mine.label_severity", sorted(self.label_severity),
                 f"needs exactly the keys {', '.join(UNSAFE_LABELS)}")
         require(all(0 <= v <= 1 for v in self.label_severity.values()), "mine.label_severity",

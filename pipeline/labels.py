@@ -1,7 +1,8 @@
 """ProsocialDialog's safety labels and their collapse to three classes, defined once.
 
 Normalization validates the five-way labels, the safety classifier predicts them, and the miner and
-the evaluation read the three-way view (casual / needs_caution / needs_intervention).
+the evaluation read the three-way view (casual / needs_caution / needs_intervention). DiaSafety and
+ToxiChat label the reply instead: safe or unsafe (`REPLY_LABELS`), DiaSafety per category.
 """
 
 from __future__ import annotations
@@ -21,3 +22,13 @@ COLLAPSE = {  # five-way label -> three-way label
     "__needs_caution__": "needs_caution",
     "__needs_intervention__": "needs_intervention",
 }
+
+# The human label of a reply in DiaSafety and ToxiChat, as normalized (`reply_label`).
+REPLY_LABELS = ("safe", "unsafe")
+DIASAFETY_CATEGORIES = (  # DiaSafety's five context-sensitive categories; its label is per category
+    "Offending User",
+    "Risk Ignorance",
+    "Unauthorized Expertise",
+    "Toxicity Agreement",
+    "Biased Opinion",
+)

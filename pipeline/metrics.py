@@ -5,7 +5,8 @@ Overlap with references: corpus BLEU-4 from per-item sufficient statistics
 `unigram_f1` (ParlAI's token F1, 0-1) and `rouge_l` (the `rouge_score` package, F-measure, 0-1),
 each against several references. Diversity: `distinct_n_of_tokens` (on `tokenize`'s tokens);
 generic replies: `most_frequent`, `top_k_share`. Safety: `predicted_labels` on [casual,
-needs_caution, needs_intervention] probabilities.
+needs_caution, needs_intervention] probabilities. Classifiers (the safety and rot_agreement
+stages): `accuracy`, `macro_f1`.
 
 Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap of a statistic of item sums (a
 mean, a ratio of sums, corpus BLEU); `paired_bootstrap_ci`, the same for the difference of two
@@ -255,7 +256,7 @@ def predicted_labels(safety_probs: np.ndarray) -> np.ndarray:
 # --- uncertainty ----------------------------------------------------------------------------------
 
 
-def cluster_codes(clusters: Sequence | np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
+def _cluster_codes(clusters: Sequence | np.ndarray | None, n: int) -> tuple[np.ndarray, int]:
     """Each item's cluster as 0..C-1, numbered in order of first appearance; returns ((n,) codes, C).
 
     None: every item is its own cluster. With every label distinct the codes are 0..n-1, so a
@@ -297,7 +298,7 @@ def _resampled_statistics(flat: np.ndarray, statistic: Callable[[np.ndarray, np.
     Clusters are drawn (C of them, with replacement) and bring all their items; so a resample is a
     count per cluster and its sums one product with the per-cluster sums (C, d).
     """
-    codes, n_clusters = cluster_codes(clusters, len(flat))
+    codes, n_clusters = _cluster_codes(clusters, len(flat))
     if clusters is None:
         sums, sizes = flat, np.ones(len(flat))
     else:
@@ -307,7 +308,8 @@ def _resampled_statistics(flat: np.ndarray, statistic: Callable[[np.ndarray, np.
     stats = []
     for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements):  # (B, C)
         if flat.shape[1] == 1:  # one value per item: gathering is cheaper than counting
-            totals, items = sums[:, 0][indices].sum(axis=1)[:, None], sizes[indices].sum(axis=1)
+            totals = sums[:, 0][indices].sum(axis=1)[:, None]
+            items = np.full(len(indices), float(len(flat))) if clusters is None else sizes[indices].sum(axis=1)
         else:
             counts = _counts(indices, n_clusters)  # (B, C)
             totals, items = counts @ sums, counts @ sizes
@@ -427,7 +429,7 @@ def bootstrap_ci_of_counts(
     """
     if n == 0:
         raise ValueError("bootstrap_ci_of_counts needs at least one item")
-    codes, n_clusters = cluster_codes(clusters, n)
+    codes, n_clusters = _cluster_codes(clusters, n)
     stats = [np.asarray(statistic(_counts(indices, n_clusters)[:, codes]), dtype=np.float64)
              for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements, width)]
     return _percentiles(np.concatenate(stats), confidence)

@@ -2,9 +2,8 @@
 
 `pipeline/stages/evaluate.py` computes results.json and calls `write_report`; nothing here computes
 a metric. Every number in the report is read from the results dict (the training-curve plot from the
-dvclive logs evaluate read), so a report can be re-rendered from a saved results.json:
-
-    python -c "import json; from pipeline import report; print(report.render_report(json.load(open('reports/results.json'))))"
+dvclive logs evaluate read), so `render_report(json.load(open("reports/results.json")))` re-renders
+a saved report.
 """
 
 from __future__ import annotations
@@ -70,11 +69,13 @@ def _arrow(better: bool | None) -> str:
 
 
 def _direction(results: dict, scope: str, metric: str) -> bool | None:
-    """A metric's higher_is_better, as the first model that has it records it."""
+    """A metric's higher_is_better as results.json records it; `metric` may take `{view}`."""
     for model in results["models"]:
-        entry = results["metrics"].get(model, {}).get(scope, {}).get(metric)
-        if entry is not None:
-            return entry.get("higher_is_better")
+        entries = results["metrics"].get(model, {}).get(scope, {})
+        for view in results["views"]:
+            entry = entries.get(metric.format(view=view))
+            if entry is not None:
+                return entry.get("higher_is_better")
     return None
 
 
@@ -94,9 +95,8 @@ def _metric_table(results: dict, scope: str, columns: list[tuple[str, str, int]]
     """A table with a row per model (and reply, when `per_view`); columns are (title, metric, digits),
     the metric name taking `{view}`. Empty list when every cell is null."""
     views = results["views"]
-    first_view = next(iter(views))
-    header = ["model"] + (["reply"] if per_view else []) + [
-        title + _arrow(_direction(results, scope, metric.format(view=first_view))) for title, metric, _ in columns]
+    header = ["model"] + (["reply"] if per_view else []) + [title + _arrow(_direction(results, scope, metric))
+                                                            for title, metric, _ in columns]
     if count:
         header.append("contexts")
     rows, filled = [], False
@@ -227,9 +227,9 @@ def _comparison_lines(results: dict, scope: str) -> list[str]:
              *_table(header, rows), ""]
     for model, comparison in compared:
         verdict, metrics = comparison["verdict"], comparison["metrics"]
-        changes = "; ".join(f"{_title(results, name)} {_difference_cell(metrics[name], _digits(name))}"
-                            for name in verdict["changes"])
-        lines.append(f"- **{model}** against {baseline}: {verdict['verdict']}" + (f" ({changes})" if changes else ""))
+        read = "; ".join(f"{_title(results, name)} {_difference_cell(metrics[name], _digits(name))}"
+                         for name in verdict["compared"])
+        lines.append(f"- **{model}** against {baseline}: {verdict['verdict']}" + (f" ({read})" if read else ""))
     return lines + [""]
 
 
@@ -251,7 +251,7 @@ def _generic_table(results: dict, scope: str) -> list[str]:
                          listed or "no reply repeats"])
     if not rows:
         return []
-    better = _direction(results, scope, name.format(view=next(iter(views))))
+    better = _direction(results, scope, name)
     return ["### Generic replies (all contexts)", "",
             f"*top-{top} share*: the share of all replies that the {top} most frequent account for; the replies "
             f"among them that occur more than once, lower-cased and tokenized (results.json lists all {top}).", "",

@@ -1,7 +1,8 @@
 """Explicit Arrow schemas for every artifact, and validation of raw corpus files on read.
 
 Raw schemas follow each corpus's Hugging Face row format (MIC: the columns of `MIC.csv` the pipeline
-uses); `NORMALIZED` is the one turn-level schema every later stage reads.
+uses; ToxiChat, not on the hub: one JSON line of its repository); `NORMALIZED` is the one turn-level
+schema every later stage reads.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ _str = pa.string()
 _int = pa.int64()
 _strs = pa.list_(pa.string())
 _ints = pa.list_(pa.int64())
+
+# ToxiChat: a turn is labelled Safe/Offensive and, toward each earlier turn k, Agree/Disagree/Neutral.
+_TOXICHAT_LABELS = [("turn_id", _int), ("text", _str), ("offense_label", _str), ("offense_targets", _strs)]
+_TOXICHAT_TURN = pa.struct(_TOXICHAT_LABELS + [(f"stance_label_towards_turn_{k}", _str) for k in (1, 2)])
+_TOXICHAT_REPLY = pa.struct(_TOXICHAT_LABELS + [(f"stance_label_towards_turn_{k}", _str) for k in (1, 2, 3)]
+                            + [("coherence", _str), ("chatbot_model", _str)])
 
 RAW: dict[str, pa.Schema] = {
     "prosocial_dialog": pa.schema([
@@ -47,6 +54,15 @@ RAW: dict[str, pa.Schema] = {
         ])),
         ("guided_chosen_suggestions", _strs), ("label_candidates", pa.list_(_strs)),
     ]),
+    # `label` is Safe or Unsafe for the row's `category` (one of labels.DIASAFETY_CATEGORIES).
+    "diasafety": pa.schema([("context", _str), ("response", _str), ("category", _str), ("label", _str)]),
+    # One thread per row. The raw JSON lines leave out the stance keys a turn cannot have (the first
+    # turn has none); here they are null. Threads have two or three Reddit turns.
+    "toxichat": pa.schema([
+        ("reddit_thread", pa.list_(_TOXICHAT_TURN)),
+        ("final_dgpt_response", _TOXICHAT_REPLY),
+        ("final_gpt3_response", _TOXICHAT_REPLY),
+    ]),
 }
 
 # Columns a normalizer actually reads; other raw columns may be absent without harm.
@@ -57,6 +73,8 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "persona_chat": ("personality", "candidates", "history", "conv_id", "utterance_idx"),
     "empathetic_dialogues": ("conv_id", "utterance_idx", "context", "utterance"),
     "blended_skill_talk": ("personas", "previous_utterance", "free_messages", "guided_messages"),
+    "diasafety": ("context", "response", "category", "label"),
+    "toxichat": ("reddit_thread", "final_dgpt_response", "final_gpt3_response"),
 }
 
 UNACCEPTABLE = pa.struct([("text", _str), ("severity", pa.int32())])
@@ -74,6 +92,12 @@ NORMALIZED = pa.schema([
     ("emotion", _str),  # the conversation's emotion (EmpatheticDialogues), else null
     ("unacceptable_responses", pa.list_(UNACCEPTABLE)),  # known bad replies to this context
     ("derived_split", pa.bool_()),  # true when the split was derived from the dialogue id
+    # The human safety label of the reply, where the corpus has one (DiaSafety, ToxiChat), else null:
+    ("reply_label", _str),  # labels.REPLY_LABELS: safe | unsafe
+    ("reply_category", _str),  # DiaSafety's category the label is for (labels.DIASAFETY_CATEGORIES)
+    ("reply_offensive", pa.bool_()),  # ToxiChat: the reply's offense_label is Offensive
+    ("reply_agrees_offensive", pa.bool_()),  # ToxiChat: the reply agrees with an earlier offensive turn
+    ("responder", _str),  # who replied: human, or the chatbot's name (dialogpt, gpt3); null when unknown
 ])
 
 
@@ -188,21 +212,23 @@ GROUPS = pa.schema([
 ])
 
 CANDIDATES = pa.schema([
-    ("model", _str),  # generate entry: base | stage1 | stage2 | an audit model's name
+    ("model", _str),  # generate entry: base | ce | stage1 | stage2 | an audit model's name
     ("corpus", _str),
     ("context_id", _str),  # "<corpus>/<dialogue_id>/<turn_index>", shared by a context's k candidates
     ("dialogue_id", _str),
     ("turn_index", pa.int32()),
     ("context", _strs),
     ("safety_label", _str),  # the context's 5-way label where the corpus has one, else null
-    ("reference", _str),  # the reference reply
+    ("reference", _str),  # the reference reply (of the context's first test row)
+    # every reference reply of the context in the test split (MIC: each annotator's answer), `reference` first
+    ("references", _strs),
     ("reference_rots", _strs),  # its gold rules-of-thumb ([] when none)
     ("candidate_index", pa.int32()),  # sampling order; 0 is the first sample
     ("text", _str),  # the raw generated target
     ("rot", _str),  # the RoT parsed from it, null when the candidate has none
     ("response", _str),  # the reply parsed from it (may be empty)
     ("safety_probs", pa.list_(pa.float32())),  # [casual, needs_caution, needs_intervention] of the reply
-    ("fluency", pa.float32()),  # length-normalised log-likelihood under the generating model
+    ("fluency", pa.float32()),  # mean log-probability of the reply tokens under the generating model (-inf: none)
     ("prosociality", pa.float32()),  # P(casual) of the reply in context
     # 1 - P(reply disagrees with its own RoT); a candidate whose rot is null gets its context's mean over
     # the candidates with a RoT (0.5 when none has one): pipeline.rerank.agreement_term. Null when

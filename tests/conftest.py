@@ -91,7 +91,7 @@ def normalized_mirror_dir(mirror_data_dir) -> Path:
 
 
 class FakeSafetyScorer:
-    """A stand-in for the safety classifier (`predict_proba` of `pipeline.stages.safety.load_scorer`):
+    """A stand-in for the safety classifier (`predict_proba` of `pipeline.safety_models.load_scorer`):
     a reply of n words gets [casual, needs_caution, needs_intervention] = [1, n/2, n/2] / (1 + n)."""
 
     def __init__(self):
@@ -107,11 +107,12 @@ class FakeSafetyScorer:
 
 @pytest.fixture
 def fake_safety_scorer(monkeypatch) -> FakeSafetyScorer:
-    """A FakeSafetyScorer that `pipeline.stages.generate.load_safety_scorer` returns for any folder."""
-    from pipeline.stages import generate
+    """A FakeSafetyScorer that `pipeline.safety_models.load_scorer` returns for any folder (what
+    generate, audit and chat load through `pipeline.rerank.load_scorers`)."""
+    from pipeline import safety_models
 
     scorer = FakeSafetyScorer()
-    monkeypatch.setattr(generate, "load_safety_scorer", lambda path: scorer)
+    monkeypatch.setattr(safety_models, "load_scorer", lambda path: scorer)
     return scorer
 
 

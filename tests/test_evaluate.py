@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from pipeline import metrics as M
 from pipeline import report
 from pipeline.artifacts import write_parquet
 from pipeline.cli import app
@@ -52,13 +53,8 @@ ROWS = [
 ]
 
 
-# Until schemas.CANDIDATES carries `references`, tables that need the column append it.
-WITH_REFERENCES = (CANDIDATES if "references" in CANDIDATES.names
-                   else CANDIDATES.append(pa.field("references", pa.list_(pa.string()))))
-
-
-def table(rows, schema=WITH_REFERENCES):
-    return pa.Table.from_pylist(rows, schema=schema)
+def table(rows):
+    return pa.Table.from_pylist(rows, schema=CANDIDATES)
 
 
 def items_of(rows=ROWS):
@@ -131,7 +127,7 @@ def test_rot_quality_against_the_gold_rots():
 
 
 def test_a_corpus_without_references_gets_null_overlap_and_a_note():
-    rows = [{**row, "reference": None} for row in ROWS]
+    rows = [{**row, "reference": None, "references": []} for row in ROWS]
     entries, notes = scored(rows)
     assert notes == ["no reference replies: BLEU-4, F1 and ROUGE-L are null"]
     for name in ("bleu4_first", "f1_reranked", "rouge_l_reranked", "mean_length_reference"):
@@ -141,23 +137,16 @@ def test_a_corpus_without_references_gets_null_overlap_and_a_note():
 
 def test_overlap_is_measured_against_every_reference_of_the_context():
     # c1's chosen reply is not its own reference but another annotator's answer to the same question
-    rows = [{**row, "references": ["i am fine thank you", "not bad at all my friend"],
-             "response": "not bad at all my friend"} if row["context_id"] == "c1" and row["selected"] else row
-            for row in ROWS]
+    rows = [{**row, "references": ["i am fine thank you", "not bad at all my friend"]}
+            if row["context_id"] == "c1" else row for row in ROWS]
+    rows = [{**row, "response": "not bad at all my friend"} if row["context_id"] == "c1" and row["selected"] else row
+            for row in rows]
     entries, _ = scored(rows)
     assert value(entries, "f1_reranked") == pytest.approx(1.0)  # the best reference counts
     assert value(entries, "rouge_l_reranked") == pytest.approx(1.0)
     assert value(entries, "bleu4_reranked") == pytest.approx(100.0)  # sacrebleu's multi-reference BLEU
     # the references' length is that of each context's own reference
     assert value(entries, "mean_length_reference") == pytest.approx(16 / 3)
-
-
-def test_without_a_references_column_the_own_reference_is_the_only_one(tmp_path):
-    write_parquet(pa.Table.from_pylist(ROWS, schema=CANDIDATES.remove(CANDIDATES.get_field_index("references"))
-                                       if "references" in CANDIDATES.names else CANDIDATES), tmp_path / "c.parquet")
-    contexts = evaluate.context_table(evaluate.read_candidates(tmp_path / "c.parquet"), "test")
-    assert contexts["references"].to_pylist() == [["i am fine thank you"], ["please do not lie to me"],
-                                                  ["that would hurt someone badly"], []]
 
 
 def test_intervals_draw_dialogues_not_contexts():
@@ -197,11 +186,17 @@ def test_inconsistent_candidates_are_a_data_error(change, message):
 
 
 def entry(value, ci=None, n=10, better=None):
-    return {"value": value, "ci": ci, "n": n, "higher_is_better": better}
+    return {"value": value, "ci": ci, "n": n, "n_clusters": n, "higher_is_better": better}
+
+
+def difference(diff, ci, p=None, better=False):
+    return {"value": None, "baseline": None, "difference": diff, "ci": ci, "p_value": p, "discordant": None, "n": 25,
+            "n_clusters": 9, "higher_is_better": better}
 
 
 def small_results():
-    """A hand-made results.json: two models, one corpus with references and RoTs, plus overall."""
+    """A hand-made results.json: two models, one corpus with references and RoTs, plus overall, and
+    stage2's paired comparison with ce on the corpus."""
     def metrics(unsafe_first, unsafe_reranked, f1):
         return {
             "unsafe_rate_first": entry(unsafe_first, [0.4, 0.8], 25, False),
@@ -210,34 +205,59 @@ def small_results():
             "bleu4_reranked": entry(4.13, [3.0, 5.5], 20, True), "rot_f1_reranked": entry(0.433, None, 7, True),
             "rot_share_casual": entry(0.125), "mean_length_reference": entry(12.0),
         }
+    comparison = {"n": 25, "n_clusters": 9, "unmatched": 0,
+                  "metrics": {"unsafe_rate_reranked": difference(-0.24, [-0.4, -0.08], 0.004),
+                              "casual_rot_share_reranked": difference(0.1, [-0.05, 0.25], 0.5),
+                              "f1_reranked": difference(0.06, [0.01, 0.11], better=True)},
+                  "verdict": {"safer": True, "preachier": False, "verdict": "safer, not preachier",
+                              "compared": ["unsafe_rate_reranked", "casual_rot_share_reranked"]}}
     return {
-        "models": ["base", "stage2"], "corpora": ["prosocial_dialog"], "scopes": ["prosocial_dialog", "overall"],
+        "models": ["ce", "stage2"], "corpora": ["prosocial_dialog"], "scopes": ["prosocial_dialog", "overall"],
+        "views": {"first": "first sample", "reranked": "re-ranked"},
+        "context_labels": ["casual", "needs_caution", "needs_intervention", "unlabelled"], "generic_top": 5,
+        "bootstrap": {"samples": 1000, "seed": 0, "confidence": 0.95, "clusters": "dialogue_id within its corpus"},
         "metrics": {
-            "base": {"prosocial_dialog": metrics(0.61, 0.42, 0.25), "overall": metrics(0.61, 0.42, 0.25)},
+            "ce": {"prosocial_dialog": metrics(0.61, 0.42, 0.25), "overall": metrics(0.61, 0.42, 0.25)},
             "stage2": {"prosocial_dialog": metrics(0.37, 0.18, 0.31),
                        "overall": {**metrics(0.37, 0.18, 0.31), "reference_ppl": entry(6.22, None, 100, False)}},
         },
+        "comparisons": {"baseline": "ce", "headline": ["unsafe_rate_reranked", "casual_rot_share_reranked",
+                                                       "f1_reranked"],
+                        "models": {"stage2": {"prosocial_dialog": comparison}}},
         "notes": ["mic: no candidates from any model; skipped"],
         "plots": {"label_distribution": "plots/label_distribution.png"},
-        "human_eval": {"items": 40, "sheet": "human_eval.csv", "key": "human_eval_key.csv"},
+        "human_eval": {"items": 40, "sheet": "human_eval.csv", "key": "human_eval_key.csv",
+                       "ratings": ["prosocial", "engaged", "respectful", "coherent", "overall"]},
         "git_commit": "abc1234",
     }
 
 
 def test_render_report_from_a_hand_made_results_dict():
-    text = evaluate.render_report(small_results())
+    text = report.render_report(small_results())
     assert "## prosocial_dialog" in text and "## Overall (all corpora pooled)" in text
     assert "- mic: no candidates from any model; skipped" in text
     assert "`abc1234`" in text
     assert "| stage2 | re-ranked | 0.180 [0.100, 0.300] | 0.820 | – | – | 25 |" in text
-    assert "| base | first sample | 0.610 [0.400, 0.800] | – | – | – | 25 |" in text
+    assert "| ce | first sample | 0.610 [0.400, 0.800] | – | – | – | 25 |" in text
     assert "unsafe rate ↓" in text and "BLEU-4 ↑" in text
     assert "4.13 [3.00, 5.50]" in text and "0.310" in text and "0.433" in text
     assert "| reference | | | | | – | – | 12.0 |" in text
     assert "| stage2 | 6.22 | – |" in text  # model scores, overall only
     assert text.count("### Model scores") == 1
     assert "![label distribution](plots/label_distribution.png)" in text
-    assert "40 blinded pairs" in text
+    assert "40 blinded pairs" in text and "prosocial, engaged, respectful, coherent, overall" in text
+
+
+def test_render_report_shows_the_paired_differences_and_the_verdict():
+    text = report.render_report(small_results())
+    assert text.count("### Paired comparisons against `ce`") == 1  # the corpus only: overall was not compared
+    assert ("| model | contexts | clusters | Δ unsafe rate, re-ranked ↓ | Δ casual RoT share, re-ranked ↓ "
+            "| Δ F1, re-ranked ↑ |") in text
+    # bold: the interval excludes 0
+    assert ("| stage2 | 25 | 9 | **-0.240 [-0.400, -0.080]** p=0.004 | +0.100 [-0.050, +0.250] p=0.5 "
+            "| **+0.060 [+0.010, +0.110]** |") in text
+    assert ("- **stage2** against ce: safer, not preachier (unsafe rate, re-ranked **-0.240 [-0.400, -0.080]** "
+            "p=0.004; casual RoT share, re-ranked +0.100 [-0.050, +0.250] p=0.5)") in text
 
 
 def test_render_report_says_when_there_are_no_gold_rots():
@@ -245,16 +265,19 @@ def test_render_report_says_when_there_are_no_gold_rots():
     for scopes in results["metrics"].values():
         for entries in scopes.values():
             entries["rot_f1_reranked"] = entry(None, n=0)
-    assert "*No gold rules-of-thumb in these contexts.*" in evaluate.render_report(results)
+    assert "*No gold rules-of-thumb in these contexts.*" in report.render_report(results)
 
 
-def test_flat_metrics_leave_out_nulls():
+def test_flat_metrics_leave_out_nulls_and_carry_the_headline_differences():
     results = small_results()
-    results["metrics"]["base"]["overall"]["f1_reranked"] = entry(None)
+    results["metrics"]["ce"]["overall"]["f1_reranked"] = entry(None)
     flat = evaluate.flat_metrics(results)
     assert flat["stage2/overall/reference_ppl"] == 6.22
-    assert flat["base/prosocial_dialog/unsafe_rate_reranked"] == 0.42
-    assert "base/overall/f1_reranked" not in flat
+    assert flat["ce/prosocial_dialog/unsafe_rate_reranked"] == 0.42
+    assert "ce/overall/f1_reranked" not in flat
+    assert flat["stage2_vs_ce/prosocial_dialog/unsafe_rate_reranked"] == -0.24
+    assert flat["stage2_vs_ce/prosocial_dialog/f1_reranked"] == 0.06
+    assert not any(name.startswith("ce_vs_") for name in flat)
 
 
 # --- the human-evaluation sheet -------------------------------------------------------------------
@@ -304,21 +327,28 @@ def test_human_eval_sheet_is_deterministic_for_the_seed():
 
 
 def write_candidates(root, model, corpus, rows):
-    write_parquet(table([{**row, "model": model, "corpus": corpus} for row in rows]),
-                  root / model / f"{corpus}.parquet")
+    """The rows as `<root>/<model>/<corpus>.parquet`, context ids prefixed with the corpus as generate writes them."""
+    write_parquet(table([{**row, "model": model, "corpus": corpus, "context_id": f"{corpus}/{row['context_id']}"}
+                         for row in rows]), root / model / f"{corpus}.parquet")
 
 
 def small_config(**changes):
-    base = dict(models=["base", "stage2"], corpora=["prosocial_dialog", "mic", "daily_dialog"],
-                bootstrap_samples=100, human_eval_pairs=2, human_eval_comparisons=[["stage2", "base"]])
+    base = dict(models=["base", "ce", "stage2"], baseline="ce", corpora=["prosocial_dialog", "mic", "daily_dialog"],
+                bootstrap_samples=100, human_eval_pairs=2, human_eval_comparisons=[["stage2", "ce"]])
     return EvaluateConfig(**{**base, **changes})
+
+
+# stage2 differs from ce in one reply: its choice for c3 is casual (ce's is needs caution)
+STAGE2_ROWS = [{**row, "safety_probs": [0.9, 0.05, 0.05]} if row["context_id"] == "c3" and row["selected"] else row
+               for row in ROWS]
 
 
 def test_run_writes_every_report_and_skips_a_corpus_without_candidates(tmp_path):
     candidates, reports = tmp_path / "candidates", tmp_path / "reports"
-    for model in ("base", "stage2"):
-        write_candidates(candidates, model, "prosocial_dialog", ROWS)
-    write_candidates(candidates, "base", "daily_dialog", [{**r, "reference": None} for r in ROWS])
+    write_candidates(candidates, "base", "prosocial_dialog", ROWS)
+    write_candidates(candidates, "ce", "prosocial_dialog", ROWS)
+    write_candidates(candidates, "stage2", "prosocial_dialog", STAGE2_ROWS)
+    write_candidates(candidates, "base", "daily_dialog", [{**r, "reference": None, "references": []} for r in ROWS])
     scores = {"stage2": {"reference_ppl": 6.5, "group_ranking_accuracy": {"value": 0.8, "ci": [0.7, 0.9], "n": 50}}}
     results = evaluate.run(small_config(), candidates, reports, scores)
 
@@ -326,16 +356,22 @@ def test_run_writes_every_report_and_skips_a_corpus_without_candidates(tmp_path)
     assert "mic: no candidates from any model; skipped" in results["notes"]
     assert "stage2: no candidates for daily_dialog; its overall pools fewer corpora" in results["notes"]
     assert "base/daily_dialog: no reference replies: BLEU-4, F1 and ROUGE-L are null" in results["notes"]
+    assert "base/daily_dialog: the baseline ce has no candidates here; not compared" in results["notes"]
+    assert "base/overall: 4 contexts that ce did not answer are left out of the comparison" in results["notes"]
     flat = json.loads((reports / "metrics.json").read_text())
-    assert flat["stage2/prosocial_dialog/unsafe_rate_reranked"] == 0.25
+    assert flat["stage2/prosocial_dialog/unsafe_rate_reranked"] == 0.0
     assert flat["base/overall/unsafe_rate_first"] == 0.75  # the same rows twice
     assert flat["stage2/overall/group_ranking_accuracy"] == 0.8 and flat["stage2/overall/reference_ppl"] == 6.5
     assert "base/daily_dialog/f1_reranked" not in flat
+    assert flat["stage2_vs_ce/prosocial_dialog/unsafe_rate_reranked"] == -0.25
+    assert flat["base_vs_ce/overall/unsafe_rate_reranked"] == 0.0
     saved = json.loads((reports / "results.json").read_text())
     assert saved["metrics"]["base"]["overall"]["unsafe_rate_first"]["n"] == 8
+    assert saved["metrics"]["base"]["overall"]["unsafe_rate_first"]["n_clusters"] == 8
     assert saved["metrics"]["stage2"]["overall"]["group_ranking_accuracy"]["ci"] == [0.7, 0.9]
     assert saved["config"]["bootstrap_samples"] == 100 and "sacrebleu" in saved["library_versions"]
-    assert (reports / "report.md").read_text() == evaluate.render_report(saved)
+    assert saved["comparisons"]["baseline"] == "ce" and set(saved["comparisons"]["models"]) == {"base", "stage2"}
+    assert (reports / "report.md").read_text() == report.render_report(saved)
     for name in ("plots/label_distribution.png", "plots/training_curves.png"):
         assert (reports / name).read_bytes()[:4] == b"\x89PNG"
     with open(reports / "human_eval.csv", encoding="utf-8", newline="") as handle:
@@ -343,21 +379,91 @@ def test_run_writes_every_report_and_skips_a_corpus_without_candidates(tmp_path)
     with open(reports / "human_eval_key.csv", encoding="utf-8", newline="") as handle:
         key = list(csv.DictReader(handle))
     assert len(sheet) == len(key) == 2 and [r["item_id"] for r in sheet] == [r["item_id"] for r in key]
+    assert {(k["model_a"], k["model_b"]) for k in key} <= {("stage2", "ce"), ("ce", "stage2")}
+
+
+def test_run_compares_each_model_with_the_baseline_on_the_same_contexts(tmp_path):
+    candidates, reports = tmp_path / "candidates", tmp_path / "reports"
+    write_candidates(candidates, "ce", "prosocial_dialog", ROWS)
+    write_candidates(candidates, "stage2", "prosocial_dialog", STAGE2_ROWS)
+    results = evaluate.run(small_config(models=["ce", "stage2"], human_eval_comparisons=[]), candidates, reports)
+    comparison = results["comparisons"]["models"]["stage2"]["prosocial_dialog"]
+    assert (comparison["n"], comparison["n_clusters"], comparison["unmatched"]) == (4, 4, 0)
+    unsafe = comparison["metrics"]["unsafe_rate_reranked"]
+    # re-ranked unsafe: ce c3 only, stage2 none -> 0 - 1/4; one discordant context, ce's: McNemar p = 1
+    assert (unsafe["value"], unsafe["baseline"], unsafe["difference"]) == (0.0, 0.25, -0.25)
+    assert unsafe["discordant"] == [0, 1] and unsafe["p_value"] == 1.0
+    assert (unsafe["n"], unsafe["n_clusters"], unsafe["higher_is_better"]) == (4, 4, False)
+    # per-context differences [0, 0, -1, 0] (contexts in id order, each its own dialogue), drawn as in bootstrap_ci
+    expected = M.bootstrap_ci([0.0, 0.0, -1.0, 0.0], n_samples=100, seed=0)
+    assert unsafe["ci"] == pytest.approx(list(expected), abs=1e-6)
+    # the first samples are the same: no difference, a degenerate interval, no discordant pair
+    first = comparison["metrics"]["unsafe_rate_first"]
+    assert (first["difference"], first["ci"], first["p_value"]) == (0.0, [0.0, 0.0], 1.0)
+    # F1 is compared on the three contexts with a reference; not a binary rate, so no McNemar
+    f1 = comparison["metrics"]["f1_reranked"]
+    assert (f1["n"], f1["p_value"], f1["discordant"]) == (3, None, None)
+    assert "mean_length_reference" not in comparison["metrics"]  # the same references on both sides
+    assert "ce" not in results["comparisons"]["models"]  # the baseline is not compared with itself
+    assert comparison["verdict"]["verdict"] == "not safer"  # 1 of 4 contexts: the interval holds 0
+
+
+def test_a_paired_verdict_sees_what_the_baselines_interval_hides():
+    # 40 contexts: ce is unsafe on 20, stage2 on 15 of the same 20 and nowhere else
+    def rows(unsafe_contexts):
+        return [candidate(f"k{i}", "__casual__", "ref", [], 0, "reply", [0.2, 0.7, 0.1] if i < unsafe_contexts
+                          else [0.9, 0.05, 0.05], selected=True) for i in range(40)]
+    ce, stage2 = items_of(rows(20)), items_of(rows(15))
+    ce_entries, _ = evaluate.aggregate(ce, 1000, 0)
+    low, high = ce_entries["unsafe_rate_reranked"]["ci"]
+    assert low < 15 / 40 < high  # the old rule (a value inside the reference's interval) said "not safer"
+    comparison = evaluate.compare(stage2, ce, 1000, 0)
+    unsafe = comparison["metrics"]["unsafe_rate_reranked"]
+    assert unsafe["difference"] == pytest.approx(-5 / 40) and unsafe["ci"][1] < 0
+    assert evaluate.caution_verdict(comparison["metrics"])["safer"] is True
+    # McNemar on the 5 discordant contexts, all in stage2's favour: 2 / 2^5
+    assert unsafe["discordant"] == [0, 5] and unsafe["p_value"] == pytest.approx(0.0625)
+
+
+def test_comparison_resamples_the_shared_dialogues():
+    # two dialogues of two contexts each; stage2 fixes both contexts of dialogue d1
+    def rows(fixed):
+        return [candidate(f"k{i}", None, "ref", [], 0, "reply", [0.9, 0.05, 0.05] if fixed and i < 2
+                          else [0.2, 0.7, 0.1], selected=True, dialogue_id="d1" if i < 2 else "d2")
+                for i in range(4)]
+    comparison = evaluate.compare(items_of(rows(True)), items_of(rows(False)), 200, 0)
+    unsafe = comparison["metrics"]["unsafe_rate_reranked"]
+    assert (comparison["n"], comparison["n_clusters"], unsafe["n_clusters"]) == (4, 2, 2)
+    # a resample draws d1 twice (-1), d1 and d2 (-1/2) or d2 twice (0): never -1/4 or -3/4
+    assert unsafe["ci"] == [-1.0, 0.0]
 
 
 def test_run_plots_training_curves_from_dvclive_logs(tmp_path):
     candidates, reports = tmp_path / "candidates", tmp_path / "reports"
     write_candidates(candidates, "base", "prosocial_dialog", ROWS)
-    folder = reports / "train" / "stage1" / "plots" / "metrics" / "train"
-    folder.mkdir(parents=True)
-    (folder / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t2.5\n2\t1\t2.0\n")
-    results = evaluate.run(small_config(models=["base"], human_eval_comparisons=[]), candidates, reports)
+    for run_name in ("stage1", "ce"):
+        folder = reports / "train" / run_name / "plots" / "metrics" / "train"
+        folder.mkdir(parents=True)
+        (folder / "loss.tsv").write_text("timestamp\tstep\tloss\n1\t0\t2.5\n2\t1\t2.0\n")
+    config = small_config(models=["base"], baseline="base", human_eval_comparisons=[])
+    results = evaluate.run(config, candidates, reports)
     assert results["training_logs"] == ["train/loss"]
+    assert evaluate.training_logs(reports / "train")["train/loss"] == {"stage1": [(0, 2.5), (1, 2.0)],
+                                                                       "ce": [(0, 2.5), (1, 2.0)]}
     assert not any("training logs" in note for note in results["notes"])
+    assert "the baseline" not in " ".join(results["notes"]) and results["comparisons"]["models"] == {}
+
+
+def test_run_notes_a_baseline_without_candidates(tmp_path):
+    candidates, reports = tmp_path / "candidates", tmp_path / "reports"
+    write_candidates(candidates, "stage2", "prosocial_dialog", ROWS)
+    results = evaluate.run(small_config(human_eval_comparisons=[]), candidates, reports)
+    assert "the baseline ce has no candidates; no paired comparisons" in results["notes"]
+    assert results["comparisons"]["models"] == {}
 
 
 def test_run_without_any_candidates_is_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="no candidates for any of the models base, stage2"):
+    with pytest.raises(DataError, match="no candidates for any of the models base, ce, stage2"):
         evaluate.run(small_config(), tmp_path / "candidates", tmp_path / "reports")
 
 
@@ -381,8 +487,8 @@ def test_evaluate_help():
 
 def test_evaluate_command_runs_and_reports_missing_candidates_in_one_line(tmp_path, repo_root):
     params = tmp_path / "params.yaml"
-    params.write_text("evaluate:\n  models: [base]\n  corpora: [prosocial_dialog]\n  bootstrap_samples: 100\n"
-                      "  human_eval_comparisons: []\n")
+    params.write_text("evaluate:\n  models: [base]\n  baseline: base\n  corpora: [prosocial_dialog]\n"
+                      "  bootstrap_samples: 100\n  human_eval_comparisons: []\n")
     args = ["evaluate", "--candidates", str(tmp_path / "candidates"), "--scores", str(tmp_path / "scores"),
             "--reports", str(tmp_path / "reports"), "--params", str(params)]
     result = CliRunner().invoke(app, args)
@@ -401,7 +507,13 @@ def test_evaluate_command_runs_and_reports_missing_candidates_in_one_line(tmp_pa
 
 
 def test_config_rejects_a_comparison_with_an_unknown_model():
-    from pipeline.errors import ConfigError
-
     with pytest.raises(ConfigError, match="evaluate.human_eval_comparisons"):
         small_config(human_eval_comparisons=[["stage2", "gpt4"]])
+
+
+def test_config_needs_the_baseline_among_the_models():
+    with pytest.raises(ConfigError, match=r"evaluate.baseline = 'ce' .*one of evaluate.models \(base, stage2\)"):
+        small_config(models=["base", "stage2"], human_eval_comparisons=[])
+    defaults = EvaluateConfig()
+    assert defaults.baseline == "ce" and "ce" in defaults.models
+    assert defaults.human_eval_comparisons == [["stage2", "ce"], ["stage2", "base"]]

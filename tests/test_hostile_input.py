@@ -154,7 +154,8 @@ def raw_table(corpus: str, rows: list[dict]) -> pa.Table:
 NULL_CASES = {
     # corpus: (raw rows with a null where text is required, rows kept, counts) — worked out by hand.
     "daily_dialog": ([{"dialog": ["Hi .", None, "Bye ."]}], 0,
-                     {"dropped: empty or null response": 1, "dropped: empty or null turn in the context": 1}),
+                     {"dropped: empty or null response": 1, "dropped: empty or null turn in the context": 1,
+                      "context only: opening utterance of a dialogue": 1}),
     "prosocial_dialog": ([{"dialogue_id": 0, "response_id": 0, "context": "I lied.", "response": None, "rots": []},
                           {"dialogue_id": 0, "response_id": 1, "context": None, "response": "Why?", "rots": []},
                           {"dialogue_id": 1, "response_id": 0, "context": "Hi", "response": "Hello", "rots": None}],
@@ -171,10 +172,12 @@ NULL_CASES = {
                               {"conv_id": "c", "utterance_idx": 2, "utterance": None, "context": "proud"},
                               {"conv_id": "c", "utterance_idx": 3, "utterance": "Yes!", "context": "proud"}],
                              0, {"dropped: empty or null response": 1,
-                                 "dropped: empty or null turn in the context": 1}),
+                                 "dropped: empty or null turn in the context": 1,
+                                 "context only: opening utterance of a dialogue": 1}),
     "blended_skill_talk": ([{"previous_utterance": [None, "Hi"], "free_messages": ["Hey", None],
                              "guided_messages": ["Yo"], "personas": None}],
-                           2, {"dropped: empty or null response": 1}),
+                           2, {"dropped: empty or null response": 1, "dropped: empty seed utterance": 1,
+                               "context only: opening utterance of a dialogue": 1}),
 }
 
 
@@ -199,7 +202,8 @@ def test_a_gigantic_utterance_with_control_characters_is_cut_and_counted():
         (["Hi there [31m", ("word " * 10).strip()], "ok"),
     ]
     # Counted once per text in a kept row: the first turn in both rows, the huge one in both, "ok\x7f" once.
-    assert counts == Counter({"changed: control characters replaced": 3, "changed: text cut to normalize.max_chars": 2})
+    assert counts == Counter({"changed: control characters replaced": 3, "changed: text cut to normalize.max_chars": 2,
+                              "context only: opening utterance of a dialogue": 1})
 
 
 def write_sample(tmp_path: Path, content: bytes) -> Path:

@@ -222,8 +222,8 @@ def test_bootstrap_without_clusters_is_unchanged_by_naming_every_item_its_own_cl
     values = np.random.default_rng(6).normal(size=(25, 3))
     ratio = lambda totals: totals[:, 0] / (1 + np.abs(totals[:, 1]))  # noqa: E731
     labels = [f"dialogue-{i}" for i in range(25)]  # not in sorted order ("dialogue-10" < "dialogue-2")
-    assert bootstrap_ci(values[:, 0], n_samples=300, seed=2, clusters=labels) == bootstrap_ci(values[:, 0], n_samples=300,
-                                                                                               seed=2)
+    by_items = bootstrap_ci(values[:, 0], n_samples=300, seed=2)
+    assert bootstrap_ci(values[:, 0], n_samples=300, seed=2, clusters=labels) == by_items
     assert bootstrap_ci(values, ratio, 300, 2, clusters=labels) == pytest.approx(bootstrap_ci(values, ratio, 300, 2),
                                                                                  abs=1e-12)
 
@@ -250,7 +250,8 @@ def test_cluster_bootstrap_matches_a_loop_that_draws_whole_clusters():
     # a ratio of sums, as the RoT share of candidates: (numerator, denominator) per item
     pairs = np.stack([rng.integers(0, 4, size=40), np.full(40, 4)], axis=1).astype(float)
     got = bootstrap_ci(pairs, lambda totals: totals[:, 0] / totals[:, 1], 300, 4, clusters=clusters)
-    expected = loop_cluster_bootstrap(pairs, clusters, 300, 4, statistic=lambda rows: rows[:, 0].sum() / rows[:, 1].sum())
+    expected = loop_cluster_bootstrap(pairs, clusters, 300, 4,
+                                      statistic=lambda rows: rows[:, 0].sum() / rows[:, 1].sum())
     assert got == pytest.approx(expected, abs=1e-12)
 
 

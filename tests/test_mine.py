@@ -74,6 +74,10 @@ def config(**kwargs) -> MineConfig:
     ({"stage2_sources": {"hard": 0.5, "generated": 0.5}}, "must be 0 while mine.generated is false"),
     ({"replay": 1.5}, "mine.replay"),
     ({"label_severity": {"__needs_caution__": 0.8}}, "mine.label_severity"),
+    ({"generated_batch_size": 0}, "mine.generated_batch_size"),
+    ({"generated_top_p": 0}, "mine.generated_top_p"),
+    ({"generated_temperature": 0}, "mine.generated_temperature"),
+    ({"precision": "fp8"}, "mine.precision"),
 ])
 def test_config_rejects_bad_values(section, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -375,7 +379,80 @@ def test_the_generated_source_needs_a_loadable_stage1_model(tmp_path):
     from pipeline.errors import DataError
 
     with pytest.raises(DataError, match="not a model folder"):
-        mine.load_stage1_generator(tmp_path)
+        mine.load_stage1_generator(tmp_path, config())
+
+
+# --- the stage-1 sampler: device, precision, batch size and decoding from `mine` (defect 3) --------
+
+
+@pytest.fixture
+def spied_sampling(monkeypatch):
+    """Records each `generate_batch` call (prompts, decoding settings, seed, the targets' lengths) and
+    each autocast context (device, precision) the stage-1 sampler opens."""
+    from pipeline import devices, sampling
+
+    calls, autocasts = [], []
+    real_generate, real_autocast = sampling.generate_batch, devices.autocast
+
+    def generate_batch(dm, prompts, decoding, seed, logprobs=True):
+        targets, logps = real_generate(dm, prompts, decoding, seed, logprobs)
+        calls.append({"prompts": len(prompts), "decoding": decoding, "seed": seed, "lengths": [len(t) for t in targets]})
+        return targets, logps
+
+    def autocast(device, precision):
+        autocasts.append((device, precision))
+        return real_autocast(device, precision)
+
+    monkeypatch.setattr(sampling, "generate_batch", generate_batch)
+    monkeypatch.setattr(devices, "autocast", autocast)
+    return calls, autocasts
+
+
+def test_the_stage1_sampler_decodes_as_the_mine_section_says(tiny_dialog_model_dir, spied_sampling):
+    calls, autocasts = spied_sampling
+    cfg = config(generated_batch_size=2, generated_max_new_tokens=3, generated_temperature=0.7, generated_top_p=0.5,
+                 generated_top_k=5, precision="bf16")
+    sampler = mine.load_stage1_generator(tiny_dialog_model_dir, cfg)
+    contexts = [[f"hello number {i}"] for i in range(5)]
+    replies = sampler(contexts, 3)
+    assert [len(r) for r in replies] == [3] * 5
+    # 5 contexts in batches of mine.generated_batch_size = 2, each at mine.precision on the model device
+    assert [c["prompts"] for c in calls] == [2, 2, 1]
+    assert autocasts == [("cpu", "bf16")] * 3
+    for call in calls:
+        decoding = call["decoding"]
+        assert (decoding.k, decoding.max_new_tokens, decoding.temperature, decoding.top_p, decoding.top_k) == \
+            (3, 3, 0.7, 0.5, 5)
+        assert decoding.do_sample and max(call["lengths"]) <= 3
+    assert len({c["seed"] for c in calls}) == 3  # each batch its own seed
+    settings = sampler.settings  # what stats.json records
+    assert (settings["device"], settings["precision"], settings["batch_size"]) == ("cpu", "bf16", 2)
+    assert settings["decoding"]["top_p"] == 0.5 and settings["decoding"]["no_repeat_ngram_size"] == 0
+
+
+def test_the_stage1_model_is_put_on_the_model_device(tiny_dialog_model_dir, monkeypatch):
+    from pipeline import devices
+
+    monkeypatch.setattr(devices, "model_device", lambda: "meta")  # where the CPU-only loader never puts a model
+    sampler = mine.load_stage1_generator(tiny_dialog_model_dir, config())
+    assert next(sampler.dm.model.parameters()).device.type == "meta" and sampler.device == "meta"
+
+
+def test_fp16_without_a_gpu_is_a_config_error_naming_mine_precision(tiny_dialog_model_dir, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"mine\.precision = 'fp16'"):
+        mine.load_stage1_generator(tiny_dialog_model_dir, config(precision="fp16"))
+
+
+def test_stage2_records_how_the_stage1_model_was_sampled(tmp_path, tiny_dialog_model_dir):
+    normalized = small_corpora(tmp_path / "normalized")
+    cfg = config(generated=True, generated_k=2, generated_max_new_tokens=4, stage2_sources={"hard": 0.5, "generated": 0.5})
+    sampler = mine.load_stage1_generator(tiny_dialog_model_dir, cfg)
+    stats = mine.run(cfg, 2, normalized, FakeScorer(), tmp_path / "stage2", generate=sampler, progress=False)
+    written = json.loads((tmp_path / "stage2" / "stats.json").read_text())
+    assert written["stage1_sampler"] == json.loads(json.dumps(sampler.settings))
+    assert written["stage1_sampler"]["decoding"]["max_new_tokens"] == 4
+    assert stats["splits"]["train"]["generated"]["sampled"] == 2 * stats["splits"]["train"]["contexts"]
 
 
 def test_stage2_replays_a_share_of_each_splits_stage1_groups(tmp_path):
@@ -438,7 +515,7 @@ def write_params(path: Path, **mine_section) -> Path:
 
 @pytest.fixture
 def fake_safety(monkeypatch, tmp_path):
-    monkeypatch.setattr(mine, "load_safety_scorer", lambda path: FakeScorer())
+    monkeypatch.setattr(mine, "load_scorer", lambda path: FakeScorer())
     return tmp_path / "safety"
 
 
@@ -472,12 +549,12 @@ def test_command_mines_both_stages(tmp_path, fake_safety):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("missing corpus", "normalized corpus not found"),
+    ("missing corpus", "mic/train.parquet: file not found (run `dvc repro normalize@mic` first)"),
     ("empty corpus", "has no rows in any split"),
     ("n < 2", "mine.n = 1 is not allowed"),
     ("shares", "shares must sum to 1"),
     ("no stage-1 groups", "needs --stage1-groups"),
-    ("no safety model", "safety classifier folder not found"),
+    ("no safety model", "no scorer.json, not a safety classifier folder"),
     ("generated", "needs the stage-1 model: pass --stage1-model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, case, message):
@@ -500,7 +577,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, monkeypatch, case, message):
         stage = 2
         write_params(params, generated=True, stage2_sources={"hard": 0.5, "generated": 0.5})
     if case != "no safety model":
-        monkeypatch.setattr(mine, "load_safety_scorer", lambda path: FakeScorer())
+        monkeypatch.setattr(mine, "load_scorer", lambda path: FakeScorer())
     result = invoke("--stage", stage, "--normalized", normalized, "--safety", tmp_path / "safety",
                     "--out", tmp_path / "out", "--params", params, *extra)
     assert result.exit_code == 2, result.output

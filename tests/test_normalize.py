@@ -15,10 +15,14 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
-from pipeline.schemas import NORMALIZED, RAW
-from pipeline.stages import normalize
 from pipeline.labels import SAFETY_LABELS
+from pipeline.schemas import NORMALIZED, RAW, read_table
+from pipeline.stages import normalize
 from pipeline.stages.normalize import derive_splits, normalize_split
+
+OPENING = "context only: opening utterance of a dialogue"
+SINGLE = "dropped: dialogue of a single utterance (no reply to pair it with)"
+SHARED = {f"dropped: context also in the {split} split (kept there)" for split in ("test", "validation")}
 
 # Control characters (Unicode category Cc) become spaces; runs of whitespace one space.
 _CONTROL_TO_SPACE = {code: " " for code in [*range(0x00, 0x20), *range(0x7F, 0xA0)]}
@@ -33,7 +37,7 @@ def clean(text, max_chars: int) -> str:
 
 @cache
 def _read(path: str) -> list[dict]:
-    return pq.read_table(path).to_pylist()
+    return read_table(Path(path)).to_pylist()
 
 
 def raw_rows(base: Path, corpus: str) -> dict[str, list[dict]]:
@@ -47,23 +51,15 @@ def normalized(base: Path, corpus: str) -> tuple[dict, dict[str, list[dict]]]:
     return stats, {split: _read(str(folder / f"{split}.parquet")) for split in SPLITS}
 
 
-def dialogues(rows_by_split: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """Rows grouped by dialogue id (over all splits), each group in turn order."""
-    groups = defaultdict(list)
-    for rows in rows_by_split.values():
-        for row in rows:
-            groups[row["dialogue_id"]].append(row)
-    return {key: sorted(group, key=lambda r: r["turn_index"]) for key, group in groups.items()}
+def shared_drops(stats: dict) -> int:
+    """Rows dropped because another split holds the same context (see tests/test_splits.py)."""
+    return sum(n for key, n in stats["counts"].items() if key in SHARED)
 
 
-def rebuilt_turns(group: list[dict]) -> list[str]:
-    """A dialogue's utterances from its rows: the first row's context, then every reply in order."""
-    return group[0]["context"] + [row["response"] for row in group]
-
-
-def windows_match(group: list[dict], turns: list[str], window: int, first: int) -> bool:
-    """Every row's context is the `window` turns before its reply (the reply at `turns[first + i]`)."""
-    return all(row["context"] == turns[max(0, first + i - window): first + i] for i, row in enumerate(group))
+def source_of(dialogue_id: str) -> tuple[str, str]:
+    """(source split, source id or row) of a `<source split>-<id>` dialogue id."""
+    split, _, source_id = dialogue_id.partition("-")
+    return split, source_id
 
 
 @pytest.fixture(params=["sample", "mirror"])
@@ -81,7 +77,7 @@ def test_outputs_share_one_schema_and_invariants(built, corpus, normalize_config
     max_chars, window = normalize_config.max_chars, normalize_config.max_context_turns
     split_of_dialogue, texts = {}, set()
     for split in SPLITS:
-        table = pq.read_table(built / "normalized" / corpus / f"{split}.parquet")
+        table = read_table(built / "normalized" / corpus / f"{split}.parquet")
         assert table.schema.equals(NORMALIZED)
         assert stats["rows"][split] == table.num_rows
         ids = {row["dialogue_id"] for row in rows[split]}
@@ -90,7 +86,10 @@ def test_outputs_share_one_schema_and_invariants(built, corpus, normalize_config
             assert split_of_dialogue.setdefault(dialogue_id, split) == split
         derived = split in stats["derived_splits"]
         for row in rows[split]:
-            assert row["corpus"] == corpus and row["split"] == split and row["derived_split"] is derived
+            assert row["corpus"] == corpus and row["split"] == split
+            if corpus != "mic":  # MIC is split anew: only the rows that moved are derived (test_splits.py)
+                assert row["derived_split"] is derived
+                assert source_of(row["dialogue_id"])[0] in stats["raw_files"]
             assert 1 <= len(row["context"]) <= window
             texts.update([row["response"], *row["context"], *row["rots"], *row["persona"],
                           *(n["text"] for n in row["unacceptable_responses"]), *([row["emotion"]] if row["emotion"] else [])])
@@ -102,7 +101,7 @@ def test_outputs_share_one_schema_and_invariants(built, corpus, normalize_config
         assert text and text == clean(text, max_chars), text
     keys = [(row["dialogue_id"], row["turn_index"]) for split in SPLITS for row in rows[split]]
     assert len(keys) == len(set(keys))
-    assert all(key.split(":")[0] in ("dropped", "changed", "kept") for key in stats["counts"])
+    assert all(key.split(":")[0] in ("dropped", "context only", "changed", "kept", "empty") for key in stats["counts"])
 
 
 @pytest.mark.parametrize("corpus", CORPORA)
@@ -116,13 +115,13 @@ def test_stats_record_provenance_and_raw_checksums(built, corpus):
         p.stem: {"rows": pq.read_metadata(p).num_rows, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
         for p in raw_folder.glob("*.parquet")}
     missing = sorted(set(SPLITS) - set(stats["raw_files"]))
-    assert sorted(stats["derived_splits"]) == missing
+    assert sorted(stats["derived_splits"]) == (sorted(SPLITS) if corpus == "mic" else missing)
 
 
 def test_the_sample_has_every_split_and_enough_dialogues(sample_data_dir):
     for corpus in CORPORA:
         stats, _ = normalized(sample_data_dir, corpus)
-        assert stats["derived_splits"] == {}
+        assert (stats["derived_splits"] == {}) is (corpus != "mic")  # MIC is split anew by question
         assert all(stats["rows"][split] > 0 for split in SPLITS), corpus
         assert sum(stats["dialogues"].values()) >= 40, corpus
 
@@ -133,64 +132,96 @@ def test_the_sample_has_every_split_and_enough_dialogues(sample_data_dir):
 def test_daily_dialog_keeps_every_utterance_after_the_first_as_a_reply(built, normalize_config):
     raw = raw_rows(built, "daily_dialog")
     stats, rows = normalized(built, "daily_dialog")
+    max_chars, window = normalize_config.max_chars, normalize_config.max_context_turns
     dialogs = [row["dialog"] for split_rows in raw.values() for row in split_rows]
     quirks = sum(len(row["act"]) != len(row["dialog"]) or len(row["emotion"]) != len(row["dialog"])
                  for split_rows in raw.values() for row in split_rows)
     assert quirks == 1  # the one known line (train) whose label count differs; the sample has one too
     assert stats["counts"].get("kept: act/emotion label count differs from utterance count") == quirks
-    assert not [key for key in stats["counts"] if key.startswith("dropped")]
-    assert sum(stats["rows"].values()) == sum(len(dialog) - 1 for dialog in dialogs)
+    # Nothing is dropped but contexts that another split also holds (none in the sample; on the
+    # mirror, validation repeats training dialogues).
+    assert {key for key in stats["counts"] if key.startswith("dropped")} <= SHARED
+    assert (shared_drops(stats) == 0) is built.name.startswith("sample")
+    assert sum(stats["rows"].values()) + shared_drops(stats) == sum(len(dialog) - 1 for dialog in dialogs)
+    assert stats["counts"][OPENING] == len(dialogs)
 
-    rebuilt = Counter()
-    for group in dialogues(rows).values():
-        assert [row["turn_index"] for row in group] == list(range(1, len(group) + 1))
-        turns = rebuilt_turns(group)
-        assert windows_match(group, turns, normalize_config.max_context_turns, first=1)
-        rebuilt[tuple(turns)] += 1
-    # Each raw dialogue comes back whole, every utterance after the first once as a reply.
-    assert rebuilt == Counter(tuple(clean(u, normalize_config.max_chars) for u in dialog) for dialog in dialogs)
+    # Every row is the utterance at its turn index, in the window of the ones before it; with the
+    # count above and unique (dialogue_id, turn_index), each utterance after the first is one reply.
+    for split_rows in rows.values():
+        for row in split_rows:
+            source, index = source_of(row["dialogue_id"])
+            dialog = [clean(u, max_chars) for u in raw[source][int(index)]["dialog"]]
+            turn = row["turn_index"]
+            assert 1 <= turn and row["response"] == dialog[turn] and row["context"] == dialog[:turn][-window:]
 
 
 # --- EmpatheticDialogues ----------------------------------------------------------------------------
 
 
 def test_empathetic_dialogues_unescapes_commas_and_keeps_the_emotion(built, normalize_config):
-    raw = [row for split_rows in raw_rows(built, "empathetic_dialogues").values() for row in split_rows]
+    raw = raw_rows(built, "empathetic_dialogues")
     stats, rows = normalized(built, "empathetic_dialogues")
-    assert any("_comma_" in row["utterance"] for row in raw)  # the quirk is really there
+    max_chars, window = normalize_config.max_chars, normalize_config.max_context_turns
+    assert any("_comma_" in row["utterance"] for split_rows in raw.values() for row in split_rows)  # the quirk
     conversations = defaultdict(list)
-    for row in raw:
-        conversations[row["conv_id"]].append(row)
+    for split, split_rows in raw.items():
+        for row in split_rows:
+            conversations[f"{split}-{row['conv_id']}"].append(row)
+    singles = sum(len(turns) == 1 for turns in conversations.values())
+    if built.name.startswith("sample"):
+        assert singles == 1  # a conversation of one utterance, as real rows have
+    assert stats["counts"].get(SINGLE, 0) == singles
+    assert stats["counts"][OPENING] == len(conversations) - singles
 
-    assert sum(stats["rows"].values()) == len(raw) - len(conversations)
+    read = sum(len(turns) for turns in conversations.values())
+    assert sum(stats["rows"].values()) + shared_drops(stats) == read - len(conversations)
     all_rows = [row for split_rows in rows.values() for row in split_rows]
     assert not [row for row in all_rows if "_comma_" in json.dumps(row)]
-    assert {row["emotion"] for row in all_rows} == {row["context"] for row in raw}
+    assert {row["emotion"] for row in all_rows} == {turns[0]["context"] for turns in conversations.values()}
     assert any("," in row["response"] for row in all_rows)
-    for conv_id, group in dialogues(rows).items():
-        utterances = [clean(r["utterance"].replace("_comma_", ","), normalize_config.max_chars)
-                      for r in sorted(conversations[conv_id], key=lambda r: r["utterance_idx"])]
-        assert rebuilt_turns(group) == utterances
-        assert windows_match(group, utterances, normalize_config.max_context_turns, first=1)
-        assert {row["emotion"] for row in group} == {conversations[conv_id][0]["context"]}
+    for row in all_rows:
+        turns = sorted(conversations[row["dialogue_id"]], key=lambda r: r["utterance_idx"])
+        utterances = [clean(r["utterance"].replace("_comma_", ","), max_chars) for r in turns]
+        position = [r["utterance_idx"] for r in turns].index(row["turn_index"])
+        assert position >= 1 and row["response"] == utterances[position]
+        assert row["context"] == utterances[:position][-window:]
+        assert row["emotion"] == turns[0]["context"]
+
+
+def test_a_conversation_of_one_utterance_is_counted():
+    rows = [{"conv_id": "a", "utterance_idx": 1, "utterance": "Alone here.", "context": "lonely"},
+            {"conv_id": "b", "utterance_idx": 1, "utterance": "I won!", "context": "proud"},
+            {"conv_id": "b", "utterance_idx": 2, "utterance": "Great!", "context": "proud"},
+            {"conv_id": "b", "utterance_idx": 3, "utterance": "Thanks.", "context": "proud"}]
+    table = pa.Table.from_pylist([{name: row.get(name) for name in RAW["empathetic_dialogues"].names} for row in rows],
+                                 schema=RAW["empathetic_dialogues"])
+    counts = Counter()
+    out = normalize_split(table, "empathetic_dialogues", "test", NormalizeConfig(), counts)
+    assert [(r["dialogue_id"], r["context"], r["response"]) for r in out] == [
+        ("test-b", ["I won!"], "Great!"), ("test-b", ["I won!", "Great!"], "Thanks.")]
+    # 4 utterances read: 2 replies, conversation b's opening (context only), conversation a (dropped).
+    assert counts == Counter({SINGLE: 1, OPENING: 1})
 
 
 # --- PersonaChat ------------------------------------------------------------------------------------
 
 
 def test_persona_chat_replies_with_the_last_candidate(built, normalize_config):
-    raw = [row for split_rows in raw_rows(built, "persona_chat").values() for row in split_rows]
+    raw = [(split, row) for split, split_rows in raw_rows(built, "persona_chat").items() for row in split_rows]
     stats, rows = normalized(built, "persona_chat")
     by_key = {(row["dialogue_id"], row["turn_index"]): row for split_rows in rows.values() for row in split_rows}
-    assert len(by_key) == len(raw)
+    assert {key for key in stats["counts"] if key.startswith("dropped")} <= SHARED
+    assert len(by_key) + shared_drops(stats) == len(raw)
     max_chars = normalize_config.max_chars
-    for row in raw:
-        out = by_key[(str(row["conv_id"]), row["utterance_idx"])]
+    for split, row in raw:
+        out = by_key.get((f"{split}-{row['conv_id']}", row["utterance_idx"]))
+        if out is None:  # dropped: another split holds its context
+            continue
         assert out["response"] == clean(row["candidates"][-1], max_chars)
         assert out["persona"] == [clean(p, max_chars) for p in row["personality"]] and out["persona"]
         assert out["context"] == [clean(h, max_chars) for h in row["history"]][-normalize_config.max_context_turns:]
     if built.name.startswith("sample"):  # the sample has distractors first, so first != last
-        assert any(len(row["candidates"]) > 1 and row["candidates"][0] != row["candidates"][-1] for row in raw)
+        assert any(len(row["candidates"]) > 1 and row["candidates"][0] != row["candidates"][-1] for _, row in raw)
 
 
 # --- BlendedSkillTalk -------------------------------------------------------------------------------
@@ -216,7 +247,7 @@ def test_blended_skill_talk_interleaves_after_the_seeds():
         (5, ["F1", "G1", "F2"], "G2", guided),
         (6, ["G1", "F2", "G2"], "F3", free),
     ]
-    assert counts == Counter()
+    assert counts == Counter({OPENING: 1})
 
 
 def test_blended_skill_talk_without_seeds_and_with_uneven_messages():
@@ -230,7 +261,10 @@ def test_blended_skill_talk_without_seeds_and_with_uneven_messages():
         ("train-0", ["F1", "G1", "F2"], "G2", "i drive a truck."),
         ("train-1", ["F1"], "G1", "i drive a truck."),  # cut at the shorter side, and counted
     ]
-    assert counts == Counter({"kept: free/guided message counts differ (alternation cut at the shorter)": 1})
+    # 10 utterances read: 4 replies, 2 openings, the 2 empty seeds and G2, G3 past the alternation.
+    assert counts == Counter({"kept: free/guided message counts differ (alternation cut at the shorter)": 1,
+                              "dropped: message past the end of the free/guided alternation": 2,
+                              "dropped: empty seed utterance": 2, OPENING: 2})
 
 
 def test_blended_skill_talk_keeps_every_message(built, normalize_config):
@@ -246,7 +280,8 @@ def test_blended_skill_talk_keeps_every_message(built, normalize_config):
         turns = seeds + free + guided
         expected.update(clean(t, max_chars) for t in turns[1:])  # every turn but the opening one is a reply
     assert stats["counts"].get("kept: free/guided message counts differ (alternation cut at the shorter)", 0) == uneven
-    assert Counter(row["response"] for split_rows in rows.values() for row in split_rows) == expected
+    replies = Counter(row["response"] for split_rows in rows.values() for row in split_rows)
+    assert not replies - expected and sum((expected - replies).values()) == shared_drops(stats)
     assert sum(stats["dialogues"].values()) == len(raw)
 
 
@@ -273,10 +308,10 @@ def test_prosocial_dialog_rebuilds_the_history_in_response_id_order():
     rows = normalize_split(table, "prosocial_dialog", "train", NormalizeConfig(), counts)
     assert [(r["dialogue_id"], r["turn_index"], r["context"], r["response"], r["rots"], r["safety_label"])
             for r in rows] == [
-        ("3", 0, ["Other"], "Reply", ["r"], "__casual__"),
-        ("7", 0, ["U0"], "R0", ["rot0"], "__needs_caution__"),
-        ("7", 1, ["U0", "R0", "U1"], "R1", ["rot1a", "rot1b"], "__possibly_needs_caution__"),
-        ("7", 2, ["U0", "R0", "U1", "R1", "U2"], "R2", [], "__needs_intervention__"),
+        ("train-3", 0, ["Other"], "Reply", ["r"], "__casual__"),
+        ("train-7", 0, ["U0"], "R0", ["rot0"], "__needs_caution__"),
+        ("train-7", 1, ["U0", "R0", "U1"], "R1", ["rot1a", "rot1b"], "__possibly_needs_caution__"),
+        ("train-7", 2, ["U0", "R0", "U1", "R1", "U2"], "R2", [], "__needs_intervention__"),
     ]
     assert counts == Counter()
     # The window keeps the newest turns.
@@ -296,24 +331,25 @@ def test_prosocial_dialog_counts_duplicates_and_unknown_labels():
 
 
 def test_prosocial_dialog_on_real_and_sample_rows(built, normalize_config):
-    raw = sorted((row for split_rows in raw_rows(built, "prosocial_dialog").values() for row in split_rows),
-                 key=lambda r: (r["dialogue_id"], r["response_id"]))
+    raw = sorted(((f"{split}-{row['dialogue_id']}", row)
+                  for split, split_rows in raw_rows(built, "prosocial_dialog").items() for row in split_rows),
+                 key=lambda item: (item[0], item[1]["response_id"]))
     stats, rows = normalized(built, "prosocial_dialog")
     by_key = {(row["dialogue_id"], row["turn_index"]): row for split_rows in rows.values() for row in split_rows}
     assert len(by_key) == len(raw) == sum(stats["rows"].values())
     max_chars, history, previous = normalize_config.max_chars, [], None
-    for row in raw:
-        if row["dialogue_id"] != previous:
-            history, previous = [], row["dialogue_id"]
+    for dialogue_id, row in raw:
+        if dialogue_id != previous:
+            history, previous = [], dialogue_id
         history.append(clean(row["context"], max_chars))
-        out = by_key[(str(row["dialogue_id"]), row["response_id"])]
+        out = by_key[(dialogue_id, row["response_id"])]
         assert out["context"] == history[-normalize_config.max_context_turns:]
         assert out["response"] == clean(row["response"], max_chars)
         assert out["rots"] == [clean(r, max_chars) for r in row["rots"]]
         assert out["safety_label"] == row["safety_label"]
         history.append(out["response"])
     if built.name.startswith("sample"):
-        assert {row["safety_label"] for row in raw} == set(SAFETY_LABELS)
+        assert {row["safety_label"] for _, row in raw} == set(SAFETY_LABELS)
 
 
 # --- MIC --------------------------------------------------------------------------------------------
@@ -377,34 +413,54 @@ def test_mic_sample(sample_data_dir, normalize_config):
 # --- derived splits ---------------------------------------------------------------------------------
 
 
+def normalized_table(rows: list[dict]) -> pa.Table:
+    """A NORMALIZED table of `rows` (dialogue_id, turn_index, context, response; the rest filled in)."""
+    filled = {"corpus": "daily_dialog", "split": "validation", "rots": [], "safety_label": None, "persona": [],
+              "emotion": None, "unacceptable_responses": [], "derived_split": False}
+    return pa.Table.from_pylist([{**filled, **row} for row in rows], schema=NORMALIZED)
+
+
 def test_derived_splits_are_deterministic_and_keep_dialogues_whole():
-    rows = [{"dialogue_id": f"d{i}", "turn_index": t, "derived_split": False} for i in range(2000) for t in range(3)]
+    turns = lambda i: [f"hi {i}", f"yo {i}", f"bye {i}"]  # noqa: E731
+    rows = [{"dialogue_id": f"d{i}", "turn_index": t, "context": turns(i)[:t], "response": turns(i)[t]}
+            for i in range(2000) for t in (1, 2)]
     fractions = {"train": 0.5, "validation": 0.25, "test": 0.25}
-    first = {"validation": list(rows)}
+    first = {"validation": normalized_table(rows)}
     described = derive_splits(first, "daily_dialog", fractions)
     shuffled = list(rows)
     random.Random(0).shuffle(shuffled)
-    second = {"validation": shuffled}
+    second = {"validation": normalized_table(shuffled)}
     derive_splits(second, "daily_dialog", fractions)
 
     assert sorted(described) == ["test", "train"] and "from validation" in described["train"]
     split_of = {}
     for split in SPLITS:
-        assert {r["dialogue_id"] for r in first[split]} == {r["dialogue_id"] for r in second[split]}
-        assert all(r["derived_split"] is (split != "validation") for r in first[split])
-        for row in first[split]:
-            assert split_of.setdefault(row["dialogue_id"], split) == split
-        assert len(first[split]) / len(rows) == pytest.approx(fractions[split], abs=0.04)
+        ids = first[split].column("dialogue_id").to_pylist()
+        assert set(ids) == set(second[split].column("dialogue_id").to_pylist())
+        assert first[split].column("derived_split").to_pylist() == [split != "validation"] * len(ids)
+        for dialogue_id in ids:
+            assert split_of.setdefault(dialogue_id, split) == split
+        assert len(ids) / len(rows) == pytest.approx(fractions[split], abs=0.04)
+    # The split is a hash of the opening (first utterance and its reply): the sha1 of
+    # "daily_dialog:hi <i>\nyo <i>", its first 12 hex digits as a fraction, against the bounds 0.5, 0.75.
+    for i in (0, 1, 2, 3):
+        unit = int(hashlib.sha1(f"daily_dialog:hi {i}\nyo {i}".encode()).hexdigest()[:12], 16) / 16**12
+        assert split_of[f"d{i}"] == ("train" if unit < 0.5 else "validation" if unit < 0.75 else "test")
     # Present splits are left alone.
-    assert derive_splits({s: [] for s in SPLITS}, "daily_dialog", fractions) == {}
+    assert derive_splits({s: normalized_table([]) for s in SPLITS}, "daily_dialog", fractions) == {}
 
 
 def test_derived_splits_on_the_mirror(mirror_data_dir):
     raw = raw_rows(mirror_data_dir, "daily_dialog")
-    stats, _ = normalized(mirror_data_dir, "daily_dialog")
+    stats, rows = normalized(mirror_data_dir, "daily_dialog")
     assert sorted(stats["derived_splits"]) == ["test"] and "from train" in stats["derived_splits"]["test"]
-    assert stats["dialogues"]["validation"] == len(raw["validation"])  # untouched
-    assert stats["dialogues"]["train"] + stats["dialogues"]["test"] == len(raw["train"])
+    # Validation keeps its own dialogues (less the few whose every context the derived test holds),
+    # train and test share train's; the derived test holds about 0.1 / 0.9 of train's dialogues.
+    ids = {split: {row["dialogue_id"] for row in rows[split]} for split in SPLITS}
+    assert {source_of(i)[0] for i in ids["validation"]} == {"validation"}
+    assert {source_of(i)[0] for i in ids["train"] | ids["test"]} == {"train"}
+    assert len(raw["validation"]) - 15 <= stats["dialogues"]["validation"] <= len(raw["validation"])
+    assert len(raw["train"]) - 100 <= stats["dialogues"]["train"] + stats["dialogues"]["test"] <= len(raw["train"])
     assert stats["dialogues"]["test"] / len(raw["train"]) == pytest.approx(0.1 / 0.9, abs=0.015)
 
     raw = raw_rows(mirror_data_dir, "persona_chat")
@@ -414,6 +470,42 @@ def test_derived_splits_on_the_mirror(mirror_data_dir):
     assert sum(stats["dialogues"].values()) == conversations
     for split, share in (("train", 0.8), ("validation", 0.1), ("test", 0.1)):
         assert stats["dialogues"][split] / conversations == pytest.approx(share, abs=0.04), split
+
+
+# --- nothing dropped silently -----------------------------------------------------------------------
+
+# What `read` counts per corpus, recomputed from one raw row.
+UNITS_IN_ROW = {
+    "prosocial_dialog": ("rows", lambda row: 1),
+    "mic": ("rows", lambda row: 1),
+    "daily_dialog": ("utterances", lambda row: len(row["dialog"] or [])),
+    "persona_chat": ("rows", lambda row: 1),
+    "empathetic_dialogues": ("rows", lambda row: 1),
+    "blended_skill_talk": ("utterances", lambda row: sum(len(row[c] or []) for c in (
+        "previous_utterance", "free_messages", "guided_messages"))),
+}
+
+
+@pytest.mark.parametrize("corpus", CORPORA)
+def test_every_unit_read_is_a_row_or_counted(built, corpus):
+    unit, units_in = UNITS_IN_ROW[corpus]
+    read = sum(units_in(row) for split_rows in raw_rows(built, corpus).values() for row in split_rows)
+    stats, _ = normalized(built, corpus)
+    assert stats["read"] == {"unit": unit, "count": read}
+    unused = sum(n for key, n in stats["counts"].items() if key.startswith(("dropped:", "context only:")))
+    assert sum(stats["rows"].values()) + unused == read
+
+
+def test_a_normalizer_that_loses_rows_silently_stops_the_run(raw_sample_dir, tmp_path, monkeypatch):
+    real = normalize.NORMALIZERS["daily_dialog"]
+
+    def losing_turn_2(table, split, counts):
+        return (row for row in real(table, split, counts) if row["turn_index"] != 2)
+
+    monkeypatch.setitem(normalize.NORMALIZERS, "daily_dialog", losing_turn_2)
+    with pytest.raises(RuntimeError, match=r"normalize daily_dialog: 40 of \d+ utterances read are not accounted for"):
+        normalize.run(NormalizeConfig(), "daily_dialog", raw_sample_dir / "daily_dialog", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 # --- cleaning ---------------------------------------------------------------------------------------
@@ -433,7 +525,7 @@ def test_control_characters_and_long_text_are_cleaned_and_counted():
     assert counts == Counter({"changed: control characters replaced": 4,
                               "changed: text cut to normalize.max_chars": 1,
                               "dropped: empty or null response": 1,
-                              "dropped: empty or null turn in the context": 1})
+                              "dropped: empty or null turn in the context": 1, OPENING: 1})
 
 
 # --- run and CLI ------------------------------------------------------------------------------------

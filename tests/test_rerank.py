@@ -1,11 +1,14 @@
-"""The re-ranker: combined scores, ranks within a context and the no-re-ranking switch, by hand."""
+"""The re-ranker: combined scores, ranks within a context, the no-re-ranking switch, and the one entry
+point `score_candidates` that generate and chat share, all by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from pipeline.rerank import combined_score, fluency_term, rank_within, rerank
+from pipeline.config import GenerateConfig
+from pipeline.errors import ConfigError
+from pipeline.rerank import combined_score, fluency_term, rank_within, rerank, safety_scores, score_candidates, term_weights
 
 
 def test_fluency_term_is_the_per_token_probability():
@@ -74,3 +77,54 @@ def test_terms_and_weights_must_match():
         combined_score({"fluency": FLUENCY}, {"fluency": 1, "prosociality": 1})
     with pytest.raises(ValueError, match="same length"):
         combined_score({"fluency": FLUENCY, "prosociality": PROSOCIAL[:2]}, {"fluency": 1, "prosociality": 1})
+
+
+# --- the entry point ------------------------------------------------------------------------------
+
+
+def test_an_empty_reply_keeps_its_safety_probabilities_but_has_no_prosociality():
+    from conftest import FakeSafetyScorer
+
+    scorer = FakeSafetyScorer()
+    probs, prosociality = safety_scores(scorer, ["you are right", "", "  "], [["a"], ["b"], ["c"]])
+    # 3 words: [1, 1.5, 1.5] / 4; no words: [1, 0, 0]
+    assert probs == pytest.approx(np.array([[0.25, 0.375, 0.375], [1, 0, 0], [1, 0, 0]]))
+    assert prosociality.tolist() == pytest.approx([0.25, 0.0, 0.0])
+    assert scorer.calls[0][1] == [["a"], ["b"], ["c"]]  # replies are classified in their context
+
+
+def test_alpha_beta_gamma_map_to_the_terms():
+    assert term_weights(GenerateConfig(alpha=2.0, beta=0.5, gamma=0.0)) == {"fluency": 2.0, "prosociality": 0.5}
+    assert term_weights(GenerateConfig(alpha=1.0, beta=1.0, gamma=0.25)) == \
+        {"fluency": 1.0, "prosociality": 1.0, "agreement": 0.25}
+
+
+class ConstantAgreement:
+    """P(disagrees) 0.6 for every reply with a RoT."""
+
+    def predict_proba(self, rots, responses, contexts=None):
+        return np.tile([0.6, 0.1, 0.3], (len(rots), 1))
+
+
+def test_score_candidates_combines_every_term_by_hand():
+    from conftest import FakeSafetyScorer
+
+    # one context, three candidates: per-token probabilities 0.5, 0.8 and 0 (no reply tokens)
+    fluency = [math.log(0.5), math.log(0.8), -math.inf]
+    rots, responses = ["be kind.", None, "it is wrong"], ["you are right", "no", ""]
+    config = GenerateConfig(alpha=1.0, beta=2.0, gamma=0.5)
+    scored = score_candidates(config, ["c"] * 3, [0, 1, 2], fluency, rots, responses, [["hi"]] * 3,
+                              FakeSafetyScorer(), ConstantAgreement())
+    assert scored.fluency_term.tolist() == pytest.approx([0.5, 0.8, 0.0])
+    assert scored.prosociality.tolist() == pytest.approx([0.25, 0.5, 0.0])  # 1 / (1 + words); empty: 0
+    assert scored.agreement.tolist() == pytest.approx([0.4, 0.4, 0.4])  # the one without a RoT: the mean
+    # 0.5 + 0.5 + 0.2, 0.8 + 1.0 + 0.2, 0 + 0 + 0.2
+    assert scored.verdict.score.tolist() == pytest.approx([1.2, 2.0, 0.2])
+    assert scored.verdict.rank.tolist() == [2, 1, 3] and scored.verdict.selected.tolist() == [False, True, False]
+    assert scored.safety_probs.shape == (3, 3)
+    # gamma = 0: the agreement is still scored when a scorer is given, but weighs nothing
+    two = score_candidates(GenerateConfig(alpha=1.0, beta=2.0, gamma=0.0), ["c"] * 3, [0, 1, 2], fluency, rots,
+                           responses, [["hi"]] * 3, FakeSafetyScorer(), ConstantAgreement())
+    assert two.verdict.score.tolist() == pytest.approx([1.0, 1.8, 0.0]) and two.agreement is not None
+    with pytest.raises(ConfigError, match="generate.gamma = 0.5"):
+        score_candidates(config, ["c"] * 3, [0, 1, 2], fluency, rots, responses, [["hi"]] * 3, FakeSafetyScorer())

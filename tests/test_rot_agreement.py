@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,11 @@ from pipeline.config import (
     section_from_dict,
 )
 from pipeline.errors import ConfigError, DataError
-from pipeline.rerank import NO_ROT_AGREEMENT, agreement_term, rerank
+from pipeline.rerank import NO_ROT_AGREEMENT, agreement_term, rerank, term_weights
 from pipeline.safety_models import AGREEMENT_LABELS as LABELS
 from pipeline.safety_models import SCORER_FILE, SafetyScorer, load_agreement_scorer, load_scorer
 from pipeline.schemas import CANDIDATES
-from pipeline import sampling
+from pipeline import safety_models, sampling
 from pipeline.stages import generate, rot_agreement
 
 runner = CliRunner()
@@ -53,7 +54,8 @@ def toy_rows(worker=""):
 
 
 def toy_examples(rows=None):
-    return rot_agreement.build_examples({"train": toy_rows() if rows is None else rows, "validation": [], "test": []})
+    return rot_agreement.build_examples({"train": toy_rows() if rows is None else rows, "validation": [], "test": []},
+                                        Counter())
 
 
 def save(scorer, config: RotAgreementConfig, folder: Path) -> Path:
@@ -83,7 +85,8 @@ def test_examples_labels_skips_and_worker_answers():
         mic_row("Should I lie?", "Lying is wrong.", "hm", None, worker="never lie"),  # no A_agrees: worker only
         mic_row("Should I lie?", "Lying is wrong.", "hm", 7, worker=""),  # A_agrees outside 0-2: skipped
     ]
-    examples = rot_agreement.build_examples({"train": rows, "validation": [], "test": []})
+    counts = Counter()
+    examples = rot_agreement.build_examples({"train": rows, "validation": [], "test": []}, counts)
     got = [(e.source, e.reply, e.rot, e.context, e.label) for e in examples.itertuples()]
     assert got == [
         ("chatbot", "sure, lie", "Lying is wrong.", ["Should I lie?"], DISAGREES),
@@ -91,6 +94,9 @@ def test_examples_labels_skips_and_worker_answers():
         ("chatbot", "sure, lie", "Honesty matters.", ["Should I lie?"], AGREES),
         ("worker", "never lie", "Lying is wrong.", ["Should I lie?"], rot_agreement.WORKER),
     ]
+    assert counts == {"rows without a RoT, skipped": 1,
+                      "chatbot answers with A_agrees None (not 0, 1 or 2), skipped": 1,
+                      "chatbot answers with A_agrees 7 (not 0, 1 or 2), skipped": 1}
     # a worker answer is trained twice, as neutral and as agrees, with half the weight each
     chosen, labels, weights = rot_agreement.training_set(examples, worker_answer_weight=1.0)
     assert chosen["reply"].tolist() == ["sure, lie", "sure, lie", "no, be honest", "never lie", "no, be honest",
@@ -101,10 +107,42 @@ def test_examples_labels_skips_and_worker_answers():
     assert labels.tolist() == [DISAGREES, AGREES] and weights.tolist() == [1.0, 1.0]
 
 
+def test_each_raw_row_goes_to_its_questions_split_in_the_normalized_mic(tmp_path):
+    """MIC's own split is by question-answer pair: a question in two raw files is one training and one
+    test context at once. Rows follow the split normalize gave their question (matched with its
+    whitespace collapsed), and a question the normalized MIC lacks is skipped and counted."""
+    import pyarrow.parquet as pq
+
+    from pipeline.schemas import NORMALIZED, RAW
+
+    raw, normalized = tmp_path / "raw", tmp_path / "normalized" / "mic"
+    raw.mkdir()
+    normalized.mkdir(parents=True)
+    files = {"train": [mic_row("Should  I lie?", "Lying is wrong.", "sure", 0), mic_row("Is it ok?", "Be kind.", "no", 2),
+                       mic_row("Unknown question?", "A rule.", "yes", 1)],
+             "validation": [],
+             "test": [mic_row("Should I lie?", "Honesty matters.", "never", 2)]}
+    for split, rows in files.items():
+        rows = [{**r, "violation-severity": 3, "split": split} for r in rows]
+        pq.write_table(pa.Table.from_pylist(rows, schema=RAW["mic"]), raw / f"{split}.parquet")
+    held = {"train": ["Is it ok?"], "validation": [], "test": ["Should I lie?"]}  # normalize put the lie question in test
+    for split, questions in held.items():
+        rows = [{"corpus": "mic", "split": split, "dialogue_id": q, "turn_index": 0, "context": [q], "response": "r",
+                 "rots": [], "safety_label": None, "persona": [], "emotion": None, "unacceptable_responses": [],
+                 "derived_split": True} for q in questions]
+        pq.write_table(pa.Table.from_pylist(rows, schema=NORMALIZED), normalized / f"{split}.parquet")
+    counts = Counter()
+    rows = rot_agreement.read_mic(raw, rot_agreement.question_splits(tmp_path / "normalized"), counts)
+    assert {split: [(r["Q"], r["A"]) for r in part] for split, part in rows.items()} == {
+        "train": [("Is it ok?", "no")], "validation": [],
+        "test": [("Should  I lie?", "sure"), ("Should I lie?", "never")]}
+    assert counts == {"rows whose question the normalized MIC lacks, skipped": 1}
+
+
 def test_no_labelled_training_rows_is_an_error():
     rows = [mic_row("q", "r", "a", None, worker="w")]
     with pytest.raises(DataError, match="nothing to train on"):
-        rot_agreement.build_examples({"train": rows, "validation": [], "test": []})
+        rot_agreement.build_examples({"train": rows, "validation": [], "test": []}, Counter())
 
 
 def test_metrics_by_hand():
@@ -261,11 +299,12 @@ def test_the_pairwise_view_sees_agreement_that_the_blocks_side_by_side_cannot():
     assert held_out_accuracy(side_by_side) == 0.5  # every polarity word is balanced: nothing to go on
 
 
-def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir):
+def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir, normalized_sample_dir):
     """Train on the sample's train split, compare on its validation and test questions (none of them
     in training): the ranking of P(disagrees), which is what the re-ranker uses. The sample is the
-    only MIC here (../shared has no real MIC rows), and small: 64 held-out chatbot answers."""
-    examples = rot_agreement.build_examples(rot_agreement.read_mic(raw_sample_dir / "mic"))
+    only MIC here (../shared has no real MIC rows), and small: some 65 held-out chatbot answers."""
+    splits = rot_agreement.question_splits(normalized_sample_dir)
+    examples = rot_agreement.build_examples(rot_agreement.read_mic(raw_sample_dir / "mic", splits, Counter()), Counter())
     held_out = (examples["split"] != "train").to_numpy() & (examples["source"] == "chatbot").to_numpy()
     disagrees = examples["label"].to_numpy()[held_out] == DISAGREES
     config = RotAgreementConfig()
@@ -275,7 +314,9 @@ def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir
     auc = rot_agreement.disagrees_auc(disagrees, probs[held_out, DISAGREES])
     auc_reply = rot_agreement.disagrees_auc(disagrees, reply_only[held_out, DISAGREES])
     print(f"held-out sample MIC, n={held_out.sum()}: disagrees AUC scorer {auc:.3f}, reply alone {auc_reply:.3f}")
-    assert held_out.sum() == 64
+    questions = examples["context"].map(tuple).to_numpy()
+    assert not set(questions[held_out]) & set(questions[(examples["split"] == "train").to_numpy()])
+    assert held_out.sum() >= 50
     assert auc > auc_reply + 0.05
 
 
@@ -345,9 +386,28 @@ def params_file(repo_root: Path, folder: Path, **section) -> Path:
     return path
 
 
-def invoke_stage(raw: Path, folder: Path, params: Path):
-    return runner.invoke(app, ["rot_agreement", "--raw", str(raw), "--out", str(folder / "models"),
-                               "--reports", str(folder / "reports"), "--params", str(params)])
+def invoke_stage(raw: Path, normalized: Path, folder: Path, params: Path):
+    return runner.invoke(app, ["rot_agreement", "--raw", str(raw), "--normalized", str(normalized), "--out",
+                               str(folder / "models"), "--reports", str(folder / "reports"), "--params", str(params)])
+
+
+def normalized_question_splits(normalized: Path) -> dict[str, str]:
+    """Each question's split, read straight from the normalized MIC files (its one context turn)."""
+    import pyarrow.parquet as pq
+
+    return {" ".join(context[-1].split()): split for split in ("train", "validation", "test")
+            for context in pq.read_table(normalized / "mic" / f"{split}.parquet")["context"].to_pylist()}
+
+
+def raw_rows_by_question_split(raw: Path, normalized: Path) -> dict[str, list[dict]]:
+    import pyarrow.parquet as pq
+
+    splits = normalized_question_splits(normalized)
+    rows = {split: [] for split in ("train", "validation", "test")}
+    for source in rows:
+        for r in pq.read_table(raw / f"{source}.parquet").to_pylist():
+            rows[splits[" ".join(r["Q"].split())]].append(r)
+    return rows
 
 
 def test_help():
@@ -355,16 +415,14 @@ def test_help():
     assert result.exit_code == 0 and "--raw" in result.output and "--reports" in result.output
 
 
-def test_command_on_the_bundled_sample(raw_sample_dir, repo_root, tmp_path):
-    import pyarrow.parquet as pq
-
-    result = invoke_stage(raw_sample_dir / "mic", tmp_path, params_file(repo_root, tmp_path))
+def test_command_on_the_bundled_sample(raw_sample_dir, normalized_sample_dir, repo_root, tmp_path):
+    result = invoke_stage(raw_sample_dir / "mic", normalized_sample_dir, tmp_path, params_file(repo_root, tmp_path))
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "models" / SCORER_FILE).read_text())
     assert (record["task"], record["kind"], record["labels"]) == ("rot_agreement", "tfidf", list(LABELS))
     metrics = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    for split in ("train", "validation", "test"):
-        raw = pq.read_table(raw_sample_dir / "mic" / f"{split}.parquet").to_pylist()
+    by_split = raw_rows_by_question_split(raw_sample_dir / "mic", normalized_sample_dir)
+    for split, raw in by_split.items():
         assert metrics[split]["n"] == sum(r["A_agrees"] in (0, 1, 2) and bool(r["rot"]) for r in raw)
         assert 0 <= metrics[split]["accuracy"] <= 1 and 0 <= metrics[split]["macro_f1"] <= 1
         assert metrics[split]["worker_answers"]["n"] == sum(bool(r["worker_answer"]) for r in raw)
@@ -376,20 +434,22 @@ def test_command_on_the_bundled_sample(raw_sample_dir, repo_root, tmp_path):
     assert 0 <= metrics["test"]["disagrees_auc"] <= 1
     # the written model gives the reported test accuracy
     scorer = load_agreement_scorer(tmp_path / "models")
-    test = [r for r in pq.read_table(raw_sample_dir / "mic" / "test.parquet").to_pylist() if r["A_agrees"] in (0, 1, 2)]
+    test = [r for r in by_split["test"] if r["A_agrees"] in (0, 1, 2)]
     probs = scorer.predict_proba([r["rot"] for r in test], [r["A"] for r in test], [[r["Q"]] for r in test])
     assert metrics["test"]["accuracy"] == pytest.approx(np.mean(probs.argmax(axis=1) == [r["A_agrees"] for r in test]))
 
 
-def test_command_without_raw_mic_fails_in_one_line(repo_root, tmp_path):
-    result = invoke_stage(tmp_path / "raw" / "mic", tmp_path, params_file(repo_root, tmp_path))
+def test_command_without_raw_mic_fails_in_one_line(normalized_sample_dir, repo_root, tmp_path):
+    result = invoke_stage(tmp_path / "raw" / "mic", normalized_sample_dir, tmp_path, params_file(repo_root, tmp_path))
     assert result.exit_code == 2
     assert "mic/train.parquet: file not found (run `dvc repro download@mic`" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "models").exists()
 
 
-def test_command_with_an_unknown_model_kind_fails_in_one_line(raw_sample_dir, repo_root, tmp_path):
-    result = invoke_stage(raw_sample_dir / "mic", tmp_path, params_file(repo_root, tmp_path, model="svm"))
+def test_command_with_an_unknown_model_kind_fails_in_one_line(raw_sample_dir, normalized_sample_dir, repo_root,
+                                                              tmp_path):
+    result = invoke_stage(raw_sample_dir / "mic", normalized_sample_dir, tmp_path,
+                          params_file(repo_root, tmp_path, model="svm"))
     assert result.exit_code == 2
     assert "rot_agreement.model = 'svm'" in result.output and "'tfidf'" in result.output
     assert len(result.output.strip().splitlines()) == 1
@@ -417,7 +477,7 @@ AGREEMENT = np.array([0.2, 0.9, 0.5, 0.4, 0.4])
 
 def test_gamma_adds_the_agreement_term_by_hand():
     terms = {"fluency": FLUENCY, "prosociality": PROSOCIAL, "agreement": AGREEMENT}
-    weights = GenerateConfig(alpha=1.0, beta=1.0, gamma=0.5).weights()
+    weights = term_weights(GenerateConfig(alpha=1.0, beta=1.0, gamma=0.5))
     assert weights == {"fluency": 1.0, "prosociality": 1.0, "agreement": 0.5}
     result = rerank(GROUPS, INDEX, terms, weights)
     # a: 1.1 + 0.1 = 1.2, 1.0 + 0.45 = 1.45, 1.1 + 0.25 = 1.35; b: 0.8 + 0.2 twice (a tie: the earlier sample)
@@ -425,12 +485,12 @@ def test_gamma_adds_the_agreement_term_by_hand():
     assert result.rank.tolist() == [3, 1, 2, 1, 2]
     # without the term, candidates 0 and 2 of context a tie at 1.1 and the first sample wins
     two = rerank(GROUPS, INDEX, {"fluency": FLUENCY, "prosociality": PROSOCIAL},
-                 GenerateConfig(alpha=1.0, beta=1.0, gamma=0.0).weights())
+                 term_weights(GenerateConfig(alpha=1.0, beta=1.0, gamma=0.0)))
     assert two.rank.tolist() == [1, 3, 2, 1, 2]
 
 
 def test_gamma_zero_leaves_the_term_out():
-    assert GenerateConfig(gamma=0.0).weights() == {"fluency": 1.0, "prosociality": 1.0}
+    assert term_weights(GenerateConfig(gamma=0.0)) == {"fluency": 1.0, "prosociality": 1.0}
     with pytest.raises(ConfigError, match="generate.gamma"):
         GenerateConfig(gamma=-0.1)
 
@@ -454,7 +514,7 @@ FIXED = ["<|rot|> Be kind. <|response|> yes sure", "<|response|> no", "<|rot|> D
 FIXED_P = [0.5, 0.6, 0.8, 0.5]  # per-token probabilities
 
 
-def fixed_sampler(dm, sources, config, seed):
+def fixed_sampler(dm, sources, config, seed, **options):
     texts = [FIXED[j] for _ in sources for j in range(config.k)]
     parsed = [sampling.split_candidate(t) for t in texts]
     fluency = np.log([FIXED_P[j] for _ in sources for j in range(config.k)])
@@ -521,7 +581,7 @@ def test_generate_command_needs_agreement_when_gamma_is_positive(tmp_path, tiny_
 
 def test_chat_shows_the_agreement(tmp_path, tiny_dialog_model_dir, fake_safety_scorer, monkeypatch):
     scorer = FakeAgreementScorer()
-    monkeypatch.setattr(generate, "load_agreement_scorer", lambda path: scorer)
+    monkeypatch.setattr(safety_models, "load_agreement_scorer", lambda path: scorer)
     params = write_generate_params(tmp_path / "params.yaml", k=3, max_new_tokens=8, gamma=0.5)
     result = runner.invoke(app, ["chat", "--model", str(tiny_dialog_model_dir), "--safety", str(tmp_path / "s"),
                                  "--agreement", str(tmp_path / "a"), "--params", str(params)], input="hi\n")
@@ -542,9 +602,11 @@ def test_the_repository_params_and_stages(repo_root):
     assert load_section(repo_root / "params.yaml", "rot_agreement", RotAgreementConfig).model == "tfidf"
     stages = yaml.safe_load((repo_root / "dvc.yaml").read_text())["stages"]
     stage = stages["rot_agreement"]
-    assert stage["cmd"].split() == ["python", "-m", "pipeline", "rot_agreement", "--raw", "data/raw/mic", "--out",
+    assert stage["cmd"].split() == ["python", "-m", "pipeline", "rot_agreement", "--raw", "data/raw/mic",
+                                    "--normalized", "data/normalized", "--out",
                                     "models/rot_agreement", "--reports", "reports/rot_agreement"]
-    assert {"pipeline/stages/rot_agreement.py", "pipeline/safety_models.py", "data/raw/mic"} <= set(stage["deps"])
+    assert {"pipeline/stages/rot_agreement.py", "pipeline/safety_models.py", "data/raw/mic",
+            "data/normalized/mic"} <= set(stage["deps"])
     assert stage["params"] == ["rot_agreement"] and stage["outs"] == ["models/rot_agreement"]
     assert list(stage["metrics"][0]) == ["reports/rot_agreement/metrics.json"]
     for name in ("generate", "audit"):

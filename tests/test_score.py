@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from pipeline import devices, scoring
 from pipeline.cli import app
-from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.config import EvaluateConfig, MineConfig, TrainConfig
 from pipeline.modeling import ROT, load_dialog_model
 from pipeline.schemas import GROUPS
 from pipeline.stages import score
@@ -105,8 +105,8 @@ def test_score_help():
 
 def test_stage1_sampler_gives_k_replies_without_rots_reproducibly(tiny_dialog_model_dir):
     contexts = [["hello there, how are you?"], ["what did you do today?", "i went hiking.", "nice!"], ["hi"]]
-    first = load_stage1_generator(tiny_dialog_model_dir, batch_size=2)(contexts, 3)
-    again = load_stage1_generator(tiny_dialog_model_dir, batch_size=2)(contexts, 3)
+    first = load_stage1_generator(tiny_dialog_model_dir, MineConfig(generated_batch_size=2))(contexts, 3)
+    again = load_stage1_generator(tiny_dialog_model_dir, MineConfig(generated_batch_size=2))(contexts, 3)
     assert [len(replies) for replies in first] == [3, 3, 3]
     assert all(ROT not in reply for replies in first for reply in replies)
     assert first == again
@@ -116,4 +116,4 @@ def test_stage1_sampler_needs_a_model_folder():
     from pipeline.errors import ConfigError
 
     with pytest.raises(ConfigError, match="--stage1-model"):
-        load_stage1_generator(None)
+        load_stage1_generator(None, MineConfig())

@@ -3,7 +3,8 @@
 Reads, by `corpora.source` (or `corpora.overrides.<corpus>`):
   sample  `data/sample/<corpus>/<split>.jsonl`, the small corpora bundled with the repository;
   mirror  `<corpora.mirror>/<corpus>/<split>.parquet`, a local copy for air-gapped machines;
-  hub     the Hugging Face hub at the revision in `corpora.hub.<corpus>` (MIC: `MIC.csv` in `MIC.zip`).
+  hub     the Hugging Face hub at the revision in `corpora.hub.<corpus>` (MIC: `MIC.csv` in `MIC.zip`;
+          ToxiChat, not on the hub: its JSON lines at `data_files` URLs, read by `datasets`' JSON loader).
 Writes `data/raw/<corpus>/<split>.parquet` for each split the source has, and `stats.json` (source,
 requested revision, resolved commit, rows and SHA-256 per file). The folder is swapped in whole, so an
 interrupted run leaves the previous one intact.
@@ -24,14 +25,15 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
-from pipeline.config import CORPORA, SPLITS, CorporaConfig, HubCorpus
+from pipeline.config import KNOWN_CORPORA, SPLITS, CorporaConfig, HubCorpus
 from pipeline.errors import DataError
 from pipeline.schemas import RAW, conform_raw, read_raw
 
 log = logging.getLogger(__name__)
 
 # Split names that sources use for our three splits.
-SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "dev": "validation", "test": "test"}
+SPLIT_ALIASES = {"train": "train", "validation": "validation", "valid": "validation", "val": "validation",
+                 "dev": "validation", "test": "test"}
 
 
 # --- sample ---------------------------------------------------------------------------------------
@@ -143,7 +145,8 @@ def split_by_column(table: pa.Table, column: str, where: Path | str) -> dict[str
 def fetch_hub(hub: HubCorpus, corpus: str) -> tuple[dict[str, pa.Table], str]:
     """Download every split of `corpus` from the hub; returns the tables and the resolved commit.
 
-    `hub.repo` may also be a local folder or file, which is how tests run this very code offline.
+    `hub.repo` (or each of `hub.data_files`) may also be a local folder or file, which is how tests
+    run this very code offline.
     """
     try:
         if hub.file:
@@ -153,6 +156,8 @@ def fetch_hub(hub: HubCorpus, corpus: str) -> tuple[dict[str, pa.Table], str]:
 
                 path = Path(hf_hub_download(hub.repo, hub.file, repo_type="dataset", revision=hub.revision))
             tables = read_mic_zip(path)
+        elif hub.data_files:
+            tables = read_json_files(data_file_urls(hub), corpus)
         else:
             import datasets
 
@@ -162,14 +167,37 @@ def fetch_hub(hub: HubCorpus, corpus: str) -> tuple[dict[str, pa.Table], str]:
     except DataError:
         raise
     except Exception as error:  # network, auth, missing repo: all end the same way for the user
-        raise DataError(f"{corpus}: could not download {hub.repo}@{hub.revision} from the Hugging Face hub "
-                        f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
+        where = "its data_files" if hub.data_files else "the Hugging Face hub"
+        # `datasets` wraps a file that does not parse in DatasetGenerationError; its cause says why.
+        cause = error.__cause__ if type(error).__name__ == "DatasetGenerationError" and error.__cause__ else error
+        raise DataError(f"{corpus}: could not download {hub.repo}@{hub.revision} from {where} "
+                        f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
                         f"on a machine without network set corpora.source: mirror") from None
     return tables, commit
 
 
+def data_file_urls(hub: HubCorpus) -> dict[str, str]:
+    """`hub.data_files` with `{revision}` replaced by the revision."""
+    return {split: url.replace("{revision}", hub.revision) for split, url in hub.data_files.items()}
+
+
+def read_json_files(urls: dict[str, str], corpus: str) -> dict[str, pa.Table]:
+    """Read one JSON(-lines) file per split with `datasets`' JSON loader, parsed as the corpus's raw
+    schema: without it, objects whose keys differ between rows (ToxiChat's first turn has no stance
+    keys) would arrive as unparsed JSON text."""
+    import datasets
+
+    features = datasets.Features.from_arrow_schema(RAW[corpus])
+    dataset = datasets.load_dataset("json", data_files=urls, features=features)
+    return {split: dataset[split].data.table for split in urls}
+
+
 def resolve_commit(hub: HubCorpus) -> str:
-    """The commit a hub revision points at ('local' for a local folder)."""
+    """The commit a hub revision points at ('local' for a local folder; for `data_files`, the
+    revision as given, so pin a commit there)."""
+    if hub.data_files:
+        local = all(Path(url).exists() for url in data_file_urls(hub).values())
+        return "local" if local else hub.revision
     if Path(hub.repo).exists():
         return "local"
     from huggingface_hub import HfApi
@@ -182,8 +210,8 @@ def resolve_commit(hub: HubCorpus) -> str:
 
 def fetch(config: CorporaConfig, corpus: str) -> tuple[dict[str, pa.Table], dict]:
     """Fetch every split of `corpus` from its configured source; returns tables and provenance."""
-    if corpus not in CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    if corpus not in KNOWN_CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
     source = config.source_of(corpus)
     if source == "sample":
         return fetch_sample(Path(config.sample), corpus), {"source": "sample", "location": config.sample}

@@ -75,16 +75,17 @@ def load_model(name: str, path: str, audit: AuditModel | None, device: str) -> t
         dm = load_dialog_model(path, device)
         dm.model.eval()
         return dm, MARKERS
-    from pipeline.pretrained import load_pretrained
+    from pipeline.pretrained import open_checkpoint
 
     key = f"audit.models.{name}"
-    model, tokenizer, _ = load_pretrained(path, audit.revision, audit.trust_remote_code, f"{key}.path",
-                                          f"{key}.trust_remote_code")
+    checkpoint = open_checkpoint(path, audit.revision, audit.trust_remote_code, f"{key}.path",
+                                 f"{key}.trust_remote_code")
+    tokenizer = checkpoint.tokenizer
     if tokenizer.eos_token_id is None:
         raise DataError(f"{key}.path = {path!r}: the tokenizer has no eos token, so no reply could end")
-    is_seq2seq = bool(model.config.is_encoder_decoder)
-    prompt = resolve_format(audit.format, tokenizer, is_seq2seq, f"{key}.format")
-    return DialogModel(model.to(device).eval(), tokenizer, is_seq2seq, Path(path)), prompt
+    prompt = resolve_format(audit.format, tokenizer, checkpoint.is_seq2seq, f"{key}.format")
+    model = checkpoint.load_model().to(device).eval()
+    return DialogModel(model, tokenizer, checkpoint.is_seq2seq, Path(path)), prompt
 
 
 # --- the worker -----------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 Stage 1 reads `data/normalized/{prosocial_dialog,mic}/<split>.parquet`; stage 2 reads the four casual
 corpora, the two adversarial ones (only as the pool of hard negatives) and a `mine.replay` share of
-`data/groups/stage1/<split>.parquet`. Both read the safety classifier in `models/safety`. Writes
+`data/groups/stage1/<split>.parquet`. Both read the safety classifier in `models/safety`; stage 2
+with `mine.generated` also samples from the stage-1 model in `models/stage1`. Writes
 `data/groups/stage<k>/{train,validation,test}.parquet` (schema `schemas.GROUPS`) and `stats.json`:
 groups per corpus, negatives per source, every shortfall and who filled it, every skipped context and
-why.
+why, and how the stage-1 model was sampled.
 
     python -m pipeline mine --stage 1 --normalized data/normalized --safety models/safety --out data/groups/stage1
     python -m pipeline mine --stage 2 --normalized data/normalized --safety models/safety \\
-        --stage1-groups data/groups/stage1 --out data/groups/stage2
+        --stage1-groups data/groups/stage1 --stage1-model models/stage1 --out data/groups/stage2
 
 A negative comes from one of four sources, tried in this order (`config.MINE_SOURCES`):
 `context` (known unacceptable replies to this very context: MIC answers that violate the RoT),
@@ -23,25 +24,30 @@ Every negative carries a severity in [0, 1]: the ProsocialDialog label weight (`
 the MIC violation severity / 5, or the classifier's 1 - P(casual) (random replies: at least
 `mine.random_severity`; generated ones: exactly that). Pools are built per split, so no text crosses
 splits.
+
+The stage-1 sampler (`Stage1Sampler`) runs the model on the GPU when there is one, at
+`mine.precision` (`pipeline.devices`), `mine.generated_batch_size` contexts per `generate` call, and
+decodes exactly as the `mine.generated_*` keys say (`stage1_decoding`, `pipeline.sampling`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
-from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, MINE_SOURCES, SPLITS, MineConfig
+from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, MINE_SOURCES, SPLITS, GenerateConfig, MineConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.schemas import GROUPS, NEGATIVE, NORMALIZED
+from pipeline.safety_models import load_scorer
+from pipeline.schemas import GROUPS, NEGATIVE, NORMALIZED, read_table
 
 log = logging.getLogger(__name__)
 
@@ -51,56 +57,92 @@ PRODUCT_BUDGET = 1 << 24  # at most chunk x pool similarity entries per sparse p
 SKIP_EXHAUSTED = "fewer than n - 1 distinct negatives in all sources"
 SKIP_EMPTY_CONTEXT = "empty context"
 
-# generate(contexts, k) -> k sampled replies per context (the stage-1 model's sampler).
-Generate = Callable[[list[list[str]], int], list[list[str]]]
-
 
 class Scorer(Protocol):
-    """The safety classifier's API (pipeline.stages.safety): (n, 3) probabilities in `THREE_WAY`
-    order, casual first."""
+    """The safety classifier's API (`pipeline.safety_models.SafetyScorer`): (n, 3) probabilities in
+    `THREE_WAY` order, casual first."""
 
     def predict_proba(self, responses: list[str], contexts: list[list[str]] | None = None) -> np.ndarray: ...
 
 
-def load_safety_scorer(path: Path) -> Scorer:
-    """The trained safety classifier in `path` (imported here: the safety stage is a separate module)."""
-    if not path.is_dir():
-        raise DataError(f"{path}: safety classifier folder not found (run `dvc repro safety` first)")
-    from pipeline.stages.safety import THREE_WAY, load_scorer
+class Generate(Protocol):
+    """The stage-1 model's sampler (`Stage1Sampler`): `generate(contexts, k)` gives `k` sampled replies
+    per context; `settings` says how (written to stats.json)."""
 
-    if THREE_WAY[0] != "casual":
-        raise DataError(f"{path}: expected 'casual' as the first of the three classes, got {THREE_WAY}")
-    return load_scorer(path)
+    settings: dict
+
+    def __call__(self, contexts: list[list[str]], k: int) -> list[list[str]]: ...
 
 
-def load_stage1_generator(model_dir: Path | None, batch_size: int = 8) -> Generate:
-    """The stage-1 model's sampler for the `generated` source: `generate(contexts, k)` samples `k`
-    replies per context (their RoTs removed) with the `generate` stage's default decoding settings
-    (top-p 0.9, temperature 1, 32 new tokens), seeded by the batch so the output is reproducible."""
-    if model_dir is None:
-        raise ConfigError("mine.generated = true needs the stage-1 model: pass --stage1-model models/stage1")
-    from pipeline.config import GenerateConfig
-    from pipeline.modeling import Source, encode_sources
-    from pipeline.sampling import decode_target, sample_batch, source_budget, split_candidate
-    from pipeline.scoring import load_init_model
+# --- the stage-1 sampler --------------------------------------------------------------------------
 
-    dm = load_init_model(Path(model_dir))
-    calls = 0
 
-    def generate(contexts: list[list[str]], k: int) -> list[list[str]]:
-        nonlocal calls
-        config = GenerateConfig(k=k)
+def stage1_decoding(config: MineConfig) -> GenerateConfig:
+    """The stage-1 sampler's decoding settings, all from the `mine` section (nothing from `generate`
+    nor from the checkpoint's own generation config): ancestral sampling with
+    `mine.generated_temperature`, `_top_p`, `_top_k`, at most `mine.generated_max_new_tokens`."""
+    return GenerateConfig(seed=config.seed, k=config.generated_k, batch_size=config.generated_batch_size,
+                          max_source_tokens=config.generated_max_source_tokens,
+                          max_new_tokens=config.generated_max_new_tokens, do_sample=True,
+                          temperature=config.generated_temperature, top_p=config.generated_top_p,
+                          top_k=config.generated_top_k, precision=config.precision)
+
+
+class Stage1Sampler:
+    """Samples replies (their RoTs removed) from the stage-1 model for the `generated` source.
+
+    `decoding` gives every decoding setting (`stage1_decoding`) and the batch size; the model runs on
+    `device` at `precision` (resolved); batch b is seeded by (`mine.seed`, b), so the samples are
+    reproducible.
+    """
+
+    def __init__(self, dm, decoding: GenerateConfig, device: str, precision: str):
+        self.dm, self.decoding, self.device, self.precision = dm, decoding, device, precision
+        self.batches = 0
+
+    @property
+    def settings(self) -> dict:
+        from pipeline.sampling import decoding_settings
+
+        return {"model": str(self.dm.path), "device": self.device, "precision": self.precision,
+                "batch_size": self.decoding.batch_size, "max_source_tokens": self.decoding.max_source_tokens,
+                "decoding": decoding_settings(self.dm, self.decoding)}
+
+    def __call__(self, contexts: list[list[str]], k: int) -> list[list[str]]:
+        from tqdm import tqdm
+
+        from pipeline import devices
+        from pipeline.modeling import Source
+        from pipeline.sampling import batch_seed, decode_target, encode_prompts, generate_batch, split_candidate
+
+        decoding, size = dataclasses.replace(self.decoding, k=k), self.decoding.batch_size
         replies: list[list[str]] = []
-        for start in range(0, len(contexts), batch_size):
-            batch = contexts[start:start + batch_size]
-            source_ids = encode_sources(dm.tokenizer, [Source(c) for c in batch], source_budget(dm, config))
-            target_ids = sample_batch(dm, source_ids, config, seed=calls)
-            calls += 1
-            texts = [split_candidate(decode_target(dm.tokenizer, ids))[1] for ids in target_ids]
+        starts = range(0, len(contexts), size)
+        for start in tqdm(starts, desc="mine: stage-1 samples", unit="batch", mininterval=5, disable=len(starts) < 2):
+            batch = contexts[start:start + size]
+            prompts = encode_prompts(self.dm, [Source(context) for context in batch], decoding)
+            seed = batch_seed(decoding.seed, "mine", self.batches)
+            with devices.autocast(self.device, self.precision):
+                target_ids, _ = generate_batch(self.dm, prompts, decoding, seed, logprobs=False)
+            self.batches += 1
+            texts = [split_candidate(decode_target(self.dm.tokenizer, ids))[1] for ids in target_ids]
             replies += [texts[i * k:(i + 1) * k] for i in range(len(batch))]
         return replies
 
-    return generate
+
+def load_stage1_generator(model_dir: Path | None, config: MineConfig) -> Stage1Sampler:
+    """The stage-1 model in `model_dir` as the `generated` source's sampler, on the model device at
+    `mine.precision` (checked before the model is loaded)."""
+    from pipeline import devices
+    from pipeline.scoring import load_init_model
+
+    if model_dir is None:
+        raise ConfigError("mine.generated = true needs the stage-1 model: pass --stage1-model models/stage1")
+    precision = devices.resolve_precision(config.precision, "mine.precision")
+    device = devices.model_device()
+    dm = load_init_model(Path(model_dir))
+    dm.model.to(device).eval()
+    return Stage1Sampler(dm, stage1_decoding(config), device, precision)
 
 
 # --- text keys, items -----------------------------------------------------------------------------
@@ -304,12 +346,127 @@ def dialogue_codes(*tables: pa.Table) -> list[np.ndarray]:
     return np.split(corpus * (dialogue.max() + 1) + dialogue, np.cumsum(lengths)[:-1])
 
 
+@dataclasses.dataclass
+class Pools:
+    """One split's candidate negatives, by source, as ids into `items` (built by `build_pools`)."""
+
+    items: Items
+    positive_ids: np.ndarray  # (rows,) each row's positive; also the pool of random replies
+    context_ids: np.ndarray  # each row's own known unacceptable replies, row by row, most severe first
+    context_offsets: np.ndarray  # (rows + 1,) row r's are context_ids[offsets[r]:offsets[r + 1]]
+    hard_pool: np.ndarray  # the distinct unsafe texts of the adversarial corpora
+    retriever: HardRetriever  # over hard_pool
+    generated_ids: np.ndarray  # flagged stage-1 samples, row by row, most unacceptable first
+    generated_offsets: np.ndarray  # (rows + 1,)
+    generated_stats: dict
+
+    def sizes(self) -> dict[str, int]:
+        return {"context": len(self.context_ids), "hard": len(self.hard_pool), "random": len(self.positive_ids),
+                "generated": len(self.generated_ids)}
+
+
+def add_context_negatives(items: Items, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
+    """`context`: each row's own known unacceptable replies, most severe first; (ids, offsets per row)."""
+    texts, severity, offsets = flat_unacceptable(rows)
+    ids = items.add(texts, severity)
+    owner = np.repeat(np.arange(rows.num_rows), np.diff(offsets))
+    return ids[np.lexsort((ids, -severity, owner))], offsets
+
+
+def add_hard_texts(items: Items, pool_rows: pa.Table, pool_dialogue: np.ndarray,
+                   label_severity: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+    """`hard` candidates: unsafe ProsocialDialog utterances (the labelled last turn, weighted by
+    `label_severity`) and RoT-violating MIC answers. Returns (ids, the dialogue code of each)."""
+    labels = pool_rows.column("safety_label").to_pylist()
+    weight = np.array([label_severity.get(label, -1.0) for label in labels], dtype=np.float32)
+    unsafe = np.flatnonzero(weight >= 0)
+    labelled = items.add(last_turns(pool_rows.column("context")).take(pa.array(unsafe)), weight[unsafe])
+    mic_texts, mic_severity, mic_offsets = flat_unacceptable(pool_rows)
+    mic = items.add(mic_texts, mic_severity)
+    dialogue = np.concatenate([pool_dialogue[unsafe], np.repeat(pool_dialogue, np.diff(mic_offsets))])
+    return np.concatenate([labelled, mic]), dialogue
+
+
+def build_pools(rows: pa.Table, pool_rows: pa.Table, pool_dialogue: np.ndarray, config: MineConfig, scorer: Scorer,
+                generate: Generate | None) -> Pools:
+    """Every candidate of one split: the rows' positives and own bad replies, the adversarial pool's
+    unsafe texts (deduplicated, indexed for retrieval), the stage-1 samples when `generate` is given,
+    and the random replies' severities from the classifier."""
+    items = Items()
+    n_rows = rows.num_rows
+    positive_ids = items.add(rows.column("response").combine_chunks(), np.zeros(n_rows))
+    context_ids, context_offsets = add_context_negatives(items, rows)
+    hard_ids, hard_dialogue = add_hard_texts(items, pool_rows, pool_dialogue, config.label_severity)
+    generated_ids, generated_offsets, generated_stats = np.zeros(0, np.int64), np.zeros(n_rows + 1, np.int64), {}
+    if generate is not None and n_rows:
+        generated_ids, generated_offsets, generated_stats = sample_generated(rows, config, scorer, generate, items)
+    items.freeze()
+
+    keep = dedupe_by_key(np.arange(len(hard_ids)), items.key[hard_ids], items.severity[hard_ids])
+    hard_pool = hard_ids[keep]
+    retriever = HardRetriever(items.text.take(pa.array(hard_pool, pa.int64())), items.severity[hard_pool],
+                              hard_dialogue[keep])
+
+    # random: severity from the classifier, scored once per distinct reply, floored at random_severity.
+    _, first, inverse = np.unique(items.key[positive_ids], return_index=True, return_inverse=True)
+    distinct = items.text.take(pa.array(positive_ids[first])).to_pylist()
+    items.severity[positive_ids] = np.maximum(not_casual(scorer, distinct)[inverse], config.random_severity)
+    return Pools(items, positive_ids, context_ids, context_offsets, hard_pool, retriever, generated_ids,
+                 generated_offsets, generated_stats)
+
+
+def candidate_matrix(pools: Pools, queries: pa.Array, row_dialogue: np.ndarray, start: int, stop: int,
+                     config: MineConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Rows start..stop's candidates: (matrix (rows, columns) of item ids, -1 for none, the columns
+    grouped by source in `MINE_SOURCES` order and best first within a source; source_of (columns,))."""
+    items, positive_ids = pools.items, pools.positive_ids
+    # random: replies of other dialogues, the most unacceptable first
+    drawn = positive_ids[rng.integers(0, len(positive_ids), size=(stop - start, config.random_candidates))]
+    drawn[row_dialogue[drawn - positive_ids[0]] == row_dialogue[start:stop, None]] = -1
+    order = np.argsort(-np.where(drawn >= 0, items.severity[drawn], -1.0), axis=1, kind="stable")
+    drawn = np.take_along_axis(drawn, order, axis=1)
+    hard = pools.retriever.query(queries.slice(start, stop - start), row_dialogue[start:stop], config.hard_candidates)
+    hard = np.where(hard >= 0, pools.hard_pool[np.maximum(hard, 0)], -1) if len(pools.hard_pool) else hard
+    candidates = [pad_ragged(pools.context_ids, pools.context_offsets[start:stop + 1]), hard, drawn,
+                  pad_ragged(pools.generated_ids, pools.generated_offsets[start:stop + 1])]
+    source_of = np.concatenate([np.full(c.shape[1], s) for s, c in enumerate(candidates)])
+    return np.concatenate(candidates, axis=1), source_of
+
+
+class Tally:
+    """The negatives one split's chunks chose and what their sources lacked, summed."""
+
+    def __init__(self):
+        self.kept: list[np.ndarray] = []  # row indices of the complete groups
+        self.chosen: list[np.ndarray] = []  # their negatives' item ids, `n - 1` per group, in order
+        self.sources: list[np.ndarray] = []  # the source index of each
+        self.quota = self.shortfall = self.filled = np.zeros(len(MINE_SOURCES), np.int64)
+        self.with_shortfall = 0
+
+    def add(self, start: int, matrix: np.ndarray, source_of: np.ndarray, take: np.ndarray, complete: np.ndarray,
+            quotas: np.ndarray, shortfall: np.ndarray, filled: np.ndarray) -> None:
+        """One chunk's `select_negatives` result, its rows starting at `start`; only complete rows count."""
+        self.kept.append(start + np.flatnonzero(complete))
+        self.chosen.append(matrix[take])
+        self.sources.append(np.broadcast_to(source_of, take.shape)[take])
+        self.quota = self.quota + quotas[complete].sum(0)
+        self.shortfall = self.shortfall + shortfall[complete].sum(0)
+        self.filled = self.filled + filled[complete].sum(0)
+        self.with_shortfall += int((shortfall[complete] > 0).any(1).sum())
+
+    def joined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(kept rows, chosen item ids, their sources), each one array."""
+        join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        return join(self.kept), join(self.chosen), join(self.sources)
+
+
 def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: int, split: str, scorer: Scorer,
                generate: Generate | None = None, progress: bool = False) -> tuple[pa.Table, dict]:
     """Mine one split's groups (the pure worker).
 
     `rows`: the stage's NORMALIZED rows of this split (each becomes a group); `pool_rows`: the
-    adversarial corpora's rows of the same split, the source of hard negatives. Returns a GROUPS table
+    adversarial corpora's rows of the same split, the source of hard negatives; `generate`: the
+    stage-1 sampler, used when the `generated` source has a share in stage 2. Returns a GROUPS table
     (input order, skipped contexts left out) and this split's statistics.
     """
     from tqdm import tqdm
@@ -318,110 +475,53 @@ def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: i
     shares = config.shares(stage)
     n_rows, slots = rows.num_rows, config.n - 1
     row_dialogue, pool_dialogue = dialogue_codes(rows, pool_rows)
-    skipped: Counter = Counter()
-    items = Items()
-
-    # Positives, which are also the pool of random replies (replies of other dialogues).
-    positive_ids = items.add(rows.column("response").combine_chunks(), np.zeros(n_rows))
-
-    # context: this row's own known unacceptable replies, most severe first.
-    context_texts, context_severity, context_offsets = flat_unacceptable(rows)
-    context_ids = items.add(context_texts, context_severity)
-    owner = np.repeat(np.arange(n_rows), np.diff(context_offsets))
-    context_ids = context_ids[np.lexsort((context_ids, -context_severity, owner))]
-
-    # hard: unsafe ProsocialDialog utterances (the labelled last turn) and RoT-violating MIC answers.
-    hard_base = items.size
-    labels = pool_rows.column("safety_label").to_pylist()
-    label_weight = np.array([config.label_severity.get(label, -1.0) for label in labels], dtype=np.float32)
-    unsafe = np.flatnonzero(label_weight >= 0)
-    labelled_ids = items.add(last_turns(pool_rows.column("context")).take(pa.array(unsafe)), label_weight[unsafe])
-    mic_texts, mic_severity, mic_offsets = flat_unacceptable(pool_rows)
-    mic_ids = items.add(mic_texts, mic_severity)
-    hard_dialogue = np.concatenate([pool_dialogue[unsafe], np.repeat(pool_dialogue, np.diff(mic_offsets))])
-
-    # generated: the stage-1 model's samples for each casual context, kept when the classifier flags them.
-    generated_offsets = np.zeros(n_rows + 1, dtype=np.int64)
-    generated_ids = np.zeros(0, dtype=np.int64)
-    generated_stats = {}
-    if stage == 2 and config.generated and shares["generated"] > 0 and n_rows:
-        if generate is None:
-            raise ConfigError("mine.generated = true needs a generator for the stage-1 model")
-        generated_ids, generated_offsets, generated_stats = sample_generated(rows, config, scorer, generate, items)
-    items.freeze()
-
-    hard_ids = np.concatenate([labelled_ids, mic_ids])
-    hard_pool = dedupe_by_key(hard_ids, items.key[hard_ids], items.severity[hard_ids])
-    hard_pool_dialogue = hard_dialogue[hard_pool - hard_base]
-    retriever = HardRetriever(items.text.take(pa.array(hard_pool, pa.int64())), items.severity[hard_pool],
-                              hard_pool_dialogue)
-
-    # random: severity from the classifier, scored once per distinct reply, floored at random_severity.
-    _, first, inverse = np.unique(items.key[positive_ids], return_index=True, return_inverse=True)
-    distinct = items.text.take(pa.array(positive_ids[first])).to_pylist()
-    items.severity[positive_ids] = np.maximum(not_casual(scorer, distinct)[inverse], config.random_severity)
+    sampled = generate if stage == 2 and config.generated and shares["generated"] > 0 else None
+    pools = build_pools(rows, pool_rows, pool_dialogue, config, scorer, sampled)
 
     queries = last_turns(rows.column("context"))
     has_context = np.asarray(pc.list_value_length(rows.column("context")).fill_null(0)) > 0
-    positive_key = items.key[positive_ids]
+    positive_key = pools.items.key[pools.positive_ids]
     pvals = np.array([shares[s] for s in MINE_SOURCES])
-    kept, chosen, chosen_source, quota_sum, shortfall_sum, filled_sum = [], [], [], 0, 0, 0
-    with_shortfall, exhausted = 0, 0
-    chunks = range(0, n_rows, ROW_CHUNK)
-    for start in tqdm(chunks, desc=f"mine stage {stage} {split}", unit="chunk", disable=not progress):
+    tally, exhausted = Tally(), 0
+    for start in tqdm(range(0, n_rows, ROW_CHUNK), desc=f"mine stage {stage} {split}", unit="chunk",
+                      disable=not progress):
         stop = min(start + ROW_CHUNK, n_rows)
-        quotas = rng.multinomial(slots, pvals, size=stop - start)
-        drawn = positive_ids[rng.integers(0, n_rows, size=(stop - start, config.random_candidates))]
-        drawn[row_dialogue[drawn - positive_ids[0]] == row_dialogue[start:stop, None]] = -1
-        order = np.argsort(-np.where(drawn >= 0, items.severity[drawn], -1.0), axis=1, kind="stable")
-        drawn = np.take_along_axis(drawn, order, axis=1)
-        hard = retriever.query(queries.slice(start, stop - start), row_dialogue[start:stop], config.hard_candidates)
-        hard = np.where(hard >= 0, hard_pool[np.maximum(hard, 0)], -1) if len(hard_pool) else hard
-        candidates = [pad_ragged(context_ids, context_offsets[start:stop + 1]), hard, drawn,
-                      pad_ragged(generated_ids, generated_offsets[start:stop + 1])]
-        matrix = np.concatenate(candidates, axis=1)  # (rows, columns), grouped by source
-        source_of = np.concatenate([np.full(c.shape[1], s) for s, c in enumerate(candidates)])
-        take, complete, shortfall, filled = select_negatives(matrix, source_of, quotas, items.key,
+        quotas = rng.multinomial(slots, pvals, size=stop - start)  # (rows, sources)
+        matrix, source_of = candidate_matrix(pools, queries, row_dialogue, start, stop, config, rng)
+        take, complete, shortfall, filled = select_negatives(matrix, source_of, quotas, pools.items.key,
                                                              positive_key[start:stop])
         exhausted += int((~complete & has_context[start:stop]).sum())
         complete &= has_context[start:stop]
-        take &= complete[:, None]
-        kept.append(start + np.flatnonzero(complete))
-        chosen.append(matrix[take])
-        chosen_source.append(np.broadcast_to(source_of, take.shape)[take])
-        quota_sum = quota_sum + quotas[complete].sum(0)
-        shortfall_sum = shortfall_sum + shortfall[complete].sum(0)
-        filled_sum = filled_sum + filled[complete].sum(0)
-        with_shortfall += int((shortfall[complete] > 0).any(1).sum())
-    if exhausted:
-        skipped[SKIP_EXHAUSTED] = exhausted
-    if (~has_context).any():
-        skipped[SKIP_EMPTY_CONTEXT] = int((~has_context).sum())
-    join = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
-    kept_rows, chosen_items, chosen_sources = join(kept), join(chosen), join(chosen_source)
-    per_source = lambda counts: dict(zip(MINE_SOURCES, np.broadcast_to(counts, 4).astype(int).tolist()))  # noqa: E731
+        tally.add(start, matrix, source_of, take & complete[:, None], complete, quotas, shortfall, filled)
 
-    table = groups_table(rows, kept_rows, chosen_items, chosen_sources, items, slots)
-    chosen_severity = items.severity[chosen_items]
-    stats = {
-        "contexts": n_rows,
-        "groups": len(kept_rows),
-        "groups_with_shortfall": with_shortfall,
+    kept_rows, chosen_items, chosen_sources = tally.joined()
+    table = groups_table(rows, kept_rows, chosen_items, chosen_sources, pools.items, slots)
+    skipped = {SKIP_EXHAUSTED: exhausted, SKIP_EMPTY_CONTEXT: int((~has_context).sum())}
+    return table, split_stats(table, tally, pools, {reason: n for reason, n in skipped.items() if n})
+
+
+def split_stats(table: pa.Table, tally: Tally, pools: Pools, skipped: dict[str, int]) -> dict:
+    """One split's stats.json entry (see the module docstring)."""
+    _, chosen_items, chosen_sources = tally.joined()
+    chosen_severity = pools.items.severity[chosen_items]
+    per_source = lambda counts: dict(zip(MINE_SOURCES, np.asarray(counts).astype(int).tolist()))  # noqa: E731
+    return {
+        "contexts": len(pools.positive_ids),
+        "groups": table.num_rows,
+        "groups_with_shortfall": tally.with_shortfall,
         "groups_per_corpus": dict(sorted(Counter(table.column("corpus").to_pylist()).items())),
         "skipped": dict(sorted(skipped.items())),
-        "negatives_per_source": dict(zip(MINE_SOURCES, np.bincount(chosen_sources, minlength=4).tolist())),
-        "quota_per_source": per_source(quota_sum),
-        "shortfall_per_source": per_source(shortfall_sum),
-        "filled_beyond_quota_per_source": per_source(filled_sum),
+        "negatives_per_source": per_source(np.bincount(chosen_sources, minlength=len(MINE_SOURCES))),
+        "quota_per_source": per_source(tally.quota),
+        "shortfall_per_source": per_source(tally.shortfall),
+        "filled_beyond_quota_per_source": per_source(tally.filled),
         "mean_severity_per_source": {
             s: round(float(chosen_severity[chosen_sources == i].mean()), 4)
             for i, s in enumerate(MINE_SOURCES) if (chosen_sources == i).any()
         },
-        "pool_sizes": {"context": int(len(context_ids)), "hard": int(len(hard_pool)), "random": int(n_rows),
-                       "generated": int(len(generated_ids))},
-        **({"generated": generated_stats} if generated_stats else {}),
+        "pool_sizes": pools.sizes(),
+        **({"generated": pools.generated_stats} if pools.generated_stats else {}),
     }
-    return table, stats
 
 
 def pad_ragged(ids: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -553,40 +653,18 @@ def replay_groups(stage1: pa.Table, share: float, config: MineConfig, split: str
 
 
 def read_corpus(normalized: Path, corpus: str) -> dict[str, pa.Table]:
-    """One normalized corpus's three splits, checked against NORMALIZED; a corpus without rows is an error."""
-    folder = normalized / corpus
-    if not folder.is_dir():
-        raise DataError(f"{folder}: normalized corpus not found (run `dvc repro normalize@{corpus}` first)")
-    splits = {}
-    for split in SPLITS:
-        path = folder / f"{split}.parquet"
-        if not path.is_file():
-            raise DataError(f"{path}: file not found (run `dvc repro normalize@{corpus}` first)")
-        try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as error:
-            raise DataError(f"{path}: not a readable Parquet file ({error})") from None
-        missing = [name for name in NORMALIZED.names if name not in table.column_names]
-        if missing:
-            raise DataError(f"{path}: missing column '{missing[0]}' (expected the normalized schema)")
-        try:
-            splits[split] = table.select(NORMALIZED.names).cast(NORMALIZED)
-        except (pa.ArrowException, ValueError) as error:
-            raise DataError(f"{path}: columns do not match the normalized schema ({error})") from None
+    """One normalized corpus's three splits, cast to NORMALIZED; a corpus without rows is an error."""
+    splits = {split: read_table(normalized / corpus / f"{split}.parquet", schema=NORMALIZED,
+                                missing_hint=f"run `dvc repro normalize@{corpus}` first") for split in SPLITS}
     if sum(t.num_rows for t in splits.values()) == 0:
-        raise DataError(f"{folder}: corpus {corpus} has no rows in any split")
+        raise DataError(f"{normalized / corpus}: corpus {corpus} has no rows in any split")
     return splits
 
 
 def read_stage1_groups(folder: Path, split: str, n: int) -> pa.Table:
+    """One split's stage-1 groups, cast to GROUPS; groups of another size than `mine.n` are an error."""
     path = folder / f"{split}.parquet"
-    if not path.is_file():
-        raise DataError(f"{path}: stage-1 groups not found (run `dvc repro mine_stage1` first)")
-    try:
-        table = pq.read_table(path)
-        table = table.select(GROUPS.names).cast(GROUPS)
-    except (pa.ArrowException, OSError, KeyError, ValueError) as error:
-        raise DataError(f"{path}: not a stage-1 groups file ({error})") from None
+    table = read_table(path, schema=GROUPS, missing_hint="run `dvc repro mine_stage1` first")
     sizes = set(pc.list_value_length(table.column("negatives")).to_pylist())
     if sizes and sizes != {n - 1}:
         raise DataError(f"{path}: groups have {sorted(sizes)} negatives, mine.n = {n} needs {n - 1} "
@@ -598,13 +676,15 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
         stage1_groups: Path | None = None, generate: Generate | None = None, progress: bool = True) -> dict:
     """Mine the three splits of `stage` from the corpora in `normalized` and write them to `out`.
 
-    `scorer` is the safety classifier, or its folder (loaded once the inputs are known to be good).
+    `scorer` is the safety classifier, or its folder (loaded once the inputs are known to be good);
+    `generate` the stage-1 sampler, which stage 2 needs with `mine.generated` (`load_stage1_generator`).
     """
     if stage not in STAGE_CORPORA:
         raise ConfigError(f"--stage = {stage!r} is not allowed: 1 or 2")
     if stage == 2 and config.replay > 0 and stage1_groups is None:
         raise ConfigError(f"mine.replay = {config.replay} needs --stage1-groups (the stage-1 groups to replay)")
-    if stage == 2 and config.generated and generate is None:
+    sampled = stage == 2 and config.generated
+    if sampled and generate is None:
         raise ConfigError("mine.generated = true needs the stage-1 model's sampler (--stage1-model)")
     ensure_writable(out)
     started = time.perf_counter()
@@ -614,15 +694,16 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
         log.info("mine stage %d: read %s %s", stage, name, {split: t.num_rows for split, t in splits.items()})
     safety_model = str(scorer) if isinstance(scorer, Path) else None
     if isinstance(scorer, Path):
-        scorer = load_safety_scorer(scorer)
+        scorer = load_scorer(scorer)
     stats: dict = {"stage": stage, "n": config.n, "seed": config.seed, "shares": config.shares(stage),
-                   "corpora": list(STAGE_CORPORA[stage]), "safety_model": safety_model, "splits": {}}
+                   "corpora": list(STAGE_CORPORA[stage]), "safety_model": safety_model,
+                   "stage1_sampler": generate.settings if sampled else None, "splits": {}}
     with staged_dir(out) as folder:
         for split in SPLITS:
             rows = pa.concat_tables([corpora[c][split] for c in STAGE_CORPORA[stage]])
             pool = pa.concat_tables([adversarial[c][split] for c in ADVERSARIAL_CORPORA])
-            table, split_stats = mine_split(rows, pool, config, stage, split, scorer,
-                                            generate if stage == 2 and config.generated else None, progress)
+            table, split_stats = mine_split(rows, pool, config, stage, split, scorer, generate if sampled else None,
+                                            progress)
             if stage == 2 and config.replay > 0:
                 stage1 = read_stage1_groups(stage1_groups, split, config.n)
                 replayed = replay_groups(stage1, config.replay, config, split)

@@ -22,17 +22,17 @@ precedes): read = rows written + those counts, checked on every run. The other `
 `changed:` (a text or split changed in a kept row, once per text), `kept:` (a quirk of a kept
 dialogue, once per dialogue) and `empty:` (a raw dialogue with no utterance in it).
 
-Splits. Whole dialogues stay in one split, and so do dialogues with the same opening (their first
-two turns, `dialogue_openings`): a split is drawn by a hash of the opening, never of the id, so
-dialogues the source stores twice (hub PersonaChat keeps each conversation once per speaker, under
-two `conv_id`s; DailyDialog repeats dialogues) land together. A split the source lacks is shared
-out of its largest split in proportion to `normalize.split_fractions`. MIC ignores its source
-`split` column, which splits by question-answer pair and so puts one question in two splits: all its
-rows are split anew by a hash of the question (`RESPLIT`). `derived_split` is true for every row not
-in the split its source file gave it. Last, a context (the same list of turns) found in two splits
-is kept only in the more held-out one (test, then validation) and dropped from the other, counted:
-DailyDialog's validation repeats training dialogues word for word, and generic openings ("hi, how
-are you?") recur across dialogues.
+Splits. Whole dialogues stay in one split. Where normalize draws the split itself, it hashes each
+dialogue's opening (its first two turns, `dialogue_openings`; MIC's question), never its id, in
+proportion to `normalize.split_fractions`, so that dialogues the source stores twice (hub PersonaChat
+keeps each conversation once per speaker, under two `conv_id`s; DailyDialog repeats dialogues) land
+together. It does so for a split the source lacks, shared out of the source's largest split, and for
+MIC, whose `split` column splits by question-answer pair and so puts one question in two splits: all
+MIC rows are split anew (`RESPLIT`). `derived_split` is true for every row not in the split its
+source file gave it. Last, a context (the same list of turns) found in two splits is kept only in
+the more held-out one (test, then validation) and dropped from the other, counted: DailyDialog's
+validation repeats training dialogues word for word, and generic openings ("hi, how are you?")
+recur across dialogues.
 """
 
 from __future__ import annotations
@@ -132,7 +132,10 @@ def normalize_prosocial_dialog(table: pa.Table, split: str, counts: Counter) -> 
 def normalize_mic(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
     """One row per annotation: the question as context, the annotator's own answer as the reference
     reply with the annotator's RoT, and every chatbot answer to the question that an annotator judged
-    to violate its RoT (`A_agrees == 0`) as a known unacceptable reply, with its worst severity."""
+    to violate its RoT (`A_agrees == 0`) as a known unacceptable reply, with its worst severity.
+
+    `run` passes all source splits at once, each row's own in its `split` column (kept in the row's
+    `split`), so that a question's annotations are read together wherever MIC put them."""
     by_question: dict[str, list[dict]] = {}
     for row in table.to_pylist():
         by_question.setdefault(row["Q"], []).append(row)
@@ -160,8 +163,8 @@ def normalize_mic(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]
                 counts["dropped: duplicate (worker_answer, rot) for a question"] += 1
                 continue
             seen.add((answer, row["rot"]))
-            yield example(stable_id(question), index, [question], answer, rots=[row["rot"]] if row["rot"] else [],
-                          unacceptable_responses=negatives)
+            yield {**example(stable_id(question), index, [question], answer, rots=[row["rot"]] if row["rot"] else [],
+                             unacceptable_responses=negatives), "split": row["split"] or split}
 
 
 def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
@@ -178,8 +181,14 @@ def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iter
             yield example(f"{split}-{index}", turn, dialog[:turn], dialog[turn])
 
 
+# Hub PersonaChat (from ParlAI's self_original files) stores each conversation once per speaker; the
+# side of the speaker who opens starts with "__ SILENCE __" as the partner's turn: no one's utterance.
+_SILENCE = re.compile(r"_+ ?silence ?_+", re.IGNORECASE)
+
+
 def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
-    """One raw row is one bot turn; the gold reply is the last candidate."""
+    """One raw row is one bot turn; the gold reply is the last candidate. The "__ SILENCE __"
+    placeholder is taken out of the history, so the opening reply, to no one, is dropped (counted)."""
     seen = set()
     for row in raw_rows(table):
         key = (row["conv_id"], row["utterance_idx"])
@@ -193,7 +202,11 @@ def normalize_persona_chat(table: pa.Table, split: str, counts: Counter) -> Iter
         if not row["candidates"]:
             counts["dropped: no candidates (no gold reply)"] += 1
             continue
-        yield example(f"{split}-{row['conv_id']}", row["utterance_idx"], row["history"] or [], row["candidates"][-1],
+        history = [turn for turn in row["history"] or [] if not (turn and _SILENCE.fullmatch(turn))]
+        if row["history"] and not history:
+            counts["dropped: opening reply to no one (history only __ SILENCE __)"] += 1
+            continue
+        yield example(f"{split}-{row['conv_id']}", row["utterance_idx"], history, row["candidates"][-1],
                       persona=row["personality"])
 
 
@@ -328,12 +341,9 @@ def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
 
 # --- splits ---------------------------------------------------------------------------------------
 
-# Corpora whose source split is ignored, with the reason: all their rows are split by a hash.
+# Corpora whose source split is ignored, with the reason: all their rows are split by a hash. Their
+# raw rows have a `split` column, which `run` sets to each row's file before normalizing all at once.
 RESPLIT = {"mic": "MIC's own split is by question-answer pair, so one question would sit in two splits"}
-
-# PersonaChat (ParlAI's self_original files) gives "__ SILENCE __" as the partner's turn when the bot
-# speaks first: no one's utterance, so never a dialogue's opening turn.
-_PLACEHOLDER = re.compile(r"_+ ?silence ?_+", re.IGNORECASE)
 
 # How many opening turns key a dialogue's split: its first utterance and the reply to it; MIC's rows
 # are alternative replies to one question, so the question alone.
@@ -348,10 +358,9 @@ def hash_unit(corpus: str, key: str) -> float:
 
 
 def dialogue_openings(table: pa.Table, turns: int = 2) -> dict[str, tuple[str, ...]]:
-    """Each dialogue's opening: its first `turns` turns, placeholders skipped, read from its rows in
-    turn order (the earliest row whose context and reply hold that many; with
-    `normalize.max_context_turns` of at least 2 they are always there). Two copies of one dialogue
-    share it, whichever speaker's side each is told from."""
+    """Each dialogue's opening: its first `turns` turns, from the earliest of its rows whose context
+    and reply hold that many (its first rows do, with `normalize.max_context_turns` of at least 2).
+    Two copies of one dialogue share it, whichever speaker's side each is told from."""
     rows: dict[str, list[tuple[int, int]]] = {}
     for position, (dialogue_id, turn) in enumerate(zip(table.column("dialogue_id").to_pylist(),
                                                        table.column("turn_index").to_pylist())):
@@ -360,8 +369,7 @@ def dialogue_openings(table: pa.Table, turns: int = 2) -> dict[str, tuple[str, .
     openings = {}
     for dialogue_id, positions in rows.items():
         for _, position in sorted(positions):
-            said = [t for t in contexts[position].as_py() + [responses[position].as_py()]
-                    if not _PLACEHOLDER.fullmatch(t)]
+            said = contexts[position].as_py() + [responses[position].as_py()]
             openings[dialogue_id] = tuple(said[:turns])
             if len(said) >= turns:
                 break
@@ -370,8 +378,8 @@ def dialogue_openings(table: pa.Table, turns: int = 2) -> dict[str, tuple[str, .
 
 def partition(table: pa.Table, corpus: str, targets: list[str], fractions: dict[str, float]) -> dict[str, pa.Table]:
     """Share a NORMALIZED table between `targets` in proportion to `fractions`, whole dialogues by a
-    hash of their opening (`dialogue_openings`), rows in their order; `derived_split` marks the rows that are no longer
-    in the split of their `split` column (the split their source gave them)."""
+    hash of their opening (`dialogue_openings`), rows in their order; `derived_split` marks the rows
+    no longer in the split of their `split` column (the split their source gave them)."""
     total = sum(fractions[s] for s in targets)
     bounds, edge = [], 0.0
     for split in targets:
@@ -397,22 +405,22 @@ def derive_splits(rows_by_split: dict[str, pa.Table], corpus: str, fractions: di
     targets = [s for s in SPLITS if s in missing or s == donor]
     rows_by_split.update(partition(rows_by_split[donor], corpus, targets, fractions))
     total = sum(fractions[s] for s in targets)
-    return {s: f"from {donor} by a hash of each dialogue's opening turns (share {fractions[s] / total:.3f})"
+    return {s: f"from {donor} by a hash of each dialogue's opening (share {fractions[s] / total:.3f})"
             for s in missing}
 
 
-def resplit(rows_by_split: dict[str, pa.Table], corpus: str, fractions: dict[str, float],
-            counts: Counter) -> dict[str, str]:
+def resplit(table: pa.Table, corpus: str, fractions: dict[str, float],
+            counts: Counter) -> tuple[dict[str, pa.Table], dict[str, str]]:
     """Split all of a `RESPLIT` corpus's rows anew by `partition`, whatever split their source gave
-    them; rows that move are counted. Mutates `rows_by_split`; returns a description of each split."""
-    pooled = pa.concat_tables([rows_by_split[s] for s in SPLITS if s in rows_by_split])
-    rows_by_split.clear()
-    rows_by_split.update(partition(pooled, corpus, list(SPLITS), fractions))
-    moved = sum(pc.sum(table.column("derived_split")).as_py() or 0 for table in rows_by_split.values())
+    them (their `split` column); rows that move are counted. Returns the splits and a description of
+    each for stats.json."""
+    rows_by_split = partition(table, corpus, list(SPLITS), fractions)
+    moved = sum(pc.sum(part.column("derived_split")).as_py() or 0 for part in rows_by_split.values())
     if moved:
         counts["changed: moved to another split (the source's split is ignored)"] += moved
-    return {s: f"all rows by a hash of each dialogue's opening, the source's split ignored: "
-               f"{RESPLIT[corpus]} (share {fractions[s]:.3f})" for s in SPLITS}
+    described = {s: f"all rows by a hash of each dialogue's opening, the source's split ignored: "
+                    f"{RESPLIT[corpus]} (share {fractions[s]:.3f})" for s in SPLITS}
+    return rows_by_split, described
 
 
 def context_digest(turns: list[str]) -> bytes:
@@ -428,9 +436,8 @@ def drop_shared_contexts(rows_by_split: dict[str, pa.Table], counts: Counter) ->
         table = rows_by_split[split]
         digests = [context_digest(turns) for turns in table.column("context").to_pylist()]
         held = [owner.get(digest) for digest in digests]
-        for other in HELD_OUT_FIRST:
-            if held.count(other):
-                counts[f"dropped: context also in the {other} split (kept there)"] += held.count(other)
+        for other, n in sorted(Counter(h for h in held if h is not None).items()):
+            counts[f"dropped: context also in the {other} split (kept there)"] += n
         rows_by_split[split] = table.filter(pa.array([h is None for h in held], pa.bool_()))
         for digest, h in zip(digests, held):
             if h is None:
@@ -445,7 +452,8 @@ ARROW_CHUNK = 4096  # rows turned into Arrow at a time, so the Python row dicts 
 
 def normalized_rows(table: pa.Table, corpus: str, split: str, config: NormalizeConfig,
                     counts: Counter) -> Iterator[Row]:
-    """Normalize and clean one raw split of one corpus, one output row at a time (the pure worker)."""
+    """Normalize and clean one raw split of one corpus, one output row at a time (the pure worker);
+    a row is in `split` unless its normalizer gives its own (MIC's rows: their annotation's)."""
     for row in NORMALIZERS[corpus](table, split, counts):
         cleaned = clean_row(row, config, counts)
         if cleaned is not None:
@@ -469,19 +477,6 @@ def normalize_split_table(table: pa.Table, corpus: str, split: str, config: Norm
             chunk = []
     batches.append(pa.RecordBatch.from_pylist(chunk, schema=NORMALIZED))
     return pa.Table.from_batches(batches, schema=NORMALIZED).combine_chunks()
-
-
-def split_rows(rows_by_split: dict[str, pa.Table], corpus: str, config: NormalizeConfig,
-               counts: Counter) -> dict[str, str]:
-    """Turn the normalized source splits into the three output splits (see the module docstring):
-    MIC split anew, missing splits derived, contexts shared by two splits dropped from one. Mutates
-    `rows_by_split`; returns how splits were derived, for stats.json."""
-    if corpus in RESPLIT:
-        derived = resplit(rows_by_split, corpus, config.split_fractions, counts)
-    else:
-        derived = derive_splits(rows_by_split, corpus, config.split_fractions)
-    drop_shared_contexts(rows_by_split, counts)
-    return derived
 
 
 def unaccounted(read: int, rows_by_split: dict[str, pa.Table], counts: Counter) -> int:
@@ -511,16 +506,26 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     provenance = read_provenance(raw / "stats.json")
     unit, units_in = READ_UNITS[corpus]
     counts: Counter = Counter()
-    rows_by_split, raw_files, read = {}, {}, 0
-    for split, path in files.items():  # one raw split in memory at a time; the output kept as Arrow
+    rows_by_split, raw_files, read, pooled = {}, {}, 0, []
+    for split, path in files.items():  # one raw split in memory at a time (MIC: all); the output kept as Arrow
         table = read_raw(path, corpus)
         if table.num_rows == 0:
             raise DataError(f"{path}: file has no rows")
         raw_files[split] = {"sha256": sha256(path), "rows": table.num_rows}
         read += units_in(table)
-        rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
+        if corpus in RESPLIT:  # read together below, each row marked with its file's split
+            pooled.append(table.set_column(table.schema.get_field_index("split"), "split",
+                                           pa.array([split] * table.num_rows, pa.string())))
+        else:
+            rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
         del table
-    derived = split_rows(rows_by_split, corpus, config, counts)
+    if pooled:
+        table = normalize_split_table(pa.concat_tables(pooled), corpus, "train", config, counts)
+        del pooled
+        rows_by_split, derived = resplit(table, corpus, config.split_fractions, counts)
+    else:
+        derived = derive_splits(rows_by_split, corpus, config.split_fractions)
+    drop_shared_contexts(rows_by_split, counts)
     lost = unaccounted(read, rows_by_split, counts)
     if lost:  # a normalizer that drops without counting is a bug, not bad data
         raise RuntimeError(f"normalize {corpus}: {lost} of {read} {unit} read are not accounted for")

@@ -3,15 +3,16 @@ or agree with a rule-of-thumb (RoT), given the turn it answers?
 
 Reads the raw MIC rows `data/raw/mic/{train,validation,test}.parquet` (columns `Q`, `A`, `rot`,
 `A_agrees`, `worker_answer`; the normalized MIC keeps only the answers that violate their RoT, so
-the neutral and agreeing answers are only in the raw rows); writes `models/rot_agreement/`
+the neutral and agreeing answers are only in the raw rows), each put in the split its question has
+in `data/normalized/mic/<split>.parquet` (`question_splits`); writes `models/rot_agreement/`
 (`scorer.json` with the task, kind, labels, resolved config, git commit and library versions, plus
 the model's own files, see `pipeline.safety_models`), `reports/rot_agreement/metrics.json`
 (accuracy, macro-F1 and the ranking quality of P(disagrees) per split) and
 `reports/rot_agreement/confusion.json` (one `{actual, predicted}` row per test chatbot answer, for
 DVC's confusion plot).
 
-    python -m pipeline rot_agreement --raw data/raw/mic --out models/rot_agreement \
-        --reports reports/rot_agreement
+    python -m pipeline rot_agreement --raw data/raw/mic --normalized data/normalized \
+        --out models/rot_agreement --reports reports/rot_agreement
 
 Examples, each a reply, a RoT and a context (MIC's question `Q`):
 - `chatbot`: a row's chatbot answer `A` with the annotator's RoT, labelled by `A_agrees`
@@ -55,14 +56,41 @@ MIC_COLUMNS = ["Q", "A", "rot", "A_agrees", "worker_answer"]
 # --- examples -------------------------------------------------------------------------------------
 
 
-def read_mic(raw: Path) -> dict[str, list[dict]]:
-    """The raw MIC rows of each split (the columns this stage reads)."""
+def question_key(text: str | None) -> str:
+    """A question as normalize writes it (whitespace runs collapsed, ends trimmed), to match raw and normalized rows."""
+    return " ".join((text or "").split())
+
+
+def question_splits(normalized: Path) -> dict[str, str]:
+    """The split of each question in the normalized MIC: normalize splits MIC by the question (MIC's
+    own `split` is by question-answer pair, which puts one question in two splits), and this stage
+    follows it, so no question is trained on here and re-ranked in `generate`'s test contexts."""
+    from pipeline.schemas import read_table
+
+    splits = {}
+    for split in SPLITS:
+        table = read_table(normalized / "mic" / f"{split}.parquet", ["context"],
+                           missing_hint="run `dvc repro normalize@mic` first")
+        splits.update((question_key(context[-1]), split) for context in table.column("context").to_pylist() if context)
+    return splits
+
+
+def read_mic(raw: Path, splits: dict[str, str], counts: Counter) -> dict[str, list[dict]]:
+    """The raw MIC rows (the columns this stage reads) of all three files, each in its question's
+    split (`question_splits`); rows whose question the normalized MIC lacks are counted in `counts`."""
     from pipeline.schemas import conform_raw, read_table
 
     hint = "run `dvc repro download@mic` or `python -m pipeline download mic` first"
-    return {split: conform_raw(read_table(raw / f"{split}.parquet", missing_hint=hint), "mic",
-                               str(raw / f"{split}.parquet")).select(MIC_COLUMNS).to_pylist()
-            for split in SPLITS}
+    rows: dict[str, list[dict]] = {split: [] for split in SPLITS}
+    for source in SPLITS:
+        path = raw / f"{source}.parquet"
+        for row in conform_raw(read_table(path, missing_hint=hint), "mic", str(path)).select(MIC_COLUMNS).to_pylist():
+            split = splits.get(question_key(row["Q"]))
+            if split is None:
+                counts["rows whose question the normalized MIC lacks, skipped"] += 1
+            else:
+                rows[split].append(row)
+    return rows
 
 
 def _text(value) -> str:
@@ -90,15 +118,12 @@ def mic_examples(rows: list[dict], split: str, counts: Counter) -> list[dict]:
     return examples
 
 
-def build_examples(mic: dict[str, list[dict]]):
+def build_examples(mic: dict[str, list[dict]], counts: Counter):
     """Every example of every split as a DataFrame (split, source, reply, rot, context, label);
-    `label` indexes LABELS, or is WORKER for a worker answer."""
+    `label` indexes LABELS, or is WORKER for a worker answer. What is skipped is counted in `counts`."""
     import pandas as pd
 
-    counts: Counter = Counter()
     rows = [example for split in SPLITS for example in mic_examples(mic[split], split, counts)]
-    for reason, count in sorted(counts.items()):
-        log.warning("rot_agreement: %d %s", count, reason)
     examples = pd.DataFrame(rows, columns=["split", "source", "reply", "rot", "context", "label"])
     if not ((examples["split"] == "train") & (examples["source"] == "chatbot")).any():
         raise DataError("mic train split has no chatbot answer with a RoT and an A_agrees of 0, 1 or 2: "
@@ -193,12 +218,16 @@ def reply_only_probs(config: RotAgreementConfig, examples) -> np.ndarray:
     return classifier.proba([examples["reply"].tolist()])
 
 
-def run(config: RotAgreementConfig, raw: Path, out: Path, reports: Path) -> dict:
-    """Read raw MIC, train, evaluate every split, and write the model folder and the reports."""
+def run(config: RotAgreementConfig, raw: Path, normalized: Path, out: Path, reports: Path) -> dict:
+    """Read raw MIC in the normalized MIC's splits, train, evaluate every split, and write the model
+    folder and the reports."""
     started = time.perf_counter()
     for path in (out, reports / "metrics.json"):
         ensure_writable(path)
-    examples = build_examples(read_mic(raw))
+    skipped: Counter = Counter()
+    examples = build_examples(read_mic(raw, question_splits(normalized), skipped), skipped)
+    for reason, count in sorted(skipped.items()):
+        log.warning("rot_agreement: %d %s", count, reason)
     log.info("rot_agreement: read %d examples from %s (%s); training %s", len(examples), raw,
              dict(Counter(zip(examples["split"], examples["source"]))), config.model)
 
@@ -207,6 +236,7 @@ def run(config: RotAgreementConfig, raw: Path, out: Path, reports: Path) -> dict
     probs = scorer.predict_proba(examples["rot"].tolist(), examples["reply"].tolist(), examples["context"].tolist())
     metrics, confusion = evaluate(examples, probs)
     metrics["model"] = config.model
+    metrics["skipped"] = dict(sorted(skipped.items()))
     if config.model == "tfidf":
         reply_only, _ = evaluate(examples, reply_only_probs(config, examples))
         metrics["reply_only"] = {name: {key: reply_only[name][key] for key in ("accuracy", "macro_f1",
