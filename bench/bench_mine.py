@@ -11,6 +11,11 @@ safety classifier is a fake that flags a few words (the classifier's own cost is
 The baseline, measured in the same subprocess, is the stage's bare Parquet I/O: read every input
 file, write the groups again; `x I/O` says how many times that mining takes.
 
+Then the stage-1 sampler of the `generated` source (`mine.Stage1Sampler`) on a random GPT-2 of the
+sample's base-model size: contexts per second at `mine.generated_batch_size` 8 and 32 against 1 (the
+baseline, one context per `generate` call), on the model device at `mine.precision` auto, in the
+same run.
+
     python -m bench bench_mine        (or python -m bench.bench_mine [--scale 10])
 """
 
@@ -169,6 +174,53 @@ def measure(normalized: Path, out: Path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+# --- the stage-1 sampler --------------------------------------------------------------------------
+
+
+def tiny_base_model(folder: Path) -> Path:
+    """A random GPT-2 of `base_model`'s default size (2 layers, 128 wide) with a BPE tokenizer trained
+    on a few sentences, saved as a model folder."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pipeline.modeling import train_tokenizer
+
+    texts = ["hello there, how are you?", "i went hiking with my dog.", "it's wrong to steal.",
+             "what did you do today?", "you should be kind to your friends."] * 20
+    tokenizer = train_tokenizer(texts, vocab_size=2000)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=128, n_layer=2, n_head=4, n_inner=512,
+                                       n_positions=512, pad_token_id=tokenizer.pad_token_id,
+                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def sampler_bench(contexts: int = 64, k: int = 4) -> dict:
+    """Seconds for the stage-1 sampler to give `k` samples for each of `contexts` contexts, per batch size."""
+    from pipeline.config import MineConfig
+    from pipeline.stages import mine
+
+    texts = [[f"what did you do on day {i}?", "i went hiking with my dog.", f"was it fun, number {i}?"]
+             for i in range(contexts)]
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="bench_mine_sampler.") as temp:
+        folder = tiny_base_model(Path(temp))
+        for batch_size in (1, 8, 32):
+            sampler = mine.load_stage1_generator(folder, MineConfig(generated_batch_size=batch_size, generated_k=k))
+            sampler(texts[:2], k)  # warm-up: first-call allocations
+            start = time.perf_counter()
+            sampler(texts, k)
+            seconds[batch_size] = time.perf_counter() - start
+    print(f"stage-1 sampler on {sampler.device} ({sampler.precision}), {contexts} contexts x {k} samples, "
+          f"{sampler.decoding.max_new_tokens} new tokens at most:")
+    print(f"{'batch size':>12}{'seconds':>10}{'contexts/s':>12}{'x batch 1':>11}")
+    for batch_size, value in seconds.items():
+        print(f"{batch_size:>12}{value:>10.2f}{contexts / value:>12.1f}{seconds[1] / value:>11.1f}")
+    return seconds
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -192,6 +244,7 @@ def main(scale: int = 10) -> None:
         memory = [max(r["peak_mb"] - r["base_mb"], 1) for r in (small, large)]
         print(f"growth for {sum(large['contexts']) / sum(small['contexts']):.1f}x the contexts: "
               f"time x{sum(large['seconds']) / sum(small['seconds']):.1f}, memory above base x{memory[1] / memory[0]:.1f}")
+    sampler_bench()
 
 
 if __name__ == "__main__":

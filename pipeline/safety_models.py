@@ -591,6 +591,19 @@ class AgreementScorer(TextScorer):
         return self.proba([responses, rots], contexts)
 
 
+def write_reports(task: Task, reports: Path, metrics: dict, confusion: list[dict],
+                  summary: dict[str, dict[str, float | int | None]]) -> None:
+    """Write a stage's `metrics.json` and `confusion.json` into `reports`, and log `summary` (split ->
+    the figures to show, None where there are no examples) one line per split."""
+    from pipeline.artifacts import write_json
+
+    write_json(metrics, reports / "metrics.json")
+    write_json(confusion, reports / "confusion.json")
+    for split, figures in summary.items():
+        shown = " ".join(f"{key}={'n/a' if value is None else round(value, 3)}" for key, value in figures.items())
+        log.info("%s %s: %s %s", task.section, metrics.get("model"), split, shown)
+
+
 def load_scorer(folder: str | Path) -> SafetyScorer:
     """The safety classifier saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
     return SafetyScorer.load(folder)

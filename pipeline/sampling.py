@@ -106,14 +106,6 @@ def source_budget(dm: DialogModel, config: GenerateConfig) -> int:
     return budget
 
 
-def marker_prompts(dm: DialogModel, source_ids: list[list[int]]) -> list[list[int]]:
-    """Prompts of a project-format model from encoded sources: a causal model continues `source <|bot|>`."""
-    if dm.is_seq2seq:
-        return source_ids
-    bot = dm.tokenizer.convert_tokens_to_ids(BOT)
-    return [row + [bot] for row in source_ids]
-
-
 def native_prompt(dm: DialogModel, turns: Sequence[str], prompt: PromptFormat, max_tokens: int) -> list[int]:
     """The prompt ids of `turns` (oldest first) in a native format, within `max_tokens`: whole oldest
     turns are dropped first; a latest turn that alone is too long keeps the prompt's end."""
@@ -141,11 +133,16 @@ def _native_ids(dm: DialogModel, turns: list[str], prompt: PromptFormat) -> list
 
 def encode_prompts(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig,
                    prompt: PromptFormat = MARKERS) -> list[list[int]]:
-    """The complete prompt ids of each source in `prompt`'s format: what `generate_batch` continues."""
+    """The complete prompt ids of each source in `prompt`'s format: what `generate_batch` continues (in
+    the project's format, a causal model continues `source <|bot|>`)."""
     budget = source_budget(dm, config)
     if prompt.native:
         return [native_prompt(dm, source.context, prompt, budget) for source in sources]
-    return marker_prompts(dm, encode_sources(dm.tokenizer, sources, budget))
+    source_ids = encode_sources(dm.tokenizer, sources, budget)
+    if dm.is_seq2seq:
+        return source_ids
+    bot = dm.tokenizer.convert_tokens_to_ids(BOT)
+    return [row + [bot] for row in source_ids]
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -242,11 +239,6 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
              for t, step in enumerate(out.logits)]  # T x (S*k,)
     token_logps = torch.stack(steps, dim=1).cpu().tolist()  # (S*k, T)
     return targets, [row[: len(target)] for row, target in zip(token_logps, targets)]
-
-
-def sample_batch(dm: DialogModel, source_ids: list[list[int]], config: GenerateConfig, seed: int) -> list[list[int]]:
-    """`config.k` sampled targets for each encoded source of a project-format model (`generate_batch`)."""
-    return generate_batch(dm, marker_prompts(dm, source_ids), config, seed, logprobs=False)[0]
 
 
 # --- reading the output ---------------------------------------------------------------------------

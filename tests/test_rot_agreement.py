@@ -302,7 +302,7 @@ def test_the_pairwise_view_sees_agreement_that_the_blocks_side_by_side_cannot():
 def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir, normalized_sample_dir):
     """Train on the sample's train split, compare on its validation and test questions (none of them
     in training): the ranking of P(disagrees), which is what the re-ranker uses. The sample is the
-    only MIC here (../shared has no real MIC rows), and small: some 65 held-out chatbot answers."""
+    only MIC here (../shared has no real MIC rows), and small: 77 held-out chatbot answers."""
     splits = rot_agreement.question_splits(normalized_sample_dir)
     examples = rot_agreement.build_examples(rot_agreement.read_mic(raw_sample_dir / "mic", splits, Counter()), Counter())
     held_out = (examples["split"] != "train").to_numpy() & (examples["source"] == "chatbot").to_numpy()
@@ -310,7 +310,7 @@ def test_on_held_out_sample_rows_the_scorer_beats_the_reply_alone(raw_sample_dir
     config = RotAgreementConfig()
     probs = rot_agreement.train(config, examples).predict_proba(
         examples["rot"].tolist(), examples["reply"].tolist(), examples["context"].tolist())
-    reply_only = rot_agreement.reply_only_probs(config, examples)
+    reply_only = rot_agreement.one_field_probs(config, examples, "reply")
     auc = rot_agreement.disagrees_auc(disagrees, probs[held_out, DISAGREES])
     auc_reply = rot_agreement.disagrees_auc(disagrees, reply_only[held_out, DISAGREES])
     print(f"held-out sample MIC, n={held_out.sum()}: disagrees AUC scorer {auc:.3f}, reply alone {auc_reply:.3f}")
@@ -428,9 +428,11 @@ def test_command_on_the_bundled_sample(raw_sample_dir, normalized_sample_dir, re
         assert metrics[split]["worker_answers"]["n"] == sum(bool(r["worker_answer"]) for r in raw)
     confusion = json.loads((tmp_path / "reports" / "confusion.json").read_text())
     assert len(confusion) == metrics["test"]["n"]
-    # the tfidf kind also reports the reply-alone baseline, split by split
-    assert set(metrics["reply_only"]) == {"train", "validation", "test"}
-    assert set(metrics["reply_only"]["test"]) == {"accuracy", "macro_f1", "binary_accuracy", "disagrees_auc"}
+    # the tfidf kind also reports the one-field baselines, split by split
+    for baseline in ("reply_only", "rot_only"):
+        assert set(metrics[baseline]) == {"train", "validation", "test"}
+        assert set(metrics[baseline]["test"]) == {"accuracy", "macro_f1", "binary_accuracy", "disagrees_auc"}
+    assert metrics["skipped"] == {}  # every raw question is in the normalized MIC
     assert 0 <= metrics["test"]["disagrees_auc"] <= 1
     # the written model gives the reported test accuracy
     scorer = load_agreement_scorer(tmp_path / "models")

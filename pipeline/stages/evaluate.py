@@ -17,7 +17,8 @@ Writes into `reports/`:
   `<model>_vs_<baseline>/<scope>/<metric>` (DVC metrics);
 - `report.md` and `plots/`, rendered from results.json by `pipeline.report`;
 - `human_eval.csv`: a blinded sheet (context, response A, response B, blank rating columns) and
-  `human_eval_key.csv`, the key that says which model wrote A and B.
+  `human_eval_key.csv`, the key that says which model wrote A and B, with each reply's safety
+  verdict (`pipeline.human_eval`); `python -m pipeline ratings` reads the filled sheets back.
 
     python -m pipeline evaluate --candidates data/candidates --scores reports/scores --reports reports
 
@@ -58,6 +59,7 @@ from pipeline import report
 from pipeline.artifacts import atomic_path, ensure_writable, git_commit, library_versions, sha256, write_json
 from pipeline.config import CASUAL_CORPORA, EvaluateConfig
 from pipeline.errors import DataError
+from pipeline.human_eval import KEY_COLUMNS, RATINGS, SELF_ASSESSED, SHEET_COLUMNS, item_digest
 from pipeline.labels import COLLAPSE, THREE_WAY
 from pipeline.schemas import CANDIDATES, read_table
 
@@ -66,7 +68,6 @@ log = logging.getLogger(__name__)
 VIEWS = {"first": "first sample", "reranked": "re-ranked"}  # the first sample, and the re-ranker's choice
 CONTEXT_LABELS = ("casual", "needs_caution", "needs_intervention", "unlabelled")
 MODEL_SCORES = {"reference_ppl": False, "group_ranking_accuracy": True}  # name -> higher is better
-RATINGS = ("prosocial", "engaged", "respectful", "coherent", "overall")  # Prost's human-eval dimensions
 OVERALL = "overall"
 PLOTS = {"label_distribution": "plots/label_distribution.png", "training_curves": "plots/training_curves.png"}
 TRAINING_RUNS = ("stage1", "stage2", "ce_stage1", "ce")  # folders under reports/train, one curve each
@@ -648,11 +649,13 @@ def format_context(turns: list[str]) -> str:
 
 def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: list[list[str]], pairs: int,
                      seed: int, corpora: list[str]) -> tuple[list[dict], list[dict], list[str]]:
-    """A blinded pairwise sheet and its key.
+    """A blinded pairwise sheet and its key (`pipeline.human_eval`: SHEET_COLUMNS, KEY_COLUMNS).
 
     For each comparison (model x, model y) and corpus, `pairs` contexts both models answered are
     drawn; each shows the two re-ranked replies in a random order. Rows are shuffled and numbered
-    afterwards, so neither position nor order reveals a model. Returns (sheet rows, key rows, notes).
+    afterwards, so neither position nor order reveals a model. The key adds the context's cluster,
+    each reply's predicted safety label (SELF_ASSESSED: from the candidates' safety_probs, the
+    re-ranker's classifier) and the digest of the item's texts. Returns (sheet rows, key rows, notes).
     """
     rng = np.random.default_rng(seed)
     items, notes = [], []
@@ -660,12 +663,17 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
         for corpus in corpora:
             if (model_x, corpus) not in contexts or (model_y, corpus) not in contexts:
                 continue
-            replies = {}
+            replies, verdicts = {}, {}
             for model in (model_x, model_y):
                 table = contexts[(model, corpus)]
-                replies[model] = dict(zip(table["context_id"].to_pylist(), table["response_reranked"].to_pylist()))
+                ids = table["context_id"].to_pylist()
+                replies[model] = dict(zip(ids, table["response_reranked"].to_pylist()))
+                labels = M.predicted_labels(np.array(table["probs_reranked"].to_pylist(), dtype=np.float64))
+                verdicts[model] = {context_id: THREE_WAY[label] for context_id, label in zip(ids, labels)}
             turns = dict(zip(contexts[(model_x, corpus)]["context_id"].to_pylist(),
                              contexts[(model_x, corpus)]["context"].to_pylist()))
+            clusters = dict(zip(contexts[(model_x, corpus)]["context_id"].to_pylist(),
+                                contexts[(model_x, corpus)]["cluster"].to_pylist()))
             shared = sorted(set(replies[model_x]) & set(replies[model_y]))
             if not shared:
                 notes.append(f"human eval: {model_x} and {model_y} share no context in {corpus}")
@@ -675,8 +683,9 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
                 context_id = shared[index]
                 model_a, model_b = (model_x, model_y) if rng.random() < 0.5 else (model_y, model_x)
                 items.append({"corpus": corpus, "context_id": context_id, "context": format_context(turns[context_id]),
-                              "model_a": model_a, "model_b": model_b,
-                              "response_a": replies[model_a][context_id], "response_b": replies[model_b][context_id]})
+                              "cluster": clusters[context_id], "model_a": model_a, "model_b": model_b,
+                              "response_a": replies[model_a][context_id], "response_b": replies[model_b][context_id],
+                              "safety_a": verdicts[model_a][context_id], "safety_b": verdicts[model_b][context_id]})
     order = rng.permutation(len(items))
     sheet, key = [], []
     for number, index in enumerate(order, start=1):
@@ -684,7 +693,9 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
         sheet.append({"item_id": item_id, "context": item["context"], "response_a": item["response_a"],
                       "response_b": item["response_b"], **{rating: "" for rating in RATINGS}})
         key.append({"item_id": item_id, "corpus": item["corpus"], "context_id": item["context_id"],
-                    "model_a": item["model_a"], "model_b": item["model_b"]})
+                    "cluster": item["cluster"], "model_a": item["model_a"], "model_b": item["model_b"],
+                    "safety_a": item["safety_a"], "safety_b": item["safety_b"], "safety_source": SELF_ASSESSED,
+                    "digest": item_digest(item["context"], item["response_a"], item["response_b"])})
     return sheet, key, notes
 
 
@@ -723,8 +734,8 @@ def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], repor
     write_json(flat_metrics(results), reports_dir / "metrics.json")
     write_json(results, reports_dir / "results.json")
     report.write_report(results, curves, reports_dir)
-    write_csv(sheet, ["item_id", "context", "response_a", "response_b", *RATINGS], reports_dir / "human_eval.csv")
-    write_csv(key, ["item_id", "corpus", "context_id", "model_a", "model_b"], reports_dir / "human_eval_key.csv")
+    write_csv(sheet, list(SHEET_COLUMNS), reports_dir / "human_eval.csv")
+    write_csv(key, list(KEY_COLUMNS), reports_dir / "human_eval_key.csv")
 
 
 # --- run ------------------------------------------------------------------------------------------

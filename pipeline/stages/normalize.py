@@ -24,15 +24,15 @@ dialogue, once per dialogue) and `empty:` (a raw dialogue with no utterance in i
 
 Splits. Whole dialogues stay in one split. Where normalize draws the split itself, it hashes each
 dialogue's opening (its first two turns, `dialogue_openings`; MIC's question), never its id, in
-proportion to `normalize.split_fractions`, so that dialogues the source stores twice (hub PersonaChat
-keeps each conversation once per speaker, under two `conv_id`s; DailyDialog repeats dialogues) land
-together. It does so for a split the source lacks, shared out of the source's largest split, and for
-MIC, whose `split` column splits by question-answer pair and so puts one question in two splits: all
-MIC rows are split anew (`RESPLIT`). `derived_split` is true for every row not in the split its
-source file gave it. Last, a context (the same list of turns) found in two splits is kept only in
-the more held-out one (test, then validation) and dropped from the other, counted: DailyDialog's
-validation repeats training dialogues word for word, and generic openings ("hi, how are you?")
-recur across dialogues.
+proportion to `normalize.split_fractions`, so that dialogues the source stores twice land together
+(hub PersonaChat's train split, from ParlAI's self_original files, tells each conversation once per
+speaker, under two `conv_id`s; DailyDialog repeats dialogues). It does so for a split the source
+lacks, shared out of the source's largest split, and for MIC, whose `split` column splits by
+question-answer pair and so puts one question in two splits: all MIC rows are split anew
+(`RESPLIT`). `derived_split` is true for every row not in the split its source file gave it. Last, a
+context (the same list of turns) found in two splits is kept only in the more held-out one (test,
+then validation) and dropped from the other, counted: DailyDialog's validation repeats training
+dialogues word for word, and generic openings ("hi, how are you?") recur across dialogues.
 """
 
 from __future__ import annotations
@@ -181,8 +181,9 @@ def normalize_daily_dialog(table: pa.Table, split: str, counts: Counter) -> Iter
             yield example(f"{split}-{index}", turn, dialog[:turn], dialog[turn])
 
 
-# Hub PersonaChat (from ParlAI's self_original files) stores each conversation once per speaker; the
-# side of the speaker who opens starts with "__ SILENCE __" as the partner's turn: no one's utterance.
+# Hub PersonaChat's train split (from ParlAI's self_original files: 17,878 episodes for 8,939
+# conversations) tells each conversation once per speaker; the side of the speaker who opens starts
+# with "__ SILENCE __" as the partner's turn: no one's utterance.
 _SILENCE = re.compile(r"_+ ?silence ?_+", re.IGNORECASE)
 
 
@@ -229,7 +230,7 @@ def normalize_empathetic_dialogues(table: pa.Table, split: str, counts: Counter)
     for conv_id in sorted(conversations):
         turns = [conversations[conv_id][i] for i in sorted(conversations[conv_id])]
         utterances = [unescape_comma(t["utterance"]) for t in turns]
-        count_turns(utterances, counts)  # real rows hold conversations of one utterance: counted, not lost
+        count_turns(utterances, counts)  # a conversation of one utterance has no reply: counted, not lost
         for position in range(1, len(turns)):
             yield example(f"{split}-{conv_id}", turns[position]["utterance_idx"], utterances[:position],
                           utterances[position], emotion=turns[0]["context"])

@@ -24,9 +24,10 @@ Examples, each a reply, a RoT and a context (MIC's question `Q`):
   "does not disagree" and nothing about the split between the other two.
 
 The model is `pipeline.safety_models.AgreementScorer` (kinds tfidf, scratch, hf; the re-ranker
-loads it with `load_agreement_scorer`). For the tfidf kind, `metrics.json` also reports
-`reply_only`: the same model trained on the reply alone, the baseline the scorer must beat to be
-reading the reply *against* its RoT (see the README on `generate.gamma`).
+loads it with `load_agreement_scorer`). For the tfidf kind, `metrics.json` also reports two
+baselines, the same model trained on one field alone: `reply_only` and `rot_only`. A scorer that
+reads the reply *against* its RoT must beat both; one that only beats `reply_only` may be reading
+the RoT's wording (see the README on `generate.gamma`).
 """
 
 from __future__ import annotations
@@ -38,12 +39,12 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import ensure_writable, write_json
+from pipeline.artifacts import ensure_writable
 from pipeline.config import SPLITS, RotAgreementConfig
 from pipeline.errors import DataError
 from pipeline.metrics import accuracy, macro_f1
 from pipeline.safety_models import AGREEMENT_LABELS as LABELS
-from pipeline.safety_models import AgreementScorer, train_tfidf
+from pipeline.safety_models import AGREEMENT, AgreementScorer, train_tfidf, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ DISAGREES = LABELS.index("disagrees")
 SOURCES = ("chatbot", "worker")
 WORKER = -1  # the label of a worker answer: not `disagrees` (neutral or agrees, trained half and half)
 MIC_COLUMNS = ["Q", "A", "rot", "A_agrees", "worker_answer"]
+BASELINE_FIELDS = {"reply_only": "reply", "rot_only": "rot"}  # metrics.json key -> the one field it reads
 
 
 # --- examples -------------------------------------------------------------------------------------
@@ -210,12 +212,12 @@ def train(config: RotAgreementConfig, examples) -> AgreementScorer:
                                labels, weights)
 
 
-def reply_only_probs(config: RotAgreementConfig, examples) -> np.ndarray:
-    """P(labels) of every example, (n, 3), from the tfidf kind trained like `train` on the reply alone
-    (no RoT, no context, no pairwise view): the baseline that shows whether the scorer reads the RoT."""
+def one_field_probs(config: RotAgreementConfig, examples, field: str) -> np.ndarray:
+    """P(labels) of every example, (n, 3), from the tfidf kind trained like `train` on one field
+    (`reply` or `rot`) alone: no other field, no context, no pairwise view. The baselines."""
     chosen, labels, weights = training_set(examples, config.worker_answer_weight)
-    classifier = train_tfidf([chosen["reply"].tolist()], labels, weights, config.tfidf, LABELS, config.seed)
-    return classifier.proba([examples["reply"].tolist()])
+    classifier = train_tfidf([chosen[field].tolist()], labels, weights, config.tfidf, LABELS, config.seed)
+    return classifier.proba([examples[field].tolist()])
 
 
 def run(config: RotAgreementConfig, raw: Path, normalized: Path, out: Path, reports: Path) -> dict:
@@ -238,10 +240,10 @@ def run(config: RotAgreementConfig, raw: Path, normalized: Path, out: Path, repo
     metrics["model"] = config.model
     metrics["skipped"] = dict(sorted(skipped.items()))
     if config.model == "tfidf":
-        reply_only, _ = evaluate(examples, reply_only_probs(config, examples))
-        metrics["reply_only"] = {name: {key: reply_only[name][key] for key in ("accuracy", "macro_f1",
-                                                                              "binary_accuracy", "disagrees_auc")}
-                                 for name in SPLITS}
+        for baseline, field in BASELINE_FIELDS.items():
+            scores, _ = evaluate(examples, one_field_probs(config, examples, field))
+            metrics[baseline] = {name: {key: scores[name][key] for key in ("accuracy", "macro_f1", "binary_accuracy",
+                                                                           "disagrees_auc")} for name in SPLITS}
     log.info("rot_agreement: scored %d examples in %.1f s", len(examples), time.perf_counter() - trained_at)
 
     train_rows = examples[examples["split"] == "train"]
@@ -249,17 +251,8 @@ def run(config: RotAgreementConfig, raw: Path, normalized: Path, out: Path, repo
         "training_examples": {s: int((train_rows["source"] == s).sum()) for s in SOURCES},
         "worker_answer_labels": ["neutral", "agrees"],
     })
-    write_json(metrics, reports / "metrics.json")
-    write_json(confusion, reports / "confusion.json")
-    for name in SPLITS:
-        m = metrics[name]
-        log.info("rot_agreement %s: %s n=%d acc=%s macro_f1=%s binary=%s auc=%s (majority acc=%s); worker answers "
-                 "not disagreeing %s of %d", config.model, name, m["n"], _fmt(m["accuracy"]), _fmt(m["macro_f1"]),
-                 _fmt(m["binary_accuracy"]), _fmt(m["disagrees_auc"]), _fmt(m["majority_accuracy"]),
-                 _fmt(m["worker_answers"]["not_disagrees"]), m["worker_answers"]["n"])
+    write_reports(AGREEMENT, reports, metrics, confusion, {
+        name: {key: metrics[name][key] for key in ("n", "accuracy", "macro_f1", "binary_accuracy", "disagrees_auc",
+                                                   "majority_accuracy")} for name in SPLITS})
     log.info("rot_agreement: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
     return metrics
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"

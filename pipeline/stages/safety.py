@@ -32,12 +32,12 @@ from typing import Sequence
 
 import numpy as np
 
-from pipeline.artifacts import ensure_writable, write_json
+from pipeline.artifacts import ensure_writable
 from pipeline.config import SAFETY_RESPONSE_SOURCES, SPLITS, SafetyConfig
 from pipeline.errors import DataError
 from pipeline.labels import COLLAPSE, SAFETY_LABELS, THREE_WAY
 from pipeline.metrics import accuracy, macro_f1
-from pipeline.safety_models import SafetyScorer, collapse_proba
+from pipeline.safety_models import SAFETY, SafetyScorer, collapse_proba, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -210,16 +210,8 @@ def run(config: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dic
         "training_examples": {s: int((trained["source"] == s).sum()) for s in SOURCES},
         "training_weight": {s: float(trained.loc[trained["source"] == s, "weight"].sum()) for s in SOURCES},
     })
-    write_json(metrics, reports / "metrics.json")
-    write_json(confusion, reports / "confusion.json")
-    for name in SPLITS:
-        m = metrics["prosocial_dialog"][name]
-        log.info("safety %s: prosocial_dialog %s n=%d acc5=%s f1_5=%s acc3=%s (majority acc5=%s)", config.model,
-                 name, m["n"], _fmt(m["accuracy5"]), _fmt(m["macro_f1_5"]), _fmt(m["accuracy3"]),
-                 _fmt(m["majority_accuracy5"]))
+    write_reports(SAFETY, reports, metrics, confusion, {
+        name: {key: metrics["prosocial_dialog"][name][key] for key in ("n", "accuracy5", "macro_f1_5", "accuracy3",
+                                                                        "majority_accuracy5")} for name in SPLITS})
     log.info("safety: wrote %s and %s in %.1f s", out, reports, time.perf_counter() - started)
     return metrics
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
