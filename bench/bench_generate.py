@@ -5,8 +5,9 @@ in the same run on the default scratch model (`base_model` defaults: causal GPT-
 
     python -m bench.bench_generate
 
-Each measurement is the stage's per-batch worker `sample_candidates`: sampling, decoding, parsing
-and the batched fluency pass. A random model almost never samples eos (p ~ 1/2000 per token), so
+Each measurement is the stage's per-batch worker `sample_candidates`: sampling (which yields each
+token's log-probability, so fluency needs no second forward pass), decoding, parsing and the reply
+tokens' fluency. A random model almost never samples eos (p ~ 1/2000 per token), so
 every candidate runs to `max_new_tokens` in both arms and they generate the same number of tokens.
 """
 

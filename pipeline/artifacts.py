@@ -8,6 +8,7 @@ the end. Also the provenance every model folder and report carries (git commit, 
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
 import hashlib
 import json
@@ -17,7 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from pipeline.errors import DataError
 from pipeline.faults import kill_point
@@ -67,6 +68,15 @@ def write_json(obj: Any, path: str | Path) -> None:
     """Write `obj` as indented, key-sorted JSON (stable bytes for the same content)."""
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_csv(rows: list[dict], columns: Sequence[str], path: str | Path) -> None:
+    """Write rows as a UTF-8 CSV with a header of `columns`, atomically."""
+    with atomic_path(path) as temp:
+        with open(temp, "w", encoding="utf-8", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(columns))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def write_parquet(table, path: str | Path) -> None:

@@ -122,6 +122,28 @@ def evaluate(
     stage_module.run(config, candidates, reports, stage_module.read_model_scores(scores, config.models))
 
 
+@app.command()
+@reports_errors
+def ratings(
+    sheets: list[Path] = typer.Option(..., help="A filled sheet, <rater>.csv (a copy of human_eval.csv), or a folder "
+                                                "of them; repeat the option. None found: nothing is rated, and the "
+                                                "outputs say so."),
+    key: Path = typer.Option(..., help="The key evaluate wrote beside the sheet (human_eval_key.csv)."),
+    out: Path = typer.Option(..., help="Folder to write ratings.json, ratings.md and judgements.csv into."),
+    params: Path = PARAMS,
+):
+    """Read filled human-evaluation sheets back: check them against the key, unblind them, and report per
+    comparison and dimension the win / tie / loss shares, Krippendorff's alpha, and how often the safety
+    verdict agrees with the raters' majority."""
+    from pipeline.config import EvaluateConfig, RatingsConfig
+
+    config = load_section(params, "ratings", RatingsConfig)
+    comparisons = load_section(params, "evaluate", EvaluateConfig).human_eval_comparisons
+    from pipeline.stages import ratings as stage_module
+
+    stage_module.run(config, comparisons, sheets, key, out)
+
+
 @app.command("base_model")
 @reports_errors
 def base_model(

@@ -157,6 +157,21 @@ class EvaluateConfig:
                     "evaluate.human_eval_comparisons", pair, "each entry is two different names from evaluate.models")
 
 
+@dataclasses.dataclass(frozen=True)
+class RatingsConfig:
+    """`ratings`: the filled human-evaluation sheets read back (win / tie / loss, agreement)."""
+
+    bootstrap_samples: int = 1000
+    """Resamples for each percentile bootstrap 95% interval; a resample draws the items' dialogues
+    (`cluster` in the key) with every rating of their items."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+
+    def __post_init__(self):
+        require(self.bootstrap_samples >= 100, "ratings.bootstrap_samples", self.bootstrap_samples,
+                "must be at least 100")
+
+
 MINE_SOURCES = ("context", "hard", "random", "generated")
 UNSAFE_LABELS = ("__possibly_needs_caution__", "__probably_needs_caution__", "__needs_caution__",
                  "__needs_intervention__")
@@ -547,7 +562,8 @@ class GenerateConfig:
     seed: int = 0
     """Seed of the choice of contexts and of sampling (each batch reseeds from it, its corpus and index)."""
     max_contexts: int = 8
-    """Test contexts per corpus, drawn with `seed` (the same ones for every model); 0: all of them."""
+    """Distinct test contexts per corpus (rows with the same turns, persona and emotion are one context,
+    with all their replies as references), drawn with `seed`, the same for every model; 0: all of them."""
     k: int = 4
     """Candidates sampled per context."""
     batch_size: int = 8
@@ -568,7 +584,7 @@ class GenerateConfig:
     """Choose each context's reply by the re-ranker's score (true) or take the first sample (false:
     the no-re-ranking ablation; scores are still written)."""
     alpha: float = 1.0
-    """Weight of fluency (per-token probability, in [0, 1]) in the re-ranker's score."""
+    """Weight of fluency (the reply tokens' per-token probability, in [0, 1]) in the re-ranker's score."""
     beta: float = 1.0
     """Weight of prosociality (the safety classifier's P(casual), in [0, 1]) in the score."""
     gamma: float = 0.0
@@ -804,6 +820,7 @@ SECTIONS: dict[str, type] = {
     "generate": GenerateConfig,
     "audit": AuditConfig,
     "evaluate": EvaluateConfig,
+    "ratings": RatingsConfig,
 }
 """Every `params.yaml` section and its dataclass."""
 

@@ -14,6 +14,9 @@ systems on the same items, resampled jointly; `bootstrap_ci_of_counts` for stati
 functions of item sums (`distinct_n_ci`, `top_k_share_ci`), on the same resamples. Every bootstrap
 takes `clusters`: items of one cluster (the turns of one dialogue) are drawn together, since they are
 not independent. `mcnemar_exact` is the exact test of two paired binary outcomes.
+
+Agreement between raters (the ratings stage): `krippendorff_alpha` of nominal, ordinal or interval
+ratings with missing values.
 """
 
 from __future__ import annotations
@@ -475,3 +478,50 @@ def macro_f1(actual: Sequence, predicted: Sequence) -> float | None:
         denominator = np.sum(actual == label) + np.sum(predicted == label)
         scores.append(2 * true_positive / denominator)
     return float(np.mean(scores))
+
+
+# --- agreement between raters (the ratings stage) -------------------------------------------------
+
+ALPHA_LEVELS = ("nominal", "ordinal", "interval")
+
+
+def krippendorff_alpha(reliability_data: Sequence[Sequence[float]] | np.ndarray, level: str) -> float | None:
+    """Krippendorff's alpha, 1 - observed / expected disagreement, of ratings with missing values.
+
+    reliability_data: (raters, units) numeric ratings, NaN where a rater did not rate a unit
+    (Krippendorff's reliability data matrix). Only units with two or more ratings are pairable. From
+    the coincidence matrix o_ck = sum over units of n_uc (n_uk - [c = k]) / (m_u - 1) (m_u ratings
+    in unit u, n_uc of them c) and its marginals n_c, n = sum n_c:
+    alpha = 1 - (n - 1) sum o_ck d_ck / sum n_c n_k d_ck, with the squared distance d_ck of the
+    `level`: nominal [c != k]; interval (c - k)^2; ordinal (sum_{g=c..k} n_g - (n_c + n_k) / 2)^2,
+    which is the interval distance between the values' mid-ranks cumsum(n)_c - n_c / 2, so only the
+    order of the values counts, not their spacing (Krippendorff, Computing Krippendorff's
+    Alpha-Reliability, 2011). 1 is perfect agreement, 0 chance, below 0 systematic disagreement.
+    None when no unit is pairable or every pairable rating is the same value (no expected
+    disagreement: alpha is undefined).
+    """
+    data = np.asarray(reliability_data, dtype=np.float64)
+    if data.ndim != 2:
+        raise ValueError(f"expected (raters, units) ratings, got shape {data.shape}")
+    if level not in ALPHA_LEVELS:
+        raise ValueError(f"unknown level {level!r} (known: {', '.join(ALPHA_LEVELS)})")
+    rated = ~np.isnan(data)
+    values, codes = np.unique(data[rated], return_inverse=True)
+    counts = np.zeros((data.shape[1], len(values)))  # (U, V): n_uc
+    np.add.at(counts, (np.nonzero(rated)[1], codes.reshape(-1)), 1)
+    per_unit = counts.sum(axis=1)
+    counts, per_unit = counts[per_unit >= 2], per_unit[per_unit >= 2]
+    if len(counts) == 0:
+        return None
+    weighted = counts / (per_unit - 1)[:, None]  # (U, V)
+    coincidences = weighted.T @ counts - np.diag(weighted.sum(axis=0))  # (V, V)
+    marginals = coincidences.sum(axis=1)  # (V,)
+    if level == "nominal":
+        distance = 1.0 - np.eye(len(values))
+    else:
+        position = values if level == "interval" else np.cumsum(marginals) - marginals / 2
+        distance = (position[:, None] - position[None, :]) ** 2
+    expected = marginals @ distance @ marginals
+    if expected == 0:
+        return None
+    return float(1 - (marginals.sum() - 1) * (coincidences * distance).sum() / expected)

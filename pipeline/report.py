@@ -1,9 +1,10 @@
-"""The evaluation report: `report.md` and the plots, rendered from the contents of results.json.
+"""The reports: `report.md` and the plots, rendered from the contents of results.json, and
+`ratings.md` from ratings.json.
 
 `pipeline/stages/evaluate.py` computes results.json and calls `write_report`; nothing here computes
 a metric. Every number in the report is read from the results dict (the training-curve plot from the
 dvclive logs evaluate read), so `render_report(json.load(open("reports/results.json")))` re-renders
-a saved report.
+a saved report. Likewise `pipeline/stages/ratings.py` and `write_ratings_report` / `render_ratings`.
 """
 
 from __future__ import annotations
@@ -201,7 +202,9 @@ def render_report(results: dict) -> str:
         lines += ["## Human evaluation", "",
                   f"`{human['sheet']}` holds {human['items']} blinded pairs (context, response A, response B); "
                   f"raters fill {', '.join(human['ratings'])} with A, B or tie. `{human['key']}` says which model "
-                  "wrote each response; keep it away from the raters.", ""]
+                  "wrote each response; keep it away from the raters. Each rater's filled copy goes to "
+                  "`data/ratings/<rater>.csv`; the `ratings` stage (`python -m pipeline ratings`) reads them back "
+                  "into `reports/ratings/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -256,6 +259,66 @@ def _generic_table(results: dict, scope: str) -> list[str]:
             f"*top-{top} share*: the share of all replies that the {top} most frequent account for; the replies "
             f"among them that occur more than once, lower-cased and tokenized (results.json lists all {top}).", "",
             *_table(["model", "reply", f"top-{top} share" + _arrow(better), "repeated replies"], rows), ""]
+
+
+# --- human ratings --------------------------------------------------------------------------------
+
+
+def write_ratings_report(ratings: dict, path: Path) -> None:
+    """Write `render_ratings(ratings)` to `path` atomically."""
+    with atomic_path(path) as temp:
+        temp.write_text(render_ratings(ratings), encoding="utf-8")
+
+
+def render_ratings(ratings: dict) -> str:
+    """The Markdown summary of the human ratings, from the contents of ratings.json alone."""
+    lines = ["# Human ratings", ""]
+    if ratings["status"] != "rated":
+        return "\n".join(lines + [f"*{ratings['status'].capitalize()}.*", "", *ratings["notes"]]) + "\n"
+    bootstrap, key = ratings["bootstrap"], ratings["key"]
+    raters = ratings["raters"]
+    lines += [f"Rendered from `ratings.json` (git commit `{ratings.get('git_commit') or 'unknown'}`). "
+              f"{len(raters)} rater{'s' if len(raters) != 1 else ''} ({', '.join(raters)}) against the key "
+              f"`{key['path']}` ({key['items']} items). A judgement is one rater's rating of one item on one "
+              "dimension; the shares are of judgements, `[low, high]` a percentile bootstrap 95% interval "
+              f"({bootstrap['samples']} resamples) that draws dialogues with every rating of their items. "
+              "α is Krippendorff's alpha (ordinal: A better < tie < B better, on the ratings as the raters gave "
+              "them); 1 is perfect agreement, 0 chance.", ""]
+    if ratings["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in ratings["notes"]] + [""]
+    for name, comparison in ratings["comparisons"].items():
+        first, second = comparison["models"]
+        lines += [f"## {first} vs {second}", "",
+                  f"{comparison['rated_items']} of {comparison['items']} items rated, by "
+                  f"{comparison['raters']} rater{'s' if comparison['raters'] != 1 else ''}.", ""]
+        if not comparison["dimensions"]:
+            continue
+        rows = [[dimension, *(_cell(entry[outcome], 3) for outcome in ("win", "tie", "loss")),
+                 str(entry["win"]["n"]), _alpha_cell(entry["alpha"])]
+                for dimension, entry in comparison["dimensions"].items()]
+        lines += _table(["dimension", f"{first} better", "tie", f"{second} better", "judgements", "α"], rows)
+        lines += ["", _safety_line(comparison["safety_agreement"]), ""]
+    lines += ["## Agreement over all comparisons", ""]
+    lines += _table(["dimension", "α", "items rated twice or more", "their ratings"],
+                    [[dimension, _alpha_cell(entry), str(entry["units"]), str(entry["ratings"])]
+                     for dimension, entry in ratings["agreement"].items()])
+    lines += ["", _safety_line(ratings["safety_agreement"])]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _alpha_cell(entry: dict) -> str:
+    return MISSING if entry["value"] is None else f"{entry['value']:.3f}"
+
+
+def _safety_line(entry: dict | None) -> str:
+    """How often the safety verdict agrees with the raters' majority, and whose verdict it is."""
+    if not entry or entry["value"] is None:
+        return "*Safety: no item has a majority of the raters on the safety dimension.*"
+    source = entry["source"]
+    who = "the re-ranker's own classifier" if source == "self-assessed" else source
+    return (f"Safety: the `{source}` safety verdict ({who}; the reply with the milder predicted label is the safer, "
+            f"equal labels a tie) agrees with the raters' majority on `{entry['dimension']}` on "
+            f"{_cell(entry, 3)} of {entry['n']} items ({entry['no_majority']} without a majority).")
 
 
 # --- plots ----------------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ def test_the_repository_params_load_into_their_sections(repo_root):
     assert corpora.hub["mic"] == HubCorpus(repo="SALT-NLP/MIC", revision="main", file="MIC.zip")
     assert corpora.hub["daily_dialog"].revision == "refs/convert/parquet"
     assert sorted(corpora.hub) == sorted(["prosocial_dialog", "mic", "daily_dialog", "persona_chat",
-                                          "empathetic_dialogues", "blended_skill_talk"])
+                                          "empathetic_dialogues", "blended_skill_talk", "diasafety", "toxichat"])
+    toxichat = corpora.hub["toxichat"]  # JSON lines at a pinned commit of its GitHub repository
+    assert len(toxichat.revision) == 40 and sorted(toxichat.data_files) == sorted(["train", "validation", "test"])
+    assert all("{revision}" in url for url in toxichat.data_files.values())
     normalize = load_section(repo_root / "params.yaml", "normalize", NormalizeConfig)
     assert isinstance(normalize.max_chars, int) and normalize.max_chars >= 16
     assert sum(normalize.split_fractions.values()) == pytest.approx(1)

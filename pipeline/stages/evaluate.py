@@ -56,7 +56,7 @@ import pyarrow.compute as pc
 
 from pipeline import metrics as M
 from pipeline import report
-from pipeline.artifacts import atomic_path, ensure_writable, git_commit, library_versions, sha256, write_json
+from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
 from pipeline.config import CASUAL_CORPORA, EvaluateConfig
 from pipeline.errors import DataError
 from pipeline.human_eval import KEY_COLUMNS, RATINGS, SELF_ASSESSED, SHEET_COLUMNS, item_digest
@@ -668,7 +668,8 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
                 table = contexts[(model, corpus)]
                 ids = table["context_id"].to_pylist()
                 replies[model] = dict(zip(ids, table["response_reranked"].to_pylist()))
-                labels = M.predicted_labels(np.array(table["probs_reranked"].to_pylist(), dtype=np.float64))
+                probs = np.array(table["probs_reranked"].to_pylist(), dtype=np.float64).reshape(-1, 3)
+                labels = M.predicted_labels(probs)
                 verdicts[model] = {context_id: THREE_WAY[label] for context_id, label in zip(ids, labels)}
             turns = dict(zip(contexts[(model_x, corpus)]["context_id"].to_pylist(),
                              contexts[(model_x, corpus)]["context"].to_pylist()))
@@ -699,15 +700,6 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
     return sheet, key, notes
 
 
-def write_csv(rows: list[dict], columns: list[str], path: Path) -> None:
-    """Write rows as a UTF-8 CSV with a header, atomically."""
-    with atomic_path(path) as temp:
-        with open(temp, "w", encoding="utf-8", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 # --- writing --------------------------------------------------------------------------------------
 
 
@@ -734,8 +726,8 @@ def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], repor
     write_json(flat_metrics(results), reports_dir / "metrics.json")
     write_json(results, reports_dir / "results.json")
     report.write_report(results, curves, reports_dir)
-    write_csv(sheet, list(SHEET_COLUMNS), reports_dir / "human_eval.csv")
-    write_csv(key, list(KEY_COLUMNS), reports_dir / "human_eval_key.csv")
+    write_csv(sheet, SHEET_COLUMNS, reports_dir / "human_eval.csv")
+    write_csv(key, KEY_COLUMNS, reports_dir / "human_eval_key.csv")
 
 
 # --- run ------------------------------------------------------------------------------------------

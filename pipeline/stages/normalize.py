@@ -10,29 +10,35 @@ and every unit read that was dropped, or rows that were changed, counted by reas
 One row is one reply in context: `context` holds the previous turns (oldest first, the last one the
 partner's), `response` the reference reply. A normalizer per corpus handles its quirks; `NORMALIZERS`
 is the registry. `dialogue_id` is unique across a corpus's splits: `<source split>-<source id>` (or
-`-<row>`), MIC's a hash of the question.
+`-<row>`), MIC's a hash of the question, DiaSafety's a hash of the context (its replies numbered by
+`turn_index`). DiaSafety and ToxiChat also give the human label of the reply (`reply_label` safe or
+unsafe; DiaSafety's `reply_category`; ToxiChat's `reply_offensive`, `reply_agrees_offensive`) and who
+replied (`responder`: human, dialogpt, gpt3); the other corpora leave these null.
 
 Nothing is dropped silently. `stats.json` `read` gives the unit read per corpus (`READ_UNITS`) and
 how many: raw rows for ProsocialDialog (a user turn and its reply), MIC (an annotation), PersonaChat
-(a history and its gold reply) and EmpatheticDialogues (one utterance each); utterances for
-DailyDialog (`dialog` entries) and BlendedSkillTalk (`previous_utterance`, `free_messages` and
-`guided_messages` entries). Each unit read becomes one output row, or is counted once in `counts`
-under `dropped: <reason>` or `context only: <reason>` (a dialogue's opening utterance, which no reply
-precedes): read = rows written + those counts, checked on every run. The other `counts` are notes:
-`changed:` (a text or split changed in a kept row, once per text), `kept:` (a quirk of a kept
-dialogue, once per dialogue) and `empty:` (a raw dialogue with no utterance in it).
+(a history and its gold reply), EmpatheticDialogues (one utterance each) and DiaSafety (a reply in
+its context); utterances for DailyDialog (`dialog` entries) and BlendedSkillTalk
+(`previous_utterance`, `free_messages` and `guided_messages` entries); turns for ToxiChat (each
+Reddit turn, and the thread's two chatbot replies). Each unit read becomes one output row, or is
+counted once in `counts` under `dropped: <reason>` or `context only: <reason>` (a dialogue's opening
+utterance, which no reply precedes): read = rows written + those counts, checked on every run. The
+other `counts` are notes: `changed:` (a text or split changed in a kept row, once per text), `kept:`
+(a quirk of a kept dialogue or row, once each) and `empty:` (a raw dialogue with no utterance in
+it).
 
 Splits. Whole dialogues stay in one split. Where normalize draws the split itself, it hashes each
-dialogue's opening (its first two turns, `dialogue_openings`; MIC's question), never its id, in
-proportion to `normalize.split_fractions`, so that dialogues the source stores twice land together
-(hub PersonaChat's train split, from ParlAI's self_original files, tells each conversation once per
-speaker, under two `conv_id`s; DailyDialog repeats dialogues). It does so for a split the source
-lacks, shared out of the source's largest split, and for MIC, whose `split` column splits by
-question-answer pair and so puts one question in two splits: all MIC rows are split anew
-(`RESPLIT`). `derived_split` is true for every row not in the split its source file gave it. Last, a
-context (the same list of turns) found in two splits is kept only in the more held-out one (test,
-then validation) and dropped from the other, counted: DailyDialog's validation repeats training
-dialogues word for word, and generic openings ("hi, how are you?") recur across dialogues.
+dialogue's opening (its first two turns, `dialogue_openings`; MIC's question, DiaSafety's context,
+ToxiChat's post), never its id, in proportion to `normalize.split_fractions`, so that dialogues the
+source stores twice land together (hub PersonaChat's train split, from ParlAI's self_original files,
+tells each conversation once per speaker, under two `conv_id`s; DailyDialog repeats dialogues). It
+does so for a split the source lacks, shared out of the source's largest split, and for MIC, whose
+`split` column splits by question-answer pair and so puts one question in two splits: all MIC rows
+are split anew (`RESPLIT`). `derived_split` is true for every row not in the split its source file
+gave it. Last, a context (the same list of turns) found in two splits is kept only in the more
+held-out one (test, then validation) and dropped from the other, counted: DailyDialog's validation
+repeats training dialogues word for word, and generic openings ("hi, how are you?") recur across
+dialogues.
 """
 
 from __future__ import annotations
@@ -49,9 +55,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
-from pipeline.config import CORPORA, SPLITS, NormalizeConfig
+from pipeline.config import KNOWN_CORPORA, SPLITS, NormalizeConfig
 from pipeline.errors import DataError
-from pipeline.labels import SAFETY_LABELS
+from pipeline.labels import DIASAFETY_CATEGORIES, SAFETY_LABELS
 from pipeline.schemas import NORMALIZED, read_raw
 
 log = logging.getLogger(__name__)
@@ -66,7 +72,8 @@ EMPTY = "empty: raw dialogue with no utterances"
 
 def example(dialogue_id: str, turn_index: int, context: list, response, **fields) -> Row:
     """One normalized row before cleaning; `fields` may set rots, safety_label, persona, emotion,
-    unacceptable_responses."""
+    unacceptable_responses, and the reply's human label: reply_label, reply_category, reply_offensive,
+    reply_agrees_offensive, responder (see `schemas.NORMALIZED`)."""
     return {
         "dialogue_id": dialogue_id,
         "turn_index": int(turn_index),
@@ -77,7 +84,11 @@ def example(dialogue_id: str, turn_index: int, context: list, response, **fields
         "persona": list(fields.get("persona") or []),
         "emotion": fields.get("emotion"),
         "unacceptable_responses": list(fields.get("unacceptable_responses") or []),
+        **{name: fields.get(name) for name in REPLY_FIELDS},
     }
+
+
+REPLY_FIELDS = ("reply_label", "reply_category", "reply_offensive", "reply_agrees_offensive", "responder")
 
 
 def stable_id(text: str) -> str:
@@ -264,6 +275,123 @@ def normalize_blended_skill_talk(table: pa.Table, split: str, counts: Counter) -
             yield example(f"{split}-{index}", position, turns[:position], turns[position], persona=personas[speaker])
 
 
+DIASAFETY_LABELS = {"Safe": "safe", "Unsafe": "unsafe"}  # raw label -> labels.REPLY_LABELS
+
+
+def spaced(text) -> str:
+    """A text with its runs of whitespace as one space: DiaSafety and ToxiChat store some contexts and
+    replies twice, differing only in spacing, which cleaning would make one."""
+    return " ".join((text or "").split())
+
+
+def normalize_diasafety(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One raw row is one reply to a one-utterance context, labelled Safe/Unsafe for its category.
+
+    A context repeats with different replies; all of them share one dialogue id, a hash of the
+    context (so they travel together, and a context in two source splits keeps its id), and
+    `turn_index` numbers them in file order. Who replied is not recorded (responder null). A pair
+    stored twice is kept once (the first; a copy labelled differently is counted too). A label or
+    category outside DiaSafety's is a DataError naming the row."""
+    replies: Counter = Counter()
+    seen: dict[tuple, tuple] = {}
+    for number, row in enumerate(raw_rows(table), start=1):
+        if row["label"] not in DIASAFETY_LABELS:
+            raise DataError(f"row {number}: label {row['label']!r} is not Safe or Unsafe")
+        if row["category"] not in DIASAFETY_CATEGORIES:
+            raise DataError(f"row {number}: category {row['category']!r} is not one of "
+                            f"{', '.join(DIASAFETY_CATEGORIES)}")
+        key, labels = (spaced(row["context"]), spaced(row["response"])), (row["label"], row["category"])
+        if key in seen:
+            counts["dropped: duplicate (context, response) pair"] += 1
+            if seen[key] != labels:
+                counts["kept: an earlier copy of a pair labelled differently (its label kept)"] += 1
+            continue
+        seen[key] = labels
+        dialogue_id = stable_id(key[0])
+        yield example(dialogue_id, replies[dialogue_id], [row["context"]], row["response"],
+                      reply_label=DIASAFETY_LABELS[row["label"]], reply_category=row["category"])
+        replies[dialogue_id] += 1
+
+
+TOXICHAT_OFFENSIVE = {"Safe": False, "Offensive": True}  # offense_label -> reply_offensive
+TOXICHAT_STANCES = ("Agree", "Disagree", "Neutral")
+# The chatbot reply columns, in the order their rows take turn indices, and the responder each names.
+TOXICHAT_CHATBOTS = {"final_dgpt_response": "dialogpt", "final_gpt3_response": "gpt3"}
+TOXICHAT_MAX_TURNS = 3  # the raw schema holds stances toward three earlier turns at most
+
+
+def toxichat_offensive(turn: dict, where: str) -> bool:
+    """Whether a turn's offense_label is Offensive; a label other than Safe/Offensive is a DataError."""
+    if turn["offense_label"] not in TOXICHAT_OFFENSIVE:
+        raise DataError(f"{where}: offense_label {turn['offense_label']!r} is not Safe or Offensive")
+    return TOXICHAT_OFFENSIVE[turn["offense_label"]]
+
+
+def toxichat_labels(turn: dict, earlier_offensive: list[bool], where: str, counts: Counter) -> dict:
+    """The reply fields of one labelled turn: offensive, agreeing with an earlier offensive turn
+    (`earlier_offensive[k - 1]`: turn k is offensive), unsafe when either."""
+    offensive = toxichat_offensive(turn, where)
+    agrees = False
+    for k, earlier in enumerate(earlier_offensive, start=1):
+        stance = turn[f"stance_label_towards_turn_{k}"]
+        if stance is None:
+            counts["kept: missing stance label (read as not agreeing)"] += 1
+        elif stance not in TOXICHAT_STANCES:
+            raise DataError(f"{where}: stance_label_towards_turn_{k} {stance!r} is not one of "
+                            f"{', '.join(TOXICHAT_STANCES)}")
+        agrees = agrees or (earlier and stance == "Agree")
+    return {"reply_label": "unsafe" if offensive or agrees else "safe", "reply_offensive": offensive,
+            "reply_agrees_offensive": agrees}
+
+
+def normalize_toxichat(table: pa.Table, split: str, counts: Counter) -> Iterator[Row]:
+    """One raw row is a Reddit thread of two or three labelled turns and two labelled chatbot replies.
+
+    Every Reddit turn after the first is a human reply to the turns before it; each chatbot reply is
+    a row of its own with the whole thread as context. `turn_index` counts a thread's reply rows:
+    Reddit turn k (0-based) is k, then DialoGPT's reply len(thread), GPT-3's len(thread) + 1, so
+    the two chatbot replies to one context never share (dialogue_id, turn_index). A reply is unsafe
+    when offensive or agreeing with an earlier offensive turn. A reply a thread repeats word for word
+    in the same context as an earlier thread of the split (threads share posts) is dropped, counted."""
+    seen: dict[tuple, dict] = {}
+    for number, row in enumerate(raw_rows(table), start=1):
+        thread = row["reddit_thread"] or []
+        if not thread:
+            counts[EMPTY] += 1
+        elif len(thread) > TOXICHAT_MAX_TURNS:
+            raise DataError(f"row {number}: a thread of {len(thread)} Reddit turns; "
+                            f"toxichat rows hold at most {TOXICHAT_MAX_TURNS}")
+        else:
+            counts[OPENING] += 1
+        texts = [turn["text"] for turn in thread]
+        offensive: list[bool] = []  # offensive[k]: Reddit turn k is offensive
+        replies = []  # (turn_index, context, reply, responder, reply fields)
+        for position, turn in enumerate(thread):
+            where = f"row {number}: reddit_thread[{position}]"
+            if position == 0:
+                offensive.append(toxichat_offensive(turn, where))
+                continue
+            labels = toxichat_labels(turn, offensive, where, counts)
+            replies.append((position, texts[:position], turn["text"], "human", labels))
+            offensive.append(labels["reply_offensive"])
+        for index, (column, responder) in enumerate(TOXICHAT_CHATBOTS.items()):
+            reply = row[column]
+            if reply is None:
+                counts[f"dropped: no {column}"] += 1
+                continue
+            labels = toxichat_labels(reply, offensive, f"row {number}: {column}", counts)
+            replies.append((len(thread) + index, texts, reply["text"], responder, labels))
+        for turn_index, context, response, responder, labels in replies:
+            key = (tuple(map(spaced, context)), spaced(response), responder)
+            if key in seen:
+                counts["dropped: duplicate reply (same context, reply and responder in an earlier thread)"] += 1
+                if seen[key] != labels:
+                    counts["kept: an earlier thread's copy of a reply labelled differently (its labels kept)"] += 1
+                continue
+            seen[key] = labels
+            yield example(f"{split}-{number - 1}", turn_index, context, response, responder=responder, **labels)
+
+
 NORMALIZERS: dict[str, Normalizer] = {
     "prosocial_dialog": normalize_prosocial_dialog,
     "mic": normalize_mic,
@@ -271,6 +399,8 @@ NORMALIZERS: dict[str, Normalizer] = {
     "persona_chat": normalize_persona_chat,
     "empathetic_dialogues": normalize_empathetic_dialogues,
     "blended_skill_talk": normalize_blended_skill_talk,
+    "diasafety": normalize_diasafety,
+    "toxichat": normalize_toxichat,
 }
 
 
@@ -288,6 +418,9 @@ READ_UNITS: dict[str, tuple[str, Callable[[pa.Table], int]]] = {
     "empathetic_dialogues": ("rows", lambda table: table.num_rows),
     "blended_skill_talk": ("utterances", lambda table: list_lengths(
         table, "previous_utterance", "free_messages", "guided_messages")),
+    "diasafety": ("rows", lambda table: table.num_rows),
+    # every Reddit turn, and the two chatbot replies of each thread
+    "toxichat": ("turns", lambda table: list_lengths(table, "reddit_thread") + 2 * table.num_rows),
 }
 
 
@@ -346,9 +479,10 @@ def clean_row(row: Row, config: NormalizeConfig, counts: Counter) -> Row | None:
 # raw rows have a `split` column, which `run` sets to each row's file before normalizing all at once.
 RESPLIT = {"mic": "MIC's own split is by question-answer pair, so one question would sit in two splits"}
 
-# How many opening turns key a dialogue's split: its first utterance and the reply to it; MIC's rows
-# are alternative replies to one question, so the question alone.
-OPENING_TURNS = {"mic": 1}
+# How many opening turns key a dialogue's split: its first utterance and the reply to it; MIC's and
+# DiaSafety's rows are alternative replies to one question, so the question alone, and ToxiChat's
+# threads often share a post (up to 24 threads on one), so the post alone.
+OPENING_TURNS = {"mic": 1, "diasafety": 1, "toxichat": 1}
 
 HELD_OUT_FIRST = ("test", "validation", "train")  # a context in two splits stays in the earlier one
 
@@ -498,8 +632,8 @@ def read_provenance(path: Path) -> dict:
 
 def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     """Normalize every raw split of `corpus` in `raw` and write the three splits to `out`."""
-    if corpus not in CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
+    if corpus not in KNOWN_CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
     ensure_writable(out)
     files = {split: raw / f"{split}.parquet" for split in SPLITS if (raw / f"{split}.parquet").is_file()}
     if not files:
@@ -518,7 +652,10 @@ def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
             pooled.append(table.set_column(table.schema.get_field_index("split"), "split",
                                            pa.array([split] * table.num_rows, pa.string())))
         else:
-            rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
+            try:
+                rows_by_split[split] = normalize_split_table(table, corpus, split, config, counts)
+            except DataError as error:  # a malformed row: the normalizer names the row, this the file
+                raise DataError(f"{path}: {error}") from None
         del table
     if pooled:
         table = normalize_split_table(pa.concat_tables(pooled), corpus, "train", config, counts)
