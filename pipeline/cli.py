@@ -125,9 +125,10 @@ def evaluate(
 @app.command()
 @reports_errors
 def ratings(
-    sheets: list[Path] = typer.Option(..., help="A filled sheet, <rater>.csv (a copy of human_eval.csv), or a folder "
-                                                "of them; repeat the option. None found: nothing is rated, and the "
-                                                "outputs say so."),
+    sheets: list[Path] = typer.Option(..., metavar="PATH",
+                                      help="A filled sheet, <rater>.csv (a copy of human_eval.csv), or a folder of "
+                                           "them; repeat the option. None found: nothing is rated, and the outputs "
+                                           "say so."),
     key: Path = typer.Option(..., help="The key evaluate wrote beside the sheet (human_eval_key.csv)."),
     out: Path = typer.Option(..., help="Folder to write ratings.json, ratings.md and judgements.csv into."),
     params: Path = PARAMS,

@@ -358,8 +358,8 @@ def run(config: RatingsConfig, comparisons: list[list[str]], sheet_paths: list[P
     key: dict[str, KeyItem] = {}
     if not sheets:
         folders = ", ".join(str(path) for path in sheet_paths)
-        ratings["notes"] = [f"no rated sheets (*.csv) in {folders}: fill a copy of human_eval.csv per rater, save "
-                            "it there as <rater>.csv, and run the ratings stage again"]
+        ratings["notes"] = [f"no rated sheets (*.csv) in {folders}, so nothing is rated (to rate: fill a copy of "
+                            "human_eval.csv per rater, save it there as <rater>.csv, run the ratings stage again)"]
     else:
         key = read_key(key_path, comparisons)
         for path in sheets:
@@ -376,11 +376,11 @@ def run(config: RatingsConfig, comparisons: list[list[str]], sheet_paths: list[P
     write_json(ratings, out_dir / "ratings.json")
     report.write_ratings_report(ratings, out_dir / "ratings.md")
     write_csv(judgement_rows(judgements, key), JUDGEMENT_COLUMNS, out_dir / "judgements.csv")
+    if not sheets:
+        log.warning("ratings: %s; wrote %s saying so", ratings["notes"][0], out_dir / "ratings.json")
+        return ratings
     for note in ratings["notes"]:
         log.warning("ratings: %s", note)
-    if not sheets:
-        log.warning("ratings: nothing rated; wrote %s saying so", out_dir / "ratings.json")
-    else:
-        log.info("ratings: %d raters, %d judgements -> %s in %.1fs", len(sheets), len(judgements), out_dir,
-                 time.perf_counter() - start)
+    log.info("ratings: %d raters, %d judgements -> %s in %.1fs", len(sheets), len(judgements), out_dir,
+             time.perf_counter() - start)
     return ratings

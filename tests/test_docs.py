@@ -1,0 +1,576 @@
+"""The documentation says only what the code does: README.md, every page of docs/ and bench/README.md.
+
+Each page is checked for
+- commands: every `python -m pipeline <command>` (or `-m pipeline <command>` after a launcher) is a
+  command whose `--help` answers, and every `--option` written after it is one of its options;
+  every `python -m bench <name>` / `python -m bench.<module>` names a benchmark in bench/;
+- make targets: every `make <target>` (in code, inline or fenced) is a target of the Makefile;
+- parameters: every parameter key written in code as `section.key` (inline, `-S section.key=...`, or
+  the keys of a YAML block of `params.yaml` sections) exists in the config dataclasses of
+  pipeline/config.py, nested keys included; `<name>` stands for any entry of a mapping
+  (`corpora.hub.<corpus>.revision`) or any section matching it (`train_stage<k>.epochs`);
+- code references: every `pipeline/...py`, `tests/...py` or `bench/...py` path exists, every
+  `pipeline.<module>.<name>` / `<module>.<name>` of a top-level pipeline module (`schemas.NORMALIZED`)
+  and every `from pipeline... import ...` in a Python block resolves;
+- links: every relative link resolves (the file, and its `#anchor` among the target page's headings);
+- the stage table (the table whose first column is `stage`) lists exactly the stages of dvc.yaml: a
+  plain stage by its name, a `foreach` stage as `<name>@<placeholder>` (`generate@<model>`), each once.
+
+Each checker returns the problems it found as lines; the tests on synthetic text below show that each
+one finds what it should.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+import typing
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.config import SECTIONS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def doc_pages() -> list[Path]:
+    """README.md, docs/**/*.md and bench/README.md, those that exist."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("**/*.md")), REPO / "bench" / "README.md"]
+    return [page for page in pages if page.is_file()]
+
+
+# --- reading markdown -----------------------------------------------------------------------------
+
+FENCE = re.compile(r"^\s*(```|~~~)\s*(\w*)")
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
+
+
+@dataclasses.dataclass
+class Page:
+    """A markdown page split into its fenced code blocks (language, text) and its prose lines."""
+
+    blocks: list[tuple[str, str]]
+    prose: list[str]
+
+    @classmethod
+    def parse(cls, text: str) -> "Page":
+        blocks, prose, block, language, fence = [], [], None, "", ""
+        for line in text.splitlines():
+            opening = FENCE.match(line)
+            if block is None and opening:
+                block, fence, language = [], opening.group(1), opening.group(2)
+            elif block is not None and line.strip().startswith(fence):
+                blocks.append((language, "\n".join(block)))
+                block = None
+            elif block is not None:
+                block.append(line)
+            else:
+                prose.append(line)
+        return cls(blocks, prose)
+
+    def inline_code(self) -> list[str]:
+        """Every inline code span of the prose (tables included)."""
+        return [span for line in self.prose for span in INLINE_CODE.findall(line)]
+
+    def code_lines(self) -> list[str]:
+        """Every line of the fenced blocks, a shell line continued by `\\` joined into one."""
+        lines = []
+        for _, text in self.blocks:
+            for line in text.replace("\\\n", " ").splitlines():
+                lines.append(line)
+        return lines
+
+    def code(self) -> list[str]:
+        """Inline spans and fenced lines: everything written as code."""
+        return self.inline_code() + self.code_lines()
+
+    def shell(self) -> list[str]:
+        """Shell commands: inline spans, and the lines of fenced blocks marked as shell or unmarked."""
+        return self.inline_code() + [line for language, text in self.blocks if language in SHELL
+                                     for line in text.replace("\\\n", " ").splitlines()]
+
+
+SHELL = ("", "bash", "sh", "shell", "console")
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+PIPELINE_COMMAND = re.compile(r"-m pipeline((?:\s+-{1,2}[a-z][\w-]*)*)\s+([a-z][a-z0-9_-]*)(.*)")
+COMMAND_END = re.compile(r"\s(?:&&|\|\||;|\||#)\s|`")
+OPTION = re.compile(r"(?:^|\s)(--?[a-z][\w-]*)")
+BENCH_COMMAND = re.compile(r"-m bench(?:\.(\w+)|((?:\s+[a-z]\w*)*))")
+
+
+@lru_cache(maxsize=None)
+def command_options(command: str) -> frozenset[str] | None:
+    """The options of `python -m pipeline <command>`, or None when its `--help` does not answer."""
+    group = typer.main.get_command(app)
+    if command not in group.commands:
+        return None
+    result = CliRunner().invoke(app, [command, "--help"])
+    if result.exit_code != 0:
+        return None
+    options = {"--help"}
+    for parameter in group.commands[command].params:
+        options.update(parameter.opts + parameter.secondary_opts)
+    return frozenset(options)
+
+
+def pipeline_commands(page: Page) -> list[tuple[str, list[str]]]:
+    """(command, options written after it) for every `-m pipeline <command> ...` written as code."""
+    found = []
+    for code in page.code():
+        for match in PIPELINE_COMMAND.finditer(code):
+            rest = COMMAND_END.split(match.group(3))[0]
+            found.append((match.group(2), OPTION.findall(rest)))
+    return found
+
+
+def command_problems(page: Page) -> list[str]:
+    problems = []
+    for command, options in pipeline_commands(page):
+        known = command_options(command)
+        if known is None:
+            problems.append(f"`python -m pipeline {command}`: no such command")
+            continue
+        problems += [f"`python -m pipeline {command} {option}`: no such option" for option in options
+                     if option not in known]
+    benchmarks = {path.stem for path in (REPO / "bench").glob("*.py")}
+    for code in page.code():
+        for match in BENCH_COMMAND.finditer(code):
+            module, names = match.group(1), (match.group(2) or "").split()
+            for name in [module] if module else names:
+                if name not in benchmarks and f"bench_{name}" not in benchmarks:
+                    problems.append(f"`python -m bench {name}`: no such benchmark in bench/")
+    return problems
+
+
+# --- make targets ---------------------------------------------------------------------------------
+
+MAKE_COMMAND = re.compile(r"(?:^|&&|\|\||;|\()\s*make\s+([a-z][\w-]*)")  # make at a command's start
+
+
+def makefile_targets(makefile: Path) -> set[str]:
+    """The targets of a Makefile: the names before `:` of its rules (not `:=` assignments)."""
+    return {match.group(1) for match in re.finditer(r"^([A-Za-z][\w.-]*)\s*:(?!=)", makefile.read_text(), re.M)}
+
+
+def make_problems(page: Page, targets: set[str]) -> list[str]:
+    return [f"`make {target}`: no such Makefile target" for code in page.shell()
+            for target in MAKE_COMMAND.findall(code) if target not in targets]
+
+
+# --- parameter keys -------------------------------------------------------------------------------
+
+PLACEHOLDER = re.compile(r"<[^<>]+>")
+KEY = r"[A-Za-z_<][\w<>-]*"
+FILE_SUFFIXES = {"json", "jsonl", "py", "parquet", "yaml", "yml", "md", "csv", "png", "npz", "txt", "lock", "zip"}
+SET_OPTION = re.compile(rf"-S\s+['\"]?({KEY}(?:\.{KEY})+)\s*=")
+# A dotted name that starts with a section is read as a parameter key (also before "(": write a
+# function of a stage module as `pipeline.stages.<stage>.<function>`).
+LEADING_KEY = re.compile(rf"^({KEY}(?:\.{KEY})+)(?=$|\s|[:=<>!(])")
+
+
+def section_names(pattern: str) -> list[str]:
+    """The sections a written section name stands for: itself, or those its `<...>` placeholders match."""
+    if not PLACEHOLDER.search(pattern):
+        return [pattern] if pattern in SECTIONS else []
+    regex = ".+".join(re.escape(part) for part in PLACEHOLDER.split(pattern))
+    return [name for name in SECTIONS if re.fullmatch(regex, name)]
+
+
+def resolve_key(hint, parts: list[str]) -> bool:
+    """Whether the key `parts` exists below a field of type `hint` (a dataclass, a mapping, ...)."""
+    if not parts:
+        return True
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Union or type(hint).__name__ == "UnionType":
+        return any(resolve_key(arg, parts) for arg in args if arg is not type(None))
+    if dataclasses.is_dataclass(hint):
+        fields = typing.get_type_hints(hint)
+        names = {field.name for field in dataclasses.fields(hint)}
+        return parts[0] in names and resolve_key(fields[parts[0]], parts[1:])
+    if origin is dict:  # any entry name (or a placeholder for one), then the entry's own keys
+        return resolve_key(args[1], parts[1:])
+    return False
+
+
+def key_exists(key: str) -> bool:
+    """Whether `section.key[.key...]` names a parameter of the config dataclasses."""
+    section, *parts = key.split(".")
+    sections = section_names(section)
+    return bool(sections) and all(resolve_key(SECTIONS[name], parts) for name in sections)
+
+
+def is_section_key(text: str) -> bool:
+    """Whether dotted `text` is meant as a parameter key: it starts with a section and is no file name."""
+    section, *_, last = text.split(".")
+    return bool(section_names(section)) and last not in FILE_SUFFIXES
+
+
+def yaml_keys(data, prefix: str = "") -> list[str]:
+    """The dotted key of every mapping entry in `data` (its leaves and the mappings above them)."""
+    keys = []
+    for name, value in data.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if isinstance(value, dict):
+            keys += yaml_keys(value, key + ".")
+    return keys
+
+
+def parameter_keys(page: Page) -> list[str]:
+    """Every parameter key the page writes as code."""
+    keys = []
+    for span in page.inline_code():
+        leading = LEADING_KEY.match(span)
+        if leading and is_section_key(leading.group(1)):
+            keys.append(leading.group(1))
+    for code in page.code():
+        keys += SET_OPTION.findall(code)
+    for language, text in page.blocks:
+        if language in ("yaml", "yml"):
+            data = yaml.safe_load(text)
+            if isinstance(data, dict) and data and set(data) <= set(SECTIONS):
+                keys += [key for key in yaml_keys(data) if "." in key]
+    return keys
+
+
+def parameter_problems(page: Page) -> list[str]:
+    return [f"`{key}`: no such parameter in pipeline/config.py" for key in parameter_keys(page)
+            if not key_exists(key)]
+
+
+# --- code references ------------------------------------------------------------------------------
+
+CODE_PATH = re.compile(r"^((?:pipeline|tests|bench)/[\w/.-]+\.py)(?::\s*(\w+))?$")
+DOTTED = re.compile(r"^([a-z_]\w*(?:\.\w+)+)(?:\(.*\))?$")
+FROM_IMPORT = re.compile(r"^\s*from\s+(pipeline[\w.]*)\s+import\s+([\w\s,()]+?)(?:#.*)?$", re.M)
+TOP_MODULES = {path.stem for path in (REPO / "pipeline").glob("*.py") if not path.stem.startswith("_")}
+
+
+def resolves(module: str, names: list[str]) -> bool:
+    """Whether `names` is an attribute path inside the importable module `module`."""
+    try:
+        target = importlib.import_module(module)
+    except ImportError:
+        return False
+    for name in names:
+        if not hasattr(target, name):
+            return False
+        target = getattr(target, name)
+    return True
+
+
+def dotted_resolves(dotted: str) -> bool:
+    """Whether `pipeline.a.b.name` (the longest importable module prefix, then attributes) exists."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        if is_project_module(parts[:cut]):
+            return resolves(".".join(parts[:cut]), parts[cut:])
+    return False
+
+
+def is_project_module(parts: list[str]) -> bool:
+    """Whether `parts` (`["pipeline", "stages", "mine"]`) is a module or package of the repository."""
+    path = REPO
+    for part in parts[:-1]:
+        path = path / part
+        if not (path / "__init__.py").is_file():
+            return False
+    last = path / parts[-1]
+    return last.with_suffix(".py").is_file() or (last / "__init__.py").is_file()
+
+
+def reference_problems(page: Page) -> list[str]:
+    problems = []
+    for span in page.inline_code():
+        path = CODE_PATH.match(span)
+        if path:
+            if not (REPO / path.group(1)).is_file():
+                problems.append(f"`{span}`: no such file")
+            elif path.group(2):
+                module = path.group(1).removesuffix(".py").replace("/", ".")
+                if not resolves(module, [path.group(2)]):
+                    problems.append(f"`{span}`: {path.group(2)} is not defined there")
+            continue
+        dotted = DOTTED.match(span)
+        if not dotted or is_section_key(dotted.group(1)) or dotted.group(1).split(".")[-1] in FILE_SUFFIXES:
+            continue
+        name = dotted.group(1)
+        if name.startswith("pipeline."):
+            if not dotted_resolves(name):
+                problems.append(f"`{span}`: no such module or name")
+        elif name.split(".")[0] in TOP_MODULES and not dotted_resolves(f"pipeline.{name}"):
+            problems.append(f"`{span}`: no such name in pipeline/{name.split('.')[0]}.py")
+    for language, text in page.blocks:
+        if language == "python":
+            for module, names in FROM_IMPORT.findall(text):
+                for name in re.findall(r"\w+", names):
+                    if not resolves(module, [name]):
+                        problems.append(f"`from {module} import {name}`: does not resolve")
+    return problems
+
+
+# --- links ----------------------------------------------------------------------------------------
+
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for the headings of a markdown page (lower case, punctuation dropped, spaces
+    to hyphens, a repeated heading numbered -1, -2, ...)."""
+    anchors, seen = set(), {}
+    for line in Page.parse(text).prose:
+        heading = re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not heading:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", heading.group(1).strip().lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def link_problems(page: Page, text: str, where: Path) -> list[str]:
+    problems = []
+    for line in page.prose:
+        for target in LINK.findall(INLINE_CODE.sub("", line)):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+                continue
+            path, _, anchor = target.partition("#")
+            file = (where.parent / path).resolve() if path else where
+            if not file.exists():
+                problems.append(f"link ({target}): {path} does not exist")
+            elif anchor and file.suffix == ".md":
+                source = text if file == where else file.read_text(encoding="utf-8")
+                if anchor not in heading_anchors(source):
+                    problems.append(f"link ({target}): no heading #{anchor} in {file.name}")
+    return problems
+
+
+# --- the stage table ------------------------------------------------------------------------------
+
+
+def dvc_stages(dvc_yaml: Path) -> dict[str, bool]:
+    """Each stage of dvc.yaml: whether it is a foreach (templated) stage."""
+    stages = yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"]
+    return {name: "foreach" in stage for name, stage in stages.items()}
+
+
+def stage_tables(page: Page) -> list[list[str]]:
+    """The code spans of the first column of each table whose first column is `stage`."""
+    tables, rows = [], None
+    for line in page.prose + [""]:
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")] if line.lstrip().startswith("|") else None
+        if cells is None:
+            if rows is not None:
+                tables.append(rows)
+            rows = None
+        elif rows is None:
+            rows = [] if cells[0] == "stage" else None
+        elif not set(cells[0]) <= set("-: "):
+            rows += INLINE_CODE.findall(cells[0])
+    return tables
+
+
+def stage_table_problems(names: list[str], stages: dict[str, bool]) -> list[str]:
+    """Differences between the names of a stage table and the stages of dvc.yaml."""
+    problems, listed = [], []
+    for name in names:
+        stage, at, item = name.partition("@")
+        listed.append(stage)
+        if stage not in stages:
+            problems.append(f"`{name}`: no such stage in dvc.yaml")
+        elif stages[stage] and not (at and PLACEHOLDER.fullmatch(item)):
+            problems.append(f"`{name}`: a foreach stage, list it as `{stage}@<...>`")
+        elif not stages[stage] and at:
+            problems.append(f"`{name}`: not a foreach stage, list it as `{stage}`")
+    problems += [f"`{stage}` is listed {listed.count(stage)} times" for stage in sorted(set(listed))
+                 if listed.count(stage) > 1]
+    problems += [f"`{stage}` (dvc.yaml) is missing from the stage table" for stage in stages if stage not in listed]
+    return problems
+
+
+# --- the real pages -------------------------------------------------------------------------------
+
+PAGES = doc_pages()
+IDS = [str(page.relative_to(REPO)) for page in PAGES]
+
+
+def read(page: Path) -> tuple[Page, str]:
+    text = page.read_text(encoding="utf-8")
+    return Page.parse(text), text
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_every_command_named_exists(path):
+    assert command_problems(read(path)[0]) == []
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_every_make_target_named_exists(path):
+    assert make_problems(read(path)[0], makefile_targets(REPO / "Makefile")) == []
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_every_parameter_key_named_exists(path):
+    assert parameter_problems(read(path)[0]) == []
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_every_code_reference_resolves(path):
+    assert reference_problems(read(path)[0]) == []
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_every_relative_link_resolves(path):
+    page, text = read(path)
+    assert link_problems(page, text, path) == []
+
+
+def test_the_readme_stage_table_lists_exactly_the_dvc_stages():
+    tables = stage_tables(read(REPO / "README.md")[0])
+    assert len(tables) == 1, "README.md needs one table whose first column is `stage`"
+    assert stage_table_problems(tables[0], dvc_stages(REPO / "dvc.yaml")) == []
+
+
+def test_any_other_stage_table_lists_exactly_the_dvc_stages():
+    for path in PAGES[1:]:
+        for names in stage_tables(read(path)[0]):
+            assert stage_table_problems(names, dvc_stages(REPO / "dvc.yaml")) == [], path
+
+
+def test_the_pages_checked_include_the_readme():
+    assert REPO / "README.md" in PAGES
+
+
+# --- each checker finds what it should, on synthetic text -----------------------------------------
+
+SYNTHETIC = '''# Title
+
+## Design choices (ours)
+
+Run `python -m pipeline normalize mic --raw data/raw/mic --out x` or `python -m pipeline nosuch --x`.
+
+```bash
+python -m pipeline train --stage 1 --init models/base \\
+    --groups g --bogus-option 3   # a comment --not-an-option
+accelerate launch --num_processes 4 -m pipeline train --stage 1
+make repro && make nosuch-target
+# make a branch of it (a comment, not a command)
+dvc exp run -S train.contrastive_weight=0 -S 'corpora.overrides={mic: sample}' -S train.no_such_key=1
+python -m bench bench_mine nosuch_bench
+```
+
+Keys: `generate.gamma`, `safety.tfidf.C`, `train_stage<k>.epochs`, `corpora.hub.<corpus>.revision`,
+`audit.models.<name>.trust_remote_code`, `train.processes > 1`, `mine.n < 2`, `train.json` (a file),
+`generate.no_such_key`, `safety.tfidf.D`, `train_stage<k>.no_such_key`, `nosection.key`.
+`make test`, and `make`-free prose: make sure.
+
+```text
+target: <|response|> Did you make it on time?
+```
+
+```yaml
+audit:
+  models:
+    dialogpt: {path: microsoft/DialoGPT-medium, revision: main, no_such_field: 1}
+```
+
+Code: `pipeline/scoring.py`, `pipeline/nosuch.py`, `pipeline/schemas.py: NORMALIZED`,
+`pipeline/schemas.py: NO_SUCH`, `schemas.read_table`, `schemas.no_such_reader`,
+`pipeline.modeling.load_dialog_model`, `pipeline.modeling.no_such_function`, `train.score_groups(model)`.
+
+```python
+from pipeline.labels import THREE_WAY, NO_SUCH_LABELS
+```
+
+Links: [ok](#design-choices-ours), [bad anchor](#no-such-heading), [file](dvc.yaml),
+[missing](docs/no_such_page.md), [web](https://dvc.org), `[not a link](nowhere.md)`.
+
+| stage | writes |
+|---|---|
+| `download@<corpus>`, `normalize@<corpus>` | raw, normalized |
+| `safety` | models/safety |
+| `mine@<stage>` | groups |
+| `generate` | candidates |
+| `safety` | again |
+'''
+
+
+@pytest.fixture(scope="module")
+def synthetic() -> Page:
+    return Page.parse(SYNTHETIC)
+
+
+def test_commands_checker_finds_unknown_commands_and_options(synthetic):
+    assert command_problems(synthetic) == [
+        "`python -m pipeline nosuch`: no such command",
+        "`python -m pipeline train --bogus-option`: no such option",
+        "`python -m bench nosuch_bench`: no such benchmark in bench/",
+    ]
+
+
+def test_make_checker_finds_unknown_targets(synthetic):
+    assert make_problems(synthetic, {"repro", "test"}) == ["`make nosuch-target`: no such Makefile target"]
+    assert makefile_targets(REPO / "Makefile") >= {"install", "repro", "test", "test-slow", "paper", "bench"}
+
+
+def test_parameter_checker_finds_unknown_keys(synthetic):
+    assert sorted(parameter_problems(synthetic)) == sorted([
+        "`generate.no_such_key`: no such parameter in pipeline/config.py",
+        "`safety.tfidf.D`: no such parameter in pipeline/config.py",
+        "`train_stage<k>.no_such_key`: no such parameter in pipeline/config.py",
+        "`train.score_groups`: no such parameter in pipeline/config.py",
+        "`train.no_such_key`: no such parameter in pipeline/config.py",
+        "`audit.models.dialogpt.no_such_field`: no such parameter in pipeline/config.py",
+    ])
+    found = parameter_keys(synthetic)
+    for key in ("generate.gamma", "safety.tfidf.C", "train_stage<k>.epochs", "corpora.hub.<corpus>.revision",
+                "audit.models.<name>.trust_remote_code", "train.processes", "mine.n",
+                "train.contrastive_weight", "corpora.overrides", "audit.models.dialogpt.path"):
+        assert key in found and key_exists(key), key
+    assert "train.json" not in found and "nosection.key" not in found
+
+
+def test_reference_checker_finds_missing_files_and_names(synthetic):
+    assert reference_problems(synthetic) == [
+        "`pipeline/nosuch.py`: no such file",
+        "`pipeline/schemas.py: NO_SUCH`: NO_SUCH is not defined there",
+        "`schemas.no_such_reader`: no such name in pipeline/schemas.py",
+        "`pipeline.modeling.no_such_function`: no such module or name",
+        "`from pipeline.labels import NO_SUCH_LABELS`: does not resolve",
+    ]
+
+
+def test_link_checker_finds_broken_links_and_anchors(synthetic, tmp_path):
+    where = tmp_path / "page.md"
+    where.write_text(SYNTHETIC)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    assert link_problems(synthetic, SYNTHETIC, where) == [
+        "link (#no-such-heading): no heading #no-such-heading in page.md",
+        "link (docs/no_such_page.md): docs/no_such_page.md does not exist",
+    ]
+    assert heading_anchors("# A `code` (b)\n## A code b\n```\n# not a heading\n```\n") == {"a-code-b", "a-code-b-1"}
+
+
+def test_stage_table_checker_finds_missing_extra_and_misnamed_stages(synthetic):
+    stages = {"download": True, "normalize": True, "safety": False, "mine_stage1": False, "generate": True}
+    assert stage_tables(synthetic) == [["download@<corpus>", "normalize@<corpus>", "safety", "mine@<stage>",
+                                        "generate", "safety"]]
+    assert stage_table_problems(stage_tables(synthetic)[0], stages) == [
+        "`mine@<stage>`: no such stage in dvc.yaml",
+        "`generate`: a foreach stage, list it as `generate@<...>`",
+        "`safety` is listed 2 times",
+        "`mine_stage1` (dvc.yaml) is missing from the stage table",
+    ]
+    assert stage_table_problems(["download@<corpus>", "safety@<x>"], {"download": True, "safety": False}) == [
+        "`safety@<x>`: not a foreach stage, list it as `safety`"]
