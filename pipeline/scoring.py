@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # --- data -----------------------------------------------------------------------------------------
 
 
-GROUP_COLUMNS = ("group_id", "context", "persona", "emotion", "positive", "rots", "negatives")
+# corpus and dialogue_id name a group's cluster (its dialogue) for intervals over test groups.
+GROUP_COLUMNS = ("group_id", "corpus", "dialogue_id", "context", "persona", "emotion", "positive", "rots", "negatives")
 
 
 def read_groups(folder: Path, split: str) -> pa.Table:

@@ -50,6 +50,28 @@ def test_scores_agree_with_validation_scoring(tmp_path, tiny_dialog_model_dir):
     assert result["reference_ppl"]["value"] == pytest.approx(expected["perplexity"], rel=1e-5)
 
 
+def test_the_interval_resamples_dialogues_not_groups(tmp_path, tiny_dialog_model_dir):
+    """Ten groups of one dialogue are one cluster: every resample draws all of them, so the interval
+    is the point value; as ten dialogues the same groups give the ordinary item interval."""
+    one_dialogue = tmp_path / "one"
+    write_test_groups(one_dialogue)
+    for path in one_dialogue.glob("*/test.parquet"):
+        table = pq.read_table(path)
+        table = table.set_column(table.schema.get_field_index("dialogue_id"), "dialogue_id",
+                                 pa.array(["same"] * table.num_rows))
+        pq.write_table(table, path)
+    config = EvaluateConfig(bootstrap_samples=200)
+    clustered = score.run(TrainConfig(), config, "tiny", tiny_dialog_model_dir, one_dialogue, tmp_path / "a")
+    accuracy = clustered["group_ranking_accuracy"]
+    assert accuracy["n"] == 10 and accuracy["n_clusters"] == 1
+    assert accuracy["ci"] == [pytest.approx(accuracy["value"])] * 2
+    separate = score.run(TrainConfig(), config, "tiny", tiny_dialog_model_dir, write_test_groups(tmp_path / "b"),
+                         tmp_path / "b_out")["group_ranking_accuracy"]
+    assert separate["n_clusters"] == 10 and separate["value"] == pytest.approx(accuracy["value"])
+    assert 0 < separate["value"] < 1  # else every interval is degenerate and the test shows nothing
+    assert separate["ci"][1] - separate["ci"][0] > 0
+
+
 def test_the_model_is_scored_on_the_model_device(tmp_path, tiny_dialog_model_dir, monkeypatch):
     class Stop(Exception):
         pass

@@ -60,11 +60,14 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
     with devices.autocast(device, precision):
         per_group = per_group_scores(GroupScorer(dm), encoded, list(range(len(encoded))), train_config)
     metrics = validation_metrics(validation_sums(per_group))
+    # Groups of one dialogue (a ProsocialDialog conversation, a MIC question) are resampled together.
+    clusters = [f"{c}/{d}" for c, d in zip(table["corpus"].to_pylist(), table["dialogue_id"].to_pylist())]
     low, high = bootstrap_ci(per_group["ranked_first"].tolist(), n_samples=evaluate_config.bootstrap_samples,
-                             seed=evaluate_config.seed)
+                             seed=evaluate_config.seed, clusters=clusters)
     tokens = int(per_group["positive_tokens"].sum())
     scores = {
-        "group_ranking_accuracy": {"value": metrics["ranking_accuracy"], "ci": [low, high], "n": metrics["groups"]},
+        "group_ranking_accuracy": {"value": metrics["ranking_accuracy"], "ci": [low, high], "n": metrics["groups"],
+                                   "n_clusters": len(set(clusters))},
         "reference_ppl": {"value": metrics["perplexity"], "n": tokens},
     }
     with staged_dir(out) as folder:
