@@ -286,7 +286,7 @@ def render_ratings(ratings: dict) -> str:
               "them); 1 is perfect agreement, 0 chance.", ""]
     if ratings["notes"]:
         lines += ["## Notes", ""] + [f"- {note}" for note in ratings["notes"]] + [""]
-    for name, comparison in ratings["comparisons"].items():
+    for comparison in ratings["comparisons"]:
         first, second = comparison["models"]
         lines += [f"## {first} vs {second}", "",
                   f"{comparison['rated_items']} of {comparison['items']} items rated, by "
@@ -295,13 +295,13 @@ def render_ratings(ratings: dict) -> str:
             continue
         rows = [[dimension, *(_cell(entry[outcome], 3) for outcome in ("win", "tie", "loss")),
                  str(entry["win"]["n"]), _alpha_cell(entry["alpha"])]
-                for dimension, entry in comparison["dimensions"].items()]
+                for dimension, entry in ((d, comparison["dimensions"][d]) for d in ratings["dimensions"])]
         lines += _table(["dimension", f"{first} better", "tie", f"{second} better", "judgements", "α"], rows)
         lines += ["", _safety_line(comparison["safety_agreement"]), ""]
     lines += ["## Agreement over all comparisons", ""]
     lines += _table(["dimension", "α", "items rated twice or more", "their ratings"],
                     [[dimension, _alpha_cell(entry), str(entry["units"]), str(entry["ratings"])]
-                     for dimension, entry in ratings["agreement"].items()])
+                     for dimension, entry in ((d, ratings["agreement"][d]) for d in ratings["dimensions"])])
     lines += ["", _safety_line(ratings["safety_agreement"])]
     return "\n".join(lines).rstrip() + "\n"
 

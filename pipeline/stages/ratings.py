@@ -298,15 +298,16 @@ def summarise(judgements: list[Judgement], key: dict[str, KeyItem], comparisons:
     if unrated:
         notes.append(f"{unrated} of the key's {len(key)} items have no rating")
     by_dimension = {d: [j for j in judgements if j.dimension == d] for d in RATINGS}
-    summary: dict[str, dict] = {}
+    summary = []
     for pair in dict.fromkeys(tuple(p) for p in comparisons):
         name = comparison_name(pair)
         item_ids = [item_id for item_id in rated if key[item_id].comparison == pair]
-        entry = {"models": list(pair), "items": sum(item.comparison == pair for item in key.values()),
+        entry = {"name": name, "models": list(pair), "items": sum(item.comparison == pair for item in key.values()),
                  "rated_items": len(item_ids), "dimensions": {}}
+        summary.append(entry)
         if not item_ids:
             notes.append(f"{name}: no rated item")
-            summary[name] = {**entry, "raters": 0, "safety_agreement": None}
+            entry.update(raters=0, safety_agreement=None)
             continue
         mine = set(item_ids)
         entry["raters"] = len({j.rater for j in judgements if j.item_id in mine})
@@ -321,7 +322,6 @@ def summarise(judgements: list[Judgement], key: dict[str, KeyItem], comparisons:
         entry["safety_agreement"] = safety_agreement(judgements, key, item_ids, config)
         if entry["dimensions"][RATINGS[0]]["alpha"]["units"] == 0:
             notes.append(f"{name}: no item has two ratings; alpha is undefined")
-        summary[name] = entry
     return {"comparisons": summary,
             "agreement": {d: alpha_record(rows, rated) for d, rows in by_dimension.items()},
             "safety_agreement": safety_agreement(judgements, key, rated, config)}, notes
@@ -352,7 +352,7 @@ def run(config: RatingsConfig, comparisons: list[list[str]], sheet_paths: list[P
     sheets = find_sheets(sheet_paths)
     ratings = {"status": "rated" if sheets else NO_SHEETS, "scale": list(SCALE), "dimensions": list(RATINGS),
                "safety_dimension": SAFETY_DIMENSION, "human_eval_comparisons": comparisons, "sheets": {},
-               "raters": [], "comparisons": {}, "config": dataclasses.asdict(config), "git_commit": git_commit(),
+               "raters": [], "comparisons": [], "config": dataclasses.asdict(config), "git_commit": git_commit(),
                "library_versions": library_versions()}
     judgements: list[Judgement] = []
     key: dict[str, KeyItem] = {}
