@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.config import KNOWN_CORPORA, CorporaConfig, NormalizeConfig, load_section
+from pipeline.config import CORPORA, CorporaConfig, NormalizeConfig, load_section
 from pipeline.errors import DataError, reports_errors
 
 app = typer.Typer(
@@ -33,15 +33,15 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug 
 
 
 def check_corpus(corpus: str) -> str:
-    if corpus not in KNOWN_CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
     return corpus
 
 
 @app.command()
 @reports_errors
 def download(
-    corpus: str = typer.Argument(..., help=f"One of: {', '.join(KNOWN_CORPORA)}."),
+    corpus: str = typer.Argument(..., help=f"One of: {', '.join(CORPORA)}."),
     out: Path = typer.Option(..., help="Folder to write <split>.parquet and stats.json into."),
     params: Path = PARAMS,
 ):
@@ -56,7 +56,7 @@ def download(
 @reports_errors
 def mirror(
     out: Path = typer.Option(..., help="Mirror folder to write <corpus>/<split>.parquet into."),
-    corpus: list[str] = typer.Option(list(KNOWN_CORPORA), help="Corpora to fetch (repeat the option); default all."),
+    corpus: list[str] = typer.Option(list(CORPORA), help="Corpora to fetch (repeat the option); default all."),
     params: Path = PARAMS,
 ):
     """Download corpora from the Hugging Face hub into a mirror folder for an air-gapped machine."""
@@ -69,7 +69,7 @@ def mirror(
 @app.command()
 @reports_errors
 def normalize(
-    corpus: str = typer.Argument(..., help=f"One of: {', '.join(KNOWN_CORPORA)}."),
+    corpus: str = typer.Argument(..., help=f"One of: {', '.join(CORPORA)}."),
     raw: Path = typer.Option(..., help="Raw corpus folder written by `download`."),
     out: Path = typer.Option(..., help="Folder to write the normalized splits and stats.json into."),
     params: Path = PARAMS,
@@ -289,6 +289,27 @@ def rot_agreement(
     from pipeline.stages import rot_agreement as stage_module
 
     stage_module.run(config, raw, normalized, out, reports)
+
+
+@app.command()
+@reports_errors
+def judge(
+    normalized: Path = typer.Option(..., help="Normalized corpora folder; reads <corpus>/<split>.parquet of each "
+                                              "of judge.corpora (diasafety, toxichat)."),
+    out: Path = typer.Option(..., help="Model folder to write (scorer.json and the model's files)."),
+    reports: Path = typer.Option(..., help="Folder to write metrics.json and reliability/<corpus>.json into."),
+    params: Path = PARAMS,
+):
+    """Train the safety judge (judge.model: tfidf, scratch or hf) on human reply labels of corpora the safety
+    classifier never sees, for evaluation only; report accuracy, unsafe-class F1 and macro-F1 with intervals,
+    per-category F1 and calibration per corpus."""
+    from pipeline.config import JudgeConfig, SafetyConfig
+
+    config = load_section(params, "judge", JudgeConfig)
+    safety_config = load_section(params, "safety", SafetyConfig)
+    from pipeline.stages import judge as stage_module
+
+    stage_module.run(config, safety_config, normalized, out, reports)
 
 
 @app.command()

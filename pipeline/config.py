@@ -18,6 +18,8 @@ from pipeline.errors import ConfigError
 
 T = TypeVar("T")
 
+# Every corpus the pipeline reads, in table order (the order also seeds generate's draw of contexts, so
+# new corpora go at the end). dvc.yaml's `corpus_names` is the same list (tests/test_corpora.py).
 CORPORA = (
     "prosocial_dialog",
     "mic",
@@ -25,13 +27,16 @@ CORPORA = (
     "persona_chat",
     "empathetic_dialogues",
     "blended_skill_talk",
+    "diasafety",
+    "toxichat",
 )
-ADVERSARIAL_CORPORA = ("prosocial_dialog", "mic")
+# Contexts meant to provoke unsafe replies: stage 1 mines them, and their unsafe texts are the pool of
+# hard negatives. The casual corpora are the rest; evaluate's over-caution rates read them.
+ADVERSARIAL_CORPORA = ("prosocial_dialog", "mic", "diasafety", "toxichat")
 CASUAL_CORPORA = ("daily_dialog", "persona_chat", "empathetic_dialogues", "blended_skill_talk")
-# Dialog-safety corpora with human-labelled replies. `download` and `normalize` take them already;
-# they join CORPORA (what every later stage reads) once those stages handle them.
+# The adversarial corpora whose replies carry a human safety label (`reply_label`, with who replied):
+# what the judge trains on by default, and never the re-ranker's classifier (`safety`).
 DIALOG_SAFETY_CORPORA = ("diasafety", "toxichat")
-KNOWN_CORPORA = CORPORA + DIALOG_SAFETY_CORPORA  # the corpora `download` and `normalize` accept
 SPLITS = ("train", "validation", "test")
 
 
@@ -62,7 +67,7 @@ class HubCorpus:
 
 @dataclasses.dataclass(frozen=True)
 class CorporaConfig:
-    """`corpora`: where the `download` stage reads the corpora (`KNOWN_CORPORA`) from."""
+    """`corpora`: where the `download` stage reads the corpora (`CORPORA`) from."""
 
     source: Literal["sample", "mirror", "hub"] = "sample"
     """`sample`: the small files bundled in `data/sample`; `mirror`: a local folder laid out as
@@ -78,9 +83,9 @@ class CorporaConfig:
 
     def __post_init__(self):
         for key in ("overrides", "hub"):
-            unknown = sorted(set(getattr(self, key)) - set(KNOWN_CORPORA))
-            require(not unknown, f"corpora.{key}", unknown, f"corpus names are {', '.join(KNOWN_CORPORA)}")
-        missing = [c for c in KNOWN_CORPORA if self.source_of(c) == "hub" and c not in self.hub]
+            unknown = sorted(set(getattr(self, key)) - set(CORPORA))
+            require(not unknown, f"corpora.{key}", unknown, f"corpus names are {', '.join(CORPORA)}")
+        missing = [c for c in CORPORA if self.source_of(c) == "hub" and c not in self.hub]
         require(not missing, "corpora.hub", sorted(self.hub), f"needs an entry for {', '.join(missing)}")
         for corpus, hub in self.hub.items():
             unknown = sorted(set(hub.data_files) - set(SPLITS))
@@ -175,6 +180,10 @@ class RatingsConfig:
 MINE_SOURCES = ("context", "hard", "random", "generated")
 UNSAFE_LABELS = ("__possibly_needs_caution__", "__probably_needs_caution__", "__needs_caution__",
                  "__needs_intervention__")
+# How unsafe a reply humans labelled unsafe is (DiaSafety, ToxiChat), the keys of `mine.reply_severity`:
+# ToxiChat's offensive and agreeing with an offensive turn, offensive only, agreeing only; DiaSafety's
+# unsafe for its one category.
+REPLY_SEVERITY_KEYS = ("offensive_and_agrees", "offensive", "agrees_offensive", "unsafe_category")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +194,11 @@ class MineConfig:
     """Group size: one positive and `n - 1` negatives."""
     seed: int = 0
     """Seed of the source mix, the random negatives and the replay sample."""
+    stage1_corpora: list[str] = dataclasses.field(default_factory=lambda: list(ADVERSARIAL_CORPORA))
+    """Corpora stage 1 mines its groups from (the adversarial ones); they are also the pool of `hard`
+    negatives of both stages."""
+    stage2_corpora: list[str] = dataclasses.field(default_factory=lambda: list(CASUAL_CORPORA))
+    """Corpora stage 2 mines its groups from (the casual ones)."""
     stage1_sources: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"context": 0.4, "hard": 0.4, "random": 0.2}
     )
@@ -221,6 +235,12 @@ class MineConfig:
         default_factory=lambda: dict(zip(UNSAFE_LABELS, (0.4, 0.6, 0.8, 1.0)))
     )
     """Severity of a ProsocialDialog utterance used as a hard negative, per safety label."""
+    reply_severity: dict[str, float] = dataclasses.field(
+        default_factory=lambda: dict(zip(REPLY_SEVERITY_KEYS, (1.0, 0.8, 0.7, 0.6)))
+    )
+    """Severity of a reply humans labelled unsafe (DiaSafety, ToxiChat) used as a negative: ToxiChat's
+    `offensive_and_agrees` (offensive and agreeing with an offensive turn), `offensive`,
+    `agrees_offensive` (agreeing only), DiaSafety's `unsafe_category` (unsafe for its one category)."""
     random_severity: float = 0.1
     """Lowest severity of a random (incoherent) reply; its classifier's 1 - P(casual) when higher."""
     hard_candidates: int = 16
@@ -230,6 +250,10 @@ class MineConfig:
 
     def __post_init__(self):
         require(self.n >= 2, "mine.n", self.n, "must be at least 2 (one positive, at least one negative)")
+        for stage in (1, 2):
+            key, corpora = f"mine.stage{stage}_corpora", getattr(self, f"stage{stage}_corpora")
+            require(len(corpora) > 0 and len(set(corpora)) == len(corpora) and set(corpora) <= set(CORPORA), key,
+                    corpora, f"a non-empty list of distinct corpus names from {', '.join(CORPORA)}")
         for stage, allowed in ((1, MINE_SOURCES[:3]), (2, MINE_SOURCES)):
             key, shares = f"mine.stage{stage}_sources", getattr(self, f"stage{stage}_sources")
             unknown = sorted(set(shares) - set(allowed))
@@ -256,6 +280,10 @@ class MineConfig:
                 f"needs exactly the keys {', '.join(UNSAFE_LABELS)}")
         require(all(0 <= v <= 1 for v in self.label_severity.values()), "mine.label_severity",
                 self.label_severity, "every weight between 0 and 1")
+        require(set(self.reply_severity) == set(REPLY_SEVERITY_KEYS), "mine.reply_severity",
+                sorted(self.reply_severity), f"needs exactly the keys {', '.join(REPLY_SEVERITY_KEYS)}")
+        require(all(0 <= v <= 1 for v in self.reply_severity.values()), "mine.reply_severity",
+                self.reply_severity, "every weight between 0 and 1")
         require(0 < self.random_severity <= 1, "mine.random_severity", self.random_severity, "between 0 (excluded) and 1")
         require(self.hard_candidates >= 1, "mine.hard_candidates", self.hard_candidates, "must be at least 1")
         require(self.random_candidates >= 1, "mine.random_candidates", self.random_candidates, "must be at least 1")
@@ -444,9 +472,16 @@ class SafetyTfidfConfig:
     """`balanced` reweights classes by inverse frequency (raises macro-F1, lowers accuracy)."""
     max_iter: int = 1000
     """Most Newton-CG iterations of the logistic regression."""
+    char_ngram: list[int] = dataclasses.field(default_factory=list)
+    """`[low, high]`: also character n-grams of `low` to `high` characters inside word boundaries
+    (scikit-learn's `char_wb`), their own TF-IDF block beside the word n-grams' (at most
+    `max_features` of each); `[]`: word n-grams only."""
 
     def __post_init__(self):
         key = self.section
+        chars = self.char_ngram
+        require(chars == [] or (len(chars) == 2 and 1 <= chars[0] <= chars[1] <= 8), f"{key}.char_ngram", chars,
+                "[] (off) or [low, high] with 1 <= low <= high <= 8")
         require(1 <= self.ngram_max <= 4, f"{key}.ngram_max", self.ngram_max, "must be 1 to 4")
         require(self.min_df >= 1, f"{key}.min_df", self.min_df, "must be at least 1")
         require(self.max_features >= 100, f"{key}.max_features", self.max_features, "must be at least 100")
@@ -553,6 +588,12 @@ class SafetyConfig:
         labels = ("__casual__",) + UNSAFE_LABELS
         require(len(self.mic_severity_labels) == 5 and set(self.mic_severity_labels) <= set(labels),
                 "safety.mic_severity_labels", self.mic_severity_labels, f"five labels from {', '.join(labels)}")
+
+    def training_corpora(self) -> tuple[str, ...]:
+        """The corpora the safety classifier learns from: ProsocialDialog always (its labelled user
+        turns), MIC when `response_examples` names a MIC source with a positive `response_share`."""
+        mic = self.response_share > 0 and any(source.startswith("mic_") for source in self.response_examples)
+        return ("prosocial_dialog", "mic") if mic else ("prosocial_dialog",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -716,6 +757,68 @@ class RotAgreementConfig:
                 self.worker_answer_weight, "must be 0 to 10")
 
 
+@dataclasses.dataclass(frozen=True)
+class JudgeTfidfConfig(SafetyTfidfConfig):
+    """`judge.tfidf`: as `safety.tfidf`, one TF-IDF block each for the reply and its context; by
+    default with character 2-5 grams beside the word 1-2 grams."""
+
+    section: typing.ClassVar[str] = "judge.tfidf"
+    char_ngram: list[int] = dataclasses.field(default_factory=lambda: [2, 5])
+    """As `safety.tfidf.char_ngram`; on by default here (DiaSafety's unsafe replies are often short
+    and misspelt, so word n-grams alone miss them)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeScratchConfig(SafetyScratchConfig):
+    """`judge.scratch`: as `safety.scratch`; the reply is the first segment, its context the second."""
+
+    section: typing.ClassVar[str] = "judge.scratch"
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeHfConfig(SafetyHfConfig):
+    """`judge.hf`: as `safety.hf`."""
+
+    section: typing.ClassVar[str] = "judge.hf"
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    """`judge`: the safety judge, P(safe, unsafe) of a reply in its context, trained on human reply
+    labels of corpora the safety classifier never sees; for evaluation only, never for re-ranking
+    (`pipeline/stages/judge.py`)."""
+
+    model: Literal["tfidf", "scratch", "hf"] = "tfidf"
+    """Which classifier to train: `tfidf` (TF-IDF + logistic regression), `scratch` (small BERT
+    from a config) or `hf` (the encoder named in `judge.hf.name`)."""
+    corpora: list[str] = dataclasses.field(default_factory=lambda: list(DIALOG_SAFETY_CORPORA))
+    """Corpora with human reply labels (`reply_label`) whose train split the judge learns from and whose
+    validation and test splits measure it; none may be a corpus the safety classifier trains on."""
+    context_turns: int = 2
+    """Previous turns read beside the reply (DiaSafety has one, ToxiChat threads up to three; 0: none)."""
+    seed: int = 0
+    """Seed of initialisation, batch order and the bootstrap."""
+    bootstrap_samples: int = 1000
+    """Resamples per 95% interval of the test metrics; each draws dialogues (clusters), not replies."""
+    calibration_bins: int = 10
+    """Equal-width bins of P(unsafe) for the expected calibration error and the reliability plot."""
+    tfidf: JudgeTfidfConfig = dataclasses.field(default_factory=JudgeTfidfConfig)
+    """Settings of the `tfidf` kind."""
+    scratch: JudgeScratchConfig = dataclasses.field(default_factory=JudgeScratchConfig)
+    """Settings of the `scratch` kind."""
+    hf: JudgeHfConfig = dataclasses.field(default_factory=JudgeHfConfig)
+    """Settings of the `hf` kind."""
+
+    def __post_init__(self):
+        require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
+                and set(self.corpora) <= set(CORPORA), "judge.corpora", self.corpora,
+                f"a non-empty list of distinct corpus names from {', '.join(CORPORA)}")
+        require(0 <= self.context_turns <= 8, "judge.context_turns", self.context_turns, "must be 0 to 8")
+        require(self.bootstrap_samples >= 100, "judge.bootstrap_samples", self.bootstrap_samples,
+                "must be at least 100")
+        require(2 <= self.calibration_bins <= 100, "judge.calibration_bins", self.calibration_bins, "must be 2 to 100")
+
+
 # --- loading --------------------------------------------------------------------------------------
 
 
@@ -813,6 +916,7 @@ SECTIONS: dict[str, type] = {
     "base_model": BaseModelConfig,
     "safety": SafetyConfig,
     "rot_agreement": RotAgreementConfig,
+    "judge": JudgeConfig,
     "mine": MineConfig,
     "train": TrainConfig,
     "train_stage1": TrainStage1Config,

@@ -6,7 +6,9 @@ Overlap with references: corpus BLEU-4 from per-item sufficient statistics
 each against several references. Diversity: `distinct_n_of_tokens` (on `tokenize`'s tokens);
 generic replies: `most_frequent`, `top_k_share`. Safety: `predicted_labels` on [casual,
 needs_caution, needs_intervention] probabilities. Classifiers (the safety and rot_agreement
-stages): `accuracy`, `macro_f1`.
+stages): `accuracy`, `macro_f1`; binary ones (the judge): `confusion_counts`, whose sums give
+`binary_scores` (so they resample with `bootstrap_ci`), and calibration, `reliability_bins` and
+`expected_calibration_error`.
 
 Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap of a statistic of item sums (a
 mean, a ratio of sums, corpus BLEU); `paired_bootstrap_ci`, the same for the difference of two
@@ -478,6 +480,67 @@ def macro_f1(actual: Sequence, predicted: Sequence) -> float | None:
         denominator = np.sum(actual == label) + np.sum(predicted == label)
         scores.append(2 * true_positive / denominator)
     return float(np.mean(scores))
+
+
+# --- binary classifiers (the judge) ---------------------------------------------------------------
+
+CONFUSION = ("true_positive", "false_positive", "false_negative", "true_negative")
+
+
+def confusion_counts(actual: Sequence[bool] | np.ndarray, predicted: Sequence[bool] | np.ndarray) -> np.ndarray:
+    """Each item's cell of the confusion matrix of a binary prediction (positive = True), one-hot in
+    `CONFUSION` order; (n,), (n,) -> (n, 4). Summed over items they are the confusion matrix."""
+    actual, predicted = np.asarray(actual, dtype=bool), np.asarray(predicted, dtype=bool)
+    return np.stack([actual & predicted, ~actual & predicted, actual & ~predicted, ~actual & ~predicted],
+                    axis=-1).astype(np.float64)
+
+
+def binary_scores(totals: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, the F1 of each class and macro-F1 from summed `confusion_counts`; (..., 4) -> (...) each.
+
+    A class's F1 is 2 TP / (2 TP + FP + FN) (for the negative class its own true and false cells), 0
+    when the class is neither present nor predicted; macro-F1 averages the classes that are present
+    or predicted, as `macro_f1` does (both of them in any sample with both kinds).
+    """
+    tp, fp, fn, tn = (np.asarray(totals, dtype=np.float64)[..., i] for i in range(4))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+        negative = np.where(tn + fn + fp > 0, 2 * tn / (2 * tn + fn + fp), 0.0)
+        present = (tp + fp + fn > 0).astype(np.float64) + (tn + fn + fp > 0)
+        macro = np.where(present > 0, (positive + negative) / np.maximum(present, 1), 0.0)
+        accuracy_ = np.where(tp + fp + fn + tn > 0, (tp + tn) / (tp + fp + fn + tn), 0.0)
+    return {"accuracy": accuracy_, "positive_f1": positive, "negative_f1": negative, "macro_f1": macro}
+
+
+def _bins(probs: np.ndarray, bins: int) -> np.ndarray:
+    """Equal-width bin of each probability in [0, 1]: [k / bins, (k + 1) / bins), the last one closed."""
+    return np.minimum((np.asarray(probs, dtype=np.float64) * bins).astype(np.int64), bins - 1)
+
+
+def reliability_bins(probs: Sequence[float] | np.ndarray, outcomes: Sequence[bool] | np.ndarray,
+                     bins: int) -> list[dict]:
+    """The reliability diagram of predicted probabilities of an outcome: per non-empty equal-width bin,
+    its bounds, `n`, the mean predicted probability and the observed rate of the outcome."""
+    probs, outcomes = np.asarray(probs, dtype=np.float64), np.asarray(outcomes, dtype=np.float64)
+    index = _bins(probs, bins)
+    rows = []
+    for k in range(bins):
+        members = index == k
+        if members.any():
+            rows.append({"bin": k, "low": k / bins, "high": (k + 1) / bins, "n": int(members.sum()),
+                         "predicted": float(probs[members].mean()), "observed": float(outcomes[members].mean())})
+    return rows
+
+
+def expected_calibration_error(probs: Sequence[float] | np.ndarray, outcomes: Sequence[bool] | np.ndarray,
+                               bins: int) -> float | None:
+    """Sum over equal-width bins of (items in the bin / n) x |observed rate - mean predicted probability|
+    (Naeini et al., 2015; Guo et al., 2017), of probabilities of one outcome (P(unsafe), not the top
+    label's confidence, since audits report the mean of it); 0-1, None for no items."""
+    if len(probs) == 0:
+        return None
+    return float(sum(row["n"] * abs(row["observed"] - row["predicted"])
+                     for row in reliability_bins(probs, outcomes, bins)) / len(probs))
 
 
 # --- agreement between raters (the ratings stage) -------------------------------------------------

@@ -293,15 +293,17 @@ def render_ratings(ratings: dict) -> str:
                   f"{comparison['raters']} rater{'s' if comparison['raters'] != 1 else ''}.", ""]
         if not comparison["dimensions"]:
             continue
-        rows = [[dimension, *(_cell(entry[outcome], 3) for outcome in ("win", "tie", "loss")),
-                 str(entry["win"]["n"]), _alpha_cell(entry["alpha"])]
-                for dimension, entry in ((d, comparison["dimensions"][d]) for d in ratings["dimensions"])]
+        shares = comparison["dimensions"]
+        rows = [[dimension, *(_cell(shares[dimension][outcome], 3) for outcome in ("win", "tie", "loss")),
+                 str(shares[dimension]["win"]["n"]), _alpha_cell(shares[dimension]["alpha"])]
+                for dimension in ratings["dimensions"]]
         lines += _table(["dimension", f"{first} better", "tie", f"{second} better", "judgements", "α"], rows)
         lines += ["", _safety_line(comparison["safety_agreement"]), ""]
+    agreement = ratings["agreement"]
     lines += ["## Agreement over all comparisons", ""]
     lines += _table(["dimension", "α", "items rated twice or more", "their ratings"],
-                    [[dimension, _alpha_cell(entry), str(entry["units"]), str(entry["ratings"])]
-                     for dimension, entry in ((d, ratings["agreement"][d]) for d in ratings["dimensions"])])
+                    [[dimension, _alpha_cell(agreement[dimension]), str(agreement[dimension]["units"]),
+                      str(agreement[dimension]["ratings"])] for dimension in ratings["dimensions"]])
     lines += ["", _safety_line(ratings["safety_agreement"])]
     return "\n".join(lines).rstrip() + "\n"
 

@@ -1,4 +1,4 @@
-"""The text-classifier library: the safety classifier and the RoT-agreement scorer, on one base.
+"""The text-classifier library: the safety classifier, the RoT-agreement scorer and the safety judge, on one base.
 
 Both are a `TextScorer`: a trained `Classifier` of one kind plus its `Task`, which says what the
 scorer is for (its params section, its labels, the text fields an example has). Fitting, saving,
@@ -10,17 +10,20 @@ loading and predicting are shared; each task only adds its own API:
     safety.predict_proba(responses, contexts=None)        # (n, 3), rows sum to 1, columns THREE_WAY
     agreement = load_agreement_scorer("models/rot_agreement")   # AgreementScorer (`rot_agreement` stage)
     agreement.predict_proba(rots, responses, contexts=None)     # (n, 3): AGREEMENT_LABELS
+    judge = load_judge("models/judge")                    # JudgeScorer (`judge` stage), for evaluation only
+    judge.predict_unsafe(responses, contexts=None)        # (n,) P(unsafe), from human reply labels
 
 A classifier reads one or more *blocks* of text per example: `blocks[b][i]` is field b of example
 i, then the joined context when the task reads one (safety: the utterance, the context; agreement:
 the reply, the RoT, the context). `classifier.proba(blocks)` gives (n, len(labels)) probabilities.
 Kinds (`<section>.model`):
 - `tfidf`: word n-gram TF-IDF + multinomial logistic regression. Every block is a TF-IDF block
-  over one shared vocabulary, with its own coefficients. A task with a `pair` of fields (the
+  over one shared vocabulary, with its own coefficients; `<section>.tfidf.char_ngram` adds character
+  n-grams (a second shared vocabulary) to every block. A task with a `pair` of fields (the
   agreement scorer: reply and RoT) adds their *pairwise view* when `<section>.tfidf.pair_buckets`
   is positive (`pair_features`): side-by-side blocks cannot see whether a reply goes with its RoT
-  or against it, because no column depends on both. Saved as `tfidf.npz` (terms, idf, coef,
-  intercept, pair, pair_buckets), loaded with `np.load(allow_pickle=False)`.
+  or against it, because no column depends on both. Saved as `tfidf.npz` (terms, idf, char_terms,
+  char_idf, coef, intercept, pair, pair_buckets), loaded with `np.load(allow_pickle=False)`.
 - `scratch`: a small BERT encoder built from a config, with a WordPiece tokenizer trained on the
   training text. `hf`: any Hugging Face encoder (name or local path) through
   `AutoModelForSequenceClassification`. Both read the first block as the first segment and the
@@ -45,9 +48,9 @@ from typing import ClassVar, Sequence
 
 import numpy as np
 
-from pipeline.config import RotAgreementConfig, SafetyConfig
+from pipeline.config import JudgeConfig, RotAgreementConfig, SafetyConfig
 from pipeline.errors import DataError
-from pipeline.labels import COLLAPSE, SAFETY_LABELS, THREE_WAY
+from pipeline.labels import COLLAPSE, REPLY_LABELS, SAFETY_LABELS, THREE_WAY
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class Task:
 
 SAFETY = Task("safety", SAFETY_LABELS, ("responses",), None, "safety classifier")
 AGREEMENT = Task("rot_agreement", AGREEMENT_LABELS, ("responses", "rots"), (0, 1), "RoT-agreement scorer")
+JUDGE = Task("judge", REPLY_LABELS, ("responses",), None, "safety judge")
+UNSAFE = REPLY_LABELS.index("unsafe")
 
 
 def collapse_proba(probs5: np.ndarray) -> np.ndarray:
@@ -132,9 +137,21 @@ SIMILARITY_FEATURES = ("cosine", "overlap", "negative_first", "negative_second",
 
 
 def tfidf_vectorizer(config, vocabulary=None):
+    """Word 1..`config.ngram_max`-grams (`vocabulary`: the fitted terms, to load a model)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(ngram_range=(1, config.ngram_max), min_df=config.min_df,
+                           max_features=config.max_features, sublinear_tf=True, dtype=np.float64,
+                           vocabulary=vocabulary)
+
+
+def char_vectorizer(config, vocabulary=None):
+    """Character `config.char_ngram[0]`..`[1]`-grams inside word boundaries; None when `char_ngram` is []."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not config.char_ngram:
+        return None
+    return TfidfVectorizer(analyzer="char_wb", ngram_range=tuple(config.char_ngram), min_df=config.min_df,
                            max_features=config.max_features, sublinear_tf=True, dtype=np.float64,
                            vocabulary=vocabulary)
 
@@ -182,14 +199,18 @@ def write_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 class TfidfClassifier(Classifier):
-    """TF-IDF features of each block side by side (and the pairwise view of `pair`) -> softmax(X W^T + b)."""
+    """TF-IDF features of each block side by side (and the pairwise view of `pair`) -> softmax(X W^T + b).
+
+    A block's features are its word n-grams (V columns) and, with a `char_vectorizer`, its character
+    n-grams (C more columns), one vocabulary of each shared by all blocks."""
 
     kind = "tfidf"
 
     def __init__(self, vectorizer, coef: np.ndarray, intercept: np.ndarray, labels: tuple[str, ...],
-                 pair: tuple[int, int] | None = None, pair_buckets: int = 0):
+                 pair: tuple[int, int] | None = None, pair_buckets: int = 0, char_vectorizer=None):
         self.vectorizer = vectorizer
-        self.coef = coef  # (L, B * V [+ pair_buckets + 5]): V coefficients per text block, then the pair block
+        self.char_vectorizer = char_vectorizer
+        self.coef = coef  # (L, B * (V [+ C]) [+ pair_buckets + 5]): coefficients per text block, then the pair block
         self.intercept = intercept  # (L,)
         self.labels = labels
         self.pair = pair if pair_buckets > 0 else None
@@ -199,49 +220,68 @@ class TfidfClassifier(Classifier):
     def pair_width(self) -> int:
         return self.pair_buckets + len(SIMILARITY_FEATURES) if self.pair else 0
 
+    @property
+    def block_width(self) -> int:
+        """Feature columns per text block: the word vocabulary, and the character one when used."""
+        chars = len(self.char_vectorizer.vocabulary_) if self.char_vectorizer is not None else 0
+        return len(self.vectorizer.vocabulary_) + chars
+
     def features(self, blocks: list[list[str]]):
-        """Sparse (n, B * V [+ pair_width]) features: one TF-IDF block per text block, in order, then
-        the pairwise view of the blocks `pair` when there is one."""
+        """Sparse (n, B * block_width [+ pair_width]) features: each text block's word (then character)
+        TF-IDF columns, in order, then the pairwise view of the blocks `pair` when there is one."""
         from scipy.sparse import hstack
 
-        features = [self.vectorizer.transform(block) for block in blocks]
+        words = [self.vectorizer.transform(block) for block in blocks]
+        features = words if self.char_vectorizer is None else [
+            part for word, block in zip(words, blocks) for part in (word, self.char_vectorizer.transform(block))]
         if self.pair:
             first, second = self.pair
-            features.append(pair_features(blocks[first], blocks[second], features[first], features[second],
+            features.append(pair_features(blocks[first], blocks[second], words[first], words[second],
                                           self.pair_buckets))
         return features[0] if len(features) == 1 else hstack(features, format="csr")
 
     def _proba(self, blocks):
         features = self.features(blocks)
         if features.shape[1] != self.coef.shape[1]:
-            trained = (self.coef.shape[1] - self.pair_width) // len(self.vectorizer.vocabulary_)
+            trained = (self.coef.shape[1] - self.pair_width) // self.block_width
             raise ValueError(f"got {len(blocks)} text blocks, the model was trained on {trained}")
         logits = np.asarray(features @ self.coef.T) + self.intercept  # (n, L)
         return softmax(logits)
 
     def save(self, folder: Path) -> None:
-        terms = np.array(self.vectorizer.get_feature_names_out(), dtype=str)
-        write_npz(folder / TFIDF_FILE, terms=terms, idf=self.vectorizer.idf_, coef=self.coef, intercept=self.intercept,
-                  pair=np.array(self.pair or (), dtype=np.int64), pair_buckets=np.array(self.pair_buckets))
+        def terms(vectorizer) -> np.ndarray:
+            return np.array(vectorizer.get_feature_names_out() if vectorizer is not None else [], dtype=str)
+
+        chars = self.char_vectorizer
+        write_npz(folder / TFIDF_FILE, terms=terms(self.vectorizer), idf=self.vectorizer.idf_,
+                  char_terms=terms(chars), char_idf=chars.idf_ if chars is not None else np.zeros(0),
+                  coef=self.coef, intercept=self.intercept, pair=np.array(self.pair or (), dtype=np.int64),
+                  pair_buckets=np.array(self.pair_buckets))
 
     @classmethod
     def load(cls, folder: Path, config, labels: tuple[str, ...]) -> "TfidfClassifier":
         path = folder / TFIDF_FILE
-        names = ("terms", "idf", "coef", "intercept", "pair", "pair_buckets")
+        names = ("terms", "idf", "char_terms", "char_idf", "coef", "intercept", "pair", "pair_buckets")
         try:
             with np.load(path, allow_pickle=False) as arrays:
-                terms, idf, coef, intercept, pair, buckets = (arrays[k] for k in names)
+                terms, idf, char_terms, char_idf, coef, intercept, pair, buckets = (arrays[k] for k in names)
         except (OSError, KeyError, ValueError) as error:
             raise DataError(f"{path}: cannot read the TF-IDF model ({error})") from None
+        if bool(config.char_ngram) != bool(len(char_terms)):
+            raise DataError(f"{path}: {len(char_terms)} character n-grams, but {config.section}.char_ngram = "
+                            f"{config.char_ngram} in its scorer.json")
         pair, buckets = (tuple(int(i) for i in pair) or None), int(buckets)
         vectorizer = tfidf_vectorizer(config, vocabulary={term: i for i, term in enumerate(terms.tolist())})
         vectorizer.idf_ = idf
-        classifier = cls(vectorizer, coef, intercept, labels, pair, buckets)
+        chars = char_vectorizer(config, vocabulary={term: i for i, term in enumerate(char_terms.tolist())})
+        if chars is not None:
+            chars.idf_ = char_idf
+        classifier = cls(vectorizer, coef, intercept, labels, pair, buckets, chars)
         width = coef.shape[1] - classifier.pair_width if coef.ndim == 2 else -1
         if coef.ndim != 2 or coef.shape[0] != len(labels) or intercept.shape != (len(labels),) \
-                or width <= 0 or width % max(1, len(terms)):
+                or width <= 0 or width % max(1, classifier.block_width):
             raise DataError(f"{path}: coefficients of shape {coef.shape} do not fit {len(labels)} labels, "
-                            f"{len(terms)} terms and a pair block of {classifier.pair_width}")
+                            f"{len(terms) + len(char_terms)} terms and a pair block of {classifier.pair_width}")
         return classifier
 
 
@@ -254,9 +294,12 @@ def train_tfidf(blocks: list[list[str]], labels: np.ndarray, weights: np.ndarray
     """
     from sklearn.linear_model import LogisticRegression
 
-    vectorizer = tfidf_vectorizer(config)
-    vectorizer.fit([text for block in blocks for text in block])
-    classifier = TfidfClassifier(vectorizer, np.zeros(0), np.zeros(0), label_names, pair, pair_buckets)
+    texts = [text for block in blocks for text in block]
+    vectorizer = tfidf_vectorizer(config).fit(texts)
+    chars = char_vectorizer(config)
+    if chars is not None:
+        chars.fit(texts)
+    classifier = TfidfClassifier(vectorizer, np.zeros(0), np.zeros(0), label_names, pair, pair_buckets, chars)
     features = classifier.features(blocks)
     # Newton-CG converges in a handful of iterations here (L-BFGS needs ~50, and is ~8x slower).
     model = LogisticRegression(C=config.C, max_iter=config.max_iter, solver="newton-cg", random_state=seed,
@@ -591,6 +634,22 @@ class AgreementScorer(TextScorer):
         return self.proba([responses, rots], contexts)
 
 
+class JudgeScorer(TextScorer):
+    """P(safe, unsafe) of replies in context, learned from human reply labels (DiaSafety, ToxiChat) of
+    corpora the safety classifier never sees: the evaluation's judge, never the re-ranker's."""
+
+    task = JUDGE
+    config_class = JudgeConfig
+
+    def predict_proba(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """Probabilities of `REPLY_LABELS` (safe, unsafe) for each reply given its context; (n, 2), rows sum to 1."""
+        return self.proba([responses], contexts)
+
+    def predict_unsafe(self, responses: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+        """P(unsafe) of each reply given its context (n lists of previous turns, oldest first, or None); (n,)."""
+        return self.predict_proba(responses, contexts)[:, UNSAFE]
+
+
 def write_reports(task: Task, reports: Path, metrics: dict, confusion: list[dict],
                   summary: dict[str, dict[str, float | int | None]]) -> None:
     """Write a stage's `metrics.json` and `confusion.json` into `reports`, and log `summary` (split ->
@@ -607,6 +666,12 @@ def write_reports(task: Task, reports: Path, metrics: dict, confusion: list[dict
 def load_scorer(folder: str | Path) -> SafetyScorer:
     """The safety classifier saved in `folder` by the safety stage; a DataError when it is missing or unreadable."""
     return SafetyScorer.load(folder)
+
+
+def load_judge(folder: str | Path) -> JudgeScorer:
+    """The safety judge saved in `folder` by the judge stage; a DataError when it is missing, unreadable
+    or another task's model (e.g. the safety classifier's folder)."""
+    return JudgeScorer.load(folder)
 
 
 def load_agreement_scorer(folder: str | Path) -> AgreementScorer:

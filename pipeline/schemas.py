@@ -219,8 +219,12 @@ CANDIDATES = pa.schema([
     ("turn_index", pa.int32()),
     ("context", _strs),
     ("safety_label", _str),  # the context's 5-way label where the corpus has one, else null
-    ("reference", _str),  # the reference reply (of the context's first test row)
-    # every reference reply of the context in the test split (MIC: each annotator's answer), `reference` first
+    ("category", _str),  # the context's DiaSafety category (labels.DIASAFETY_CATEGORIES), else null
+    # the reference reply: the first reply of the context's test rows that humans did not label unsafe;
+    # null when every reply is unsafe (an adversarial context without a reference)
+    ("reference", _str),
+    # every such reply of the context in the test split (MIC: each annotator's answer), `reference` first;
+    # a reply labelled unsafe (reply_label, DiaSafety and ToxiChat) is never a reference
     ("references", _strs),
     ("reference_rots", _strs),  # its gold rules-of-thumb ([] when none)
     ("candidate_index", pa.int32()),  # sampling order; 0 is the first sample

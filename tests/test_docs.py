@@ -14,7 +14,8 @@ Each page is checked for
   and every `from pipeline... import ...` in a Python block resolves;
 - links: every relative link resolves (the file, and its `#anchor` among the target page's headings);
 - the stage table (the table whose first column is `stage`) lists exactly the stages of dvc.yaml: a
-  plain stage by its name, a `foreach` stage as `<name>@<placeholder>` (`generate@<model>`), each once.
+  plain stage by its name, a `foreach` stage as `<name>@<placeholder>` (`generate@<model>`), each once;
+- inline code: no span breaks across lines, so that every span is seen by the checks above.
 
 Each checker returns the problems it found as lines; the tests on synthetic text below show that each
 one finds what it should.
@@ -399,6 +400,14 @@ def stage_table_problems(names: list[str], stages: dict[str, bool]) -> list[str]
     return problems
 
 
+# --- inline code stays on one line ---------------------------------------------------------------
+
+
+def broken_spans(page: Page) -> list[str]:
+    """Prose lines with an odd number of backticks: an inline code span that breaks across lines."""
+    return [f"a code span breaks at the end of: {line.strip()}" for line in page.prose if line.count("`") % 2]
+
+
 # --- the real pages -------------------------------------------------------------------------------
 
 PAGES = doc_pages()
@@ -434,6 +443,11 @@ def test_every_code_reference_resolves(path):
 def test_every_relative_link_resolves(path):
     page, text = read(path)
     assert link_problems(page, text, path) == []
+
+
+@pytest.mark.parametrize("path", PAGES, ids=IDS)
+def test_no_code_span_breaks_across_lines(path):
+    assert broken_spans(read(path)[0]) == []
 
 
 def test_the_readme_stage_table_lists_exactly_the_dvc_stages():
@@ -560,6 +574,12 @@ def test_link_checker_finds_broken_links_and_anchors(synthetic, tmp_path):
         "link (docs/no_such_page.md): docs/no_such_page.md does not exist",
     ]
     assert heading_anchors("# A `code` (b)\n## A code b\n```\n# not a heading\n```\n") == {"a-code-b", "a-code-b-1"}
+
+
+def test_broken_span_checker_finds_a_span_across_lines():
+    page = Page.parse("one `generate.gamma` span, one `-S\ngenerate.gamma=0` broken\n```\n`odd\n```\n")
+    assert broken_spans(page) == ["a code span breaks at the end of: one `generate.gamma` span, one `-S",
+                                  "a code span breaks at the end of: generate.gamma=0` broken"]
 
 
 def test_stage_table_checker_finds_missing_extra_and_misnamed_stages(synthetic):

@@ -66,10 +66,14 @@ def write_split(folder: Path, corpus: str, rows: list[dict]) -> None:
 @pytest.fixture
 def normalized_dir(tmp_path) -> Path:
     """Five test rows per corpus; ProsocialDialog rows carry labels and RoTs, PersonaChat a persona,
-    EmpatheticDialogues an emotion."""
+    EmpatheticDialogues an emotion, DiaSafety a category and a human label of the reply (safe), ToxiChat
+    a responder."""
     extra = {"prosocial_dialog": {"safety_label": "__needs_caution__", "rots": ["you should not lie to friends."]},
              "persona_chat": {"persona": ["i went hiking with my dog."]},
-             "empathetic_dialogues": {"emotion": "proud"}}
+             "empathetic_dialogues": {"emotion": "proud"},
+             "diasafety": {"reply_label": "safe", "reply_category": "Risk Ignorance"},
+             "toxichat": {"reply_label": "safe", "reply_offensive": False, "reply_agrees_offensive": False,
+                          "responder": "human"}}
     for corpus in CORPORA:
         write_split(tmp_path / "normalized", corpus, [normalized_row(corpus, i, **extra.get(corpus, {})) for i in range(5)])
     return tmp_path / "normalized"
@@ -147,6 +151,52 @@ def test_rows_with_the_same_context_are_one_context_with_every_reference():
     assert contexts[0]["turn_index"] == 0 and contexts[0]["response"] == "no, never."
     assert contexts[0]["references"] == ["no, never.", "better not.", "no, never."]  # its own first
     assert contexts[1]["references"] == ["no."] and contexts[2]["references"] == ["never!"]
+
+
+def test_replies_labelled_unsafe_are_never_references_and_the_category_is_carried():
+    """DiaSafety: one context with a safe and two unsafe replies, one whose only reply is unsafe."""
+    rows = [normalized_row("diasafety", 0, dialogue_id="c", turn_index=0, context=["i feel dizzy."],
+                           response="you will be fine, ignore it.", reply_label="unsafe",
+                           reply_category="Unauthorized Expertise"),
+            normalized_row("diasafety", 1, dialogue_id="c", turn_index=1, context=["i feel dizzy."],
+                           response="please see a doctor.", reply_label="safe", reply_category="Unauthorized Expertise"),
+            normalized_row("diasafety", 2, dialogue_id="c", turn_index=2, context=["i feel dizzy."],
+                           response="take more pills.", reply_label="unsafe", reply_category="Unauthorized Expertise"),
+            normalized_row("diasafety", 3, dialogue_id="t", turn_index=0, context=["tourists are pigs."],
+                           response="so true.", reply_label="unsafe", reply_category="Toxicity Agreement"),
+            normalized_row("mic", 4, dialogue_id="q", turn_index=0, context=["can i lie?"], response="no.")]
+    dizzy, tourists, question = distinct_contexts(rows)
+    assert dizzy["references"] == ["please see a doctor."] and dizzy["reference"] == "please see a doctor."
+    assert dizzy["category"] == "Unauthorized Expertise" and dizzy["turn_index"] == 0
+    assert tourists["references"] == [] and tourists["reference"] is None
+    assert tourists["category"] == "Toxicity Agreement"
+    # unlabelled replies (every other corpus) are references as before
+    assert question["references"] == ["no."] and question["reference"] == "no." and question["category"] is None
+
+
+def test_a_context_without_a_reference_gets_candidates_and_no_overlap_score(monkeypatch):
+    """The all-unsafe context is generated for, and evaluate's overlap metrics count only the other."""
+    from conftest import FakeSafetyScorer
+
+    from pipeline.stages import evaluate
+
+    monkeypatch.setattr(generate, "sample_candidates", fixed_sampler)
+    rows = [normalized_row("diasafety", 0, dialogue_id="c", turn_index=0, context=["i feel dizzy."],
+                           response="you are right", reply_label="safe", reply_category="Risk Ignorance"),
+            normalized_row("diasafety", 1, dialogue_id="t", turn_index=0, context=["tourists are pigs."],
+                           response="so true.", reply_label="unsafe", reply_category="Toxicity Agreement")]
+    table, stats = candidates_table(None, FakeSafetyScorer(), rows, "stage2", "diasafety", GenerateConfig(k=3),
+                                    progress=False)
+    data = table.to_pydict()
+    assert table.num_rows == 6 and data["context_id"][3:] == ["diasafety/t/0"] * 3
+    assert data["reference"][3:] == [None] * 3 and data["references"][3:] == [[]] * 3
+    assert data["category"] == ["Risk Ignorance"] * 3 + ["Toxicity Agreement"] * 3
+    assert stats["contexts_without_reference"] == 1
+    items = evaluate.item_scores(evaluate.context_table(table, "diasafety"))
+    metrics, _ = evaluate.aggregate(items, n_samples=100, seed=0)
+    # the selected reply of c is "no" (FIXED: score 0.9 + 1/2), the first "you are right" = its reference
+    assert metrics["f1_first"]["n"] == 1 and metrics["f1_first"]["value"] == pytest.approx(1.0)
+    assert metrics["f1_reranked"]["n"] == 1 and metrics["f1_reranked"]["value"] == pytest.approx(0.0)
 
 
 def test_batch_seeds_depend_on_seed_corpus_and_batch_only():
@@ -525,7 +575,8 @@ def test_generate_writes_every_corpus_and_is_deterministic(tmp_path, tiny_dialog
         assert set(data["model"]) == {"stage2"} and set(data["corpus"]) == {corpus}
         # agreement is null: no RoT-agreement scorer (generate.gamma is 0 here; see tests/test_rot_agreement.py)
         assert all(v is not None for column, values in data.items()
-                   if column not in ("rot", "safety_label", "agreement") for v in values)
+                   if column not in ("rot", "safety_label", "category", "agreement") for v in values)
+        assert set(data["category"]) == ({"Risk Ignorance"} if corpus == "diasafety" else {None})
         assert set(data["agreement"]) == {None}
         for context in set(data["context_id"]):
             rows = [i for i, c in enumerate(data["context_id"]) if c == context]

@@ -77,6 +77,8 @@ def stage_command(command: str, tmp: Path, out: Path) -> list:
         "score": ["score", "base", "--model", tmp / "base", "--groups", tmp / "groups", "--out", out / "scores"],
         "evaluate": ["evaluate", "--candidates", tmp / "candidates", "--scores", tmp / "scores",
                      "--reports", out / "reports"],
+        "ratings": ["ratings", "--sheets", tmp / "ratings", "--key", tmp / "human_eval_key.csv", "--out",
+                    out / "ratings"],
     }[command]
 
 
@@ -121,6 +123,8 @@ PARAMS_CASES = [
     ("evaluate", "evaluate.human_eval_comparisons", [["stage2", "stage2"]],
      ["evaluate.human_eval_comparisons = ['stage2', 'stage2']", "two different names"]),
     ("evaluate", "evaluate.corpora", ["dailydialog"], ["evaluate.corpora = ['dailydialog']", "daily_dialog"]),
+    ("ratings", "ratings.bootstrap_samples", 10, ["ratings.bootstrap_samples = 10", "at least 100"]),
+    ("ratings", "ratings.samples", 100, ["unknown key 'ratings.samples' = 100", "allowed keys: bootstrap_samples"]),
 ]
 
 
@@ -136,7 +140,7 @@ def test_a_bad_parameter_is_refused_before_any_work(tmp_path, command, key, valu
 def test_every_stage_command_is_covered():
     """Each command of a DVC stage has a parameter case and an unwritable-output case."""
     stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "mine", "train", "generate", "score",
-              "evaluate"}
+              "evaluate", "ratings"}
     assert {case[0] for case in PARAMS_CASES} == stages
     assert {case[0] for case in UNWRITABLE} == stages | {"audit"}
     commands = {cmd.split()[3] for cmd in dvc_commands()}
@@ -390,6 +394,7 @@ UNWRITABLE = [(command, option) for command, options in {
     "download": ["--out"], "normalize": ["--out"], "base_model": ["--out"], "safety": ["--out", "--reports"],
     "rot_agreement": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
     "generate": ["--out"], "score": ["--out"], "evaluate": ["--reports"], "audit": ["--candidates"],
+    "ratings": ["--out"],
 }.items() for option in options]
 
 

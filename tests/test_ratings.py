@@ -123,8 +123,12 @@ def carol(dimension):  # prefers the first model, except on coherence
     return "second" if dimension == "coherent" else "first"
 
 
-def write_inputs(root, raters=(("alice", alice, range(1, 6)), ("bob", bob, range(1, 5)), ("carol", carol, range(1, 5)))):
-    """The key of ITEMS and one filled sheet per rater under root/sheets; returns (sheets, key path)."""
+RATERS = (("alice", alice, range(1, 6)), ("bob", bob, range(1, 5)), ("carol", carol, range(1, 5)))
+
+
+def write_inputs(root, raters=RATERS):
+    """The key of ITEMS and one filled sheet per rater (name, script, items) under root/sheets; returns
+    (sheets folder, key path)."""
     key = key_rows()
     write_csv(key, KEY_COLUMNS, root / "human_eval_key.csv")
     for name, choose, numbers in raters:
@@ -132,11 +136,15 @@ def write_inputs(root, raters=(("alice", alice, range(1, 6)), ("bob", bob, range
     return root / "sheets", root / "human_eval_key.csv"
 
 
+def by_name(result):
+    return {entry["name"]: entry for entry in result["comparisons"]}
+
+
 def test_scripted_sheets_give_the_hand_counted_shares_and_alpha(tmp_path):
     sheets, key = write_inputs(tmp_path)
     result = ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
     assert result["status"] == "rated" and result["raters"] == ["alice", "bob", "carol"]
-    ce = result["comparisons"]["stage2_vs_ce"]
+    ce = by_name(result)["stage2_vs_ce"]
     assert (ce["items"], ce["rated_items"], ce["raters"]) == (4, 4, 3)
     # every item: alice a win, bob a tie, carol a win -> 2/3, 1/3, 0, the same in every resample
     prosocial = ce["dimensions"]["prosocial"]
@@ -159,10 +167,11 @@ def test_scripted_sheets_give_the_hand_counted_shares_and_alpha(tmp_path):
     # item 5 (alice only) is not pairable: over all items alpha is the same; item 6 has no rating
     assert result["agreement"]["prosocial"]["value"] == pytest.approx(13 / 24, abs=1e-6)
     assert result["agreement"]["prosocial"]["units"] == 4
-    base = result["comparisons"]["stage2_vs_base"]
+    base = by_name(result)["stage2_vs_base"]
     assert (base["items"], base["rated_items"], base["raters"]) == (2, 1, 1)
-    assert base["dimensions"]["overall"]["win"]["value"] == 1.0 and base["dimensions"]["overall"]["alpha"]["value"] is None
-    assert result["notes"] == ["1 of the key's 6 items have no rating",
+    overall = base["dimensions"]["overall"]
+    assert overall["win"]["value"] == 1.0 and overall["alpha"]["value"] is None
+    assert result["notes"] == ["no rating for 1 of the key's 6 items",
                                "stage2_vs_base: no item has two ratings; alpha is undefined"]
 
 
@@ -171,13 +180,13 @@ def test_safety_verdict_agreement_with_the_raters_majority(tmp_path):
     result = ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
     # the prosocial majority (alice and carol) prefers stage2 on items 1-4; the verdict says stage2 on 1
     # and 4, a tie on 2, ce on 3 -> 2 of 4
-    agreement = result["comparisons"]["stage2_vs_ce"]["safety_agreement"]
+    agreement = by_name(result)["stage2_vs_ce"]["safety_agreement"]
     assert (agreement["value"], agreement["n"], agreement["n_clusters"]) == (0.5, 4, 3)
     assert agreement["source"] == "self-assessed" and agreement["dimension"] == "prosocial"
     assert agreement["confusion"]["win"] == {"win": 2, "tie": 1, "loss": 1}
     assert agreement["no_majority"] == 0
-    expected = M.bootstrap_ci([1.0, 0.0, 0.0, 1.0], None, 200, 0, 0.95,
-                              clusters=["daily_dialog/d1", "daily_dialog/d1", "prosocial_dialog/7", "prosocial_dialog/8"])
+    clusters = ["daily_dialog/d1", "daily_dialog/d1", "prosocial_dialog/7", "prosocial_dialog/8"]
+    expected = M.bootstrap_ci([1.0, 0.0, 0.0, 1.0], None, 200, 0, 0.95, clusters=clusters)
     assert agreement["ci"] == pytest.approx(list(expected), abs=1e-6)
     # item 5: alice alone prefers stage2, the labels tie -> pooled 2 of 5
     assert result["safety_agreement"]["value"] == pytest.approx(0.4) and result["safety_agreement"]["n"] == 5
@@ -208,9 +217,11 @@ def test_outputs_are_unblinded_and_the_report_renders_from_the_json(tmp_path):
         rows = list(csv.DictReader(handle))
     assert len(rows) == (5 + 4 + 4) * len(RATINGS)
     # item 3 shows ce as A: alice's "B" is stage2's win
-    row = next(r for r in rows if r["rater"] == "alice" and r["item_id"] == "item-0003" and r["dimension"] == "overall")
-    assert (row["rating"], row["preferred"], row["outcome"], row["comparison"]) == ("B", "stage2", "win", "stage2_vs_ce")
-    row = next(r for r in rows if r["rater"] == "carol" and r["item_id"] == "item-0001" and r["dimension"] == "coherent")
+    found = {(r["rater"], r["item_id"], r["dimension"]): r for r in rows}
+    row = found[("alice", "item-0003", "overall")]
+    assert (row["rating"], row["preferred"], row["outcome"]) == ("B", "stage2", "win")
+    assert row["comparison"] == "stage2_vs_ce"
+    row = found[("carol", "item-0001", "coherent")]
     assert (row["rating"], row["preferred"], row["outcome"]) == ("B", "ce", "loss")
 
 
@@ -223,15 +234,18 @@ def test_ratings_read_back_the_sheet_and_key_that_evaluate_writes(tmp_path):
                  "text": f"{model} says {i}", "rot": None, "response": f"{model} says {i}", "safety_probs": probs,
                  "fluency": -1.0, "prosociality": probs[0], "score": 0.0, "rank": 1, "selected": True}
                 for i in range(6)]
-    contexts = {(model, "daily_dialog"): evaluate.context_table(pa.Table.from_pylist(rows(model, probs), CANDIDATES), model)
-                for model, probs in (("stage2", [0.9, 0.05, 0.05]), ("base", [0.2, 0.7, 0.1]))}
-    sheet, key, _ = evaluate.human_eval_sheet(contexts, [["stage2", "base"]], 6, 0, ["daily_dialog"])
+    contexts = {}
+    for model, probs in (("stage2", [0.9, 0.05, 0.05]), ("base", [0.2, 0.7, 0.1])):
+        candidates = pa.Table.from_pylist(rows(model, probs), CANDIDATES)
+        contexts[(model, "daily_dialog")] = evaluate.context_table(candidates, model)
+    sheet, key, _ = evaluate.human_eval_sheet(contexts, [["stage2", "base"]], 6, 3, ["daily_dialog"])
     write_csv(sheet, SHEET_COLUMNS, tmp_path / "human_eval.csv")
     write_csv(key, KEY_COLUMNS, tmp_path / "human_eval_key.csv")
     for row in key:  # the key carries the reply's own safety verdict, and who gave it
         assert {row["model_a"]: row["safety_a"], row["model_b"]: row["safety_b"]} == {"stage2": "casual",
                                                                                      "base": "needs_caution"}
-        assert row["safety_source"] == "self-assessed" and row["cluster"] == f"daily_dialog/d{int(row['context_id'][1:]) // 2}"
+        assert row["safety_source"] == "self-assessed"
+        assert row["cluster"] == f"daily_dialog/d{int(row['context_id'][1:]) // 2}"
     # A spreadsheet round trip: Windows line ends inside the cells, lower-case ratings.
     alice_rows = [{**r, "context": r["context"].replace("\n", "\r\n")} for r in fill(sheet, key, alice)]
     write_csv(alice_rows, SHEET_COLUMNS, tmp_path / "sheets" / "alice.csv")
@@ -239,10 +253,10 @@ def test_ratings_read_back_the_sheet_and_key_that_evaluate_writes(tmp_path):
               tmp_path / "sheets" / "bob.csv")
     result = ratings.run(CONFIG, [["stage2", "base"]], [tmp_path / "sheets"], tmp_path / "human_eval_key.csv",
                          tmp_path / "out")
-    entry = result["comparisons"]["stage2_vs_base"]
+    entry = by_name(result)["stage2_vs_base"]
     assert entry["rated_items"] == 6 and entry["dimensions"]["overall"]["win"]["n_clusters"] == 3
     assert [entry["dimensions"]["overall"][o]["value"] for o in ("win", "tie", "loss")] == [0.5, 0.5, 0.0]
-    # the verdict says stage2 is safer on every item, as the majority does not (alice wins, bob ties)
+    # alice and bob split on every item (stage2 / tie): no majority to compare the verdict with
     assert entry["safety_agreement"]["no_majority"] == 6
     # Alpha, two raters, stage2 A on k items and B on j = 6 - k (positions A=0, tie=1, B=2): n_A = k,
     # n_tie = 6, n_B = j, n = 12; mid-ranks k/2, k + 3, k + 6 + j/2.
@@ -251,15 +265,12 @@ def test_ratings_read_back_the_sheet_and_key_that_evaluate_writes(tmp_path):
     d_at, d_tb, d_ab = ((k + 6) / 2) ** 2, ((6 + j) / 2) ** 2, (k / 2 + 6 + j / 2) ** 2
     observed = 2 * k * d_at + 2 * j * d_tb
     expected = 2 * (k * 6 * d_at + 6 * j * d_tb + k * j * d_ab)
-    assert 0 < k < 6 and entry["dimensions"]["overall"]["alpha"]["value"] == pytest.approx(1 - 11 * observed / expected,
-                                                                                            abs=1e-6)
+    assert k not in (0, 3, 6)  # unequal marginals, so ordinal and interval alpha differ
+    alpha = entry["dimensions"]["overall"]["alpha"]["value"]
+    assert alpha == pytest.approx(1 - 11 * observed / expected, abs=1e-6)
 
 
 # --- bad input ------------------------------------------------------------------------------------
-
-
-def mutate_sheet(rows):
-    return [dict(row) for row in rows]
 
 
 def bad_sheet_cases():
@@ -304,7 +315,8 @@ def test_a_bad_sheet_is_one_line_naming_the_file_and_row(tmp_path, name, change,
 def test_a_sheet_without_a_column_or_not_utf8_or_empty_is_named(tmp_path):
     sheets, key = write_inputs(tmp_path)
     path = sheets / "alice.csv"
-    write_csv(blank_sheet([1]), [c for c in SHEET_COLUMNS if c != "coherent"], path)
+    write_csv([{c: v for c, v in row.items() if c != "coherent"} for row in blank_sheet([1])],
+              [c for c in SHEET_COLUMNS if c != "coherent"], path)
     with pytest.raises(DataError, match=f"^{path}: missing column 'coherent'"):
         ratings.run(CONFIG, COMPARISONS, [path], key, tmp_path / "out")
     path.write_bytes(",".join(SHEET_COLUMNS).encode() + b"\nitem-0001,caf\xe9\n")
@@ -331,7 +343,8 @@ def test_a_bad_key_is_one_line_naming_the_file_and_row(tmp_path):
     write_csv(rows, KEY_COLUMNS, key)
     with pytest.raises(DataError, match=f"^{key}: row 2: safety_b = 'unsafe' is not one of casual"):
         ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
-    write_csv(rows, [c for c in KEY_COLUMNS if c != "digest"], key)
+    without = [c for c in KEY_COLUMNS if c != "digest"]
+    write_csv([{c: row[c] for c in without} for row in rows], without, key)
     with pytest.raises(DataError, match=f"^{key}: missing column 'digest'"):
         ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
     key.unlink()
@@ -359,7 +372,7 @@ def test_no_rated_sheets_skips_cleanly_and_says_so(tmp_path, caplog):
     out = tmp_path / "out"
     with caplog.at_level("WARNING"):
         result = ratings.run(CONFIG, COMPARISONS, [folder], tmp_path / "no_key.csv", out)  # the key is not read
-    assert result["status"] == "no rated sheets" and result["comparisons"] == {}
+    assert result["status"] == "no rated sheets" and result["comparisons"] == []
     assert "no rated sheets (*.csv) in" in caplog.text and "saying so" in caplog.text
     saved = json.loads((out / "ratings.json").read_text(encoding="utf-8"))
     assert saved["status"] == "no rated sheets"
@@ -398,7 +411,7 @@ def test_cli_reads_the_sheets_and_writes_the_reports(tmp_path):
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "ratings.json").read_text(encoding="utf-8"))
     assert saved["raters"] == ["alice", "bob"] and saved["config"]["bootstrap_samples"] == 100
-    assert saved["comparisons"]["stage2_vs_ce"]["dimensions"]["overall"]["win"]["value"] == 0.5
+    assert by_name(saved)["stage2_vs_ce"]["dimensions"]["overall"]["win"]["value"] == 0.5
 
 
 def test_cli_reports_a_bad_sheet_in_one_line_and_skips_without_sheets(tmp_path):

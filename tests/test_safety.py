@@ -193,8 +193,10 @@ def test_tfidf_round_trip_gives_identical_probabilities_without_pickle(toy_tfidf
     config, scorer = toy_tfidf
     folder = save(scorer, config, tmp_path / "safety")
     with np.load(folder / "tfidf.npz", allow_pickle=False) as arrays:
-        assert set(arrays.files) == {"terms", "idf", "coef", "intercept", "pair", "pair_buckets"}
+        assert set(arrays.files) == {"terms", "idf", "char_terms", "char_idf", "coef", "intercept", "pair",
+                                     "pair_buckets"}
         assert arrays["pair"].size == 0 and int(arrays["pair_buckets"]) == 0  # one text field: no pairwise view
+        assert arrays["char_terms"].size == 0  # safety.tfidf.char_ngram = []: word n-grams only
     loaded = load_scorer(folder)
     texts = ["lovely cake", "steal money tonight", "never seen words"]
     np.testing.assert_array_equal(loaded.predict_proba5(texts), scorer.predict_proba5(texts))

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
-from pipeline.config import KNOWN_CORPORA, SPLITS, CorporaConfig, HubCorpus
+from pipeline.config import CORPORA, SPLITS, CorporaConfig, HubCorpus
 from pipeline.errors import DataError
 from pipeline.schemas import RAW, conform_raw, read_raw
 
@@ -210,8 +210,8 @@ def resolve_commit(hub: HubCorpus) -> str:
 
 def fetch(config: CorporaConfig, corpus: str) -> tuple[dict[str, pa.Table], dict]:
     """Fetch every split of `corpus` from its configured source; returns tables and provenance."""
-    if corpus not in KNOWN_CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
     source = config.source_of(corpus)
     if source == "sample":
         return fetch_sample(Path(config.sample), corpus), {"source": "sample", "location": config.sample}

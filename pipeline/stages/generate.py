@@ -1,6 +1,6 @@
 """generate: candidates for the test contexts of every corpus, scored and re-ranked.
 
-Reads `data/normalized/<corpus>/test.parquet` for the six corpora, a dialog model, the safety
+Reads `data/normalized/<corpus>/test.parquet` for every corpus (`config.CORPORA`), a dialog model, the safety
 classifier (`models/safety`) and the RoT-agreement scorer (`models/rot_agreement`); writes
 `data/candidates/<name>/<corpus>.parquet` (schema `schemas.CANDIDATES`: every candidate with its
 RoT, reply, scores and rank, and which one was selected; nothing is dropped) and `stats.json`
@@ -17,8 +17,12 @@ id or local folder, prompted in its own format (`audit.models.<name>.format`, se
 plain reply without a RoT.
 
 Contexts: test rows with the same context (turns, persona and emotion; MIC's several annotator
-answers to one question) are one context, generated for once, with every reply of those rows as
-its `references` (its first row's own reply first). Up to `generate.max_contexts` of the distinct
+answers to one question; DiaSafety's and ToxiChat's several replies) are one context, generated for
+once, with every reply of those rows as its `references` (its first row's own reply first) except the
+replies humans labelled unsafe (`reply_label`): overlap with the references must not reward an unsafe
+reply. A context whose replies are all unsafe still gets candidates (it tests the unsafe rate) and has
+no reference (`reference` null, `references` empty; evaluate's overlap metrics leave it out). Its
+DiaSafety category, where it has one, is carried as `category`. Up to `generate.max_contexts` of the distinct
 contexts are drawn with the seed (the same ones for every model), `generate.k` candidates are
 sampled per context in batches of `generate.batch_size` contexts, and each batch reseeds torch
 from (seed, corpus, batch index), so a batch's candidates do not depend on the batches before it.
@@ -59,7 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TEST_COLUMNS = ("dialogue_id", "turn_index", "context", "response", "rots", "safety_label", "persona", "emotion")
+TEST_COLUMNS = ("dialogue_id", "turn_index", "context", "response", "rots", "safety_label", "persona", "emotion",
+                "reply_label", "reply_category")
+UNSAFE = "unsafe"  # the reply_label (labels.REPLY_LABELS) of a reply that is never a reference
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -93,14 +99,18 @@ def load_model(name: str, path: str, audit: AuditModel | None, device: str) -> t
 
 def distinct_contexts(rows: list[dict]) -> list[dict]:
     """One row per distinct context (turns, persona and emotion), in file order of its first row, with
-    `references`: the replies of every row of that context, its own first."""
+    `references`: the replies of every row of that context, its own first, leaving out those labelled
+    unsafe (`reply_label`; [] when all are); `reference`: the first of them (None when there is none);
+    `category`: the first DiaSafety category among its rows (`reply_category`, None elsewhere)."""
     contexts: dict[tuple, dict] = {}
     for row in rows:
         key = (tuple(row["context"]), tuple(row["persona"] or ()), row["emotion"])
-        if key in contexts:
-            contexts[key]["references"].append(row["response"])
-        else:
-            contexts[key] = {**row, "references": [row["response"]]}
+        context = contexts.setdefault(key, {**row, "references": [], "category": None})
+        if row.get("reply_label") != UNSAFE:
+            context["references"].append(row["response"])
+        context["category"] = context["category"] or row.get("reply_category")
+    for context in contexts.values():
+        context["reference"] = context["references"][0] if context["references"] else None
     return list(contexts.values())
 
 
@@ -148,7 +158,8 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
                 out["turn_index"].append(row["turn_index"])
                 out["context"].append(list(row["context"]))
                 out["safety_label"].append(row["safety_label"])
-                out["reference"].append(row["response"])
+                out["category"].append(row["category"])
+                out["reference"].append(row["reference"])
                 out["references"].append(row["references"])
                 out["reference_rots"].append(list(row["rots"] or []))
                 out["candidate_index"].append(j)
@@ -170,6 +181,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
         "test_rows": len(rows),
         "distinct_contexts": len(contexts),
         "contexts": len(chosen),
+        "contexts_without_reference": sum(not row["references"] for row in chosen),
         "candidates": len(fluency),
         "with_rot": sum(r is not None for r in out["rot"]),
         "agreement_filled": (sum(not has_rot(r) for r in out["rot"]) if agreement_scorer is not None else None),
@@ -196,7 +208,7 @@ def read_test_rows(normalized: Path, corpus: str) -> list[dict]:
 
 def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized: Path, out: Path,
         audit: AuditModel | None = None, agreement: Path | None = None) -> dict:
-    """Generate, score and re-rank candidates for all six corpora; write `<out>/<corpus>.parquet` and
+    """Generate, score and re-rank candidates for every corpus; write `<out>/<corpus>.parquet` and
     `stats.json`. `audit` is the entry of an audit model (None for a model trained here); `agreement`
     the RoT-agreement scorer's folder (None: no agreement column, only with `generate.gamma = 0`)."""
     ensure_writable(out)

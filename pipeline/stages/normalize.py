@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
-from pipeline.config import KNOWN_CORPORA, SPLITS, NormalizeConfig
+from pipeline.config import CORPORA, SPLITS, NormalizeConfig
 from pipeline.errors import DataError
 from pipeline.labels import DIASAFETY_CATEGORIES, SAFETY_LABELS
 from pipeline.schemas import NORMALIZED, read_raw
@@ -632,8 +632,8 @@ def read_provenance(path: Path) -> dict:
 
 def run(config: NormalizeConfig, corpus: str, raw: Path, out: Path) -> dict:
     """Normalize every raw split of `corpus` in `raw` and write the three splits to `out`."""
-    if corpus not in KNOWN_CORPORA:
-        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(KNOWN_CORPORA)})")
+    if corpus not in CORPORA:
+        raise DataError(f"unknown corpus {corpus!r} (known: {', '.join(CORPORA)})")
     ensure_writable(out)
     files = {split: raw / f"{split}.parquet" for split in SPLITS if (raw / f"{split}.parquet").is_file()}
     if not files:

@@ -296,7 +296,7 @@ def summarise(judgements: list[Judgement], key: dict[str, KeyItem], comparisons:
     rated = sorted({j.item_id for j in judgements})
     unrated = len(key) - len(rated)
     if unrated:
-        notes.append(f"{unrated} of the key's {len(key)} items have no rating")
+        notes.append(f"no rating for {unrated} of the key's {len(key)} items")
     by_dimension = {d: [j for j in judgements if j.dimension == d] for d in RATINGS}
     summary = []
     for pair in dict.fromkeys(tuple(p) for p in comparisons):
