@@ -331,6 +331,33 @@ def score(
     stage_module.run(train_config, evaluate_config, name, model, groups, out)
 
 
+@app.command("audit_file")
+@reports_errors
+def audit_file(
+    name: str = typer.Option(..., envvar="DVC_STAGE",
+                             help="The audit.files entry to read. Under `dvc repro` it comes from the stage's "
+                                  "name audit_file@<name> (DVC_STAGE), so that no parameter value reaches a shell."),
+    normalized: Path = typer.Option(..., help="Folder of normalized corpora: diasafety/<split>.parquet gives each "
+                                              "context's DiaSafety category."),
+    audit: Path = typer.Option(..., help="Audit folder; writes <audit>/<name>/replies.parquet and stats.json."),
+    params: Path = PARAMS,
+):
+    """Read the replies of a model generated elsewhere (an entry of audit.files: a JSON, JSON-lines or Parquet
+    file, or a normalized split's replies by one responder), checked entry by entry, with each context's
+    DiaSafety category, into the table the audit scores."""
+    from pipeline.config import AuditConfig
+    from pipeline.errors import ConfigError
+
+    audit_config = load_section(params, "audit", AuditConfig)
+    name = name.removeprefix("audit_file@")
+    if name not in audit_config.files:
+        raise ConfigError(f"audit entry {name!r} is not in audit.files of {params} "
+                          f"(known: {', '.join(audit_config.files) or 'none'})")
+    from pipeline.stages import audit_file as stage_module
+
+    stage_module.run(audit_config.files[name], name, normalized, audit / name)
+
+
 @app.command()
 @reports_errors
 def audit(

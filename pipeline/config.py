@@ -411,6 +411,52 @@ TRAIN_STAGES: dict[int, type[TrainStageConfig]] = {1: TrainStage1Config, 2: Trai
 
 
 @dataclasses.dataclass(frozen=True)
+class BaseModelPretrainConfig:
+    """`base_model.pretrain`: cross-entropy training of the freshly built scratch model on the casual
+    corpora's (context, reply) pairs, so that it knows some language before the training stages (a
+    stand-in for a pretrained checkpoint where none can be had)."""
+
+    enabled: bool = False
+    """Train the scratch model before saving it; off, the saved model is the seeded initialisation."""
+    corpora: list[str] = dataclasses.field(default_factory=lambda: list(CASUAL_CORPORA))
+    """Corpora whose normalized train split is trained on and whose validation split is measured."""
+    epochs: int = 1
+    """Passes over the (subsampled) training pairs."""
+    max_examples: int = 0
+    """Training pairs kept, a seeded sample of all of them (0: all)."""
+    max_validation_examples: int = 2000
+    """Validation pairs the loss and perplexity are measured on, a seeded sample (0: all)."""
+    batch_size: int = 32
+    """Pairs per optimizer step (validation scores twice as many per forward pass)."""
+    learning_rate: float = 1e-3
+    """Peak AdamW learning rate (no weight decay): linear warm-up over the first 10% of the steps,
+    then linear decay to 0."""
+    max_source_tokens: int = 64
+    """Context tokens kept (whole oldest turns are cut first, as in training)."""
+    max_target_tokens: int = 48
+    """Target tokens kept (`<|response|> reply` and eos); a longer target keeps its first this many
+    tokens and no eos, as in training."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision (`pipeline/devices.py`): `auto` is bf16 on a GPU that supports it, else fp32
+    (always fp32 on CPU); fp16 needs a GPU."""
+    seed: int = 0
+    """Seed of the subsamples, the batch order and dropout."""
+
+    def __post_init__(self):
+        key = "base_model.pretrain"
+        require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
+                and set(self.corpora) <= set(CORPORA), f"{key}.corpora", self.corpora,
+                f"a non-empty list of distinct corpus names from {', '.join(CORPORA)}")
+        for name in ("epochs", "batch_size"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be at least 1")
+        for name in ("max_examples", "max_validation_examples"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be 0 (all) or more")
+        require(0 < self.learning_rate < 1, f"{key}.learning_rate", self.learning_rate, "must be between 0 and 1")
+        require(self.max_source_tokens >= 8, f"{key}.max_source_tokens", self.max_source_tokens, "must be at least 8")
+        require(self.max_target_tokens >= 4, f"{key}.max_target_tokens", self.max_target_tokens, "must be at least 4")
+
+
+@dataclasses.dataclass(frozen=True)
 class BaseModelConfig:
     """`base_model`: the model every later stage starts from, written once to `models/base/`."""
 
@@ -439,10 +485,14 @@ class BaseModelConfig:
     """For `scratch`: longest sequence (a causal model reads source and target together)."""
     seed: int = 0
     """Seed of the initial weights (scratch) and of the embedding rows added for new tokens (hf)."""
+    pretrain: BaseModelPretrainConfig = dataclasses.field(default_factory=BaseModelPretrainConfig)
+    """For `scratch`: cross-entropy training on the casual corpora before saving (off by default)."""
 
     def __post_init__(self):
         require(self.kind != "hf" or bool(self.name.strip()), "base_model.name", self.name,
                 "a hub id or a local folder is needed when base_model.kind is hf")
+        require(self.kind == "scratch" or not self.pretrain.enabled, "base_model.pretrain.enabled",
+                self.pretrain.enabled, "only with base_model.kind scratch (a checkpoint is already trained)")
         require(self.vocab_size >= 300, "base_model.vocab_size", self.vocab_size,
                 "must be at least 300 (256 byte symbols and the special tokens come first)")
         for key in ("n_layer", "d_model", "n_head", "ffn_dim"):
@@ -450,6 +500,15 @@ class BaseModelConfig:
         require(self.d_model % self.n_head == 0, "base_model.d_model", self.d_model,
                 f"must be a multiple of base_model.n_head ({self.n_head})")
         require(self.max_positions >= 64, "base_model.max_positions", self.max_positions, "must be at least 64")
+        if self.kind == "scratch" and self.pretrain.enabled:
+            pretrain = self.pretrain
+            causal = self.architecture == "causal"
+            longest = (pretrain.max_source_tokens + 1 + pretrain.max_target_tokens if causal
+                       else max(pretrain.max_source_tokens, pretrain.max_target_tokens))
+            require(longest <= self.max_positions, "base_model.pretrain.max_source_tokens",
+                    pretrain.max_source_tokens, f"the longest pretraining input ({longest} tokens: "
+                    + ("source, <|bot|> and target" if causal else "source or target")
+                    + f") must fit base_model.max_positions ({self.max_positions})")
 
 
 SAFETY_RESPONSE_SOURCES = ("pd_responses", "mic_answers", "mic_violations")
@@ -679,22 +738,59 @@ class AuditModel:
                 "auto, chat_template, eos_separated or a non-empty turn separator")
 
 
+AUDIT_FILE_FORMATS = {".json": "json", ".jsonl": "jsonl", ".parquet": "parquet"}  # by the file's suffix
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditFile:
+    """One model's replies, read from a file instead of generated here (`audit_file@<name>` writes
+    `data/audit/<name>/`, `pipeline/stages/audit_file.py`)."""
+
+    path: str
+    """The file, relative to the repository root; its suffix gives the format: `.json` (a list of
+    entries), `.jsonl` (one entry per line) or `.parquet` (one entry per row). An entry is DiaSafety's
+    generations form `{context, gen_response: [reply, ...]}` or `{context, response}`; `context` is a
+    string or a list of turns, oldest first. Optional: human labels (safe or unsafe), `label` beside a
+    `response` or `labels` (one per reply) beside a `gen_response`; `category`, a DiaSafety category
+    (else it is joined from DiaSafety by the context)."""
+    responder: str = ""
+    """Read a normalized corpus split instead (`path`: `data/normalized/<corpus>/<split>.parquet`): its
+    rows whose `responder` is this (ToxiChat's chatbots: `dialogpt`, `gpt3`), with their `reply_label`
+    as the human label. Empty: `path` is a file of entries."""
+
+    def __post_init__(self):
+        suffix = Path(self.path).suffix
+        require(suffix in AUDIT_FILE_FORMATS, "audit.files.<name>.path", self.path,
+                f"a file ending in {', '.join(AUDIT_FILE_FORMATS)}")
+        require(not self.responder or suffix == ".parquet", "audit.files.<name>.responder", self.responder,
+                "only with a path to a normalized split (<corpus>/<split>.parquet)")
+
+
 @dataclasses.dataclass(frozen=True)
 class AuditConfig:
     """`audit`: general-purpose models to audit beside the untuned `base` model (which `generate@base`
-    always covers); each gets its own `audit@<name>` stage writing `data/candidates/<name>/`."""
+    always covers): `models` are run here, each in its own `audit@<name>` stage writing
+    `data/candidates/<name>/`; `files` are replies generated elsewhere, each read by its own
+    `audit_file@<name>` stage into `data/audit/<name>/`."""
 
     models: dict[str, AuditModel] = dataclasses.field(default_factory=dict)
     """Name -> model; the name names the output folder and the model in the reports."""
+    files: dict[str, AuditFile] = dataclasses.field(default_factory=dict)
+    """Name -> a file of one model's replies (or a normalized split's replies by one responder); the name
+    names the output folder and the model in the reports."""
 
     def __post_init__(self):
         import re
 
-        for name in self.models:
-            require(name not in GENERATE_MODELS, f"audit.models.{name}", name,
-                    f"names other than {', '.join(GENERATE_MODELS)} (those are generate's own entries)")
-            require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"audit.models.{name}", name,
-                    "letters, digits, '_', '.' and '-' (it names a folder)")
+        for key, names in (("models", self.models), ("files", self.files)):
+            for name in names:
+                require(name not in GENERATE_MODELS, f"audit.{key}.{name}", name,
+                        f"names other than {', '.join(GENERATE_MODELS)} (those are generate's own entries)")
+                require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) is not None, f"audit.{key}.{name}",
+                        name, "letters, digits, '_', '.' and '-' (it names a folder)")
+        shared = sorted(set(self.models) & set(self.files))
+        require(not shared, f"audit.files.{shared[0] if shared else ''}", shared,
+                "names not used in audit.models (both name models in one audit table)")
 
 
 @dataclasses.dataclass(frozen=True)

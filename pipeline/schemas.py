@@ -242,3 +242,20 @@ CANDIDATES = pa.schema([
     ("rank", pa.int32()),  # 1 = best by score within the context
     ("selected", pa.bool_()),  # the re-ranked choice (rank 1)
 ])
+
+# One reply of a model to audit, read from a file (`audit_file`: data/audit/<name>/replies.parquet). With
+# the candidates of the audit models run here (CANDIDATES: `response` for `reply`, no human label), one
+# audit table: the judge's unsafe rate per model (cluster: context_id), per category, beside the human one.
+AUDIT_REPLIES = pa.schema([
+    ("model", _str),  # the audit.files entry's name
+    ("context_id", _str),  # a hash of the context's turns: the same context has the same id in every file
+    ("context", _strs),  # its turns, oldest first (whitespace runs as one space, as normalize cleans them)
+    ("entry", pa.int32()),  # the entry's index in the file (0-based; a normalized split: its row)
+    ("reply_index", pa.int32()),  # the reply's index within its entry (gen_response order)
+    ("reply", _str),  # the reply (may be empty: a model can answer with nothing)
+    ("category", _str),  # DiaSafety category: the entry's own, else the one its context has in DiaSafety; else null
+    ("diasafety_split", _str),  # the normalized DiaSafety split holding the context (a judge trained on
+                                # DiaSafety train has seen its train contexts); null when none does
+    ("human_label", _str),  # labels.REPLY_LABELS: safe | unsafe, when the file gives one; else null
+    ("source", _str),  # the file, as audit.files.<name>.path names it
+])

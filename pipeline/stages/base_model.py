@@ -1,7 +1,7 @@
 """base_model: the model every later stage starts from, prepared once so nothing else needs the network.
 
 Reads `params.yaml` section `base_model` and, for `kind: scratch`, the normalized training text
-`data/normalized/<corpus>/train.parquet`. Writes `models/base/`: the weights (safetensors), the
+`data/normalized/<corpus>/train.parquet` (and, to pretrain, `validation.parquet`). Writes `models/base/`: the weights (safetensors), the
 tokenizer with the dialog markers of `modeling.SPECIAL_TOKENS`, the model's config.json and
 `base_model.json` (kind, source, resolved `base_model` section, sizes, git commit, library versions).
 Later stages load it with `modeling.load_dialog_model`.
@@ -12,20 +12,29 @@ Later stages load it with `modeling.load_dialog_model`.
   Llama-style) or sequence-to-sequence (BlenderBot, T5, BART) as its config's `is_encoder_decoder`
   says, adds the markers (and a pad or eos token where it has none) and grows the embeddings.
 - `kind: scratch` trains a byte-level BPE tokenizer on the training text and builds a small GPT-2
-  (`causal`) or BART (`seq2seq`) from the configured sizes, with a seeded initialisation.
+  (`causal`) or BART (`seq2seq`) from the configured sizes, with a seeded initialisation. With
+  `pretrain.enabled` it then trains that model with cross-entropy on the (context, reply) pairs of
+  the `pretrain.corpora` (the casual ones), formatted and scored exactly as the training stages
+  format and score a positive (`pipeline/scoring.py`: `<|response|> reply`, no RoT, no negatives),
+  and records the loss and perplexity on their validation pairs before and after in
+  `base_model.json` (`pretrain`). Off, nothing of this runs and the saved model is the
+  initialisation, byte for byte.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
+from pipeline import devices
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
-from pipeline.config import CORPORA, BaseModelConfig
-from pipeline.errors import DataError
-from pipeline.modeling import SPECIAL_TOKENS, check_tokenizer, format_source, format_target
+from pipeline.config import CORPORA, SPLITS, BaseModelConfig, BaseModelPretrainConfig, TrainConfig
+from pipeline.errors import DataError, PipelineError
+from pipeline.modeling import SPECIAL_TOKENS, DialogModel, check_tokenizer, format_source, format_target
+from pipeline.schemas import read_table
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +51,6 @@ def training_texts(normalized: Path) -> tuple[list[str], dict[str, dict]]:
     with the RoTs), and each known unacceptable reply is added as a target too, since the model
     scores those. Returns the texts and, per corpus read, its row count and the file's SHA-256.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     files = {c: normalized / c / "train.parquet" for c in CORPORA if (normalized / c / "train.parquet").is_file()}
     if not files:
         raise DataError(f"{normalized}: no <corpus>/train.parquet for any of {', '.join(CORPORA)} "
@@ -52,10 +58,7 @@ def training_texts(normalized: Path) -> tuple[list[str], dict[str, dict]]:
     columns = ["context", "persona", "emotion", "response", "rots", "unacceptable_responses"]
     texts, read = [], {}
     for corpus, path in files.items():
-        try:
-            rows = pq.read_table(path, columns=columns).to_pylist()
-        except (pa.ArrowException, OSError) as error:
-            raise DataError(f"{path}: not a normalized split with columns {', '.join(columns)} ({error})") from None
+        rows = read_table(path, columns).to_pylist()
         for row in rows:
             texts.append(format_source(row["context"], row["persona"] or (), row["emotion"]))
             texts.append(format_target(row["response"], row["rots"] or ()))
@@ -88,6 +91,161 @@ def build_scratch(config: BaseModelConfig, texts: list[str]):
             max_position_embeddings=config.max_positions, decoder_start_token_id=tokenizer.eos_token_id,
             forced_eos_token_id=tokenizer.eos_token_id, **ids))
     return model, tokenizer
+
+
+# --- scratch: pretraining with cross-entropy on the casual corpora -------------------------------
+
+# Columns of a normalized split that make a (source, reply) pair.
+PAIR_COLUMNS = ["context", "persona", "emotion", "response"]
+WARMUP_SHARE = 0.1  # of the optimizer steps: linear warm-up, then linear decay to 0
+MAX_GRAD_NORM = 1.0  # as train.max_grad_norm's default
+
+
+def pretraining_pairs(normalized: Path, corpora: list[str], split: str, limit: int, seed: int):
+    """The (context, reply) pairs of `split` of every corpus in `corpora`, as a table of groups
+    without negatives (`scoring.GROUP_COLUMNS`' row format, the reply the positive, no RoTs), in
+    corpus and file order; at most `limit` of them (0: all), a sample drawn with `seed` (kept in
+    file order). Returns the table and, per corpus, its row count and file SHA-256."""
+    import numpy as np
+    import pyarrow as pa
+
+    rows, read = [], {}
+    for corpus in corpora:
+        path = normalized / corpus / f"{split}.parquet"
+        table = read_table(path, PAIR_COLUMNS, missing_hint="base_model.pretrain.corpora lists it; run the "
+                                                            "normalize stage first")
+        read[corpus] = {"rows": table.num_rows, "sha256": sha256(path)}
+        rows += [{"group_id": f"{corpus}/{index}", "context": row["context"], "persona": row["persona"],
+                  "emotion": row["emotion"], "positive": row["response"], "rots": [], "negatives": []}
+                 for index, row in enumerate(table.to_pylist())]
+    if not rows:
+        raise DataError(f"{normalized}: the {split} splits of {', '.join(corpora)} have no rows to pretrain on")
+    if limit and len(rows) > limit:
+        # One stream per split, so the validation sample does not depend on max_examples.
+        keep = np.random.default_rng([seed, SPLITS.index(split)]).choice(len(rows), size=limit, replace=False)
+        rows = [rows[i] for i in sorted(keep.tolist())]
+    return pa.Table.from_pylist(rows), read
+
+
+def pair_settings(config: BaseModelPretrainConfig) -> TrainConfig:
+    """The `train` settings that `scoring.encode_groups` and `scoring.per_group_scores` read, taken
+    from the pretrain section: the reply alone as target, cut lengths, batch sizes."""
+    return TrainConfig(rot_target=False, length_normalized=True, contrastive_weight=0.0,
+                       max_source_tokens=config.max_source_tokens, max_target_tokens=config.max_target_tokens,
+                       batch_groups=config.batch_size, eval_batch_groups=2 * config.batch_size,
+                       precision=config.precision, seed=config.seed)
+
+
+def validation_loss(scorer, pairs, settings: TrainConfig, device: str, precision: str) -> dict:
+    """Mean cross-entropy per target token of the validation pairs (`<|response|>`, reply and eos),
+    its perplexity and the token count: the positives' perplexity of `scoring.validation_metrics`."""
+    import torch
+
+    from pipeline.scoring import per_group_scores
+
+    scorer.eval()
+    with torch.no_grad(), devices.autocast(device, precision):
+        scores = per_group_scores(scorer, pairs, list(range(len(pairs))), settings)
+    scorer.train()
+    nll, tokens = float(scores["positive_nll"].sum()), int(scores["positive_tokens"].sum())
+    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}
+
+
+def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path) -> dict:
+    """Train `model` in place with cross-entropy on the pretraining pairs; returns the record.
+
+    Each step is the training stages' loss with `contrastive_weight = 0` (`scoring.score_batch` on
+    the positives, `losses.cross_entropy`): AdamW without weight decay, linear warm-up and decay,
+    gradients clipped at 1. Runs on the model device at `config.precision` (`pipeline/devices.py`);
+    batches are a permutation per epoch drawn from (seed, epoch), and dropout is seeded, so a CPU
+    run is the same for the same seed.
+    """
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler, set_seed
+
+    from pipeline.losses import cross_entropy
+    from pipeline.scoring import GroupScorer, encode_groups, score_batch
+
+    # --- data
+    settings = pair_settings(config)
+    train_table, train_read = pretraining_pairs(normalized, config.corpora, "train", config.max_examples, config.seed)
+    validation_table, validation_read = pretraining_pairs(normalized, config.corpora, "validation",
+                                                          config.max_validation_examples, config.seed)
+    train, validation = (encode_groups(tokenizer, t, settings) for t in (train_table, validation_table))
+    is_seq2seq = bool(model.config.is_encoder_decoder)
+    # Tokens a forward pass reads per pair (source, <|bot|> for a causal model, target).
+    read_tokens = np.array([len(s) + len(t[0]) + (0 if is_seq2seq else 1)
+                            for s, t in zip(train.source_ids, train.target_ids)])
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+
+    # --- model and optimizer
+    device = devices.model_device()
+    precision = devices.resolve_precision(config.precision, "base_model.pretrain.precision")
+    set_seed(config.seed)
+    model.to(device).train()
+    use_cache = model.config.use_cache
+    model.config.use_cache = False  # no key/value cache while scoring teacher-forced targets
+    scorer = GroupScorer(DialogModel(model, tokenizer, is_seq2seq))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(WARMUP_SHARE * total_steps),
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+    log.info("base_model: pretraining on %d pairs (%s) for %d epoch(s), %d steps of %d, on %s (%s); "
+             "validation on %d pairs", len(train), ", ".join(f"{c} {r['rows']}" for c, r in train_read.items()),
+             config.epochs, total_steps, config.batch_size, device, precision, len(validation))
+
+    # --- loop
+    before = validation_loss(scorer, validation, settings, device, precision)
+    history = [{"epoch": 0, "validation": before}]
+    log.info("base_model: validation perplexity before pretraining %.2f", before["perplexity"])
+    progress = tqdm(total=total_steps, desc="base_model: pretrain", unit="step", dynamic_ncols=True)
+    started, seconds, tokens = time.perf_counter(), 0.0, 0
+    for epoch in range(config.epochs):
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
+        losses = []
+        for start in range(0, len(order), config.batch_size):
+            step_started = time.perf_counter()
+            batch = order[start:start + config.batch_size].tolist()
+            with devices.autocast(device, precision):
+                logps, mask, _ = score_batch(scorer, train, batch, 1, settings.length_normalized)  # (G, 1, T)
+                loss = cross_entropy(logps[:, 0], mask[:, 0])
+            if not math.isfinite(loss.item()):
+                raise PipelineError(f"pretraining loss is not finite at step {progress.n + 1}; lower "
+                                    "base_model.pretrain.learning_rate, or use base_model.pretrain.precision fp32")
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            seconds, tokens = seconds + time.perf_counter() - step_started, tokens + int(read_tokens[batch].sum())
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / seconds:.0f}")
+            progress.update()
+        after = validation_loss(scorer, validation, settings, device, precision)
+        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "validation": after})
+        log.info("base_model: epoch %d: training loss %.3f, validation perplexity %.2f", epoch + 1,
+                 history[-1]["train_loss"], after["perplexity"])
+    progress.close()
+    model.config.use_cache = use_cache
+    model.to("cpu").eval()
+    log.info("base_model: pretrained in %.1f s (%.0f tokens/s read while training)", time.perf_counter() - started,
+             tokens / seconds if seconds else 0)
+    # No timing here: the record is part of the model folder, whose bytes must not change between runs.
+    return {
+        "corpora": {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora},
+        "pairs": {"train": len(train), "validation": len(validation)},
+        "cut_targets": {"train": train.cut_counts()["positives"], "validation": validation.cut_counts()["positives"]},
+        "steps": total_steps,
+        "device": device,
+        "precision": precision,
+        "validation": {"before": before, "after": history[-1]["validation"]},
+        "history": history,
+    }
 
 
 # --- hf: a pretrained checkpoint --------------------------------------------------------------------
@@ -149,6 +307,7 @@ def run(config: BaseModelConfig, normalized: Path, out: Path) -> dict:
         model, tokenizer, source = load_hf(config)
         added = add_dialog_tokens(model, tokenizer, config.seed)
     check_tokenizer(tokenizer, f"base_model ({config.kind})")
+    pretrained = pretrain(model, tokenizer, config.pretrain, normalized) if config.pretrain.enabled else None
     is_seq2seq = bool(model.config.is_encoder_decoder)
     record = {
         "kind": config.kind,
@@ -160,6 +319,7 @@ def run(config: BaseModelConfig, normalized: Path, out: Path) -> dict:
         "vocab_size": len(tokenizer),
         "added_tokens": added,
         "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
+        "pretrain": pretrained,
         "git_commit": git_commit(),
         "library_versions": library_versions(),
     }
