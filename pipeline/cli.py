@@ -85,7 +85,8 @@ def normalize(
 @reports_errors
 def mine(
     stage: int = typer.Option(..., "--stage", min=1, max=2,
-                              help="1: ProsocialDialog and MIC; 2: the casual corpora plus replayed stage-1 groups."),
+                              help="1: the adversarial corpora (mine.stage1_corpora); 2: the casual ones "
+                                   "(mine.stage2_corpora) plus replayed stage-1 groups."),
     normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/<split>.parquet)."),
     safety: Path = typer.Option(..., help="Safety classifier folder written by `safety`."),
     out: Path = typer.Option(..., help="Folder to write <split>.parquet and stats.json into."),
@@ -109,17 +110,25 @@ def evaluate(
     candidates: Path = typer.Option(..., help="Folder of candidates written by `generate` (<model>/<corpus>.parquet)."),
     scores: Path = typer.Option(..., help="Folder of per-model test-group scores written by `score` "
                                           "(<model>/eval_scores.json, read where present)."),
+    judge: Path = typer.Option(..., help="Safety judge folder written by the judge stage: the headline unsafe rate."),
+    safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage (its scorer.json "
+                                          "says what the re-ranker's classifier learned from)."),
+    stage1_stats: Path = typer.Option(..., help="stats.json of the stage-1 groups (mine --stage 1): where their "
+                                                "negatives came from."),
     reports: Path = typer.Option(..., help="Folder to write metrics.json, results.json, report.md, plots/ and "
                                            "the human-evaluation sheet into."),
     params: Path = PARAMS,
 ):
-    """Compare the models' first-sample and re-ranked replies: safety, overlap, RoTs; write the reports."""
+    """Compare the models' first-sample and re-ranked replies: safety by the judge (beside the re-ranker's own,
+    self-assessed rate), overlap, RoTs; write the reports."""
     from pipeline.config import EvaluateConfig
 
     config = load_section(params, "evaluate", EvaluateConfig)
     from pipeline.stages import evaluate as stage_module
 
-    stage_module.run(config, candidates, reports, stage_module.read_model_scores(scores, config.models))
+    stage_module.run(config, candidates, reports, judge, safety, stage1_stats,
+                     stage_module.read_model_scores(scores, config.models),
+                     stage_module.read_likelihood(scores, config.models))
 
 
 @app.command()
@@ -318,17 +327,42 @@ def score(
     name: str = typer.Argument(..., help="The model's name in the reports (base, stage1, stage2, ...)."),
     model: Path = typer.Option(..., help="Model folder to score with."),
     groups: Path = typer.Option(..., help="Groups folder with stage1/test.parquet and stage2/test.parquet."),
-    out: Path = typer.Option(..., help="Folder to write eval_scores.json into."),
+    normalized: Path = typer.Option(..., help="Normalized corpora folder; reads the human-labelled replies of "
+                                              "diasafety/test.parquet and toxichat/test.parquet."),
+    out: Path = typer.Option(..., help="Folder to write eval_scores.json and likelihood.parquet into."),
     params: Path = PARAMS,
 ):
-    """Score the test groups with a model: group ranking accuracy and reference perplexity."""
+    """Score the test groups with a model: group ranking accuracy, reference perplexity, and how much likelier
+    it finds humans' safe replies than their unsafe ones (likelihood AUC, same-context pairs)."""
     from pipeline.config import EvaluateConfig, TrainConfig
 
     train_config = load_section(params, "train", TrainConfig)
     evaluate_config = load_section(params, "evaluate", EvaluateConfig)
     from pipeline.stages import score as stage_module
 
-    stage_module.run(train_config, evaluate_config, name, model, groups, out)
+    stage_module.run(train_config, evaluate_config, name, model, groups, normalized, out)
+
+
+@app.command("audit_report")
+@reports_errors
+def audit_report(
+    judge: Path = typer.Option(..., help="Safety judge folder written by the judge stage."),
+    candidates: Path = typer.Option(..., help="Candidates folder: <name>/<corpus>.parquet of base and of every "
+                                              "audit.models entry."),
+    audit: Path = typer.Option(..., help="Audit folder: <name>/replies.parquet of every audit.files entry."),
+    out: Path = typer.Option(..., help="Folder to write results.json, metrics.json and report.md into."),
+    params: Path = PARAMS,
+):
+    """The audit table: the judge's unsafe rate of base, the audit.models and the audit.files models, per
+    DiaSafety category, and beside the human rate where the replies carry human labels."""
+    from pipeline.config import AuditConfig, EvaluateConfig
+
+    config = load_section(params, "evaluate", EvaluateConfig)
+    audit_config = load_section(params, "audit", AuditConfig)
+    from pipeline.stages import audit_report as stage_module
+
+    stage_module.run(config, [*stage_module.RUN_HERE, *audit_config.models], list(audit_config.files), judge,
+                     candidates, audit, out)
 
 
 @app.command("audit_file")

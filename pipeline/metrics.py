@@ -7,8 +7,9 @@ each against several references. Diversity: `distinct_n_of_tokens` (on `tokenize
 generic replies: `most_frequent`, `top_k_share`. Safety: `predicted_labels` on [casual,
 needs_caution, needs_intervention] probabilities. Classifiers (the safety and rot_agreement
 stages): `accuracy`, `macro_f1`; binary ones (the judge): `confusion_counts`, whose sums give
-`binary_scores` (so they resample with `bootstrap_ci`), and calibration, `reliability_bins` and
-`expected_calibration_error`.
+`binary_scores` and `cohen_kappa` (so they resample with `bootstrap_ci`), and calibration,
+`reliability_bins` and `expected_calibration_error`. Rankings: `order_agreement` (pairwise order and
+Kendall's tau-b of two scorings of the same items).
 
 Uncertainty: `bootstrap_ci`, a vectorised percentile bootstrap of a statistic of item sums (a
 mean, a ratio of sums, corpus BLEU); `paired_bootstrap_ci`, the same for the difference of two
@@ -16,6 +17,11 @@ systems on the same items, resampled jointly; `bootstrap_ci_of_counts` for stati
 functions of item sums (`distinct_n_ci`, `top_k_share_ci`), on the same resamples. Every bootstrap
 takes `clusters`: items of one cluster (the turns of one dialogue) are drawn together, since they are
 not independent. `mcnemar_exact` is the exact test of two paired binary outcomes.
+
+Separating two classes by a score (the score stage's likelihood safety: safe vs. unsafe replies by
+the model's likelihood): `separation_auc` and its cluster-bootstrap interval `separation_auc_ci`
+(also of the paired difference of two scorings of the same items); `same_context_pairs` and
+`pair_outcomes` for the pairs of one context.
 
 Agreement between raters (the ratings stage): `krippendorff_alpha` of nominal, ordinal or interval
 ratings with missing values.
@@ -458,6 +464,112 @@ def mcnemar_exact(model_only: int, baseline_only: int) -> float:
     return float(binomtest(model_only, discordant, 0.5).pvalue)
 
 
+# --- separating two classes by a score (the score stage) ------------------------------------------
+
+
+def _weighted_separation(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The AUC of `scores` for `positive` items over negative ones, each item weighed by its count in
+    each row of `counts` (B, n) (a resample); (B,), NaN where a row weighs no item of one class.
+
+    Items are sorted by score once and equal scores merged into blocks: a positive beats every
+    negative weight in the blocks below its own and half of that in its own block.
+    """
+    order = np.argsort(scores, kind="stable")
+    ranked = scores[order]
+    starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first item of each block of ties
+    weights, is_positive = counts[:, order], positive[order]
+    positives = np.add.reduceat(weights * is_positive, starts, axis=1)  # (B, blocks)
+    negatives = np.add.reduceat(weights * ~is_positive, starts, axis=1)  # (B, blocks)
+    below = np.cumsum(negatives, axis=1) - negatives
+    beaten = (positives * (below + 0.5 * negatives)).sum(axis=1)
+    pairs = positives.sum(axis=1) * negatives.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, beaten / pairs, np.nan)
+
+
+def _separation_inputs(scores, positive) -> tuple[np.ndarray, np.ndarray]:
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    if scores.shape != positive.shape or scores.ndim != 1:
+        raise ValueError(f"expected one score and one class per item, got shapes {scores.shape} and {positive.shape}")
+    if np.isnan(scores).any():
+        raise ValueError("scores must not be NaN")
+    return scores, positive
+
+
+def separation_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+    """How well `scores` separate the `positive` items from the others: the probability that a
+    positive item scores above a negative one, a tie counting half (the area under the ROC curve,
+    Mann-Whitney U / (n+ n-)); 1 separates perfectly, 0.5 is chance. Needs items of both classes
+    (a ValueError that counts them otherwise)."""
+    scores, positive = _separation_inputs(scores, positive)
+    if positive.all() or not positive.any():
+        raise ValueError(f"the AUC needs items of both classes, got {int(positive.sum())} positive and "
+                         f"{int((~positive).sum())} negative")
+    return float(_weighted_separation(scores, positive, np.ones((1, len(scores))))[0])
+
+
+def separation_auc_ci(
+    scores: Sequence[float] | np.ndarray,
+    positive: Sequence[bool] | np.ndarray,
+    n_samples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    max_elements: int = 2**22,
+    *,
+    clusters: Sequence | np.ndarray | None = None,
+    baseline_scores: Sequence[float] | np.ndarray | None = None,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `separation_auc` over items or `clusters` of items (as in
+    `bootstrap_ci`, on the same resamples as `bootstrap_ci_of_counts`), or, with `baseline_scores`
+    (another scoring of the same items), of the paired difference AUC(scores) - AUC(baseline_scores),
+    both on each resample's items.
+
+    An AUC is not a function of item sums, so each resample weighs every item by how often it was
+    drawn (`_weighted_separation`). A resample that draws no item of one class has no AUC and is
+    left out (only likely with a handful of clusters); None when no resample has one.
+    """
+    scores, positive = _separation_inputs(scores, positive)
+    baseline = None if baseline_scores is None else _separation_inputs(baseline_scores, positive)[0]
+    if len(scores) == 0:
+        raise ValueError("separation_auc_ci needs at least one item")
+    codes, n_clusters = _cluster_codes(clusters, len(scores))
+    stats = []
+    for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements, width=len(scores)):
+        counts = _counts(indices, n_clusters)[:, codes]  # (B, n)
+        auc = _weighted_separation(scores, positive, counts)
+        stats.append(auc if baseline is None else auc - _weighted_separation(baseline, positive, counts))
+    stats = np.concatenate(stats)
+    stats = stats[~np.isnan(stats)]
+    return _percentiles(stats, confidence) if len(stats) else None
+
+
+def same_context_pairs(positive: Sequence[bool] | np.ndarray,
+                       contexts: Sequence | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (positive, negative) pair of items that share a context: two index arrays (P,), (P,),
+    the positive item's and the negative item's, ordered by the positive's index, then the
+    negative's. A context with k positive and m negative items gives k * m pairs."""
+    positive, contexts = np.asarray(positive, dtype=bool), np.asarray(contexts)
+    if positive.shape != contexts.shape or positive.ndim != 1:
+        raise ValueError(f"expected one class and one context per item, got shapes {positive.shape} and "
+                         f"{contexts.shape}")
+    negatives: dict = {}
+    for index in np.flatnonzero(~positive):
+        negatives.setdefault(contexts[index], []).append(index)
+    pairs = [(i, j) for i in np.flatnonzero(positive) for j in negatives.get(contexts[i], [])]
+    first, second = (np.array(side, dtype=np.int64) for side in zip(*pairs)) if pairs else (
+        np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    return first, second
+
+
+def pair_outcomes(positive_scores: Sequence[float] | np.ndarray,
+                  negative_scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Per pair, 1 when the positive item scores above the negative one, 0.5 on a tie, 0 below;
+    their mean is the share of pairs ranked right (the AUC within pairs)."""
+    positive_scores = np.asarray(positive_scores, dtype=np.float64)
+    negative_scores = np.asarray(negative_scores, dtype=np.float64)
+    return (positive_scores > negative_scores) + 0.5 * (positive_scores == negative_scores)
+
+
 # --- classifier labels (the safety and rot_agreement stages) --------------------------------------
 
 
@@ -510,6 +622,52 @@ def binary_scores(totals: np.ndarray) -> dict[str, np.ndarray]:
         macro = np.where(present > 0, (positive + negative) / np.maximum(present, 1), 0.0)
         accuracy_ = np.where(tp + fp + fn + tn > 0, (tp + tn) / (tp + fp + fn + tn), 0.0)
     return {"accuracy": accuracy_, "positive_f1": positive, "negative_f1": negative, "macro_f1": macro}
+
+
+def cohen_kappa(totals: np.ndarray) -> np.ndarray:
+    """Cohen's kappa of two binary raters of the same items from summed `confusion_counts(first,
+    second)`; (..., 4) -> (...).
+
+    kappa = (p_o - p_e) / (1 - p_e), with p_o = (TP + TN) / N the share of items both give the same
+    label, and p_e = r1 r2 + (1 - r1)(1 - r2) the share chance would give from each rater's own rate
+    of positives (r1 = (TP + FN) / N, r2 = (TP + FP) / N). 1: perfect agreement, 0: no better than
+    chance. NaN where it is undefined: no items, or p_e = 1 (both raters give every item one and the
+    same label).
+    """
+    tp, fp, fn, tn = (np.asarray(totals, dtype=np.float64)[..., i] for i in range(4))
+    n = tp + fp + fn + tn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        first, second = (tp + fn) / n, (tp + fp) / n
+        observed = (tp + tn) / n
+        chance = first * second + (1 - first) * (1 - second)
+        return np.where((n > 0) & (chance < 1), (observed - chance) / (1 - chance), np.nan)
+
+
+def order_agreement(reference: Sequence[float], estimate: Sequence[float]) -> dict:
+    """How far `estimate` orders items as `reference` does (e.g. models by the judge's unsafe rate
+    against the human one), over every pair of items.
+
+    A pair is *ordered* when the reference values differ; of those, *concordant* when the estimate
+    orders it the same way, *discordant* the other way, *estimate_ties* when the estimate ties it.
+    `agreement` = concordant / ordered (None when no pair is ordered); `kendall_tau_b` = (C - D) /
+    sqrt((P - T_ref)(P - T_est)), P all pairs and T the pairs each side ties (None when either side
+    ties every pair, or there are fewer than two items).
+    """
+    reference, estimate = np.asarray(reference, dtype=np.float64), np.asarray(estimate, dtype=np.float64)
+    if reference.shape != estimate.shape or reference.ndim != 1:
+        raise ValueError(f"expected two (n,) arrays, got shapes {reference.shape} and {estimate.shape}")
+    first, second = np.triu_indices(len(reference), k=1)
+    by_reference = np.sign(reference[first] - reference[second])
+    by_estimate = np.sign(estimate[first] - estimate[second])
+    ordered = by_reference != 0
+    concordant = int((ordered & (by_estimate == by_reference)).sum())
+    discordant = int((ordered & (by_estimate == -by_reference)).sum())
+    pairs = len(first)
+    denominator = float(np.sqrt(float(ordered.sum()) * float((by_estimate != 0).sum())))
+    return {"pairs": pairs, "ordered": int(ordered.sum()), "concordant": concordant, "discordant": discordant,
+            "estimate_ties": int((ordered & (by_estimate == 0)).sum()),
+            "agreement": concordant / int(ordered.sum()) if ordered.any() else None,
+            "kendall_tau_b": (concordant - discordant) / denominator if denominator > 0 else None}
 
 
 def _bins(probs: np.ndarray, bins: int) -> np.ndarray:

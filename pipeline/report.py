@@ -1,10 +1,11 @@
-"""The reports: `report.md` and the plots, rendered from the contents of results.json, and
-`ratings.md` from ratings.json.
+"""The reports: `report.md` and the plots, rendered from the contents of results.json, `ratings.md`
+from ratings.json, and the audit's `report.md` from its results.json.
 
 `pipeline/stages/evaluate.py` computes results.json and calls `write_report`; nothing here computes
 a metric. Every number in the report is read from the results dict (the training-curve plot from the
 dvclive logs evaluate read), so `render_report(json.load(open("reports/results.json")))` re-renders
-a saved report. Likewise `pipeline/stages/ratings.py` and `write_ratings_report` / `render_ratings`.
+a saved report. Likewise `pipeline/stages/ratings.py` and `write_ratings_report` / `render_ratings`, and
+`pipeline/stages/audit_report.py` and `write_audit_report` / `render_audit`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from pipeline.artifacts import atomic_path
 from pipeline.labels import THREE_WAY
 
 MISSING = "–"
+VERDICT_SOURCES = {"judge": "the independent safety judge", "self-assessed": "the re-ranker's own classifier"}
 LABEL_COLOURS = {"casual": "#4c9f70", "needs_caution": "#e0a526", "needs_intervention": "#c8443a"}
 # Column titles of the comparison table, by metric name without its view.
-TITLES = {"unsafe_rate": "unsafe rate", "casual_rot_share": "casual RoT share",
+TITLES = {"unsafe_rate": "unsafe rate (judge)", "self_assessed_unsafe_rate": "self-assessed unsafe rate",
+          "casual_rot_share": "casual RoT share",
           "casual_caution_share": "casual caution share", "bleu4": "BLEU-4", "f1": "F1", "rouge_l": "ROUGE-L",
           "rot_f1": "RoT F1", "rot_bleu4": "RoT BLEU-4", "mean_length": "length"}
 
@@ -141,18 +144,28 @@ def render_report(results: dict) -> str:
               "re-ranker's choice among them."
               + (f" Comparisons are paired against `{baseline}` on the contexts both models answered." if baseline
                  else ""), ""]
+    lines += _classifier_lines(results.get("safety") or {})
     if results.get("notes"):
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     for scope in results["scopes"]:
         pooled = scope not in results["corpora"]
         lines += [f"## {'Overall (all corpora pooled)' if pooled else scope}", ""]
         lines += _comparison_lines(results, scope)
-        safety = _metric_table(results, scope, [("unsafe rate", "unsafe_rate_{view}", 3),
-                                                ("casual", "label_casual_{view}", 3),
+        safety = _metric_table(results, scope, [("unsafe rate (judge)", "unsafe_rate_{view}", 3),
+                                                ("self-assessed unsafe rate", "self_assessed_unsafe_rate_{view}", 3),
+                                                ("agreement", "judge_self_agreement_{view}", 3),
+                                                ("κ", "judge_self_kappa_{view}", 3)],
+                               per_view=True, count="unsafe_rate_{view}")
+        labels = _metric_table(results, scope, [("casual", "label_casual_{view}", 3),
                                                 ("needs caution", "label_needs_caution_{view}", 3),
                                                 ("needs intervention", "label_needs_intervention_{view}", 3)],
-                               per_view=True, count="unsafe_rate_{view}")
-        lines += ["### Safety of the replies", "", *safety, ""]
+                               per_view=True)
+        lines += ["### Safety of the replies", "",
+                  "*unsafe rate (judge)*: the independent judge's verdict, the headline; *self-assessed*: the "
+                  "re-ranker's own classifier (needs caution or intervention), which the re-ranked choice was "
+                  "picked to please; *agreement*: the share of replies both call unsafe or both safe; κ: "
+                  "Cohen's kappa of the two verdicts (– where one of them is constant).", "", *safety, "",
+                  "Predicted labels (self-assessed):", "", *labels, ""]
         overlap = _metric_table(results, scope, [("BLEU-4", "bleu4_{view}", 2), ("F1", "f1_{view}", 3),
                                                  ("ROUGE-L", "rouge_l_{view}", 3),
                                                  ("distinct-1", "distinct_1_{view}", 3),
@@ -182,8 +195,8 @@ def render_report(results: dict) -> str:
                                 per_view=True, count="casual_rot_share_{view}")
         lines += ["### Over-caution on casual contexts", "",
                   "Contexts labelled casual, and every context of the four casual corpora. *RoT share*: "
-                  "replies that carry a RoT; *caution share*: replies classified as needing caution or "
-                  "intervention themselves.", "",
+                  "replies that carry a RoT; *caution share*: replies that the re-ranker's classifier "
+                  "(self-assessed) rates as needing caution or intervention themselves.", "",
                   *(caution or ["*No casual contexts.*"]), ""]
         lines += _generic_table(results, scope)
         if pooled:
@@ -206,6 +219,35 @@ def render_report(results: dict) -> str:
                   "`data/ratings/<rater>.csv`; the `ratings` stage (`python -m pipeline ratings`) reads them back "
                   "into `reports/ratings/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _counts(counts: dict) -> str:
+    """`{name: n}` as "name (n), ..." in name order (results.json stores its keys sorted, so only an
+    order made here survives a reload)."""
+    return ", ".join(f"{name} ({count:,})" for name, count in sorted(counts.items()))
+
+
+def _judge_corpora(judge: dict) -> str:
+    """The corpora that trained the judge, in `judge.corpora` order, each with its labelled replies."""
+    return ", ".join(f"{corpus} ({judge['training_examples'].get(corpus, 0):,})" for corpus in judge["corpora"])
+
+
+def _classifier_lines(safety: dict) -> list[str]:
+    """Which corpora trained the judge, the re-ranker's classifier and the stage-1 negatives."""
+    if not safety:
+        return []
+    judge, own, stage1 = safety["judge"], safety["self_assessed"], safety["stage1_negatives"]
+    unsafe = sum(judge["training_unsafe"].values())
+    return ["## Who judges safety", "",
+            f"- **Judge** (the headline unsafe rate; `{judge['folder']}`, {judge['kind']}): trained on the train "
+            f"splits of {_judge_corpora(judge)} labelled replies ({unsafe:,} unsafe); independent of "
+            f"{', '.join(judge['independent_of'])}, the re-ranker's classifier's corpora. A reply is unsafe when "
+            f"its P(unsafe) ≥ {safety['judge_threshold']}.",
+            f"- **Self-assessed** (the re-ranker's classifier, `{own['folder']}`, {own['kind']}): trained on "
+            f"{', '.join(own['corpora'])} (examples: {_counts(own['training_examples'])}).",
+            f"- **Stage-1 negatives** (`{stage1['file']}`): mined from {', '.join(stage1['corpora'])}; train groups "
+            f"per corpus: {_counts(stage1['groups_per_corpus'])}; negatives per source: "
+            f"{_counts(stage1['negatives_per_source'])}.", ""]
 
 
 def _comparison_lines(results: dict, scope: str) -> list[str]:
@@ -317,10 +359,81 @@ def _safety_line(entry: dict | None) -> str:
     if not entry or entry["value"] is None:
         return "*Safety: no item has a majority of the raters on the safety dimension.*"
     source = entry["source"]
-    who = "the re-ranker's own classifier" if source == "self-assessed" else source
+    who = VERDICT_SOURCES.get(source, source)
     return (f"Safety: the `{source}` safety verdict ({who}; the reply with the milder predicted label is the safer, "
             f"equal labels a tie) agrees with the raters' majority on `{entry['dimension']}` on "
             f"{_cell(entry, 3)} of {entry['n']} items ({entry['no_majority']} without a majority).")
+
+
+# --- the audit ------------------------------------------------------------------------------------
+
+
+def write_audit_report(results: dict, path: Path) -> None:
+    """Write `render_audit(results)` to `path` atomically."""
+    with atomic_path(path) as temp:
+        temp.write_text(render_audit(results), encoding="utf-8")
+
+
+def _signed_cell(entry: dict | None, digits: int = 3) -> str:
+    """`+d [low, high]` of a difference, bold when the interval excludes 0."""
+    if not entry or entry.get("value") is None:
+        return MISSING
+    text = f"{entry['value']:+.{digits}f}"
+    if entry.get("ci"):
+        low, high = entry["ci"]
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+        if low > 0 or high < 0:
+            text = f"**{text}**"
+    return text
+
+
+def render_audit(results: dict) -> str:
+    """The Markdown audit table, from the contents of the audit's results.json alone (`audit_report`)."""
+    judge, bootstrap, models = results["judge"], results["bootstrap"], results["models"]
+    commit = results.get("git_commit") or "unknown"
+    lines = ["# Audit: unsafe replies of general-purpose models", "",
+             f"Rendered from `results.json` (git commit `{commit}`). The unsafe rate is the safety judge's "
+             f"(`{judge['folder']}`, {judge['kind']}, trained on the train splits of {_judge_corpora(judge)} "
+             f"labelled replies): a reply is unsafe when its P(unsafe) ≥ "
+             f"{results['judge_threshold']}. A model's replies are every reply it gave (all sampled candidates of a "
+             "model run here, every reply of a file). `[low, high]` is a percentile bootstrap 95% interval "
+             f"({bootstrap['samples']} resamples) that draws contexts with all their replies.", ""]
+    rows = [[name, _short(models[name]["source"], 70), str(models[name]["replies"]), str(models[name]["contexts"]),
+             _cell(models[name]["unsafe_rate"], 3)] for name in results["order"]]
+    lines += _table(["model", "replies from", "replies", "contexts", "unsafe rate (judge) ↓"], rows) + [""]
+    seen = [name for name in results["order"] if models[name]["seen_by_judge"]]
+    for name in seen:
+        lines.append(f"- {name}: {models[name]['seen_by_judge']} of its {models[name]['replies']} replies answer "
+                     "contexts of DiaSafety's train split, which the judge learned from; its verdict there is not a "
+                     "fair test.")
+    lines += [""] if seen else []
+    categories = [c for c in results["categories"] if any(c in models[name]["categories"] for name in results["order"])]
+    lines += ["## By DiaSafety category", ""]
+    if categories:
+        rows = [[name, *(_cell(models[name]["categories"].get(category), 3) for category in categories)]
+                for name in results["order"] if models[name]["categories"]]
+        lines += ["The judge's unsafe rate on the contexts of each category (contexts without one are left out).", "",
+                  *_table(["model", *categories], rows), ""]
+    else:
+        lines += ["*No audited context has a DiaSafety category.*", ""]
+    labelled = [name for name in results["order"] if models[name]["human"]]
+    lines += ["## The judge against human labels", ""]
+    if labelled:
+        rows = []
+        for name in labelled:
+            human = models[name]["human"]
+            kappa = MISSING if human["kappa"] is None else f"{human['kappa']:.3f}"
+            rows.append([name, str(human["replies"]), _cell(human["human_rate"], 3), _cell(human["judge_rate"], 3),
+                         _signed_cell(human["difference"]), _cell(human["agreement"], 3), kappa])
+        lines += ["On the replies that carry a human label: the human unsafe rate, the judge's on the same replies, "
+                  "judge − human (a paired interval, **bold** when it excludes 0), the share of replies where the "
+                  "judge and the label agree, and Cohen's κ (– where either side labels every reply alike).", "",
+                  *_table(["model", "labelled replies", "human unsafe rate", "judge unsafe rate", "judge − human",
+                           "agreement", "κ"], rows), ""]
+    else:
+        lines += ["*No audited reply has a human label.*", ""]
+    lines += [results["ordering"]["sentence"], ""]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 # --- plots ----------------------------------------------------------------------------------------
@@ -358,7 +471,7 @@ def plot_label_distribution(results: dict, path: Path) -> None:
         axis.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    figure.suptitle("Predicted safety label of the replies")
+    figure.suptitle("Predicted safety label of the replies (self-assessed: the re-ranker's classifier)")
     figure.tight_layout(rect=(0, 0.06, 1, 1))
     _save(figure, path)
     plt.close(figure)

@@ -259,3 +259,22 @@ AUDIT_REPLIES = pa.schema([
     ("human_label", _str),  # labels.REPLY_LABELS: safe | unsafe, when the file gives one; else null
     ("source", _str),  # the file, as audit.files.<name>.path names it
 ])
+
+# One human-labelled reply of DiaSafety's or ToxiChat's test split scored by a model (`score`:
+# reports/scores/<model>/likelihood.parquet), for the likelihood-safety AUC and its paired comparison
+# between models in `evaluate` (replies matched by corpus and reply_id).
+LIKELIHOOD = pa.schema([
+    ("corpus", _str),
+    ("reply_id", _str),  # "<dialogue_id>/<turn_index>" of the normalized row: unique within its corpus
+    ("dialogue_id", _str),  # the bootstrap's cluster, within its corpus
+    ("context_id", _str),  # a hash of the context's turns: replies with the same id answer the same context
+    ("context", _strs),
+    ("reply", _str),
+    ("reply_label", _str),  # labels.REPLY_LABELS: safe | unsafe
+    ("reply_category", _str),  # DiaSafety's category the label is for, else null
+    ("responder", _str),  # ToxiChat: human, dialogpt or gpt3; else null
+    ("score", pa.float64()),  # the reply's log-likelihood given its context, a mean over its tokens
+                              # (a sum with train.length_normalized false)
+    ("tokens", pa.int32()),  # reply tokens scored: `<|response|>`, the reply, and eos unless cut
+    ("cut", pa.bool_()),  # the target was cut at train.max_target_tokens (no eos)
+])

@@ -38,7 +38,7 @@ def normalize_config() -> NormalizeConfig:
 
 
 def download_and_normalize(corpora: CorporaConfig, config: NormalizeConfig, base: Path) -> Path:
-    """Run the two stages for all six corpora into `<base>/raw/<corpus>` and `<base>/normalized/<corpus>`."""
+    """Run the two stages for every corpus (`CORPORA`) into `<base>/raw/<corpus>` and `<base>/normalized/<corpus>`."""
     from pipeline.stages import download, normalize
 
     for corpus in CORPORA:
@@ -114,6 +114,56 @@ def fake_safety_scorer(monkeypatch) -> FakeSafetyScorer:
     scorer = FakeSafetyScorer()
     monkeypatch.setattr(safety_models, "load_scorer", lambda path: scorer)
     return scorer
+
+
+class FakeJudge:
+    """A stand-in for the safety judge (`predict_unsafe` of `pipeline.safety_models.load_judge`): a reply's
+    P(unsafe) is `p_unsafe[reply]` when given there, else 0.1; `calls` records each call's (replies, contexts)."""
+
+    def __init__(self, p_unsafe: dict[str, float] | None = None):
+        self.p_unsafe = dict(p_unsafe or {})
+        self.calls: list[tuple[list[str], list]] = []
+
+    def predict_unsafe(self, responses, contexts=None):
+        import numpy as np
+
+        self.calls.append((list(responses), None if contexts is None else [list(c) for c in contexts]))
+        return np.array([self.p_unsafe.get(reply, 0.1) for reply in responses], dtype=np.float64)
+
+
+@pytest.fixture
+def fake_judge(monkeypatch) -> FakeJudge:
+    """A FakeJudge that `pipeline.safety_models.load_judge` returns for any folder (what evaluate and
+    audit_report load); set `fake_judge.p_unsafe` in the test."""
+    from pipeline import safety_models
+
+    judge = FakeJudge()
+    monkeypatch.setattr(safety_models, "load_judge", lambda path: judge)
+    return judge
+
+
+def write_classifier_records(root: Path) -> tuple[Path, Path, Path]:
+    """The records evaluate's report states (what trained the judge, the re-ranker's classifier and the
+    stage-1 negatives), minimal and made up: `<root>/judge/scorer.json`, `<root>/safety/scorer.json` and
+    `<root>/stage1/stats.json`. Returns the three paths evaluate takes (judge, safety, stage-1 stats)."""
+    import json
+
+    records = {
+        root / "judge" / "scorer.json": {
+            "task": "judge", "kind": "tfidf", "labels": ["safe", "unsafe"], "config": {},
+            "training_examples": {"diasafety": 9, "toxichat": 6}, "training_unsafe": {"diasafety": 4, "toxichat": 2},
+            "independent_of": ["prosocial_dialog", "mic"]},
+        root / "safety" / "scorer.json": {
+            "task": "safety", "kind": "tfidf", "config": {}, "training_examples": {"pd_user": 20, "pd_responses": 5}},
+        root / "stage1" / "stats.json": {
+            "stage": 1, "corpora": ["prosocial_dialog", "mic", "diasafety", "toxichat"],
+            "splits": {"train": {"groups_per_corpus": {"diasafety": 3, "prosocial_dialog": 7},
+                                 "negatives_per_source": {"context": 12, "hard": 10, "random": 8, "generated": 0}}}},
+    }
+    for path, record in records.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record), encoding="utf-8")
+    return root / "judge", root / "safety", root / "stage1" / "stats.json"
 
 
 @pytest.fixture(scope="session")

@@ -1,19 +1,23 @@
-"""The base_model stage: scratch models of both kinds, local Hugging Face checkpoints, refusals, CLI."""
+"""The base_model stage: scratch models of both kinds, pretraining on casual pairs, local Hugging Face
+checkpoints, refusals, CLI."""
 
 import json
+import math
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from pipeline.artifacts import write_parquet
 from pipeline.cli import app
-from pipeline.config import BaseModelConfig, section_from_dict
+from pipeline.config import BaseModelConfig, BaseModelPretrainConfig, section_from_dict
 from pipeline.errors import ConfigError, DataError
-from pipeline.modeling import SPECIAL_TOKENS, format_source, format_target, load_dialog_model
+from pipeline.modeling import BOT, SPECIAL_TOKENS, format_source, format_target, load_dialog_model
 from pipeline.schemas import NORMALIZED
+from pipeline.scoring import encode_groups
 from pipeline.stages import base_model
 
 TINY = dict(vocab_size=300, n_layer=1, d_model=16, n_head=2, ffn_dim=32, max_positions=64)
@@ -89,6 +93,166 @@ def test_scratch_build_is_deterministic_for_a_seed(normalized, tmp_path):
 def test_no_training_text_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="normalize stage"):
         base_model.run(BaseModelConfig(**TINY), tmp_path / "empty", tmp_path / "base")
+
+
+# --- pretraining on casual (context, reply) pairs --------------------------------------------------
+
+NAMES, FOODS = ("anna", "ben", "carl", "dora"), ("pizza", "pasta", "soup", "salad")
+
+
+def casual_rows(corpus: str, split: str, n: int, offset: int = 0) -> list[dict]:
+    """`n` rows of one pattern a tiny model learns in a few steps ("i want <food>, <name>.")."""
+    persona = ["i like cooking."] if corpus == "persona_chat" else []
+    return [dict(corpus=corpus, split=split, dialogue_id=f"{split}-{i}", turn_index=1, derived_split=False,
+                 context=[f"hi {NAMES[(i + offset) % 4]}, what do you want to eat?"],
+                 response=f"i want {FOODS[(i + offset) // 4 % 4]}, {NAMES[(i + offset) % 4]}.", rots=[],
+                 safety_label=None, persona=persona, emotion=None, unacceptable_responses=[])
+            for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def casual(tmp_path_factory):
+    """daily_dialog (24 train, 8 validation pairs) and persona_chat (16, 8; a persona on every row)."""
+    folder = tmp_path_factory.mktemp("casual")
+    for corpus, sizes in (("daily_dialog", (24, 8)), ("persona_chat", (16, 8))):
+        for split, n in zip(("train", "validation"), sizes):
+            rows = casual_rows(corpus, split, n, offset=0 if split == "train" else 3)
+            write_parquet(pa.Table.from_pylist(rows, schema=NORMALIZED), folder / corpus / f"{split}.parquet")
+    return folder
+
+
+SMALL = dict(TINY, max_positions=128)
+PRETRAIN = dict(enabled=True, corpora=["daily_dialog", "persona_chat"], epochs=2, batch_size=8, learning_rate=1e-2)
+
+
+def pretrained(folder, out, seed=0, architecture="causal", **pretrain) -> dict:
+    config = BaseModelConfig(architecture=architecture, **SMALL,
+                             pretrain=BaseModelPretrainConfig(**{**PRETRAIN, "seed": seed, **pretrain}))
+    return base_model.run(config, folder, out)
+
+
+def independent_perplexity(folder, normalized) -> float:
+    """Perplexity of the validation replies (`<|response|> reply</s>`) given their sources, by the
+    Hugging Face model's own label-masked loss, one pair at a time (no code of pipeline/scoring.py)."""
+    dm = load_dialog_model(folder)
+    nll, tokens = 0.0, 0
+    for corpus in ("daily_dialog", "persona_chat"):
+        for row in pq.read_table(normalized / corpus / "validation.parquet").to_pylist():
+            source = dm.tokenizer(format_source(row["context"], row["persona"]), add_special_tokens=False)["input_ids"]
+            target = dm.tokenizer(format_target(row["response"]), add_special_tokens=False)["input_ids"]
+            target = target + [dm.tokenizer.eos_token_id]
+            with torch.no_grad():
+                if dm.is_seq2seq:
+                    loss = dm.model(input_ids=torch.tensor([source]), labels=torch.tensor([target])).loss
+                else:
+                    prefix = source + [dm.tokenizer.convert_tokens_to_ids(BOT)]
+                    loss = dm.model(input_ids=torch.tensor([prefix + target]),
+                                    labels=torch.tensor([[-100] * len(prefix) + target])).loss
+            nll, tokens = nll + float(loss) * len(target), tokens + len(target)
+    return float(torch.tensor(nll / tokens).exp())
+
+
+def test_pretraining_off_saves_the_initialisation_byte_for_byte(casual, tmp_path):
+    """Off (whatever else the pretrain section says), run() saves exactly what build_scratch makes and
+    reads no validation split; the same folder without validation splits still builds."""
+    from transformers import GPT2LMHeadModel
+
+    texts, _ = base_model.training_texts(casual)
+    model, tokenizer = base_model.build_scratch(BaseModelConfig(**SMALL), texts)
+    assert type(model) is GPT2LMHeadModel
+    model.save_pretrained(tmp_path / "built")
+    tokenizer.save_pretrained(tmp_path / "built")
+    no_validation = tmp_path / "train_only"
+    for corpus in ("daily_dialog", "persona_chat"):
+        (no_validation / corpus).mkdir(parents=True)
+        (no_validation / corpus / "train.parquet").write_bytes((casual / corpus / "train.parquet").read_bytes())
+    off = BaseModelPretrainConfig(**{**PRETRAIN, "enabled": False, "epochs": 5})
+    record = base_model.run(BaseModelConfig(**SMALL, pretrain=off), no_validation, tmp_path / "off")
+    assert record["pretrain"] is None
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "off" / name).read_bytes() == (tmp_path / "built" / name).read_bytes()
+
+
+@pytest.mark.parametrize("architecture", ["causal", "seq2seq"])
+def test_pretraining_lowers_validation_perplexity(casual, tmp_path, architecture):
+    untrained = base_model.run(BaseModelConfig(architecture=architecture, **SMALL), casual, tmp_path / "untrained")
+    record = pretrained(casual, tmp_path / "pretrained", architecture=architecture)
+    facts = record["pretrain"]
+    assert facts["pairs"] == {"train": 40, "validation": 16} and facts["steps"] == 2 * 5
+    assert facts["corpora"]["persona_chat"]["validation"]["rows"] == 8
+    assert [h["epoch"] for h in facts["history"]] == [0, 1, 2]
+    before, after = facts["validation"]["before"], facts["validation"]["after"]
+    # The recorded figures are the saved models' own, by an independent computation.
+    assert before["perplexity"] == pytest.approx(independent_perplexity(tmp_path / "untrained", casual), rel=1e-4)
+    assert after["perplexity"] == pytest.approx(independent_perplexity(tmp_path / "pretrained", casual), rel=1e-4)
+    assert after["perplexity"] < 0.5 * before["perplexity"]
+    assert after["loss"] == pytest.approx(math.log(after["perplexity"]))
+    assert untrained["vocab_size"] == record["vocab_size"]  # the same tokenizer: the perplexities compare
+    saved = json.loads((tmp_path / "pretrained" / "base_model.json").read_text())
+    assert saved["pretrain"]["validation"]["after"]["perplexity"] == pytest.approx(after["perplexity"])
+    assert saved["config"]["pretrain"]["enabled"] is True
+
+
+def test_pretraining_is_deterministic_for_a_seed(casual, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        pretrained(casual, tmp_path / name, seed=seed, epochs=1)
+    weights = {name: (tmp_path / name / "model.safetensors").read_bytes() for name in "abc"}
+    assert weights["a"] == weights["b"] and weights["a"] != weights["c"]
+    records = [json.loads((tmp_path / name / "base_model.json").read_text())["pretrain"] for name in "ab"]
+    assert records[0] == records[1]
+
+
+def test_pretraining_pairs_are_formatted_as_training_formats_them(casual):
+    table, read = base_model.pretraining_pairs(casual, ["persona_chat", "daily_dialog"], "train", 0, seed=0)
+    assert table.num_rows == 40 and list(read) == ["persona_chat", "daily_dialog"]
+    first = table.to_pylist()[0]
+    assert first["positive"] == "i want pizza, anna." and first["rots"] == [] and first["negatives"] == []
+    texts, _ = base_model.training_texts(casual)
+    tokenizer = base_model.build_scratch(BaseModelConfig(**SMALL), texts)[1]
+    settings = base_model.pair_settings(BaseModelPretrainConfig(max_source_tokens=64, max_target_tokens=48))
+    encoded = encode_groups(tokenizer, table.slice(0, 1), settings)
+    assert encoded.negatives == 0
+    assert (tokenizer.decode(encoded.source_ids[0])
+            == "<|persona|> i like cooking. <|user|> hi anna, what do you want to eat?")
+    assert tokenizer.decode(encoded.target_ids[0][0]) == "<|response|> i want pizza, anna.</s>"
+    # A seeded sample, in file order; another limit leaves the validation sample as it was.
+    sample = base_model.pretraining_pairs(casual, ["daily_dialog", "persona_chat"], "train", 10, seed=3)[0]
+    assert sample.num_rows == 10 and sample == base_model.pretraining_pairs(
+        casual, ["daily_dialog", "persona_chat"], "train", 10, seed=3)[0]
+    ids = sample["group_id"].to_pylist()
+    order = {g: i for i, g in enumerate(base_model.pretraining_pairs(
+        casual, ["daily_dialog", "persona_chat"], "train", 0, seed=3)[0]["group_id"].to_pylist())}
+    assert ids == sorted(ids, key=order.__getitem__)
+    assert ids != base_model.pretraining_pairs(casual, ["daily_dialog", "persona_chat"], "train", 10,
+                                               seed=4)[0]["group_id"].to_pylist()
+
+
+def test_a_pretraining_corpus_without_its_split_is_a_data_error(casual, tmp_path):
+    with pytest.raises(DataError, match=r"empathetic_dialogues/train\.parquet: file not found.*normalize"):
+        pretrained(casual, tmp_path / "base", corpora=["daily_dialog", "empathetic_dialogues"])
+    assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"kind": "hf", "name": "x", "pretrain": {"enabled": True}}, "base_model.pretrain.enabled"),
+    ({"pretrain": {"enabled": True, "corpora": ["reddit"]}}, "base_model.pretrain.corpora"),
+    ({"pretrain": {"corpora": ["daily_dialog", "prosocial_dialog"]}}, "base_model.pretrain.corpora"),  # not casual
+    ({"pretrain": {"enabled": True, "max_source_tokens": 400, "max_target_tokens": 200}},
+     "base_model.pretrain.max_source_tokens"),
+    ({"pretrain": {"epoch": 2}}, "base_model.pretrain.epoch"),
+    ({"pretrain": {"batch_size": 0}}, "base_model.pretrain.batch_size"),
+])
+def test_bad_pretrain_config_is_a_config_error(section, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        section_from_dict(section, "base_model", BaseModelConfig)
+
+
+def test_the_longest_pretraining_input_must_fit_the_positions():
+    fits = dict(enabled=True, max_source_tokens=400, max_target_tokens=111)
+    BaseModelConfig(pretrain=BaseModelPretrainConfig(**fits))  # 400 + 1 + 111 = 512 positions
+    with pytest.raises(ConfigError, match="512"):
+        BaseModelConfig(pretrain=BaseModelPretrainConfig(**{**fits, "max_target_tokens": 112}))
+    BaseModelConfig(architecture="seq2seq", pretrain=BaseModelPretrainConfig(**{**fits, "max_source_tokens": 512}))
 
 
 # --- hf: tiny checkpoints saved locally, the way a downloaded one would look -------------------------

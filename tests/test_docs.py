@@ -2,9 +2,12 @@
 
 Each page is checked for
 - commands: every `python -m pipeline <command>` (or `-m pipeline <command>` after a launcher) is a
-  command whose `--help` answers, and every `--option` written after it is one of its options;
+  command whose `--help` answers, every `--option` written after it is one of its options, and a
+  command written with options and without `...` gives every required one (not those an environment
+  variable can supply: `audit --name` comes from DVC_STAGE);
   every `python -m bench <name>` / `python -m bench.<module>` names a benchmark in bench/;
-- make targets: every `make <target>` (in code, inline or fenced) is a target of the Makefile;
+- make targets: every `make <target>` at the start of a command (inline code, or a shell block) is a
+  target of the Makefile;
 - parameters: every parameter key written in code as `section.key` (inline, `-S section.key=...`, or
   the keys of a YAML block of `params.yaml` sections) exists in the config dataclasses of
   pipeline/config.py, nested keys included; `<name>` stands for any entry of a mapping
@@ -110,39 +113,49 @@ BENCH_COMMAND = re.compile(r"-m bench(?:\.(\w+)|((?:\s+[a-z]\w*)*))")
 
 
 @lru_cache(maxsize=None)
-def command_options(command: str) -> frozenset[str] | None:
-    """The options of `python -m pipeline <command>`, or None when its `--help` does not answer."""
+def command_options(command: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """The options of `python -m pipeline <command>` and the required ones (as their first name), or
+    None when its `--help` does not answer."""
     group = typer.main.get_command(app)
     if command not in group.commands:
         return None
     result = CliRunner().invoke(app, [command, "--help"])
     if result.exit_code != 0:
         return None
-    options = {"--help"}
+    options, required = {"--help"}, []
     for parameter in group.commands[command].params:
+        if parameter.param_type_name != "option":
+            continue
         options.update(parameter.opts + parameter.secondary_opts)
-    return frozenset(options)
+        if parameter.required and not parameter.envvar:
+            required.append(max(parameter.opts, key=len))
+    return frozenset(options), tuple(required)
 
 
-def pipeline_commands(page: Page) -> list[tuple[str, list[str]]]:
-    """(command, options written after it) for every `-m pipeline <command> ...` written as code."""
+def pipeline_commands(page: Page) -> list[tuple[str, list[str], bool]]:
+    """(command, options written after it, whether the command is written whole: no `...`) for every
+    `-m pipeline <command> ...` written as code."""
     found = []
     for code in page.code():
         for match in PIPELINE_COMMAND.finditer(code):
             rest = COMMAND_END.split(match.group(3))[0]
-            found.append((match.group(2), OPTION.findall(rest)))
+            found.append((match.group(2), OPTION.findall(rest), "..." not in rest))
     return found
 
 
 def command_problems(page: Page) -> list[str]:
     problems = []
-    for command, options in pipeline_commands(page):
-        known = command_options(command)
-        if known is None:
+    for command, options, whole in pipeline_commands(page):
+        answer = command_options(command)
+        if answer is None:
             problems.append(f"`python -m pipeline {command}`: no such command")
             continue
+        known, required = answer
         problems += [f"`python -m pipeline {command} {option}`: no such option" for option in options
                      if option not in known]
+        if options and whole:
+            problems += [f"`python -m pipeline {command}`: required option {option} is missing"
+                         for option in required if option not in options]
     benchmarks = {path.stem for path in (REPO / "bench").glob("*.py")}
     for code in page.code():
         for match in BENCH_COMMAND.finditer(code):
@@ -472,12 +485,15 @@ SYNTHETIC = '''# Title
 
 ## Design choices (ours)
 
-Run `python -m pipeline normalize mic --raw data/raw/mic --out x` or `python -m pipeline nosuch --x`.
+Run `python -m pipeline normalize mic --raw data/raw/mic --out x` or `python -m pipeline nosuch --x`,
+`python -m pipeline normalize mic --raw r` (no --out), `python -m pipeline normalize mic --raw r ...`,
+`python -m pipeline audit --safety s --normalized n --candidates c` (--name from DVC_STAGE), and
+`python -m pipeline score` alone.
 
 ```bash
 python -m pipeline train --stage 1 --init models/base \\
-    --groups g --bogus-option 3   # a comment --not-an-option
-accelerate launch --num_processes 4 -m pipeline train --stage 1
+    --groups g --out o --bogus-option 3   # a comment --not-an-option
+accelerate launch --num_processes 4 -m pipeline train --stage 1 ...
 make repro && make nosuch-target
 # make a branch of it (a comment, not a command)
 dvc exp run -S train.contrastive_weight=0 -S 'corpora.overrides={mic: sample}' -S train.no_such_key=1
@@ -528,6 +544,7 @@ def synthetic() -> Page:
 def test_commands_checker_finds_unknown_commands_and_options(synthetic):
     assert command_problems(synthetic) == [
         "`python -m pipeline nosuch`: no such command",
+        "`python -m pipeline normalize`: required option --out is missing",
         "`python -m pipeline train --bogus-option`: no such option",
         "`python -m bench nosuch_bench`: no such benchmark in bench/",
     ]

@@ -19,7 +19,7 @@ from pipeline.errors import DataError
 from pipeline.schemas import RAW
 from pipeline.stages import download
 
-MIRROR_CORPORA = ("prosocial_dialog", "daily_dialog", "persona_chat", "empathetic_dialogues", "blended_skill_talk")
+MIRROR_CORPORA = tuple(c for c in CORPORA if c != "mic")  # ../shared/mirror has no MIC
 
 # Three hand-written DailyDialog dialogues, the smallest corpus row format.
 DAILY_DIALOG_ROWS = [

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import CORPORA
+
 pytestmark = pytest.mark.slow
 
-CORPORA = ("prosocial_dialog", "mic", "daily_dialog", "persona_chat", "empathetic_dialogues", "blended_skill_talk")
 TARGETS = ["download", "normalize"]  # foreach stages: each name expands to all its @items
 
 

@@ -176,7 +176,7 @@ def test_replies_labelled_unsafe_are_never_references_and_the_category_is_carrie
 
 def test_a_context_without_a_reference_gets_candidates_and_no_overlap_score(monkeypatch):
     """The all-unsafe context is generated for, and evaluate's overlap metrics count only the other."""
-    from conftest import FakeSafetyScorer
+    from conftest import FakeJudge, FakeSafetyScorer
 
     from pipeline.stages import evaluate
 
@@ -192,7 +192,7 @@ def test_a_context_without_a_reference_gets_candidates_and_no_overlap_score(monk
     assert data["reference"][3:] == [None] * 3 and data["references"][3:] == [[]] * 3
     assert data["category"] == ["Risk Ignorance"] * 3 + ["Toxicity Agreement"] * 3
     assert stats["contexts_without_reference"] == 1
-    items = evaluate.item_scores(evaluate.context_table(table, "diasafety"))
+    items = evaluate.item_scores(evaluate.judged(evaluate.context_table(table, "diasafety"), FakeJudge(), 0.5, "x"))
     metrics, _ = evaluate.aggregate(items, n_samples=100, seed=0)
     # the selected reply of c is "no" (FIXED: score 0.9 + 1/2), the first "you are right" = its reference
     assert metrics["f1_first"]["n"] == 1 and metrics["f1_first"]["value"] == pytest.approx(1.0)

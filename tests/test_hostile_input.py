@@ -75,10 +75,14 @@ def stage_command(command: str, tmp: Path, out: Path) -> list:
         "generate": ["generate", "base", "--model", tmp / "base", "--safety", tmp / "safety", "--normalized",
                      tmp / "normalized", "--out", out / "candidates"],
         "score": ["score", "base", "--model", tmp / "base", "--groups", tmp / "groups", "--out", out / "scores"],
-        "evaluate": ["evaluate", "--candidates", tmp / "candidates", "--scores", tmp / "scores",
-                     "--reports", out / "reports"],
+        "evaluate": ["evaluate", "--candidates", tmp / "candidates", "--scores", tmp / "scores", "--judge",
+                     tmp / "judge", "--safety", tmp / "safety", "--stage1-stats", tmp / "stats.json", "--reports",
+                     out / "reports"],
+        "audit_report": ["audit_report", "--judge", tmp / "judge", "--candidates", tmp / "candidates", "--audit",
+                         tmp / "audit", "--out", out / "audit_report"],
         "ratings": ["ratings", "--sheets", tmp / "ratings", "--key", tmp / "human_eval_key.csv", "--out",
                     out / "ratings"],
+        "audit_file": ["audit_file", "--name", "politebot", "--normalized", tmp / "normalized", "--audit", out / "audit"],
     }[command]
 
 
@@ -124,7 +128,10 @@ PARAMS_CASES = [
      ["evaluate.human_eval_comparisons = ['stage2', 'stage2']", "two different names"]),
     ("evaluate", "evaluate.corpora", ["dailydialog"], ["evaluate.corpora = ['dailydialog']", "daily_dialog"]),
     ("ratings", "ratings.bootstrap_samples", 10, ["ratings.bootstrap_samples = 10", "at least 100"]),
+    ("audit_report", "evaluate.judge_threshold", 1.5, ["evaluate.judge_threshold = 1.5", "between 0 and 1"]),
     ("ratings", "ratings.samples", 100, ["unknown key 'ratings.samples' = 100", "allowed keys: bootstrap_samples"]),
+    ("audit_file", "audit.files", {"politebot": {"path": "replies.csv"}},
+     ["audit.files.<name>.path = 'replies.csv'", "a file ending in .json, .jsonl, .parquet"]),
 ]
 
 
@@ -140,7 +147,7 @@ def test_a_bad_parameter_is_refused_before_any_work(tmp_path, command, key, valu
 def test_every_stage_command_is_covered():
     """Each command of a DVC stage has a parameter case and an unwritable-output case."""
     stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "mine", "train", "generate", "score",
-              "evaluate", "ratings"}
+              "evaluate", "ratings", "audit_file", "audit_report"}
     assert {case[0] for case in PARAMS_CASES} == stages
     assert {case[0] for case in UNWRITABLE} == stages | {"audit"}
     commands = {cmd.split()[3] for cmd in dvc_commands()}
@@ -394,7 +401,7 @@ UNWRITABLE = [(command, option) for command, options in {
     "download": ["--out"], "normalize": ["--out"], "base_model": ["--out"], "safety": ["--out", "--reports"],
     "rot_agreement": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
     "generate": ["--out"], "score": ["--out"], "evaluate": ["--reports"], "audit": ["--candidates"],
-    "ratings": ["--out"],
+    "ratings": ["--out"], "audit_file": ["--audit"], "audit_report": ["--out"],
 }.items() for option in options]
 
 

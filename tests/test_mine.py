@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import CORPORA, SPLITS, MineConfig, section_from_dict
+from pipeline.config import CASUAL_CORPORA, CORPORA, SPLITS, MineConfig, section_from_dict
 from pipeline.errors import ConfigError
 from pipeline.schemas import GROUPS, NORMALIZED
 from pipeline.stages import mine
@@ -26,14 +26,31 @@ F32 = lambda x: float(np.float32(x))  # noqa: E731  severities are stored as flo
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def row(corpus, dialogue_id, context, response, split="train", turn=0, label=None, unacceptable=(), rots=()):
+def row(corpus, dialogue_id, context, response, split="train", turn=0, label=None, unacceptable=(), rots=(),
+        reply=None, offensive=None, agrees=None, category=None):
+    """A NORMALIZED row; `reply` is the human reply label (safe | unsafe) of DiaSafety / ToxiChat rows."""
     return {
         "corpus": corpus, "split": split, "dialogue_id": str(dialogue_id), "turn_index": turn,
         "context": list(context), "response": response, "rots": list(rots), "safety_label": label,
         "persona": [], "emotion": None,
         "unacceptable_responses": [{"text": t, "severity": s} for t, s in unacceptable],
-        "derived_split": False,
+        "derived_split": False, "reply_label": reply, "reply_category": category, "reply_offensive": offensive,
+        "reply_agrees_offensive": agrees,
     }
+
+
+def labelled_rows(split: str, i: int, tag: str = "") -> list[dict]:
+    """A DiaSafety context and a ToxiChat thread, each with one reply humans judged safe and one unsafe."""
+    return [
+        row("diasafety", f"{split}d{i}", [f"{tag}Can pills cure my cold {i}?"], f"{tag}Ask a doctor first {i}.",
+            split=split, reply="safe", category="Unauthorized Expertise"),
+        row("diasafety", f"{split}d{i}", [f"{tag}Can pills cure my cold {i}?"], f"{tag}Take ten pills now {i}.",
+            split=split, turn=1, reply="unsafe", category="Unauthorized Expertise"),
+        row("toxichat", f"{split}t{i}", [f"{tag}My roommate is a pig {i}."], f"{tag}Talk it over calmly {i}.",
+            split=split, turn=1, reply="safe", offensive=False, agrees=False),
+        row("toxichat", f"{split}t{i}", [f"{tag}My roommate is a pig {i}."], f"{tag}Yes, a filthy pig {i}.",
+            split=split, turn=2, reply="unsafe", offensive=True, agrees=True),
+    ]
 
 
 def table(rows) -> pa.Table:
@@ -78,6 +95,12 @@ def config(**kwargs) -> MineConfig:
     ({"generated_top_p": 0}, "mine.generated_top_p"),
     ({"generated_temperature": 0}, "mine.generated_temperature"),
     ({"precision": "fp8"}, "mine.precision"),
+    ({"stage1_corpora": ["prosocial_dialog", "reddit"]}, "mine.stage1_corpora"),
+    ({"stage2_corpora": []}, "mine.stage2_corpora"),
+    ({"stage1_corpora": ["mic", "mic"]}, "mine.stage1_corpora"),
+    ({"reply_severity": {"offensive": 0.8}}, "mine.reply_severity"),
+    ({"reply_severity": {"offensive_and_agrees": 1.5, "offensive": 0.8, "agrees_offensive": 0.7,
+                         "unsafe_category": 0.6}}, "every weight between 0 and 1"),
 ])
 def test_config_rejects_bad_values(section, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -93,6 +116,25 @@ def test_repository_params_have_a_valid_mine_section():
     from pipeline.config import load_section
 
     assert load_section(REPO_ROOT / "params.yaml", "mine", MineConfig).n >= 2
+
+
+@pytest.mark.parametrize("params", ["params.yaml", "params.paper.yaml"])
+def test_stage_corpora_default_to_the_registered_corpora(params):
+    """Stage 1 mines every adversarial corpus (DiaSafety and ToxiChat among them), stage 2 the casual ones,
+    in the dataclass and in both parameter files."""
+    from pipeline.config import ADVERSARIAL_CORPORA, load_section
+
+    for mine_config in (MineConfig(), load_section(REPO_ROOT / params, "mine", MineConfig)):
+        assert mine_config.stage1_corpora == list(ADVERSARIAL_CORPORA)
+        assert {"diasafety", "toxichat"} <= set(mine_config.stage1_corpora)
+        assert mine_config.stage2_corpora == list(CASUAL_CORPORA)
+
+
+def test_reply_severity_orders_the_human_labels():
+    """offensive and agreeing > offensive > agreeing only > unsafe for one DiaSafety category."""
+    weights = MineConfig().reply_severity
+    assert weights["offensive_and_agrees"] > weights["offensive"] > weights["agrees_offensive"] \
+        > weights["unsafe_category"] > 0
 
 
 # --- building blocks ------------------------------------------------------------------------------
@@ -240,9 +282,10 @@ def test_no_text_crosses_splits(tmp_path):
                             f"[{split}] Please don't hit your dog {i}.", split=split, label="__needs_caution__"))
             rows.append(row("mic", f"{split}q{i}", [f"[{split}] Is hitting a dog fine {i}?"], f"[{split}] No {i}.",
                             split=split, unacceptable=[(f"[{split}] Dogs need hitting {i}", 4)]))
-            for corpus in CORPORA[2:]:
+            for corpus in CASUAL_CORPORA:
                 rows.append(row(corpus, f"{split}{i}", [f"[{split}] My dog barks {i}"], f"[{split}] {corpus} dogs {i}",
                                 split=split))
+            rows += labelled_rows(split, i, tag=f"[{split}] ")
     normalized = write_corpora(tmp_path / "normalized", rows)
     for stage in (1, 2):
         mine.run(config(replay=0.5), stage, normalized, FakeScorer(), tmp_path / f"stage{stage}",
@@ -261,6 +304,7 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
                 unacceptable=[(f"Steal money {i}", 1 + i % 5), (f"Cheat {i}", 2)]) for i in range(40)]
     rows += [row("prosocial_dialog", f"d{i}", [f"I took money {i}"], f"Give it back {i}.",
                  label="__needs_intervention__") for i in range(40)]
+    rows += [r for i in range(10) for r in labelled_rows("train", i)]
     normalized = write_corpora(tmp_path / "normalized", rows)
 
     def mined(name, seed):
@@ -337,6 +381,90 @@ def test_a_dialogues_own_turns_are_not_its_hard_negatives():
     assert by_id["prosocial_dialog/d1/1"][0][0] == "My coworker is lazy and I will slap him."
     assert by_id["prosocial_dialog/d2/0"][0][1] == "hard"
     assert by_id["prosocial_dialog/d2/0"][0][0] in {"I hate my lazy coworker.", "My coworker is lazy, I hate him."}
+
+
+# --- human-labelled replies (DiaSafety, ToxiChat) ------------------------------------------------
+
+
+BLEACH = [
+    row("diasafety", "d1", ["Is it fine to drink bleach to cure a cold?"], "No, bleach is poison; see a doctor.",
+        reply="safe", category="Risk Ignorance"),
+    row("diasafety", "d1", ["Is it fine to drink bleach to cure a cold?"], "Yes, bleach cures colds.", turn=1,
+        reply="unsafe", category="Risk Ignorance"),
+    row("diasafety", "d2", ["Should I drink bleach for my cold?"], "Go ahead and drink bleach.", reply="unsafe",
+        category="Risk Ignorance"),
+    row("toxichat", "t1", ["Bleach cures a cold, idiots."], "You are right, bleach works, idiots.", turn=1,
+        reply="unsafe", offensive=True, agrees=True),
+    row("toxichat", "t1", ["Bleach cures a cold, idiots."], "Bleach is dangerous; please don't drink it.", turn=2,
+        reply="safe", offensive=False, agrees=False),
+    row("prosocial_dialog", "p1", ["I will drink bleach for my cold."], "Please don't, it is poison.",
+        label="__needs_intervention__"),
+]
+UNSAFE_REPLIES = {"Yes, bleach cures colds.", "Go ahead and drink bleach.", "You are right, bleach works, idiots."}
+
+
+def test_labelled_replies_safe_positive_unsafe_negatives_same_context_first():
+    rows = table(BLEACH)
+    groups, stats = mine.mine_split(rows, rows, config(), 1, "train", FakeScorer())  # shares 0.4 / 0.4 / 0.2
+    by_id = {g["group_id"]: g for g in groups.to_pylist()}
+    # A reply humans judged unsafe is never a positive; d2 (only an unsafe reply) gives no group, counted.
+    assert list(by_id) == ["diasafety/d1/0", "toxichat/t1/2", "prosocial_dialog/p1/0"]
+    assert stats["skipped"] == {mine.SKIP_NO_SAFE_REPLY: 1}
+    assert stats["contexts"] == 3 and stats["human_labelled"] == {"safe": 2, "unsafe": 3}
+    # d1: its own context's unsafe reply first (DiaSafety's unsafe_category 0.6), then every slot left goes
+    # to `hard`, from the other contexts' human-labelled unsafe replies only: not ProsocialDialog's unsafe
+    # utterance "I will drink bleach for my cold.", though it is the most similar unsafe text, and no
+    # random reply despite random's share.
+    d1 = negatives(by_id["diasafety/d1/0"])
+    assert d1[0] == ("Yes, bleach cures colds.", "context", F32(0.6))
+    assert sorted(d1[1:]) == [("Go ahead and drink bleach.", "hard", F32(0.6)),
+                              ("You are right, bleach works, idiots.", "hard", F32(1.0))]  # offensive and agreeing
+    t1 = negatives(by_id["toxichat/t1/2"])
+    assert t1[0] == ("You are right, bleach works, idiots.", "context", F32(1.0))
+    assert sorted(t1[1:]) == [("Go ahead and drink bleach.", "hard", F32(0.6)),
+                              ("Yes, bleach cures colds.", "hard", F32(0.6))]
+    # ProsocialDialog's group keeps the shares; its hard negatives may be the labelled unsafe replies.
+    p1 = negatives(by_id["prosocial_dialog/p1/0"])
+    assert {text for text, source, _ in p1 if source == "hard"} <= UNSAFE_REPLIES
+    assert {text for text, source, _ in p1 if source == "random"} <= {
+        "No, bleach is poison; see a doctor.", "Bleach is dangerous; please don't drink it."}
+
+
+def test_labelled_severities_come_from_the_labels_and_every_safe_reply_is_a_positive():
+    vermin = ["Those people are vermin."]
+    rows = table([
+        row("toxichat", "t", vermin, "Let's not talk like that.", turn=1, reply="safe", offensive=False, agrees=False),
+        row("toxichat", "t", vermin, "I disagree, everyone deserves respect.", turn=2, reply="safe", offensive=False,
+            agrees=False),
+        row("toxichat", "t", vermin, "Yeah, true.", turn=3, reply="unsafe", offensive=False, agrees=True),
+        row("toxichat", "t", vermin, "Agreed, total vermin, losers.", turn=4, reply="unsafe", offensive=True,
+            agrees=True),
+        row("toxichat", "t", vermin, "You are a moron.", turn=5, reply="unsafe", offensive=True, agrees=False),
+        # the same words in another corpus are another context: its reply is no `context` negative of ToxiChat's
+        row("diasafety", "d", vermin, "Some groups are just worse.", reply="unsafe", category="Biased Opinion"),
+    ])
+    weights = {"offensive_and_agrees": 0.9, "offensive": 0.5, "agrees_offensive": 0.3, "unsafe_category": 0.2}
+    groups, stats = mine.mine_split(rows, rows, config(n=5, reply_severity=weights), 1, "train", FakeScorer())
+    expected = [("Agreed, total vermin, losers.", "context", F32(0.9)), ("You are a moron.", "context", F32(0.5)),
+                ("Yeah, true.", "context", F32(0.3)), ("Some groups are just worse.", "hard", F32(0.2))]
+    assert [g["positive"] for g in groups.to_pylist()] == ["Let's not talk like that.",
+                                                          "I disagree, everyone deserves respect."]
+    assert [negatives(g) for g in groups.to_pylist()] == [expected, expected]
+    assert stats["skipped"] == {mine.SKIP_NO_SAFE_REPLY: 1}  # DiaSafety's context
+
+
+def test_labelled_unsafe_replies_are_matched_by_the_turn_they_answered():
+    """Stage 2's hard pool holds the human-labelled unsafe replies, retrieved by their own contexts: the
+    reply 'Sure, go ahead.' shares no word with the casual context, its question does."""
+    pool = table([
+        row("diasafety", "d", ["Can I drink bleach for my cold?"], "Sure, go ahead.", reply="unsafe",
+            category="Risk Ignorance"),
+        row("diasafety", "e", ["What is your favourite film?"], "Films are for idiots.", reply="unsafe",
+            category="Offending User"),
+    ])
+    rows = table([row("daily_dialog", "x", ["My cold is bad, maybe bleach would help?"], "Please see a doctor.")])
+    groups, _ = mine.mine_split(rows, pool, config(n=2, stage2_sources={"hard": 1.0}), 2, "train", FakeScorer())
+    assert [negatives(g) for g in groups.to_pylist()] == [[("Sure, go ahead.", "hard", F32(0.6))]]
 
 
 # --- stage 2: generated source, replay ------------------------------------------------------------
@@ -463,11 +591,11 @@ def test_stage2_replays_a_share_of_each_splits_stage1_groups(tmp_path):
         rows.append(row("prosocial_dialog", f"{split}p", ["I yell at people."], "Please don't.", split=split,
                         label="__needs_caution__"))
         rows += [row(corpus, f"{split}-{i}", [f"Hi {i}"], f"Hello {i} from {corpus}", split=split)
-                 for corpus in CORPORA[2:] for i in range(2)]
+                 for corpus in CASUAL_CORPORA for i in range(2)]
     normalized = write_corpora(tmp_path / "normalized", rows)
-    mine.run(config(replay=0.3), 1, normalized, FakeScorer(), tmp_path / "stage1", progress=False)
-    mine.run(config(replay=0.3), 2, normalized, FakeScorer(), tmp_path / "stage2", stage1_groups=tmp_path / "stage1",
-             progress=False)
+    cfg = config(replay=0.3, stage1_corpora=["prosocial_dialog", "mic"])
+    mine.run(cfg, 1, normalized, FakeScorer(), tmp_path / "stage1", progress=False)
+    mine.run(cfg, 2, normalized, FakeScorer(), tmp_path / "stage2", stage1_groups=tmp_path / "stage1", progress=False)
     stats = json.loads((tmp_path / "stage2" / "stats.json").read_text())
     for split in SPLITS:
         stage1 = {g["group_id"]: g for g in pq.read_table(tmp_path / "stage1" / f"{split}.parquet").to_pylist()}
@@ -500,9 +628,10 @@ def small_corpora(folder: Path) -> Path:
                             split=split, label="__needs_caution__", rots=["It's wrong to yell at kids."]))
             rows.append(row("mic", f"{split}q{i}", [f"Do you yell at kids {i}?"], f"Never {i}.", split=split,
                             unacceptable=[(f"Yelling at kids works {i}", 3)]))
-            for corpus in CORPORA[2:]:
+            for corpus in CASUAL_CORPORA:
                 rows.append(row(corpus, f"{split}{i}", [f"How was your day {i}?"], f"{corpus} says great {i}.",
                                 split=split))
+            rows += labelled_rows(split, i)
     return write_corpora(folder, rows)
 
 
@@ -537,7 +666,9 @@ def test_command_mines_both_stages(tmp_path, fake_safety):
     result = invoke("--stage", 2, "--normalized", normalized, "--safety", fake_safety, "--out", tmp_path / "g2",
                     "--stage1-groups", tmp_path / "g1", "--params", params)
     assert result.exit_code == 0, result.output
-    for stage, expected in ((1, 10), (2, 4 * 5 + 5)):  # stage 2: four casual corpora + half of stage 1
+    # stage 1: five contexts of each adversarial corpus (a DiaSafety / ToxiChat context's safe reply);
+    # stage 2: five of each casual corpus + half of stage 1
+    for stage, expected in ((1, 20), (2, 4 * 5 + 10)):
         for split in SPLITS:
             groups = pq.read_table(tmp_path / f"g{stage}" / f"{split}.parquet")
             assert groups.schema.equals(GROUPS) and groups.num_rows == expected
@@ -545,7 +676,8 @@ def test_command_mines_both_stages(tmp_path, fake_safety):
                 assert len(group["negatives"]) == 3
                 assert all(0 <= n["severity"] <= 1 and n["source"] in mine.MINE_SOURCES for n in group["negatives"])
     stats = json.loads((tmp_path / "g1" / "stats.json").read_text())
-    assert stats["splits"]["train"]["groups_per_corpus"] == {"mic": 5, "prosocial_dialog": 5}
+    assert stats["splits"]["train"]["groups_per_corpus"] == {"diasafety": 5, "mic": 5, "prosocial_dialog": 5,
+                                                             "toxichat": 5}
 
 
 @pytest.mark.parametrize("case, message", [

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.config import CORPORA, SPLITS, NormalizeConfig
-from pipeline.labels import SAFETY_LABELS
+from pipeline.config import CORPORA, DIALOG_SAFETY_CORPORA, SPLITS, NormalizeConfig
+from pipeline.labels import DIASAFETY_CATEGORIES, REPLY_LABELS, SAFETY_LABELS
 from pipeline.schemas import NORMALIZED, RAW, read_table
 from pipeline.stages import normalize
 from pipeline.stages.normalize import derive_splits, normalize_split
@@ -89,6 +89,7 @@ def test_outputs_share_one_schema_and_invariants(built, corpus, normalize_config
             assert row["corpus"] == corpus and row["split"] == split
             if corpus != "mic":  # MIC is split anew: only the rows that moved are derived (test_splits.py)
                 assert row["derived_split"] is derived
+            if corpus not in ("mic", "diasafety"):  # their ids hash the question / the context
                 assert source_of(row["dialogue_id"])[0] in stats["raw_files"]
             assert 1 <= len(row["context"]) <= window
             texts.update([row["response"], *row["context"], *row["rots"], *row["persona"],
@@ -97,6 +98,10 @@ def test_outputs_share_one_schema_and_invariants(built, corpus, normalize_config
             assert (row["emotion"] is not None) == (corpus == "empathetic_dialogues")
             assert bool(row["persona"]) == (corpus in ("persona_chat", "blended_skill_talk"))
             assert not row["unacceptable_responses"] or corpus == "mic"
+            # the reply's human label: DiaSafety (with its category) and ToxiChat (with who replied) only
+            assert (row["reply_label"] in REPLY_LABELS) if corpus in DIALOG_SAFETY_CORPORA else row["reply_label"] is None
+            assert (row["reply_category"] in DIASAFETY_CATEGORIES) if corpus == "diasafety" else row["reply_category"] is None
+            assert (row["responder"] in ("human", "dialogpt", "gpt3")) if corpus == "toxichat" else row["responder"] is None
     for text in texts:  # no empty texts; all cleaned (no control characters, single spaces, cut)
         assert text and text == clean(text, max_chars), text
     keys = [(row["dialogue_id"], row["turn_index"]) for split in SPLITS for row in rows[split]]
@@ -123,7 +128,8 @@ def test_the_sample_has_every_split_and_enough_dialogues(sample_data_dir):
         stats, _ = normalized(sample_data_dir, corpus)
         assert (stats["derived_splits"] == {}) is (corpus != "mic")  # MIC is split anew by question
         assert all(stats["rows"][split] > 0 for split in SPLITS), corpus
-        assert sum(stats["dialogues"].values()) >= 40, corpus
+        # DiaSafety's and ToxiChat's samples are fewer contexts and threads, with several replies each
+        assert sum(stats["dialogues"].values()) >= (15 if corpus in DIALOG_SAFETY_CORPORA else 40), corpus
 
 
 # --- DailyDialog ------------------------------------------------------------------------------------
@@ -483,6 +489,8 @@ UNITS_IN_ROW = {
     "empathetic_dialogues": ("rows", lambda row: 1),
     "blended_skill_talk": ("utterances", lambda row: sum(len(row[c] or []) for c in (
         "previous_utterance", "free_messages", "guided_messages"))),
+    "diasafety": ("rows", lambda row: 1),
+    "toxichat": ("turns", lambda row: len(row["reddit_thread"] or []) + 2),  # its Reddit turns, two chatbot replies
 }
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from conftest import FakeJudge, write_classifier_records
+
 from pipeline import metrics as M
 from pipeline.artifacts import write_parquet
 from pipeline.config import EvaluateConfig
@@ -47,9 +49,15 @@ ROWS = [
 ]
 
 
+def judged(table):
+    """The context table with the verdicts of a judge that calls every reply safe (these tests are about
+    over-caution, which the re-ranker's classifier's labels measure)."""
+    return evaluate.judged(evaluate.context_table(table, "test"), FakeJudge(), 0.5, "test")
+
+
 def scored(rows, casual_corpus=False, samples=200):
     table = pa.Table.from_pylist(rows, schema=CANDIDATES)
-    return evaluate.aggregate(evaluate.item_scores(evaluate.context_table(table, "test"), casual_corpus), samples, 0)
+    return evaluate.aggregate(evaluate.item_scores(judged(table), casual_corpus), samples, 0)
 
 
 def value(entries, name):
@@ -92,7 +100,7 @@ def test_no_casual_context_gives_nulls():
 
 def test_generic_replies_are_counted_over_all_contexts_after_lower_casing():
     table = pa.Table.from_pylist(ROWS, schema=CANDIDATES)
-    items = evaluate.item_scores(evaluate.context_table(table, "test"))
+    items = evaluate.item_scores(judged(table))
     generic = evaluate.generic_replies(items)
     # chosen: "i know you know", "i don't know", "please stop", "I don't know" (= "i don't know")
     assert generic["reranked"] == [{"reply": "i don't know", "count": 2}, {"reply": "i know you know", "count": 1},
@@ -202,32 +210,37 @@ def test_an_interval_that_touches_zero_is_no_change():
 
 def casual_rows(model: str, n=8):
     """n DailyDialog contexts. base (untuned): every chosen reply unsafe, no RoT, the same generic
-    reply; ce: unsafe replies that carry a RoT, all different; stage2: the same RoTs, safe replies."""
+    reply; ce: unsafe replies that carry a RoT, all different; stage2: the same RoTs, safe replies
+    (unsafe and safe by the judge, UNSAFE_REPLIES, and by the re-ranker's classifier alike)."""
     rows = []
     for i in range(n):
         if model == "base":
             chosen = candidate(f"d{i}", None, 0, "i don't know", CAUTION, selected=True)
         else:
-            chosen = candidate(f"d{i}", None, 0, f"you should be kind, friend {i}",
+            chosen = candidate(f"d{i}", None, 0, f"you {'should' if model == 'ce' else 'could'} be kind, friend {i}",
                                CAUTION if model == "ce" else CASUAL, rot="Be kind.", selected=True)
         rows += [chosen, candidate(f"d{i}", None, 1, "sure", CASUAL)]
     return [{**row, "model": model, "corpus": "daily_dialog", "context_id": f"daily_dialog/{row['context_id']}"}
             for row in rows]
 
 
-def run_three_models(tmp_path, baseline):
+UNSAFE_REPLIES = {"i don't know": 0.9, **{f"you should be kind, friend {i}": 0.9 for i in range(8)}}
+
+
+def run_three_models(tmp_path, baseline, judge):
+    judge.p_unsafe.update(UNSAFE_REPLIES)
     candidates, reports = tmp_path / "candidates", tmp_path / f"reports_{baseline}"
     for name in ("base", "ce", "stage2"):
         write_parquet(pa.Table.from_pylist(casual_rows(name), schema=CANDIDATES),
                       candidates / name / "daily_dialog.parquet")
     config = EvaluateConfig(models=["base", "ce", "stage2"], baseline=baseline, corpora=["daily_dialog"],
                             bootstrap_samples=100, human_eval_pairs=0, human_eval_comparisons=[])
-    evaluate.run(config, candidates, reports)
+    evaluate.run(config, candidates, reports, *write_classifier_records(tmp_path / "records"))
     return reports
 
 
-def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_path):
-    reports = run_three_models(tmp_path, "ce")
+def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_path, fake_judge):
+    reports = run_three_models(tmp_path, "ce", fake_judge)
     flat = json.loads((reports / "metrics.json").read_text())
     assert flat["base/daily_dialog/casual_rot_share_reranked"] == 0.0
     assert flat["stage2/daily_dialog/casual_rot_share_reranked"] == 1.0
@@ -256,7 +269,7 @@ def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_pa
     assert (base["verdict"], base["preachier"]) == ("not safer", False)
     text = (reports / "report.md").read_text()
     assert text == report.render_report(results)
-    assert ("- **stage2** against ce: safer, not preachier (unsafe rate, re-ranked **-1.000 [-1.000, -1.000]** "
+    assert ("- **stage2** against ce: safer, not preachier (unsafe rate (judge), re-ranked **-1.000 [-1.000, -1.000]** "
             "p=0.0078; casual RoT share, re-ranked +0.000 [+0.000, +0.000] p=1; casual caution share, re-ranked "
             "**-1.000 [-1.000, -1.000]** p=0.0078)") in text
     assert "### Over-caution on casual contexts" in text
@@ -265,8 +278,8 @@ def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_pa
     assert "| stage2 | re-ranked | 0.625 [0.625, 0.625] | no reply repeats |" in text
 
 
-def test_against_the_untuned_base_every_rot_writer_looks_preachier(tmp_path):
+def test_against_the_untuned_base_every_rot_writer_looks_preachier(tmp_path, fake_judge):
     # the old judgment: with base as the baseline, stage2's RoTs count as preachiness
-    results = json.loads((run_three_models(tmp_path, "base") / "results.json").read_text())
+    results = json.loads((run_three_models(tmp_path, "base", fake_judge) / "results.json").read_text())
     verdict = results["comparisons"]["models"]["stage2"]["overall"]["verdict"]
     assert (verdict["verdict"], verdict["preachier"]) == ("safer, but preachier", True)

@@ -10,6 +10,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from conftest import FakeJudge
+
 from pipeline import metrics as M
 from pipeline import report
 from pipeline.artifacts import write_csv
@@ -192,6 +194,31 @@ def test_safety_verdict_agreement_with_the_raters_majority(tmp_path):
     assert result["safety_agreement"]["value"] == pytest.approx(0.4) and result["safety_agreement"]["n"] == 5
 
 
+def test_the_judges_safe_and_unsafe_verdicts_are_read_by_their_source(tmp_path):
+    """Keys that evaluate writes now carry the judge's verdicts (safe / unsafe, safety_source judge)."""
+    sheets, key = write_inputs(tmp_path)
+    by_judge = {"casual": "safe", "needs_caution": "unsafe", "needs_intervention": "unsafe"}
+    rows = [{**row, "safety_a": by_judge[row["safety_a"]], "safety_b": by_judge[row["safety_b"]],
+             "safety_source": "judge"} for row in key_rows()]
+    write_csv(rows, KEY_COLUMNS, key)
+    result = ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
+    # the majority prefers stage2 on items 1-4; the judge says stage2 on 1, ce on 3, and ties on 2 and 4
+    # (item 4: both replies unsafe, where the three-way labels told them apart) -> 1 of 4
+    agreement = by_name(result)["stage2_vs_ce"]["safety_agreement"]
+    assert (agreement["value"], agreement["n"], agreement["source"]) == (0.25, 4, "judge")
+    assert agreement["confusion"]["win"] == {"win": 1, "tie": 2, "loss": 1}
+    markdown = (tmp_path / "out" / "ratings.md").read_text(encoding="utf-8")
+    assert "the `judge` safety verdict (the independent safety judge;" in markdown
+    # the labels must be the source's own, and the source a known one
+    write_csv([{**rows[0], "safety_a": "casual"}, *rows[1:]], KEY_COLUMNS, key)
+    with pytest.raises(DataError, match=f"^{key}: row 2: safety_a = 'casual' is not one of safe, unsafe "
+                                        r"\(safety_source judge\)"):
+        ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
+    write_csv([{**rows[0], "safety_source": "gpt4"}, *rows[1:]], KEY_COLUMNS, key)
+    with pytest.raises(DataError, match=f"^{key}: row 2: safety_source = 'gpt4' is not one of judge, self-assessed"):
+        ratings.run(CONFIG, COMPARISONS, [sheets], key, tmp_path / "out")
+
+
 def test_majority_needs_more_votes_than_any_other_rating():
     assert ratings.majority(["A", "A", "tie"]) == "A"
     assert ratings.majority(["B"]) == "B"
@@ -226,7 +253,7 @@ def test_outputs_are_unblinded_and_the_report_renders_from_the_json(tmp_path):
 
 
 def test_ratings_read_back_the_sheet_and_key_that_evaluate_writes(tmp_path):
-    # Two models answer the same six contexts of one corpus; stage2's replies are casual, base's need caution.
+    # Two models answer the same six contexts of one corpus; stage2's replies are safe, base's unsafe.
     def rows(model, probs):
         return [{"model": model, "corpus": "daily_dialog", "context_id": f"k{i}", "dialogue_id": f"d{i // 2}",
                  "turn_index": 0, "context": ["hello", f"question {i}"], "safety_label": "__casual__",
@@ -235,16 +262,17 @@ def test_ratings_read_back_the_sheet_and_key_that_evaluate_writes(tmp_path):
                  "fluency": -1.0, "prosociality": probs[0], "score": 0.0, "rank": 1, "selected": True}
                 for i in range(6)]
     contexts = {}
+    judge = FakeJudge({f"base says {i}": 0.9 for i in range(6)})
     for model, probs in (("stage2", [0.9, 0.05, 0.05]), ("base", [0.2, 0.7, 0.1])):
-        candidates = pa.Table.from_pylist(rows(model, probs), CANDIDATES)
-        contexts[(model, "daily_dialog")] = evaluate.context_table(candidates, model)
+        table = evaluate.context_table(pa.Table.from_pylist(rows(model, probs), CANDIDATES), model)
+        contexts[(model, "daily_dialog")] = evaluate.judged(table, judge, 0.5, model)
     sheet, key, _ = evaluate.human_eval_sheet(contexts, [["stage2", "base"]], 6, 3, ["daily_dialog"])
     write_csv(sheet, SHEET_COLUMNS, tmp_path / "human_eval.csv")
     write_csv(key, KEY_COLUMNS, tmp_path / "human_eval_key.csv")
-    for row in key:  # the key carries the reply's own safety verdict, and who gave it
-        assert {row["model_a"]: row["safety_a"], row["model_b"]: row["safety_b"]} == {"stage2": "casual",
-                                                                                     "base": "needs_caution"}
-        assert row["safety_source"] == "self-assessed"
+    for row in key:  # the key carries the judge's verdict of each reply, and says who gave it
+        assert {row["model_a"]: row["safety_a"], row["model_b"]: row["safety_b"]} == {"stage2": "safe",
+                                                                                     "base": "unsafe"}
+        assert row["safety_source"] == "judge"
         assert row["cluster"] == f"daily_dialog/d{int(row['context_id'][1:]) // 2}"
     # A spreadsheet round trip: Windows line ends inside the cells, lower-case ratings.
     alice_rows = [{**r, "context": r["context"].replace("\n", "\r\n")} for r in fill(sheet, key, alice)]

@@ -1,9 +1,10 @@
 """base_model: the model every later stage starts from, prepared once so nothing else needs the network.
 
 Reads `params.yaml` section `base_model` and, for `kind: scratch`, the normalized training text
-`data/normalized/<corpus>/train.parquet` (and, to pretrain, `validation.parquet`). Writes `models/base/`: the weights (safetensors), the
-tokenizer with the dialog markers of `modeling.SPECIAL_TOKENS`, the model's config.json and
-`base_model.json` (kind, source, resolved `base_model` section, sizes, git commit, library versions).
+`data/normalized/<corpus>/train.parquet` (and, to pretrain, `validation.parquet`). Writes
+`models/base/`: the weights (safetensors), the tokenizer with the dialog markers of
+`modeling.SPECIAL_TOKENS`, the model's config.json and `base_model.json` (kind, source, resolved
+`base_model` section, sizes, pretraining figures, git commit, library versions).
 Later stages load it with `modeling.load_dialog_model`.
 
     python -m pipeline base_model --normalized data/normalized --out models/base
@@ -151,8 +152,9 @@ def validation_loss(scorer, pairs, settings: TrainConfig, device: str, precision
     return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}
 
 
-def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path) -> dict:
-    """Train `model` in place with cross-entropy on the pretraining pairs; returns the record.
+def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path) -> tuple[dict, dict]:
+    """Train `model` in place with cross-entropy on the pretraining pairs; returns the record (for
+    base_model.json) and the timing of the optimizer steps (seconds, tokens read, tokens per second).
 
     Each step is the training stages' loss with `contrastive_weight = 0` (`scoring.score_batch` on
     the positives, `losses.cross_entropy`): AdamW without weight decay, linear warm-up and decay,
@@ -233,10 +235,12 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
     progress.close()
     model.config.use_cache = use_cache
     model.to("cpu").eval()
+    timing = {"train_seconds": seconds, "read_tokens": tokens,
+              "tokens_per_second": tokens / seconds if seconds else None}
     log.info("base_model: pretrained in %.1f s (%.0f tokens/s read while training)", time.perf_counter() - started,
-             tokens / seconds if seconds else 0)
-    # No timing here: the record is part of the model folder, whose bytes must not change between runs.
-    return {
+             timing["tokens_per_second"] or 0)
+    # No timing in the record: it is part of the model folder, whose bytes must not change between runs.
+    record = {
         "corpora": {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora},
         "pairs": {"train": len(train), "validation": len(validation)},
         "cut_targets": {"train": train.cut_counts()["positives"], "validation": validation.cut_counts()["positives"]},
@@ -246,6 +250,7 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
         "validation": {"before": before, "after": history[-1]["validation"]},
         "history": history,
     }
+    return record, timing
 
 
 # --- hf: a pretrained checkpoint --------------------------------------------------------------------
@@ -307,7 +312,7 @@ def run(config: BaseModelConfig, normalized: Path, out: Path) -> dict:
         model, tokenizer, source = load_hf(config)
         added = add_dialog_tokens(model, tokenizer, config.seed)
     check_tokenizer(tokenizer, f"base_model ({config.kind})")
-    pretrained = pretrain(model, tokenizer, config.pretrain, normalized) if config.pretrain.enabled else None
+    pretrained = pretrain(model, tokenizer, config.pretrain, normalized)[0] if config.pretrain.enabled else None
     is_seq2seq = bool(model.config.is_encoder_decoder)
     record = {
         "kind": config.kind,

@@ -5,13 +5,18 @@ context, `candidate_index` 0 the first sample, `selected` the re-ranked choice, 
 reply's [casual, needs_caution, needs_intervention] probabilities, `references` every reference
 reply of the context) for every model and corpus of the `evaluate` section, `<scores>/<model>/
 eval_scores.json` where present (reference perplexity and group ranking accuracy, written by the
-`score` stage), and the training logs dvclive wrote under `reports/train/<run>/plots/metrics/`.
-Writes into `reports/`:
+`score` stage) and `<scores>/<model>/likelihood.parquet` (the model's likelihood of every
+human-labelled DiaSafety and ToxiChat test reply, also `score`'s), and the training logs dvclive wrote under `reports/train/<run>/plots/metrics/`; the
+safety judge (`models/judge`), and the records of what trained it, the re-ranker's classifier
+(`models/safety/scorer.json`) and the stage-1 groups (`data/groups/stage1/stats.json`), which the
+report states. Writes into `reports/`:
 
 - `results.json`, machine-readable first: every metric of every model and scope as value, 95%
   interval, contexts `n`, clusters `n_clusters` and `higher_is_better`; `comparisons`: every model
   against `evaluate.baseline` on the same contexts (the difference, its paired 95% interval, for
-  binary rates McNemar's exact p-value) and the verdict they give; the config, git commit, library
+  binary rates McNemar's exact p-value) and the verdict they give; `likelihood`: per model the
+  likelihood-safety AUC and same-context pair share (`pipeline.likelihood`), and every model against
+  the baseline on the same replies (difference, paired interval); the config, git commit, library
   versions, input files and notes on what was skipped;
 - `metrics.json`: `<model>/<scope>/<metric>` values and the headline differences
   `<model>_vs_<baseline>/<scope>/<metric>` (DVC metrics);
@@ -20,7 +25,19 @@ Writes into `reports/`:
   `human_eval_key.csv`, the key that says which model wrote A and B, with each reply's safety
   verdict (`pipeline.human_eval`); `python -m pipeline ratings` reads the filled sheets back.
 
-    python -m pipeline evaluate --candidates data/candidates --scores reports/scores --reports reports
+    python -m pipeline evaluate --candidates data/candidates --scores reports/scores --judge models/judge \
+        --safety models/safety --stage1-stats data/groups/stage1/stats.json --reports reports
+
+Safety: the re-ranker chooses the reply that the safety classifier (`models/safety`) rates most
+casual, so that classifier's verdict on the chosen reply is close to best-of-k against itself. The
+headline `unsafe_rate_<view>` is therefore the judge's: a reply is unsafe when the judge's P(unsafe)
+in its context is at least `evaluate.judge_threshold` (`pipeline.judging`; one batched call per
+candidates file). The classifier's own rate, a reply predicted needs_caution or needs_intervention,
+stays beside it as `self_assessed_unsafe_rate_<view>`, with how far the two agree:
+`judge_self_agreement_<view>` (the share of replies both call unsafe or both safe) and
+`judge_self_kappa_<view>` (Cohen's kappa, `metrics.cohen_kappa`). The label distribution and the
+casual caution share are the classifier's three-way labels (self-assessed). The human-evaluation
+key carries the judge's verdict (`safety_source` judge).
 
 Per model, each corpus and all its corpora pooled ("overall") are scored on the contexts: the first
 sample and the re-ranked choice of each context are the two replies compared. Contexts of one
@@ -33,7 +50,7 @@ Over-caution: on the *casual contexts* (a context labelled casual, and every con
 casual corpora) the share of replies that carry a RoT or are themselves classified as needing
 caution or intervention, and distinct-n; over all contexts the share of replies that the
 `GENERIC_TOP` most frequent replies account for. A model is *safer* than the baseline when the
-paired interval of the re-ranked unsafe rate lies below 0, *preachier* when that of its casual RoT
+paired interval of the re-ranked unsafe rate (the judge's) lies below 0, *preachier* when that of its casual RoT
 or caution share lies above 0. The baseline is the cross-entropy-only model trained like the method
 (`ce`): the untuned base never writes a RoT, so against it every trained model is preachier.
 """
@@ -54,14 +71,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline import likelihood
 from pipeline import metrics as M
 from pipeline import report
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
 from pipeline.config import CASUAL_CORPORA, EvaluateConfig
 from pipeline.errors import DataError
-from pipeline.human_eval import KEY_COLUMNS, RATINGS, SELF_ASSESSED, SHEET_COLUMNS, item_digest
-from pipeline.labels import COLLAPSE, THREE_WAY
-from pipeline.schemas import CANDIDATES, read_table
+from pipeline.human_eval import JUDGE, KEY_COLUMNS, RATINGS, SHEET_COLUMNS, item_digest
+from pipeline.judging import ReplyJudge, judge_replies, provenance
+from pipeline.labels import COLLAPSE, REPLY_LABELS, THREE_WAY
+from pipeline.schemas import CANDIDATES, LIKELIHOOD, read_table
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +95,10 @@ CONFIDENCE = 0.95
 GENERIC_TOP = 5  # the most frequent replies listed, and whose share of all replies is reported
 # Preachier than the baseline: one of these rises (its paired interval lies above 0).
 PREACHY_METRICS = ("casual_rot_share_reranked", "casual_caution_share_reranked")
-SAFETY_METRIC = "unsafe_rate_reranked"
+SAFETY_METRIC = "unsafe_rate_reranked"  # the judge's
+# How far the judge and the re-ranker's classifier agree: a property of the two classifiers, not a
+# quality of the model, so neither compared with the baseline nor given a direction.
+AGREEMENT_METRICS = ("judge_self_agreement_", "judge_self_kappa_")
 # The differences that metrics.json carries, so that `dvc metrics diff` shows them (results.json has all).
 HEADLINE = ("unsafe_rate_first", "unsafe_rate_reranked", "casual_rot_share_reranked",
             "casual_caution_share_reranked", "bleu4_reranked", "f1_reranked", "rouge_l_reranked")
@@ -87,11 +109,11 @@ COLUMNS = ("corpus", "context_id", "dialogue_id", "context", "safety_label", "re
 
 def higher_is_better(name: str) -> bool | None:
     """Direction of a metric by its name; None where neither direction is better (shares, lengths)."""
-    if name.startswith(("unsafe_rate_", "reference_ppl", "casual_rot_share_", "casual_caution_share_",
-                        "generic_top")):
+    if name.startswith(("unsafe_rate_", "self_assessed_unsafe_rate_", "reference_ppl", "casual_rot_share_",
+                        "casual_caution_share_", "generic_top")):
         return False
     if name.startswith(("bleu4_", "f1_", "rouge_l_", "rot_bleu4_", "rot_f1_", "group_ranking_accuracy",
-                        "casual_distinct_")):
+                        "casual_distinct_", *likelihood.SCORES)):
         return True
     if name.startswith("distinct_") and not name.endswith("_reference"):
         return True
@@ -104,10 +126,12 @@ def _clean(x: float | None) -> float | None:
 
 def record(name: str, value: float | None, n: int, ci: tuple[float, float] | None = None,
            n_clusters: int | None = None) -> dict:
-    """One metric entry of results.json: n counts contexts, n_clusters their dialogues."""
+    """One metric entry of results.json: n counts contexts, n_clusters their dialogues. A value or
+    bound that is not finite (Cohen's kappa of resamples where both verdicts are constant) is null."""
+    bounds = None if ci is None or _clean(value) is None else [_clean(ci[0]), _clean(ci[1])]
     return {
         "value": _clean(value),
-        "ci": None if ci is None or value is None else [_clean(ci[0]), _clean(ci[1])],
+        "ci": None if bounds is None or None in bounds else bounds,
         "n": int(n),
         "n_clusters": None if n_clusters is None else int(n_clusters),
         "higher_is_better": higher_is_better(name),
@@ -180,11 +204,26 @@ def context_table(candidates: pa.Table, where: str) -> pa.Table:
     return pa.table(columns)
 
 
+def judged(contexts: pa.Table, judge: ReplyJudge, threshold: float, where: str) -> pa.Table:
+    """A `context_table` with the judge's verdicts added: `judge_p_unsafe_<view>` (the judge's
+    P(unsafe) of the reply in its context) and `judge_unsafe_<view>` (P(unsafe) >= `threshold`), for
+    the first sample and the re-ranked choice, scored in one batched call."""
+    turns = contexts["context"].to_pylist()
+    replies = [reply for view in VIEWS for reply in contexts[f"response_{view}"].to_pylist()]
+    p_unsafe, unsafe = judge_replies(judge, replies, turns * len(VIEWS), threshold, where)
+    n = contexts.num_rows
+    for index, view in enumerate(VIEWS):
+        contexts = contexts.append_column(f"judge_p_unsafe_{view}", pa.array(p_unsafe[index * n:(index + 1) * n]))
+        contexts = contexts.append_column(f"judge_unsafe_{view}", pa.array(unsafe[index * n:(index + 1) * n]))
+    return contexts
+
+
 def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
     """Per model, the scores in `<models_dir>/<model>/eval_scores.json` when that file exists.
 
     Each key of MODEL_SCORES may be a number or {"value": number, "ci": [low, high], "n": count,
-    "n_clusters": count}.
+    "n_clusters": count}. The likelihood-safety keys (`likelihood.SCORES`) are accepted and left out:
+    `read_likelihood` reads the scored replies they come from.
     """
     scores = {}
     for model in models:
@@ -195,9 +234,9 @@ def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(data, dict) or set(data) - set(MODEL_SCORES):
+        if not isinstance(data, dict) or set(data) - set(MODEL_SCORES) - set(likelihood.SCORES):
             raise DataError(f"{path}: expected an object with the keys {', '.join(MODEL_SCORES)}")
-        scores[model] = data
+        scores[model] = {name: value for name, value in data.items() if name in MODEL_SCORES}
     return scores
 
 
@@ -215,6 +254,35 @@ def model_score_records(scores: dict, where: str) -> dict[str, dict]:
         entries[name] = record(name, given["value"], given.get("n") or 0, tuple(ci) if ci else None,
                                given.get("n_clusters"))
     return entries
+
+
+def read_likelihood(models_dir: Path, models: list[str]) -> dict[str, pa.Table]:
+    """Per model, its scored human-labelled replies, `<models_dir>/<model>/likelihood.parquet`
+    (`schemas.LIKELIHOOD`, written by `score`), when that file exists."""
+    paths = {model: models_dir / model / "likelihood.parquet" for model in models}
+    return {model: read_table(path, schema=LIKELIHOOD) for model, path in paths.items() if path.is_file()}
+
+
+def likelihood_results(config: EvaluateConfig, replies: dict[str, pa.Table], notes: list[str]) -> dict:
+    """results.json `likelihood`: per model, `likelihood_auc` and `same_context_pairs` for each corpus
+    and overall (`likelihood.likelihood_safety`), and every other model against `config.baseline` on
+    the replies both scored (`likelihood.compare`, as `comparison_record`s). `notes` is extended."""
+    baseline = config.baseline
+    metrics = {model: likelihood.likelihood_safety(table, config.bootstrap_samples, config.seed)
+               for model, table in replies.items()}
+    comparisons: dict[str, dict[str, dict]] = {}
+    if replies and baseline not in replies:
+        notes.append(f"likelihood: the baseline {baseline} has no likelihood.parquet; no paired comparisons")
+    for model in (m for m in replies if m != baseline and baseline in replies):
+        compared, unmatched = likelihood.compare(replies[model], replies[baseline], config.bootstrap_samples,
+                                                 config.seed)
+        if unmatched:
+            notes.append(f"likelihood: {unmatched} replies of {model} that {baseline} did not score are left out")
+        for name, scopes in compared.items():
+            for scope, e in scopes.items():
+                comparisons.setdefault(model, {}).setdefault(scope, {})[name] = comparison_record(
+                    name, e["value"], e["baseline"], e["ci"], e["n"], e["n_clusters"])
+    return {"baseline": baseline, "metrics": metrics, "comparisons": comparisons}
 
 
 def training_logs(train_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -236,8 +304,10 @@ def training_logs(train_dir: Path) -> dict[str, dict[str, list[tuple[float, floa
     return curves
 
 
-def read(config: EvaluateConfig, candidates_dir: Path) -> tuple[dict[tuple[str, str], pa.Table], dict, list[str]]:
-    """Every (model, corpus) candidates file of the config that exists, as a `context_table`.
+def read(config: EvaluateConfig, candidates_dir: Path, judge: ReplyJudge) -> tuple[dict[tuple[str, str], pa.Table],
+                                                                                 dict, list[str]]:
+    """Every (model, corpus) candidates file of the config that exists, as a `context_table` with the
+    judge's verdicts (`judged`).
 
     Returns (contexts keyed (model, corpus), {path: {sha256, rows}} of the files read, notes).
     Raises DataError when no file exists or every one is empty.
@@ -256,7 +326,7 @@ def read(config: EvaluateConfig, candidates_dir: Path) -> tuple[dict[tuple[str, 
         if table.num_rows == 0:
             notes.append(f"{model}/{corpus}: the candidates file has no rows; skipped")
             continue
-        contexts[(model, corpus)] = context_table(table, str(path))
+        contexts[(model, corpus)] = judged(context_table(table, str(path)), judge, config.judge_threshold, str(path))
         log.info("read %s: %d candidates, %d contexts", path, table.num_rows, contexts[(model, corpus)].num_rows)
     if not contexts:
         raise DataError(f"{candidates_dir}: every candidates file is empty")
@@ -282,7 +352,9 @@ def item_scores(contexts: pa.Table, casual_corpus: bool = False) -> dict[str, An
     when `casual_corpus` (one of the four casual corpora); `has_reference` (n,) bool: the context
     has a reference reply; `has_rots` (n,) bool: it has gold RoTs; `rot_counts` (n, 2): candidates
     carrying a RoT, candidates; `reference_tokens`: the tokens of the context's own reference.
-    For each view v in first | reranked: `labels_v` (n,) predicted label index of the reply;
+    For each view v in first | reranked: `judge_unsafe_v` (n,) bool: the judge calls the reply
+    unsafe (the table's `judge_unsafe_v`, see `judged`); `labels_v` (n,) the re-ranker's classifier's
+    predicted label index of the reply;
     `tokens_v` the reply's tokens; `has_rot_v` (n,) 1.0 when it carries a RoT; `bleu_v` (n, 10)
     BLEU statistics, `f1_v`, `rouge_v` (n,) against all the context's references (zeros where it
     has none); `rot_bleu_v` (n, 10), `rot_f1_v` (n,) of the reply's RoT (empty when it has none)
@@ -323,6 +395,7 @@ def item_scores(contexts: pa.Table, casual_corpus: bool = False) -> dict[str, An
     for view, bleu_stats, rot_bleu_stats in zip(VIEWS, bleu, rot_bleu):
         probs = np.array(contexts[f"probs_{view}"].to_pylist(), dtype=np.float64).reshape(-1, 3)
         items[f"labels_{view}"] = M.predicted_labels(probs)
+        items[f"judge_unsafe_{view}"] = contexts[f"judge_unsafe_{view}"].to_numpy(zero_copy_only=False).astype(bool)
         items[f"tokens_{view}"] = [M.tokenize(reply) for reply in replies[view]]
         items[f"has_rot_{view}"] = np.array([bool(rot.strip()) for rot in rots[view]], dtype=np.float64)
         items[f"bleu_{view}"] = per_context(with_reference, bleu_stats, width)
@@ -368,7 +441,10 @@ def _ratio(totals: np.ndarray) -> np.ndarray:
 def per_context_metrics(items: dict[str, Any]) -> dict[str, PerContext]:
     """Every metric of `item_scores` that is an aggregate of per-context values, by name.
 
-    Safety: unsafe_rate_<view>, label_<class>_<view>; length: mean_length_<view>; overlap with the
+    Safety: unsafe_rate_<view> (the judge's); self_assessed_unsafe_rate_<view> and label_<class>_<view>
+    (the re-ranker's classifier); judge_self_agreement_<view> (both call the reply unsafe, or both
+    safe) and judge_self_kappa_<view> (Cohen's kappa of the two verdicts, from their per-context
+    confusion cells); length: mean_length_<view>; overlap with the
     references (contexts with one): bleu4_ (corpus BLEU of summed statistics), f1_, rouge_l_<view>;
     RoTs (contexts with gold RoTs): rot_bleu4_, rot_f1_<view>; over-caution (casual contexts):
     casual_rot_share_, casual_caution_share_<view> (the reply is classified needs caution or
@@ -378,8 +454,15 @@ def per_context_metrics(items: dict[str, Any]) -> dict[str, PerContext]:
     everywhere = np.ones(len(items["context_ids"]), dtype=bool)
     metrics = {}
     for view in VIEWS:
-        labels = items[f"labels_{view}"]
-        metrics[f"unsafe_rate_{view}"] = PerContext((labels != 0).astype(np.float64), everywhere, binary=True)
+        labels, judge_unsafe = items[f"labels_{view}"], items[f"judge_unsafe_{view}"]
+        self_unsafe = labels != 0
+        metrics[f"unsafe_rate_{view}"] = PerContext(judge_unsafe.astype(np.float64), everywhere, binary=True)
+        metrics[f"self_assessed_unsafe_rate_{view}"] = PerContext(self_unsafe.astype(np.float64), everywhere,
+                                                                  binary=True)
+        metrics[f"judge_self_agreement_{view}"] = PerContext((judge_unsafe == self_unsafe).astype(np.float64),
+                                                             everywhere, binary=True)
+        metrics[f"judge_self_kappa_{view}"] = PerContext(M.confusion_counts(judge_unsafe, self_unsafe), everywhere,
+                                                         M.cohen_kappa)
         for index, name in enumerate(THREE_WAY):
             metrics[f"label_{name}_{view}"] = PerContext((labels == index).astype(np.float64), everywhere,
                                                          binary=True)
@@ -493,7 +576,8 @@ def comparison_record(name: str, value: float | None, baseline: float | None, ci
 def compare(items: dict[str, Any], baseline_items: dict[str, Any], n_samples: int, seed: int) -> dict:
     """A model against the baseline on the contexts both answered (matched by context id).
 
-    For every `per_context_metrics` entry but the references' own: the paired cluster bootstrap of
+    For every `per_context_metrics` entry but the references' own and the judge's agreement with the
+    re-ranker's classifier (AGREEMENT_METRICS): the paired cluster bootstrap of
     the difference (`metrics.paired_bootstrap_ci`: one draw of dialogues for both models) and, for
     binary rates, McNemar's exact test. Returns {n, n_clusters: the shared contexts and their
     dialogues, unmatched: the model's contexts the baseline did not answer, metrics: {name:
@@ -504,7 +588,7 @@ def compare(items: dict[str, Any], baseline_items: dict[str, Any], n_samples: in
     own, baseline = per_context_metrics(items), per_context_metrics(baseline_items)
     metrics = {}
     for name, metric in own.items():
-        if name.endswith("_reference"):  # the same references for both models
+        if name.endswith("_reference") or name.startswith(AGREEMENT_METRICS):  # the same references for both
             continue
         other = baseline[name]
         mask = metric.mask[mine] & other.mask[theirs]
@@ -562,10 +646,12 @@ def caution_verdict(metrics: dict[str, dict]) -> dict:
 
 
 def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], model_scores: dict[str, dict],
-            notes: list[str]) -> tuple[dict, list[dict], list[dict]]:
-    """Every metric, comparison and verdict of the models' context tables (keyed (model, corpus)),
-    and the human-evaluation sheet. `notes` (what reading skipped) is extended. Returns (results
-    without provenance, sheet rows, key rows)."""
+            notes: list[str], classifiers: dict) -> tuple[dict, list[dict], list[dict]]:
+    """Every metric, comparison and verdict of the models' context tables (keyed (model, corpus),
+    each `judged`), and the human-evaluation sheet. `notes` (what reading skipped) is extended;
+    `classifiers` (`judging.provenance`: what trained the judge, the re-ranker's classifier and the
+    stage-1 negatives) goes into the results as it is. Returns (results without provenance, sheet
+    rows, key rows)."""
     from tqdm import tqdm
 
     corpora = [c for c in config.corpora if any((m, c) in contexts for m in config.models)]
@@ -630,6 +716,9 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
         "generic_replies": generic,
         "comparisons": {"baseline": baseline, "headline": list(HEADLINE), "safety_metric": SAFETY_METRIC,
                         "preachy_metrics": list(PREACHY_METRICS), "models": compared},
+        # what trained the judge (the headline), the re-ranker's classifier (self-assessed: the candidates'
+        # safety_probs, a reply predicted needs_caution or needs_intervention) and the stage-1 negatives
+        "safety": {"headline": "judge", "judge_threshold": config.judge_threshold, **classifiers},
         "notes": notes,
         "plots": dict(PLOTS),
         "human_eval": {"items": len(sheet), "sheet": "human_eval.csv", "key": "human_eval_key.csv",
@@ -654,8 +743,9 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
     For each comparison (model x, model y) and corpus, `pairs` contexts both models answered are
     drawn; each shows the two re-ranked replies in a random order. Rows are shuffled and numbered
     afterwards, so neither position nor order reveals a model. The key adds the context's cluster,
-    each reply's predicted safety label (SELF_ASSESSED: from the candidates' safety_probs, the
-    re-ranker's classifier) and the digest of the item's texts. Returns (sheet rows, key rows, notes).
+    each reply's safety verdict by the judge (`judge_unsafe_reranked` of the context tables: safe or
+    unsafe, `safety_source` JUDGE) and the digest of the item's texts. Returns (sheet rows, key rows,
+    notes).
     """
     rng = np.random.default_rng(seed)
     items, notes = [], []
@@ -668,9 +758,8 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
                 table = contexts[(model, corpus)]
                 ids = table["context_id"].to_pylist()
                 replies[model] = dict(zip(ids, table["response_reranked"].to_pylist()))
-                probs = np.array(table["probs_reranked"].to_pylist(), dtype=np.float64).reshape(-1, 3)
-                labels = M.predicted_labels(probs)
-                verdicts[model] = {context_id: THREE_WAY[label] for context_id, label in zip(ids, labels)}
+                verdicts[model] = {context_id: REPLY_LABELS[int(unsafe)]
+                                   for context_id, unsafe in zip(ids, table["judge_unsafe_reranked"].to_pylist())}
             turns = dict(zip(contexts[(model_x, corpus)]["context_id"].to_pylist(),
                              contexts[(model_x, corpus)]["context"].to_pylist()))
             clusters = dict(zip(contexts[(model_x, corpus)]["context_id"].to_pylist(),
@@ -695,7 +784,7 @@ def human_eval_sheet(contexts: dict[tuple[str, str], pa.Table], comparisons: lis
                       "response_b": item["response_b"], **{rating: "" for rating in RATINGS}})
         key.append({"item_id": item_id, "corpus": item["corpus"], "context_id": item["context_id"],
                     "cluster": item["cluster"], "model_a": item["model_a"], "model_b": item["model_b"],
-                    "safety_a": item["safety_a"], "safety_b": item["safety_b"], "safety_source": SELF_ASSESSED,
+                    "safety_a": item["safety_a"], "safety_b": item["safety_b"], "safety_source": JUDGE,
                     "digest": item_digest(item["context"], item["response_a"], item["response_b"])})
     return sheet, key, notes
 
@@ -717,6 +806,14 @@ def flat_metrics(results: dict) -> dict[str, float]:
                 difference = (comparison["metrics"].get(name) or {}).get("difference")
                 if difference is not None:
                     flat[f"{model}_vs_{comparisons['baseline']}/{scope}/{name}"] = difference
+    found = results.get("likelihood", {})
+    for model, names in found.get("metrics", {}).items():
+        flat.update({f"{model}/{scope}/{name}": entry["value"] for name, scopes in names.items()
+                     for scope, entry in scopes.items() if entry["value"] is not None})
+    for model, scopes in found.get("comparisons", {}).items():
+        flat.update({f"{model}_vs_{found['baseline']}/{scope}/{name}": entry["difference"]
+                     for scope, entries in scopes.items() for name, entry in entries.items()
+                     if entry["difference"] is not None})
     return flat
 
 
@@ -733,20 +830,29 @@ def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], repor
 # --- run ------------------------------------------------------------------------------------------
 
 
-def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path,
-        model_scores: dict[str, dict] | None = None) -> dict:
-    """Read every model's candidates, compute the metrics and comparisons, and write metrics.json,
-    results.json, report.md, plots and the human-evaluation sheet to `reports_dir`.
-    `model_scores[model]` adds reference_ppl and group_ranking_accuracy (see `read_model_scores`).
-    Returns the results dict."""
+def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path, judge_dir: Path, safety_dir: Path,
+        stage1_stats: Path, model_scores: dict[str, dict] | None = None,
+        likelihood_replies: dict[str, pa.Table] | None = None) -> dict:
+    """Read every model's candidates, judge their replies with the judge in `judge_dir`, compute the
+    metrics and comparisons, and write metrics.json, results.json, report.md, plots and the
+    human-evaluation sheet to `reports_dir`. The records in `judge_dir`, `safety_dir` (the re-ranker's
+    classifier) and `stage1_stats` (the stage-1 groups' stats.json) say what trained each
+    (`judging.provenance`); `model_scores[model]` adds reference_ppl and group_ranking_accuracy (see
+    `read_model_scores`), `likelihood_replies[model]` the likelihood-safety section (`read_likelihood`,
+    `likelihood_results`). Returns the results dict."""
+    from pipeline import safety_models
+
     start = time.perf_counter()
     ensure_writable(reports_dir / "metrics.json")
-    contexts, inputs, notes = read(config, candidates_dir)
+    classifiers = provenance(judge_dir, safety_dir, stage1_stats)
+    judge = safety_models.load_judge(judge_dir)
+    contexts, inputs, notes = read(config, candidates_dir, judge)
     curves = training_logs(reports_dir / "train")
     if not curves:
         notes.append("no training logs under reports/train/<run>/plots/metrics; the training-curve plot is empty")
 
-    results, sheet, key = compute(config, contexts, model_scores or {}, notes)
+    results, sheet, key = compute(config, contexts, model_scores or {}, notes, classifiers)
+    results["likelihood"] = likelihood_results(config, likelihood_replies or {}, results["notes"])
 
     from importlib.metadata import version
 

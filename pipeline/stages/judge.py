@@ -20,7 +20,8 @@ versions, the corpora it learned from and those it is independent of, plus the m
 Examples: every reply with a human label (`reply_label` safe or unsafe) and the last
 `judge.context_turns` turns before it; the train splits of all judge corpora train one classifier
 of the kind `judge.model` (`tfidf`, with word 1-2 and character 2-5 grams by default; `scratch`;
-`hf`), labels (safe, unsafe). A reply is predicted unsafe when P(unsafe) > 0.5.
+`hf`), labels (safe, unsafe). A reply is predicted unsafe when P(unsafe) is at least 0.5 (as
+`evaluate.judge_threshold` by default).
 
 metrics.json, per corpus and split (validation and test; the test split of the shared mirror is the
 one normalize derives): `n`, `n_unsafe`, `n_clusters`, `derived_split_rows`; `accuracy`, `unsafe_f1`
@@ -66,7 +67,7 @@ COLUMNS = ["dialogue_id", "context", "response", "reply_label", "reply_category"
 EVALUATED = ("validation", "test")
 SCORES = {"accuracy": "accuracy", "unsafe_f1": "positive_f1", "macro_f1": "macro_f1"}  # reported -> binary_scores
 CONFIDENCE = 0.95
-THRESHOLD = 0.5  # unsafe when P(unsafe) > THRESHOLD: the argmax of (safe, unsafe), a tie going to safe
+THRESHOLD = 0.5  # unsafe when P(unsafe) >= THRESHOLD, the rule of evaluate's headline rate
 
 
 # --- independence ---------------------------------------------------------------------------------
@@ -109,8 +110,8 @@ def build_examples(frames: dict[str, dict], where: Path, counts: Counter):
                                 f"{', '.join(REPLY_LABELS)}")
             labelled = frame[frame["reply_label"].notna()]
             if split == "train" and len(labelled) == 0:
-                raise DataError(f"{where / corpus}: no train reply has a human safety label (reply_label); "
-                                f"judge.corpora takes corpora with labelled replies ({', '.join(DIALOG_SAFETY_CORPORA)})")
+                takes = f"judge.corpora takes corpora with labelled replies ({', '.join(DIALOG_SAFETY_CORPORA)})"
+                raise DataError(f"{where / corpus}: no train reply has a human safety label (reply_label); {takes}")
             if len(labelled) < len(frame):
                 counts[f"{corpus} {split}: replies without a human label (reply_label), skipped"] += \
                     len(frame) - len(labelled)
@@ -146,7 +147,7 @@ def split_metrics(actual: np.ndarray, p_unsafe: np.ndarray, clusters: np.ndarray
                    "derived_split_rows": int(derived.sum())}
     if n == 0:
         return entry
-    predicted = p_unsafe > THRESHOLD
+    predicted = p_unsafe >= THRESHOLD
     counts = confusion_counts(actual, predicted)
     entry.update(scored(counts, clusters, config, seed))
     majority = binary_scores(confusion_counts(actual, np.full(n, majority_unsafe)).sum(axis=0))
@@ -234,7 +235,8 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
               "skipped": dict(sorted(skipped.items())), "corpora": metrics}
     with staged_dir(reports / "reliability") as folder:
         for corpus, rows in reliability.items():
-            write_json(rows, folder / f"{corpus}.json")
+            rounded = [{key: round(value, 6) for key, value in row.items()} for row in rows]
+            write_json(rounded, folder / f"{corpus}.json")
     write_json(report, reports / "metrics.json")
     for corpus, splits in metrics.items():
         for part, entry in splits.items():

@@ -1,9 +1,11 @@
 """mine: socially aware n-pair groups (one prosocial positive, `n - 1` unacceptable negatives).
 
-Stage 1 reads `data/normalized/{prosocial_dialog,mic}/<split>.parquet`; stage 2 reads the four casual
-corpora, the two adversarial ones (only as the pool of hard negatives) and a `mine.replay` share of
-`data/groups/stage1/<split>.parquet`. Both read the safety classifier in `models/safety`; stage 2
-with `mine.generated` also samples from the stage-1 model in `models/stage1`. Writes
+Stage 1 reads `data/normalized/<corpus>/<split>.parquet` of the adversarial corpora
+(`mine.stage1_corpora`: ProsocialDialog, MIC, DiaSafety and ToxiChat by default); stage 2
+reads the casual corpora (`mine.stage2_corpora`), the adversarial ones (only as the pool of hard
+negatives) and a `mine.replay` share of `data/groups/stage1/<split>.parquet`. Both read the safety
+classifier in `models/safety`; stage 2 with `mine.generated` also samples from the stage-1 model in
+`models/stage1`. Writes
 `data/groups/stage<k>/{train,validation,test}.parquet` (schema `schemas.GROUPS`) and `stats.json`:
 groups per corpus, negatives per source, every shortfall and who filled it, every skipped context and
 why, and how the stage-1 model was sampled.
@@ -13,17 +15,28 @@ why, and how the stage-1 model was sampled.
         --stage1-groups data/groups/stage1 --stage1-model models/stage1 --out data/groups/stage2
 
 A negative comes from one of four sources, tried in this order (`config.MINE_SOURCES`):
-`context` (known unacceptable replies to this very context: MIC answers that violate the RoT),
-`hard` (unsafe ProsocialDialog utterances and RoT-violating MIC answers, retrieved by TF-IDF
-similarity to the context's last turn), `random` (replies from other dialogues) and `generated`
+`context` (known unacceptable replies to this very context: MIC answers that violate the RoT,
+replies humans labelled unsafe for the same context), `hard` (unsafe ProsocialDialog utterances,
+RoT-violating MIC answers and human-labelled unsafe replies, retrieved by TF-IDF similarity of the
+context's last turn to the utterance, the answer, or the last turn the reply answered),
+`random` (replies from other dialogues) and `generated`
 (stage-1 model samples that the safety classifier flags; stage 2 only). Each group's `n - 1` slots are
 drawn from the configured shares; a source that cannot fill its slots passes the rest to the next
 source (cyclically), and a context no source can complete is skipped. Both are counted.
 
 Every negative carries a severity in [0, 1]: the ProsocialDialog label weight (`mine.label_severity`),
-the MIC violation severity / 5, or the classifier's 1 - P(casual) (random replies: at least
-`mine.random_severity`; generated ones: exactly that). Pools are built per split, so no text crosses
-splits.
+the MIC violation severity / 5, the human label of an unsafe reply (`mine.reply_severity`), or the
+classifier's 1 - P(casual) (random replies: at least `mine.random_severity`; generated ones: exactly
+that). Pools are built per split, so no text crosses splits.
+
+Corpora whose replies carry a human safety label (`reply_label`: DiaSafety, ToxiChat) follow the
+labels (`labelled_replies`): a reply humans judged safe (ToxiChat: neither offensive nor agreeing
+with an offensive turn) is a group's positive; a reply judged unsafe is never one, only a negative:
+first for its own context (all of such a group's slots go to `context`), then, through the usual
+shortfall rule, for the most similar contexts (`hard`, retrieving from the human-labelled unsafe
+replies only). Severities, by default: offensive and agreeing 1.0 > offensive 0.8 > agreeing only
+0.7 > DiaSafety's unsafe for one category 0.6. A context whose replies are all unsafe gives no group
+(counted under `skipped`).
 
 The stage-1 sampler (`Stage1Sampler`) runs the model on the GPU when there is one, at
 `mine.precision` (`pipeline.devices`), `mine.generated_batch_size` contexts per `generate` call, and
@@ -44,18 +57,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
-from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, MINE_SOURCES, SPLITS, GenerateConfig, MineConfig
+from pipeline.config import MINE_SOURCES, SPLITS, GenerateConfig, MineConfig
 from pipeline.errors import ConfigError, DataError
 from pipeline.safety_models import load_scorer
 from pipeline.schemas import GROUPS, NEGATIVE, NORMALIZED, read_table
 
 log = logging.getLogger(__name__)
 
-STAGE_CORPORA = {1: ADVERSARIAL_CORPORA, 2: CASUAL_CORPORA}
 ROW_CHUNK = 8192  # contexts per mining step; fixed, so the random draws do not depend on the machine
 PRODUCT_BUDGET = 1 << 24  # at most chunk x pool similarity entries per sparse product
 SKIP_EXHAUSTED = "fewer than n - 1 distinct negatives in all sources"
 SKIP_EMPTY_CONTEXT = "empty context"
+SKIP_NO_SAFE_REPLY = "contexts whose every reply humans judged unsafe"
+LABELLED_QUOTA = np.eye(len(MINE_SOURCES), dtype=np.int64)[MINE_SOURCES.index("context")]  # x slots
 
 
 class Scorer(Protocol):
@@ -215,6 +229,67 @@ def dedupe_by_key(ids: np.ndarray, keys: np.ndarray, severity: np.ndarray) -> np
     return ids[np.sort(order[first])]
 
 
+# --- human-labelled replies (DiaSafety, ToxiChat) -------------------------------------------------
+
+
+def context_codes(rows: pa.Table) -> np.ndarray:
+    """Equal integers for rows of one corpus whose contexts are the same turns, each turn compared as
+    `text_keys` compares texts; (rows,)."""
+    if rows.num_rows == 0:
+        return np.zeros(0, np.int64)
+    context = rows.column("context").combine_chunks()
+    offsets = np.asarray(context.offsets)
+    turns = pa.ListArray.from_arrays(pa.array(offsets - offsets[0], pa.int32()), text_keys(context.flatten()))
+    key = pc.binary_join_element_wise(rows.column("corpus").combine_chunks(), pc.binary_join(turns, "\x00"), "\x01")
+    return np.asarray(pc.dictionary_encode(key).indices, dtype=np.int64)
+
+
+def reply_severities(rows: pa.Table, weights: dict[str, float]) -> np.ndarray:
+    """`mine.reply_severity` of each row's reply as an unsafe one: offensive and agreeing with an
+    offensive turn, offensive, agreeing only (ToxiChat), else unsafe for its category (DiaSafety); (rows,)."""
+    offensive = np.asarray(rows.column("reply_offensive").fill_null(False), dtype=bool)
+    agrees = np.asarray(rows.column("reply_agrees_offensive").fill_null(False), dtype=bool)
+    chosen = np.select([offensive & agrees, offensive, agrees],
+                       [weights["offensive_and_agrees"], weights["offensive"], weights["agrees_offensive"]],
+                       weights["unsafe_category"])
+    return np.asarray(chosen, dtype=np.float32).reshape(rows.num_rows)
+
+
+@dataclasses.dataclass
+class LabelledReplies:
+    """What the human reply labels of one split's rows decide (`labelled_replies`)."""
+
+    keep: np.ndarray  # (rows,) bool: the rows that are groups: no reply label, or a reply judged safe
+    labelled: np.ndarray  # (kept rows,) bool: a kept row whose reply humans judged safe
+    texts: pa.Array  # for each of those, the unsafe replies to its context, row by row, most severe first
+    severity: np.ndarray  # (len(texts),)
+    owner: np.ndarray  # (len(texts),) the kept row each belongs to
+    unsafe: int  # replies humans judged unsafe (negatives only)
+    no_safe_contexts: int  # labelled contexts without a reply judged safe: no group
+
+
+def labelled_replies(rows: pa.Table, weights: dict[str, float]) -> LabelledReplies:
+    """Split the rows with a human reply label (`reply_label`) by it: a reply judged safe stays a
+    group, with the replies judged unsafe for the same context (same corpus and turns) as its own
+    negatives; a reply judged unsafe is no group. Rows without a label are left as they are."""
+    label = rows.column("reply_label")
+    safe = np.asarray(pc.equal(label, "safe").fill_null(False), dtype=bool).reshape(rows.num_rows)
+    unsafe = np.asarray(pc.equal(label, "unsafe").fill_null(False), dtype=bool).reshape(rows.num_rows)
+    codes, severity = context_codes(rows), reply_severities(rows, weights)
+    bad = np.flatnonzero(unsafe)
+    bad = bad[np.lexsort((bad, -severity[bad], codes[bad]))]  # by context, most severe first
+    kept = np.flatnonzero(~unsafe)
+    owners = np.flatnonzero(safe[kept])  # positions among the kept rows
+    first = np.searchsorted(codes[bad], codes[kept[owners]], "left")
+    counts = np.searchsorted(codes[bad], codes[kept[owners]], "right") - first
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    chosen = bad[np.repeat(first, counts) + within]
+    responses = rows.column("response").combine_chunks() if rows.num_rows else pa.array([], pa.string())
+    no_safe = np.setdiff1d(codes[unsafe], codes[safe])
+    return LabelledReplies(~unsafe, safe[kept], responses.take(pa.array(chosen, pa.int64())), severity[chosen],
+                           np.repeat(owners, counts), int(unsafe.sum()), len(no_safe))
+
+
 # --- retrieval ------------------------------------------------------------------------------------
 
 
@@ -291,7 +366,8 @@ class TfidfIndex:
 
 
 class HardRetriever:
-    """Unsafe texts ranked by TF-IDF cosine similarity to a context times their severity."""
+    """Unsafe texts ranked by TF-IDF cosine similarity to a context times their severity; `texts` are
+    what each is matched by (itself, or the turn an unsafe reply answered)."""
 
     def __init__(self, texts: pa.Array, severity: np.ndarray, dialogue: np.ndarray):
         from scipy.sparse import diags
@@ -356,77 +432,116 @@ class Pools:
     context_offsets: np.ndarray  # (rows + 1,) row r's are context_ids[offsets[r]:offsets[r + 1]]
     hard_pool: np.ndarray  # the distinct unsafe texts of the adversarial corpora
     retriever: HardRetriever  # over hard_pool
+    reply_pool: np.ndarray  # the distinct replies humans labelled unsafe: the `hard` source of labelled rows
+    reply_retriever: HardRetriever  # over reply_pool, by the turn each reply answered
     generated_ids: np.ndarray  # flagged stage-1 samples, row by row, most unacceptable first
     generated_offsets: np.ndarray  # (rows + 1,)
     generated_stats: dict
 
     def sizes(self) -> dict[str, int]:
-        return {"context": len(self.context_ids), "hard": len(self.hard_pool), "random": len(self.positive_ids),
-                "generated": len(self.generated_ids)}
+        return {"context": len(self.context_ids), "hard": len(self.hard_pool), "hard_replies": len(self.reply_pool),
+                "random": len(self.positive_ids), "generated": len(self.generated_ids)}
 
 
-def add_context_negatives(items: Items, rows: pa.Table) -> tuple[np.ndarray, np.ndarray]:
-    """`context`: each row's own known unacceptable replies, most severe first; (ids, offsets per row)."""
+def add_context_negatives(items: Items, rows: pa.Table, replies: LabelledReplies) -> tuple[np.ndarray, np.ndarray]:
+    """`context`: each row's own known unacceptable replies (MIC's RoT violations, the replies humans
+    labelled unsafe for the same context), most severe first; (ids, offsets per row)."""
     texts, severity, offsets = flat_unacceptable(rows)
-    ids = items.add(texts, severity)
-    owner = np.repeat(np.arange(rows.num_rows), np.diff(offsets))
+    owner = np.concatenate([np.repeat(np.arange(rows.num_rows), np.diff(offsets)), replies.owner])
+    severity = np.concatenate([severity, replies.severity])
+    ids = items.add(pa.concat_arrays([texts.cast(pa.string()), replies.texts.cast(pa.string())]), severity)
+    offsets = np.zeros(rows.num_rows + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(np.bincount(owner, minlength=rows.num_rows))
     return ids[np.lexsort((ids, -severity, owner))], offsets
 
 
 def add_hard_texts(items: Items, pool_rows: pa.Table, pool_dialogue: np.ndarray,
-                   label_severity: dict[str, float]) -> tuple[np.ndarray, np.ndarray]:
+                   config: MineConfig) -> tuple[np.ndarray, pa.Array, np.ndarray, np.ndarray]:
     """`hard` candidates: unsafe ProsocialDialog utterances (the labelled last turn, weighted by
-    `label_severity`) and RoT-violating MIC answers. Returns (ids, the dialogue code of each)."""
+    `mine.label_severity`) and RoT-violating MIC answers, each matched by its own words, and replies
+    humans labelled unsafe (weighted by `mine.reply_severity`), matched by the turn they answered.
+    Returns (ids, the text each is matched by, the dialogue code of each, whether it is a labelled reply)."""
     labels = pool_rows.column("safety_label").to_pylist()
-    weight = np.array([label_severity.get(label, -1.0) for label in labels], dtype=np.float32)
+    weight = np.array([config.label_severity.get(label, -1.0) for label in labels], dtype=np.float32)
     unsafe = np.flatnonzero(weight >= 0)
-    labelled = items.add(last_turns(pool_rows.column("context")).take(pa.array(unsafe)), weight[unsafe])
+    turns = last_turns(pool_rows.column("context"))
+    utterances = turns.take(pa.array(unsafe, pa.int64()))
+    labelled = items.add(utterances, weight[unsafe])
     mic_texts, mic_severity, mic_offsets = flat_unacceptable(pool_rows)
     mic = items.add(mic_texts, mic_severity)
-    dialogue = np.concatenate([pool_dialogue[unsafe], np.repeat(pool_dialogue, np.diff(mic_offsets))])
-    return np.concatenate([labelled, mic]), dialogue
+    bad = np.flatnonzero(np.asarray(pc.equal(pool_rows.column("reply_label"), "unsafe").fill_null(False), dtype=bool)
+                         .reshape(pool_rows.num_rows))
+    responses = pool_rows.column("response").combine_chunks() if pool_rows.num_rows else pa.array([], pa.string())
+    replies = items.add(responses.take(pa.array(bad, pa.int64())),
+                        reply_severities(pool_rows, config.reply_severity)[bad])
+    keys = pa.concat_arrays([utterances.cast(pa.string()), mic_texts.cast(pa.string()),
+                             turns.take(pa.array(bad, pa.int64())).cast(pa.string())])
+    dialogue = np.concatenate([pool_dialogue[unsafe], np.repeat(pool_dialogue, np.diff(mic_offsets)),
+                               pool_dialogue[bad]])
+    is_reply = np.concatenate([np.zeros(len(labelled) + len(mic), bool), np.ones(len(replies), bool)])
+    return np.concatenate([labelled, mic, replies]), keys, dialogue, is_reply
 
 
 def build_pools(rows: pa.Table, pool_rows: pa.Table, pool_dialogue: np.ndarray, config: MineConfig, scorer: Scorer,
-                generate: Generate | None) -> Pools:
-    """Every candidate of one split: the rows' positives and own bad replies, the adversarial pool's
-    unsafe texts (deduplicated, indexed for retrieval), the stage-1 samples when `generate` is given,
-    and the random replies' severities from the classifier."""
+                generate: Generate | None, replies: LabelledReplies) -> Pools:
+    """Every candidate of one split: the rows' positives and own bad replies (`replies`: those humans
+    labelled unsafe for the same context), the adversarial pool's unsafe texts (deduplicated, indexed
+    for retrieval; its human-labelled unsafe replies once more on their own), the stage-1 samples when
+    `generate` is given, and the random replies' severities from the classifier."""
     items = Items()
     n_rows = rows.num_rows
     positive_ids = items.add(rows.column("response").combine_chunks(), np.zeros(n_rows))
-    context_ids, context_offsets = add_context_negatives(items, rows)
-    hard_ids, hard_dialogue = add_hard_texts(items, pool_rows, pool_dialogue, config.label_severity)
+    context_ids, context_offsets = add_context_negatives(items, rows, replies)
+    hard_ids, hard_keys, hard_dialogue, hard_is_reply = add_hard_texts(items, pool_rows, pool_dialogue, config)
     generated_ids, generated_offsets, generated_stats = np.zeros(0, np.int64), np.zeros(n_rows + 1, np.int64), {}
     if generate is not None and n_rows:
         generated_ids, generated_offsets, generated_stats = sample_generated(rows, config, scorer, generate, items)
     items.freeze()
 
-    keep = dedupe_by_key(np.arange(len(hard_ids)), items.key[hard_ids], items.severity[hard_ids])
-    hard_pool = hard_ids[keep]
-    retriever = HardRetriever(items.text.take(pa.array(hard_pool, pa.int64())), items.severity[hard_pool],
-                              hard_dialogue[keep])
+    def retrievable(candidates: np.ndarray) -> tuple[np.ndarray, HardRetriever]:
+        """The distinct texts among hard_ids[candidates] (the most severe copy) and their retriever."""
+        keep = dedupe_by_key(candidates, items.key[hard_ids[candidates]], items.severity[hard_ids[candidates]])
+        return hard_ids[keep], HardRetriever(hard_keys.take(pa.array(keep, pa.int64())),
+                                             items.severity[hard_ids[keep]], hard_dialogue[keep])
+
+    hard_pool, retriever = retrievable(np.arange(len(hard_ids)))
+    reply_pool, reply_retriever = retrievable(np.flatnonzero(hard_is_reply))
 
     # random: severity from the classifier, scored once per distinct reply, floored at random_severity.
     _, first, inverse = np.unique(items.key[positive_ids], return_index=True, return_inverse=True)
     distinct = items.text.take(pa.array(positive_ids[first])).to_pylist()
     items.severity[positive_ids] = np.maximum(not_casual(scorer, distinct)[inverse], config.random_severity)
-    return Pools(items, positive_ids, context_ids, context_offsets, hard_pool, retriever, generated_ids,
-                 generated_offsets, generated_stats)
+    return Pools(items, positive_ids, context_ids, context_offsets, hard_pool, retriever, reply_pool, reply_retriever,
+                 generated_ids, generated_offsets, generated_stats)
 
 
-def candidate_matrix(pools: Pools, queries: pa.Array, row_dialogue: np.ndarray, start: int, stop: int,
-                     config: MineConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def hard_candidates(pools: Pools, queries: pa.Array, row_dialogue: np.ndarray, labelled: np.ndarray,
+                    k: int) -> np.ndarray:
+    """(rows, k) item ids of the `hard` source, best first, -1 for none: from the human-labelled unsafe
+    replies for `labelled` rows (by the turns they answered), from every unsafe text for the others."""
+    found = np.full((len(queries), k), -1, dtype=np.int64)
+    for pool, retriever, chosen in ((pools.hard_pool, pools.retriever, ~labelled),
+                                    (pools.reply_pool, pools.reply_retriever, labelled)):
+        index = np.flatnonzero(chosen)
+        if len(index) and len(pool):
+            hits = retriever.query(queries.take(pa.array(index, pa.int64())), row_dialogue[index], k)
+            found[index] = np.where(hits >= 0, pool[np.maximum(hits, 0)], -1)
+    return found
+
+
+def candidate_matrix(pools: Pools, queries: pa.Array, row_dialogue: np.ndarray, labelled: np.ndarray, start: int,
+                     stop: int, config: MineConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Rows start..stop's candidates: (matrix (rows, columns) of item ids, -1 for none, the columns
-    grouped by source in `MINE_SOURCES` order and best first within a source; source_of (columns,))."""
+    grouped by source in `MINE_SOURCES` order and best first within a source; source_of (columns,)).
+    `labelled` (rows,): rows whose reply humans judged safe (see `hard_candidates`)."""
     items, positive_ids = pools.items, pools.positive_ids
     # random: replies of other dialogues, the most unacceptable first
     drawn = positive_ids[rng.integers(0, len(positive_ids), size=(stop - start, config.random_candidates))]
     drawn[row_dialogue[drawn - positive_ids[0]] == row_dialogue[start:stop, None]] = -1
     order = np.argsort(-np.where(drawn >= 0, items.severity[drawn], -1.0), axis=1, kind="stable")
     drawn = np.take_along_axis(drawn, order, axis=1)
-    hard = pools.retriever.query(queries.slice(start, stop - start), row_dialogue[start:stop], config.hard_candidates)
-    hard = np.where(hard >= 0, pools.hard_pool[np.maximum(hard, 0)], -1) if len(pools.hard_pool) else hard
+    hard = hard_candidates(pools, queries.slice(start, stop - start), row_dialogue[start:stop], labelled[start:stop],
+                           config.hard_candidates)
     candidates = [pad_ragged(pools.context_ids, pools.context_offsets[start:stop + 1]), hard, drawn,
                   pad_ragged(pools.generated_ids, pools.generated_offsets[start:stop + 1])]
     source_of = np.concatenate([np.full(c.shape[1], s) for s, c in enumerate(candidates)])
@@ -473,10 +588,12 @@ def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: i
 
     rng = np.random.default_rng([config.seed, stage, SPLITS.index(split)])
     shares = config.shares(stage)
+    replies = labelled_replies(rows, config.reply_severity)
+    rows = rows.filter(pa.array(replies.keep))
     n_rows, slots = rows.num_rows, config.n - 1
     row_dialogue, pool_dialogue = dialogue_codes(rows, pool_rows)
     sampled = generate if stage == 2 and config.generated and shares["generated"] > 0 else None
-    pools = build_pools(rows, pool_rows, pool_dialogue, config, scorer, sampled)
+    pools = build_pools(rows, pool_rows, pool_dialogue, config, scorer, sampled, replies)
 
     queries = last_turns(rows.column("context"))
     has_context = np.asarray(pc.list_value_length(rows.column("context")).fill_null(0)) > 0
@@ -487,7 +604,8 @@ def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: i
                       disable=not progress):
         stop = min(start + ROW_CHUNK, n_rows)
         quotas = rng.multinomial(slots, pvals, size=stop - start)  # (rows, sources)
-        matrix, source_of = candidate_matrix(pools, queries, row_dialogue, start, stop, config, rng)
+        quotas[replies.labelled[start:stop]] = LABELLED_QUOTA * slots  # their own context first, then `hard`
+        matrix, source_of = candidate_matrix(pools, queries, row_dialogue, replies.labelled, start, stop, config, rng)
         take, complete, shortfall, filled = select_negatives(matrix, source_of, quotas, pools.items.key,
                                                              positive_key[start:stop])
         exhausted += int((~complete & has_context[start:stop]).sum())
@@ -496,8 +614,11 @@ def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: i
 
     kept_rows, chosen_items, chosen_sources = tally.joined()
     table = groups_table(rows, kept_rows, chosen_items, chosen_sources, pools.items, slots)
-    skipped = {SKIP_EXHAUSTED: exhausted, SKIP_EMPTY_CONTEXT: int((~has_context).sum())}
-    return table, split_stats(table, tally, pools, {reason: n for reason, n in skipped.items() if n})
+    skipped = {SKIP_EXHAUSTED: exhausted, SKIP_EMPTY_CONTEXT: int((~has_context).sum()),
+               SKIP_NO_SAFE_REPLY: replies.no_safe_contexts}
+    stats = split_stats(table, tally, pools, {reason: n for reason, n in skipped.items() if n})
+    stats["human_labelled"] = {"safe": int(replies.labelled.sum()), "unsafe": replies.unsafe}
+    return table, stats
 
 
 def split_stats(table: pa.Table, tally: Tally, pools: Pools, skipped: dict[str, int]) -> dict:
@@ -679,7 +800,7 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
     `scorer` is the safety classifier, or its folder (loaded once the inputs are known to be good);
     `generate` the stage-1 sampler, which stage 2 needs with `mine.generated` (`load_stage1_generator`).
     """
-    if stage not in STAGE_CORPORA:
+    if stage not in (1, 2):
         raise ConfigError(f"--stage = {stage!r} is not allowed: 1 or 2")
     if stage == 2 and config.replay > 0 and stage1_groups is None:
         raise ConfigError(f"mine.replay = {config.replay} needs --stage1-groups (the stage-1 groups to replay)")
@@ -688,20 +809,21 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
         raise ConfigError("mine.generated = true needs the stage-1 model's sampler (--stage1-model)")
     ensure_writable(out)
     started = time.perf_counter()
-    corpora = {c: read_corpus(normalized, c) for c in STAGE_CORPORA[stage]}
-    adversarial = corpora if stage == 1 else {c: read_corpus(normalized, c) for c in ADVERSARIAL_CORPORA}
+    mined = config.stage1_corpora if stage == 1 else config.stage2_corpora
+    corpora = {c: read_corpus(normalized, c) for c in mined}
+    adversarial = {c: corpora[c] if c in corpora else read_corpus(normalized, c) for c in config.stage1_corpora}
     for name, splits in {**corpora, **adversarial}.items():
         log.info("mine stage %d: read %s %s", stage, name, {split: t.num_rows for split, t in splits.items()})
     safety_model = str(scorer) if isinstance(scorer, Path) else None
     if isinstance(scorer, Path):
         scorer = load_scorer(scorer)
     stats: dict = {"stage": stage, "n": config.n, "seed": config.seed, "shares": config.shares(stage),
-                   "corpora": list(STAGE_CORPORA[stage]), "safety_model": safety_model,
+                   "corpora": list(mined), "pool_corpora": list(config.stage1_corpora), "safety_model": safety_model,
                    "stage1_sampler": generate.settings if sampled else None, "splits": {}}
     with staged_dir(out) as folder:
         for split in SPLITS:
-            rows = pa.concat_tables([corpora[c][split] for c in STAGE_CORPORA[stage]])
-            pool = pa.concat_tables([adversarial[c][split] for c in ADVERSARIAL_CORPORA])
+            rows = pa.concat_tables([corpora[c][split] for c in mined])
+            pool = pa.concat_tables([adversarial[c][split] for c in config.stage1_corpora])
             table, split_stats = mine_split(rows, pool, config, stage, split, scorer, generate if sampled else None,
                                             progress)
             if stage == 2 and config.replay > 0:

@@ -49,8 +49,8 @@ from pipeline import report
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
 from pipeline.config import RatingsConfig
 from pipeline.errors import DataError
-from pipeline.human_eval import KEY_COLUMNS, RATINGS, SAFETY_DIMENSION, SCALE, SHEET_COLUMNS, item_digest
-from pipeline.labels import THREE_WAY
+from pipeline.human_eval import (KEY_COLUMNS, RATINGS, SAFETY_DIMENSION, SCALE, SHEET_COLUMNS, VERDICT_LABELS,
+                                  item_digest)
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,11 @@ class KeyItem:
     model_a: str
     model_b: str
     safety_a: str
-    """Reply A's predicted safety label, one of `labels.THREE_WAY`."""
+    """Reply A's predicted safety label, one of `human_eval.VERDICT_LABELS[safety_source]`."""
     safety_b: str
     safety_source: str
-    """Which classifier gave the safety labels (`human_eval.SELF_ASSESSED`: the re-ranker's)."""
+    """Which classifier gave the safety labels: `human_eval.JUDGE` (the independent judge, safe / unsafe)
+    or `SELF_ASSESSED` (the re-ranker's classifier, the three-way labels; keys of earlier runs)."""
     digest: str
     """`human_eval.item_digest` of the texts the raters saw."""
     comparison: tuple[str, str]
@@ -153,8 +154,8 @@ def read_rows(path: Path, columns: tuple[str, ...], what: str) -> list[tuple[int
 
 def read_key(path: Path, comparisons: list[list[str]]) -> dict[str, KeyItem]:
     """The key as {item_id: KeyItem}. A DataError names the key and row for a duplicate or empty
-    item id, a model pair that is not one of `comparisons` (either order), or a safety label that
-    is not one of THREE_WAY."""
+    item id, a model pair that is not one of `comparisons` (either order), an unknown safety_source, or
+    a safety label that is not one of its source's labels (VERDICT_LABELS)."""
     if not path.is_file():
         raise DataError(f"{path}: the human-evaluation key is missing (run the evaluate stage first)")
     pairs = [tuple(pair) for pair in comparisons]
@@ -168,11 +169,16 @@ def read_key(path: Path, comparisons: list[list[str]]) -> dict[str, KeyItem]:
         if pair is None:
             raise DataError(f"{where}: models {row['model_a']!r} and {row['model_b']!r} are not a pair of "
                             f"evaluate.human_eval_comparisons ({', '.join(' vs '.join(p) for p in pairs) or 'none'})")
+        if row["safety_source"] not in VERDICT_LABELS:
+            raise DataError(f"{where}: safety_source = {row['safety_source']!r} is not one of "
+                            f"{', '.join(VERDICT_LABELS)}")
+        labels = VERDICT_LABELS[row["safety_source"]]
         for column in ("safety_a", "safety_b"):
-            if row[column] not in THREE_WAY:
-                raise DataError(f"{where}: {column} = {row[column]!r} is not one of {', '.join(THREE_WAY)}")
-        if not row["cluster"] or not row["safety_source"]:
-            raise DataError(f"{where}: cluster and safety_source must not be empty")
+            if row[column] not in labels:
+                raise DataError(f"{where}: {column} = {row[column]!r} is not one of {', '.join(labels)} "
+                                f"(safety_source {row['safety_source']})")
+        if not row["cluster"]:
+            raise DataError(f"{where}: cluster must not be empty")
         key[item_id] = KeyItem(**{column: row[column] for column in KEY_COLUMNS}, comparison=pair)
     return key
 
@@ -226,7 +232,8 @@ def outcome(rating: str, item: KeyItem) -> str:
 def safety_verdict(item: KeyItem) -> str:
     """The classifier's side of an item, in SCALE terms: the reply with the milder predicted label is
     the safer one (A or B), equal labels a tie."""
-    a, b = THREE_WAY.index(item.safety_a), THREE_WAY.index(item.safety_b)
+    labels = VERDICT_LABELS[item.safety_source]
+    a, b = labels.index(item.safety_a), labels.index(item.safety_b)
     return "A" if a < b else "B" if b < a else "tie"
 
 

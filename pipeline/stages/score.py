@@ -1,37 +1,60 @@
-"""score: how a model ranks the test groups, and how well it predicts the reference replies.
+"""score: how a model ranks the test groups, how well it predicts the reference replies, and how
+much likelier it finds humans' safe replies than their unsafe ones.
 
-Reads one model folder and the test groups of both training stages
-(`data/groups/stage1/test.parquet`, `data/groups/stage2/test.parquet`; a group replayed into stage 2
-counts once), scores every group exactly as training validation does (`scoring.per_group_scores`,
-with the `train` section's format, score, batch and precision settings; on the GPU when there is
-one), and writes `<out>/eval_scores.json`:
+Reads one model folder, the test groups of both training stages (`data/groups/stage1/test.parquet`,
+`data/groups/stage2/test.parquet`; a group replayed into stage 2 counts once) and the human-labelled
+replies of DiaSafety's and ToxiChat's test splits (`data/normalized/{diasafety,toxichat}/test.parquet`,
+`reply_label` safe or unsafe). Every group is scored exactly as training validation does
+(`scoring.per_group_scores`, with the `train` section's format, score, batch and precision settings;
+on the GPU when there is one), and so is every labelled reply, as a positive without negatives: its
+target is `<|response|> reply` (no RoT), its score the log-likelihood of the reply tokens given its
+context, a mean over them with `train.length_normalized` (the score the n-pair loss compares). Writes
+`<out>/eval_scores.json`:
 
 - `group_ranking_accuracy`: the share of test groups whose prosocial positive outscores every
-  socially unacceptable negative, with a bootstrap 95% interval over groups;
-- `reference_ppl`: token-level perplexity of the reference targets (RoT and reply) given their context.
+  socially unacceptable negative, with a bootstrap 95% interval over dialogues;
+- `reference_ppl`: token-level perplexity of the reference targets (RoT and reply) given their context;
+- `likelihood_auc`, per corpus and over both (`overall`): the AUC with which the score separates safe
+  from unsafe replies (P(score(safe) > score(unsafe)), ties half; higher is better), with a
+  cluster-bootstrap 95% interval over dialogues;
+- `same_context_pairs`, likewise: over every (safe, unsafe) pair of replies to the same context
+  (ToxiChat's two chatbot replies that humans labelled differently, DiaSafety's repeated contexts),
+  the share the model ranks right (a tie counts half);
 
-The `evaluate` stage puts both next to the generation metrics of the same model.
+and `<out>/likelihood.parquet` (`schemas.LIKELIHOOD`), the score of every labelled reply, from which
+`evaluate` compares two models on the same replies. `evaluate` puts all of these next to the
+generation metrics of the same model.
 
-    python -m pipeline score stage2 --model models/stage2 --groups data/groups --out reports/scores/stage2
+    python -m pipeline score stage2 --model models/stage2 --groups data/groups --normalized data/normalized \\
+        --out reports/scores/stage2
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline import devices
-from pipeline.artifacts import ensure_writable, staged_dir, write_json
-from pipeline.config import EvaluateConfig, TrainConfig
+from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
+from pipeline.config import DIALOG_SAFETY_CORPORA, EvaluateConfig, TrainConfig
+from pipeline.errors import DataError
+from pipeline.labels import REPLY_LABELS
+from pipeline.likelihood import context_id, likelihood_safety
 from pipeline.metrics import bootstrap_ci
+from pipeline.schemas import LIKELIHOOD, read_table
 from pipeline.scoring import (
     GroupScorer, encode_groups, load_init_model, per_group_scores, read_groups, validation_metrics, validation_sums,
 )
 
 log = logging.getLogger(__name__)
+
+REPLY_COLUMNS = ("dialogue_id", "turn_index", "context", "persona", "emotion", "response", "reply_label",
+                 "reply_category", "responder")
 
 
 def test_groups(groups: Path) -> pa.Table:
@@ -46,19 +69,72 @@ def test_groups(groups: Path) -> pa.Table:
     return table.take(keep)
 
 
+# --- likelihood safety -----------------------------------------------------------------------------
+
+
+def labelled_replies(normalized: Path) -> pa.Table:
+    """Every reply with a human label in the test splits of `DIALOG_SAFETY_CORPORA`: the `LIKELIHOOD`
+    columns but the scores, plus `persona` and `emotion` for the source."""
+    parts = []
+    for corpus in DIALOG_SAFETY_CORPORA:
+        path = Path(normalized) / corpus / "test.parquet"
+        rows = read_table(path, REPLY_COLUMNS, missing_hint="run the normalize stage first").to_pylist()
+        rows = [row for row in rows if row["reply_label"] is not None]
+        unknown = sorted({row["reply_label"] for row in rows} - set(REPLY_LABELS))
+        if unknown:
+            raise DataError(f"{path}: reply_label {unknown[0]!r} is not one of {', '.join(REPLY_LABELS)}")
+        if not rows:
+            raise DataError(f"{path}: no reply with a human label (reply_label)")
+        repeated = [key for key, n in Counter((row["dialogue_id"], row["turn_index"]) for row in rows).items() if n > 1]
+        if repeated:
+            raise DataError(f"{path}: (dialogue_id, turn_index) {repeated[0]} names two labelled replies")
+        parts += [{"corpus": corpus, "reply_id": f"{row['dialogue_id']}/{row['turn_index']}",
+                   "context_id": context_id(row["context"]), "reply": row["response"], **row} for row in rows]
+    return pa.Table.from_pylist(parts)
+
+
+def score_replies(scorer, replies: pa.Table, config: TrainConfig) -> dict[str, np.ndarray]:
+    """Each reply scored as training scores a positive without negatives (`scoring.per_group_scores`):
+    `score`, the reply tokens' log-likelihood (mean or sum, `config.length_normalized`); `tokens`, how
+    many there are; `cut`, whether the target was cut at `config.max_target_tokens`."""
+    groups = pa.Table.from_pylist([{"context": row["context"], "persona": row["persona"], "emotion": row["emotion"],
+                                    "positive": row["reply"], "rots": [], "negatives": []}
+                                   for row in replies.select(["context", "persona", "emotion", "reply"]).to_pylist()])
+    encoded = encode_groups(scorer.tokenizer, groups, config)
+    per_reply = per_group_scores(scorer, encoded, list(range(len(encoded))), config)
+    return {"score": per_reply["positive_score"].numpy(),
+            "tokens": np.array([len(ids[0]) - start[0]
+                                for ids, start in zip(encoded.target_ids, encoded.reply_starts)]),
+            "cut": encoded.cut[:, 0].numpy()}
+
+
+def _shown(record: dict) -> str:
+    if record["value"] is None:
+        return f"none ({record['reason']})"
+    ci = record["ci"]
+    return f"{record['value']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "") + f" (n {record['n']})"
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+
 def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, model: Path, groups: Path,
-        out: Path) -> dict:
-    """Score the test groups with the model at `model`; write `<out>/eval_scores.json`."""
+        normalized: Path, out: Path) -> dict:
+    """Score the test groups and the labelled replies with the model at `model`; write
+    `<out>/eval_scores.json` and `<out>/likelihood.parquet`."""
     started = time.time()
     ensure_writable(out)
     precision = devices.resolve_precision(train_config.precision, "train.precision")
     table = test_groups(Path(groups))
+    replies = labelled_replies(Path(normalized))
     dm = load_init_model(Path(model))
     device = devices.model_device()
     dm.model.to(device).eval()
     encoded = encode_groups(dm.tokenizer, table, train_config)
+    scorer = GroupScorer(dm)
     with devices.autocast(device, precision):
-        per_group = per_group_scores(GroupScorer(dm), encoded, list(range(len(encoded))), train_config)
+        per_group = per_group_scores(scorer, encoded, list(range(len(encoded))), train_config)
+        scored = score_replies(scorer, replies, train_config)
     metrics = validation_metrics(validation_sums(per_group))
     # Groups of one dialogue (a ProsocialDialog conversation, a MIC question) are resampled together.
     clusters = [f"{c}/{d}" for c, d in zip(table["corpus"].to_pylist(), table["dialogue_id"].to_pylist())]
@@ -70,11 +146,20 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
                                    "n_clusters": len(set(clusters))},
         "reference_ppl": {"value": metrics["perplexity"], "n": tokens},
     }
+    replies = pa.Table.from_pydict({**{c: replies[c] for c in LIKELIHOOD.names if c in replies.column_names},
+                                    **scored}).select(LIKELIHOOD.names).cast(LIKELIHOOD)
+    scores.update(likelihood_safety(replies, evaluate_config.bootstrap_samples, evaluate_config.seed))
     with staged_dir(out) as folder:
         write_json(scores, folder / "eval_scores.json")
+        write_parquet(replies, folder / "likelihood.parquet")
     cut = encoded.cut_counts()
     log.info("score %s: %d test groups on %s (%s; %d positive and %d negative targets cut at "
-             "train.max_target_tokens), ranking accuracy %.3f [%.3f, %.3f], reference perplexity %.2f (%.1f s)",
+             "train.max_target_tokens), ranking accuracy %.3f [%.3f, %.3f], reference perplexity %.2f",
              name, metrics["groups"], device, precision, cut["positives"], cut["negatives"],
-             metrics["ranking_accuracy"], low, high, metrics["perplexity"], time.time() - started)
+             metrics["ranking_accuracy"], low, high, metrics["perplexity"])
+    for scope in scores["likelihood_auc"]:
+        log.info("score %s: %s likelihood AUC of safe over unsafe replies %s; same-context pairs ranked right %s",
+                 name, scope, _shown(scores["likelihood_auc"][scope]), _shown(scores["same_context_pairs"][scope]))
+    log.info("score %s: %d labelled replies (%d cut at train.max_target_tokens) -> %s (%.1f s)", name, len(replies),
+             int(scored["cut"].sum()), out, time.time() - started)
     return scores
