@@ -33,7 +33,9 @@ from pipeline.stages import base_model, download, normalize, train
 
 MIRROR = Path(__file__).resolve().parents[2] / "shared" / "mirror"
 SIZES = ((2, 128, 4), (4, 256, 4), (6, 384, 6))  # layers, width, heads; the feed-forward is 4 x the width
-VOCAB, PAIRS, BATCH, NEGATIVES, ROUNDS = 8000, 640, 32, 3, 3
+VOCAB, PAIRS, BATCH, NEGATIVES, ROUNDS = 8000, 320, 32, 3, 3
+# One intra-op thread, as bench_train: on a shared machine spinning threads make the timings swing several-fold.
+THREADS = 1
 PRETRAIN = BaseModelPretrainConfig(enabled=True, corpora=["daily_dialog"], epochs=1, max_examples=PAIRS,
                                    max_validation_examples=BATCH, batch_size=BATCH, precision="fp32")
 
@@ -71,6 +73,16 @@ def main() -> None:
     if not (MIRROR / "daily_dialog").is_dir():
         print(f"skipped: {MIRROR / 'daily_dialog'} is absent")
         return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        measure_all()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def measure_all() -> None:
+    import torch
     with tempfile.TemporaryDirectory() as scratch:
         base = Path(scratch)
         corpora = CorporaConfig(source="mirror", mirror=str(MIRROR))
@@ -88,7 +100,7 @@ def main() -> None:
             for size, (model, tokenizer) in models.items():
                 runs[size].append(measure(model, tokenizer, normalized))
     print(f"scratch GPT-2 on {PAIRS} DailyDialog train pairs (mirror), batch {BATCH}, max {PRETRAIN.max_source_tokens} "
-          f"source + {PRETRAIN.max_target_tokens} target tokens, {torch.get_num_threads()} CPU threads, fp32, "
+          f"source + {PRETRAIN.max_target_tokens} target tokens, {torch.get_num_threads()} CPU thread(s), fp32, "
           f"median of {ROUNDS} ({time.perf_counter() - started:.0f} s in all)")
     print(f"{'layers x width':>15} {'parameters':>11} {'(p) pretrain':>13} {'(a) fit, CE':>12} {'(b) n-pair':>11} "
           f"{'p / a':>6}   tokens/s read")

@@ -4,7 +4,7 @@ Each page is checked for
 - commands: every `python -m pipeline <command>` (or `-m pipeline <command>` after a launcher) is a
   command whose `--help` answers, every `--option` written after it is one of its options, and a
   command written with options and without `...` gives every required one (not those an environment
-  variable can supply: `audit --name` comes from DVC_STAGE);
+  variable can supply: `audit --name` comes from DVC_STAGE; not with `--help`);
   every `python -m bench <name>` / `python -m bench.<module>` names a benchmark in bench/;
 - make targets: every `make <target>` at the start of a command (inline code, or a shell block) is a
   target of the Makefile;
@@ -153,7 +153,7 @@ def command_problems(page: Page) -> list[str]:
         known, required = answer
         problems += [f"`python -m pipeline {command} {option}`: no such option" for option in options
                      if option not in known]
-        if options and whole:
+        if options and whole and "--help" not in options:
             problems += [f"`python -m pipeline {command}`: required option {option} is missing"
                          for option in required if option not in options]
     benchmarks = {path.stem for path in (REPO / "bench").glob("*.py")}
@@ -487,8 +487,8 @@ SYNTHETIC = '''# Title
 
 Run `python -m pipeline normalize mic --raw data/raw/mic --out x` or `python -m pipeline nosuch --x`,
 `python -m pipeline normalize mic --raw r` (no --out), `python -m pipeline normalize mic --raw r ...`,
-`python -m pipeline audit --safety s --normalized n --candidates c` (--name from DVC_STAGE), and
-`python -m pipeline score` alone.
+`python -m pipeline audit --safety s --normalized n --candidates c` (--name from DVC_STAGE),
+`python -m pipeline safety --help`, and `python -m pipeline score` alone.
 
 ```bash
 python -m pipeline train --stage 1 --init models/base \\
