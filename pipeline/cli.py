@@ -318,7 +318,7 @@ def judge(
     safety_config = load_section(params, "safety", SafetyConfig)
     from pipeline.stages import judge as stage_module
 
-    stage_module.run(config, safety_config, normalized, out, reports)
+    stage_module.run(config, safety_config, normalized, out, reports, source=str(params))
 
 
 @app.command()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
+import subprocess
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -421,6 +422,189 @@ def broken_spans(page: Page) -> list[str]:
     return [f"a code span breaks at the end of: {line.strip()}" for line in page.prose if line.count("`") % 2]
 
 
+# --- the README's shape: length, sections, links to the rest -------------------------------------
+
+README_MAX_LINES = 250  # a README a newcomer reads in five minutes; the rest goes to docs/
+# The README's `##` sections, in this order (each the start of a heading).
+README_SECTIONS = ("Quick start", "The repository", "The pipeline", "Running and changing one stage",
+                   "Corpora", "Headline results", "The paper-scale preset", "Where everything else is",
+                   "Licences")
+DOCS_TOPICS = ("method", "corpora", "evaluation", "reliability", "design-choices")  # docs/<topic>.md
+
+
+def headings(page: Page, level: int = 2) -> list[str]:
+    """The text of the page's headings of one level, in order."""
+    return [line[level:].strip() for line in page.prose if re.match(rf"^#{{{level}}}\s", line)]
+
+
+def section_order_problems(found: list[str], wanted: tuple[str, ...]) -> list[str]:
+    """Whether each wanted section starts one of the `found` headings, the wanted ones in order."""
+    problems, positions = [], []
+    for name in wanted:
+        matches = [index for index, heading in enumerate(found) if heading.startswith(name)]
+        if matches:
+            positions.append((matches[0], name))
+        else:
+            problems.append(f"no `## {name}` section")
+    problems += [f"`## {later}` comes before `## {earlier}`"
+                 for (first, earlier), (second, later) in zip(positions, positions[1:]) if second < first]
+    return problems
+
+
+def section_text(text: str, heading: str) -> str:
+    """The text of a page under the `##` heading that starts with `heading`, up to the next `##`."""
+    lines, inside, fence = [], False, False
+    for line in text.splitlines():
+        fence ^= bool(FENCE.match(line))
+        if not fence and re.match(r"^##\s", line):
+            inside = line[2:].strip().startswith(heading)
+        elif inside:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def section(text: str, heading: str) -> Page:
+    """The part of a page under the `##` heading that starts with `heading`, up to the next `##`."""
+    return Page.parse(section_text(text, heading))
+
+
+def linked_files(page: Page, where: Path) -> set[Path]:
+    """The files the page's relative links point to, anchors dropped."""
+    files = set()
+    for line in page.prose:
+        for target in LINK.findall(INLINE_CODE.sub("", line)):
+            path = target.partition("#")[0]
+            if path and not re.match(r"^[a-z][a-z0-9+.-]*:", target):
+                files.add((where.parent / path).resolve())
+    return files
+
+
+def unlinked_pages(readme: Page, where: Path, pages: list[Path]) -> list[str]:
+    """The pages (docs/, bench/README.md) the README does not link to."""
+    linked = linked_files(readme, where)
+    return [f"{page.relative_to(where.parent)} is not linked from the README" for page in pages
+            if page.resolve() not in linked]
+
+
+# --- the repository tree --------------------------------------------------------------------------
+
+TREE_DRAWING = "│├└─ "
+
+
+def tree_entries(block: str) -> list[tuple[str, str | None]]:
+    """(path, role) of each entry of a `tree` drawing: `├── name/  # <-- role`, four columns per level,
+    paths relative to the root `.`; a line naming several folders (`raw/ normalized/`) gives each."""
+    entries, parents = [], {}
+    for line in block.splitlines():
+        if not line.strip() or line.strip() == ".":
+            continue
+        body = line.lstrip(TREE_DRAWING)
+        depth = (len(line) - len(body)) // 4
+        names_part, _, comment = body.partition("#")
+        role = comment.removeprefix(" <--").strip() if comment.startswith(" <--") else None
+        names = names_part.split()
+        prefix = parents.get(depth - 1, "")
+        for name in names:
+            entries.append((prefix + name.rstrip("/"), role))
+        if len(names) == 1 and names[0].endswith("/"):
+            parents[depth] = prefix + names[0]
+    return entries
+
+
+def dvc_output_paths(dvc_yaml: Path) -> list[list[str]]:
+    """Every output of dvc.yaml (outs, metrics, plots) as path components; `${...}` stays as written."""
+    paths = []
+    for stage in yaml.safe_load(dvc_yaml.read_text(encoding="utf-8"))["stages"].values():
+        body = stage.get("do", stage)
+        for kind in ("outs", "metrics", "plots"):
+            for out in body.get(kind, []):
+                paths.append(str(next(iter(out)) if isinstance(out, dict) else out).split("/"))
+    return paths
+
+
+def is_dvc_output(path: str, outputs: list[list[str]]) -> bool:
+    """Whether `path` is a DVC output, a folder above one or a file inside one (`${...}`: any name)."""
+    parts = path.split("/")
+
+    def same(written: str, actual: str) -> bool:
+        return re.fullmatch(re.sub(r"\\\$\\\{[^}]*\\\}", "[^/]+", re.escape(written)), actual) is not None
+
+    return any(all(same(written, actual) for written, actual in zip(out, parts)) for out in outputs)
+
+
+def tree_problems(entries: list[tuple[str, str | None]], repo: Path, outputs: list[list[str]],
+                  required: set[str]) -> list[str]:
+    """An entry without a `# <--` role, one that neither exists nor is a DVC output, and a required
+    path (a top-level entry of the repository, a pipeline module) missing from the tree."""
+    problems = [f"`{path}` has no `# <--` role" for path, role in entries if not role]
+    problems += [f"`{path}` does not exist and is no DVC output" for path, _ in entries
+                 if not (repo / path).exists() and not is_dvc_output(path, outputs)]
+    listed = {path for path, _ in entries}
+    problems += [f"`{path}` is missing from the tree" for path in sorted(required - listed)]
+    return problems
+
+
+def required_tree_paths(repo: Path) -> set[str]:
+    """What the tree must show: the top-level files and folders git tracks (not hidden ones) and every
+    module of pipeline/."""
+    modules = {f"pipeline/{path.name}" for path in (repo / "pipeline").glob("*.py") if not path.name.startswith("_")}
+    try:
+        tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):  # no git (an unpacked archive): the modules only
+        return modules
+    top = {line.split("/")[0] for line in tracked.splitlines() if line and not line.startswith(".")}
+    return modules | top
+
+
+def readme_tree(text: str) -> list[tuple[str, str | None]]:
+    """The entries of the first fenced block under the README's `## The repository`."""
+    blocks = section(text, "The repository").blocks
+    return tree_entries(blocks[0][1]) if blocks else []
+
+
+# --- headline figures come with their command and commit -------------------------------------------
+
+COMMIT = re.compile(r"^[0-9a-f]{7,40}$")
+COMMAND = re.compile(r"^\s*(?:[A-Z_]+=\S+\s+)*(?:dvc|make|python)\s")
+
+
+def commit_exists(commit: str, repo: Path) -> bool:
+    """Whether git knows `commit`; True where there is no git to ask (an unpacked archive)."""
+    try:
+        return subprocess.run(["git", "cat-file", "-e", f"{commit}^{{commit}}"], cwd=repo,
+                              capture_output=True).returncode == 0
+    except OSError:
+        return True
+
+
+def headline_problems(text: str, repo: Path) -> list[str]:
+    """In each part of the headline results (the section, or each of its `###` subsections) that holds
+    a table: a command (`dvc ...`, `make ...`, `python ...` as code) and a commit (a code span of 7-40
+    hex digits) that git knows."""
+    part_texts, current, fence = [], [], False
+    for line in section_text(text, "Headline results").splitlines() + ["### end"]:
+        fence ^= bool(FENCE.match(line))
+        if not fence and line.startswith("### "):
+            part_texts.append("\n".join(current))
+            current = []
+        else:
+            current.append(line)
+    problems = []
+    for number, part_text in enumerate(part_texts):
+        part = Page.parse(part_text)
+        if not any(line.lstrip().startswith("|") for line in part.prose):
+            continue
+        where = f"headline results, part {number + 1}"
+        if not any(COMMAND.match(code) for code in part.shell()):
+            problems.append(f"{where}: a table without the command that produced it")
+        commits = [span for span in part.inline_code() if COMMIT.match(span)]
+        if not commits:
+            problems.append(f"{where}: a table without the commit that produced it")
+        problems += [f"{where}: commit `{commit}` is not in this repository" for commit in commits
+                     if not commit_exists(commit, repo)]
+    return problems
+
+
 # --- the real pages -------------------------------------------------------------------------------
 
 PAGES = doc_pages()
@@ -477,6 +661,31 @@ def test_any_other_stage_table_lists_exactly_the_dvc_stages():
 
 def test_the_pages_checked_include_the_readme():
     assert REPO / "README.md" in PAGES
+
+
+def test_the_readme_fits_in_a_five_minute_read():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move detail to docs/"
+
+
+def test_the_readme_sections_come_in_the_order_a_newcomer_needs_them():
+    assert section_order_problems(headings(read(REPO / "README.md")[0]), README_SECTIONS) == []
+
+
+def test_the_readme_links_every_page_of_docs_and_the_benchmarks():
+    topics = [REPO / "docs" / f"{topic}.md" for topic in DOCS_TOPICS]
+    assert [page for page in topics if not page.is_file()] == []
+    assert unlinked_pages(read(REPO / "README.md")[0], REPO / "README.md", PAGES[1:]) == []
+
+
+def test_the_readme_tree_shows_the_repository_with_a_role_per_entry():
+    entries = readme_tree(read(REPO / "README.md")[1])
+    assert entries, "README.md needs a tree under `## The repository`"
+    assert tree_problems(entries, REPO, dvc_output_paths(REPO / "dvc.yaml"), required_tree_paths(REPO)) == []
+
+
+def test_headline_figures_come_with_their_command_and_commit():
+    assert headline_problems(read(REPO / "README.md")[1], REPO) == []
 
 
 # --- each checker finds what it should, on synthetic text -----------------------------------------
@@ -611,3 +820,78 @@ def test_stage_table_checker_finds_missing_extra_and_misnamed_stages(synthetic):
     ]
     assert stage_table_problems(["download@<corpus>", "safety@<x>"], {"download": True, "safety": False}) == [
         "`safety@<x>`: not a foreach stage, list it as `safety`"]
+
+
+def test_section_order_checker_finds_missing_and_misplaced_sections(synthetic):
+    assert headings(synthetic) == ["Design choices (ours)"]
+    found = ["Quick start", "The pipeline", "The repository: a tree"]
+    assert section_order_problems(found, ("Quick start", "The repository", "The pipeline", "Licences")) == [
+        "no `## Licences` section", "`## The pipeline` comes before `## The repository`"]
+    assert section_order_problems(found, ("Quick start", "The pipeline")) == []
+
+
+def test_unlinked_page_checker_finds_a_page_the_readme_does_not_link(tmp_path):
+    (tmp_path / "docs").mkdir()
+    pages = [tmp_path / "docs" / "method.md", tmp_path / "docs" / "orphan.md", tmp_path / "bench" / "README.md"]
+    readme = Page.parse("See [the method](docs/method.md#the-loss), [bench](./bench/README.md) and "
+                        "`[not a link](docs/orphan.md)`, [web](https://example.org/docs/orphan.md).\n")
+    assert unlinked_pages(readme, tmp_path / "README.md", pages) == ["docs/orphan.md is not linked from the README"]
+
+
+TREE = """\
+.
+├── Makefile                 # <-- the commands
+├── pipeline/                # <-- the package
+│   ├── cli.py               # <-- commands
+│   └── stages/              # <-- one module per stage
+│       └── mine.py          # <-- mining
+├── nosuch.txt               # <-- neither in the repository nor a DVC output
+├── data/
+│   └── raw/ groups/         # <-- DVC outputs
+└── models/                  # <-- DVC outputs
+"""
+
+
+def test_tree_checker_finds_entries_without_a_role_missing_paths_and_unlisted_modules(tmp_path):
+    for path in ("Makefile", "pipeline/cli.py", "pipeline/stages/mine.py", "pipeline/losses.py", "data/x"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("")
+    entries = tree_entries(TREE)
+    assert [path for path, _ in entries] == ["Makefile", "pipeline", "pipeline/cli.py", "pipeline/stages",
+                                             "pipeline/stages/mine.py", "nosuch.txt", "data", "data/raw",
+                                             "data/groups", "models"]
+    assert dict(entries)["pipeline/stages/mine.py"] == "mining" and dict(entries)["data"] is None
+    outputs = [["data", "raw", "${item}"], ["data", "groups", "stage1"], ["models", "base"]]
+    required = {"Makefile", "pipeline/cli.py", "pipeline/losses.py"}
+    assert tree_problems(entries, tmp_path, outputs, required) == [
+        "`data` has no `# <--` role",
+        "`nosuch.txt` does not exist and is no DVC output",
+        "`pipeline/losses.py` is missing from the tree",
+    ]
+
+
+def test_dvc_output_matcher_reads_placeholders_as_any_name():
+    outputs = [["data", "raw", "${item}"], ["reports", "scores", "${item}", "eval.json"]]
+    assert is_dvc_output("data/raw", outputs) and is_dvc_output("data/raw/mic", outputs)
+    assert is_dvc_output("data/raw/mic/train.parquet", outputs)  # a file inside an output
+    assert is_dvc_output("reports/scores/stage2/eval.json", outputs)
+    assert not is_dvc_output("data/cooked", outputs) and not is_dvc_output("reports/other", outputs)
+    real = dvc_output_paths(REPO / "dvc.yaml")
+    assert ["models", "base"] in real and ["reports", "metrics.json"] in real  # outs and metrics both read
+
+
+def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table():
+    def page(body: str) -> str:
+        return f"# T\n\n## Headline results\n\n{body}\n## Next\n\n| a | b |\n|---|---|\n| 1 | 2 |\n"
+
+    table = "| metric | value |\n|---|---|\n| unsafe rate | 0.1 |\n"
+    assert headline_problems(page("None yet: the experiment will give them.\n"), REPO) == []
+    assert headline_problems(page(table), REPO) == [
+        "headline results, part 1: a table without the command that produced it",
+        "headline results, part 1: a table without the commit that produced it"]
+    assert headline_problems(page(f"### The audit\n\n{table}\n`dvc repro audit_report` at `0000000`\n"), REPO) == [
+        "headline results, part 2: commit `0000000` is not in this repository"]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    if head.returncode == 0:  # a checkout with its history
+        good = f"### The experiment\n\n```bash\nmake experiment\n```\n\n{table}\nat commit `{head.stdout.strip()}`\n"
+        assert headline_problems(page(good), REPO) == []

@@ -68,6 +68,7 @@ def stage_command(command: str, tmp: Path, out: Path) -> list:
         "safety": ["safety", "--normalized", tmp / "normalized", "--out", out / "safety", "--reports", out / "reports"],
         "rot_agreement": ["rot_agreement", "--raw", tmp / "raw", "--normalized", tmp / "normalized", "--out", out / "ra",
                           "--reports", out / "reports"],
+        "judge": ["judge", "--normalized", tmp / "normalized", "--out", out / "judge", "--reports", out / "reports"],
         "mine": ["mine", "--stage", "1", "--normalized", tmp / "normalized", "--safety", tmp / "safety",
                  "--out", out / "groups"],
         "train": ["train", "--stage", "1", "--init", tmp / "base", "--groups", tmp / "groups", "--out", out / "stage1",
@@ -104,6 +105,9 @@ PARAMS_CASES = [
     ("safety", "safety.tfidf.C", 0, ["safety.tfidf.C = 0.0", "must be positive"]),
     ("safety", "safety.model", "bert", ["safety.model = 'bert'", "'tfidf', 'scratch', 'hf'"]),
     ("rot_agreement", "rot_agreement.context_turns", 9, ["rot_agreement.context_turns = 9", "0 to 8"]),
+    ("judge", "judge.tfidf.char_ngram", [5, 2], ["judge.tfidf.char_ngram = [5, 2]", "1 <= low <= high <= 8"]),
+    ("judge", "judge.corpora", ["diasafety", "mic"], ["judge.corpora = ['diasafety', 'mic']", "shares mic with the "
+                                                      "safety classifier's training corpora"]),
     ("mine", "mine.n", 1, ["mine.n = 1", "at least 2"]),
     ("mine", "mine.n", 4.5, ["mine.n = 4.5", "expected an integer"]),
     ("mine", "mine.stage1_sources", {"context": 0.5, "hard": 0.4, "random": 0.2},
@@ -146,8 +150,8 @@ def test_a_bad_parameter_is_refused_before_any_work(tmp_path, command, key, valu
 
 def test_every_stage_command_is_covered():
     """Each command of a DVC stage has a parameter case and an unwritable-output case."""
-    stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "mine", "train", "generate", "score",
-              "evaluate", "ratings", "audit_file", "audit_report"}
+    stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "judge", "mine", "train", "generate",
+              "score", "evaluate", "ratings", "audit_file", "audit_report"}
     assert {case[0] for case in PARAMS_CASES} == stages
     assert {case[0] for case in UNWRITABLE} == stages | {"audit"}
     commands = {cmd.split()[3] for cmd in dvc_commands()}
@@ -399,7 +403,7 @@ def test_the_audit_command_takes_its_name_from_the_dvc_stage(tmp_path, monkeypat
 
 UNWRITABLE = [(command, option) for command, options in {
     "download": ["--out"], "normalize": ["--out"], "base_model": ["--out"], "safety": ["--out", "--reports"],
-    "rot_agreement": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
+    "rot_agreement": ["--out", "--reports"], "judge": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
     "generate": ["--out"], "score": ["--out"], "evaluate": ["--reports"], "audit": ["--candidates"],
     "ratings": ["--out"], "audit_file": ["--audit"], "audit_report": ["--out"],
 }.items() for option in options]

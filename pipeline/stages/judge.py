@@ -73,14 +73,16 @@ THRESHOLD = 0.5  # unsafe when P(unsafe) >= THRESHOLD, the rule of evaluate's he
 # --- independence ---------------------------------------------------------------------------------
 
 
-def check_independent(config: JudgeConfig, safety: SafetyConfig) -> None:
-    """Refuse judge corpora the safety classifier trains on: a judge that saw the re-ranker's training
-    data would share its blind spots, and its unsafe rate would no longer be an independent measure."""
+def check_independent(config: JudgeConfig, safety: SafetyConfig, source: str = "params.yaml") -> None:
+    """Refuse judge corpora the safety classifier trains on (a ConfigError naming the params file
+    `source`): a judge that saw the re-ranker's training data would share its blind spots, and its
+    unsafe rate would no longer be an independent measure."""
     shared = [corpus for corpus in config.corpora if corpus in safety.training_corpora()]
     if shared:
-        raise ConfigError(f"judge.corpora = {config.corpora} shares {', '.join(shared)} with the safety classifier's "
-                          f"training corpora ({', '.join(safety.training_corpora())}, from safety.response_examples); "
-                          "the judge must be trained on corpora the re-ranker's classifier never sees")
+        raise ConfigError(f"{source}: judge.corpora = {config.corpora} shares {', '.join(shared)} with the safety "
+                          f"classifier's training corpora ({', '.join(safety.training_corpora())}, from "
+                          "safety.response_examples); the judge must be trained on corpora the re-ranker's "
+                          "classifier never sees")
 
 
 # --- examples -------------------------------------------------------------------------------------
@@ -201,10 +203,12 @@ def train(config: JudgeConfig, examples) -> JudgeScorer:
                            chosen["label"].to_numpy(), np.ones(len(chosen)))
 
 
-def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, reports: Path) -> dict:
-    """Check independence from the safety classifier, read the judge corpora, train, evaluate the
-    validation and test splits, and write the model folder and the reports."""
-    check_independent(config, safety)
+def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, reports: Path,
+        source: str = "params.yaml") -> dict:
+    """Check independence from the safety classifier (`source`: the params file both sections came
+    from, named in the error), read the judge corpora, train, evaluate the validation and test splits,
+    and write the model folder and the reports."""
+    check_independent(config, safety, source)
     started = time.perf_counter()
     for path in (out, reports / "metrics.json"):
         ensure_writable(path)
