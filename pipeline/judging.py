@@ -101,15 +101,16 @@ def safety_provenance(folder: Path) -> dict:
 
 def stage1_provenance(stats: Path) -> dict:
     """Where the stage-1 groups' negatives came from, from the mine stage's `stats.json`: the corpora
-    mined, and in the train split the groups per corpus and the negatives per source."""
+    mined, those the `hard` negatives are retrieved from, and in the train split the groups per corpus
+    and the negatives per source."""
     record = _record(stats, "stage-1 groups' stats.json", "mine --stage 1")
-    _keys(record, stats, ("stage", "corpora", "splits"))
+    _keys(record, stats, ("stage", "corpora", "pool_corpora", "splits"))
     train = record["splits"].get("train") if isinstance(record["splits"], dict) else None
     if record["stage"] != 1 or not isinstance(train, dict):
         raise DataError(f"{stats}: not the stats of stage-1 groups with a train split")
     _keys(train, stats, ("groups_per_corpus", "negatives_per_source"))
-    return {"file": str(stats), "corpora": list(record["corpora"]), "groups_per_corpus": train["groups_per_corpus"],
-            "negatives_per_source": train["negatives_per_source"]}
+    return {"file": str(stats), "corpora": list(record["corpora"]), "pool_corpora": list(record["pool_corpora"]),
+            "groups_per_corpus": train["groups_per_corpus"], "negatives_per_source": train["negatives_per_source"]}
 
 
 def provenance(judge: Path, safety: Path, stage1_stats: Path) -> dict:

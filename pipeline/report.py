@@ -245,8 +245,9 @@ def _classifier_lines(safety: dict) -> list[str]:
             f"its P(unsafe) ≥ {safety['judge_threshold']}.",
             f"- **Self-assessed** (the re-ranker's classifier, `{own['folder']}`, {own['kind']}): trained on "
             f"{', '.join(own['corpora'])} (examples: {_counts(own['training_examples'])}).",
-            f"- **Stage-1 negatives** (`{stage1['file']}`): mined from {', '.join(stage1['corpora'])}; train groups "
-            f"per corpus: {_counts(stage1['groups_per_corpus'])}; negatives per source: "
+            f"- **Stage-1 negatives** (`{stage1['file']}`): mined from {', '.join(stage1['corpora'])}, hard negatives "
+            f"retrieved from {', '.join(stage1['pool_corpora'])}; train groups per corpus: "
+            f"{_counts(stage1['groups_per_corpus'])}; negatives per source: "
             f"{_counts(stage1['negatives_per_source'])}.", ""]
 
 

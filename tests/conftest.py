@@ -157,6 +157,7 @@ def write_classifier_records(root: Path) -> tuple[Path, Path, Path]:
             "task": "safety", "kind": "tfidf", "config": {}, "training_examples": {"pd_user": 20, "pd_responses": 5}},
         root / "stage1" / "stats.json": {
             "stage": 1, "corpora": ["prosocial_dialog", "mic", "diasafety", "toxichat"],
+            "pool_corpora": ["prosocial_dialog", "mic", "diasafety", "toxichat"],
             "splits": {"train": {"groups_per_corpus": {"diasafety": 3, "prosocial_dialog": 7},
                                  "negatives_per_source": {"context": 12, "hard": 10, "random": 8, "generated": 0}}}},
     }

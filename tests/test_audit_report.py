@@ -153,6 +153,8 @@ def test_does_the_judge_order_the_models_as_humans_do(audited):
     ([0.1, 0.2, 0.3], [0.2, 0.3, 0.5], "the judge orders them as humans do: 3 of the 3 pairs humans order agree"),
     ([0.1, 0.2, 0.3], [0.2, 0.1, 0.5], "some pairs as humans do and some not: 2 of the 3 pairs"),
     ([0.2, 0.2], [0.1, 0.3], "humans rate every one of them equally unsafe, so there is no order to check"),
+    ([0.5, 0.5, 0.7], [0.3, 0.2, 0.1], "(by the human unsafe rate: m0 = m1 < m2), the judge orders them the opposite "
+                                       "way to humans: 0 of the 2 pairs"),
     ([0.2], [0.1], "Only 1 audited model has human labels"),
     ([], [], "No audited model has human labels"),
 ])

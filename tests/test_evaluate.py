@@ -309,6 +309,7 @@ def small_results():
                    "self_assessed": {"folder": "models/safety", "kind": "hf", "corpora": ["prosocial_dialog"],
                                      "training_examples": {"pd_user": 120, "mic_answers": 0}},
                    "stage1_negatives": {"file": "data/groups/stage1/stats.json", "corpora": ["diasafety", "mic"],
+                                        "pool_corpora": ["mic"],
                                         "groups_per_corpus": {"mic": 2, "diasafety": 5},
                                         "negatives_per_source": {"random": 1, "context": 20}}},
     }
@@ -320,7 +321,8 @@ def test_render_report_from_a_hand_made_results_dict():
     assert "- mic: no candidates from any model; skipped" in text
     assert "`abc1234`" in text
     # the judge's rate, the self-assessed one beside it, their agreement and kappa (null: –); then the labels
-    assert "| stage2 | re-ranked | 0.180 [0.100, 0.300] | 0.090 [0.000, 0.200] | 0.900 [0.800, 1.000] | – | 25 |" in text
+    assert ("| stage2 | re-ranked | 0.180 [0.100, 0.300] | 0.090 [0.000, 0.200] | 0.900 [0.800, 1.000] | – | 25 |"
+            in text)
     assert "| ce | first sample | 0.610 [0.400, 0.800] | – | – | – | 25 |" in text
     assert "| stage2 | re-ranked | 0.910 | – | – |" in text
     assert "unsafe rate (judge) ↓ | self-assessed unsafe rate ↓ | agreement | κ |" in text and "BLEU-4 ↑" in text
@@ -328,8 +330,8 @@ def test_render_report_from_a_hand_made_results_dict():
     assert ("trained on the train splits of toxichat (1,400), diasafety (9,017) labelled replies (4,478 unsafe); "
             "independent of prosocial_dialog, mic") in text
     assert "trained on prosocial_dialog (examples: mic_answers (0), pd_user (120))" in text
-    assert ("mined from diasafety, mic; train groups per corpus: diasafety (5), mic (2); negatives per source: "
-            "context (20), random (1)") in text
+    assert ("mined from diasafety, mic, hard negatives retrieved from mic; train groups per corpus: diasafety (5), "
+            "mic (2); negatives per source: context (20), random (1)") in text
     assert "4.13 [3.00, 5.50]" in text and "0.310" in text and "0.433" in text
     assert "| reference | | | | | – | – | 12.0 |" in text
     assert "| stage2 | 6.22 | – |" in text  # model scores, overall only
@@ -341,8 +343,8 @@ def test_render_report_from_a_hand_made_results_dict():
 def test_render_report_shows_the_paired_differences_and_the_verdict():
     text = report.render_report(small_results())
     assert text.count("### Paired comparisons against `ce`") == 1  # the corpus only: overall was not compared
-    assert ("| model | contexts | clusters | Δ unsafe rate (judge), re-ranked ↓ | Δ casual RoT share, re-ranked ↓ "
-            "| Δ F1, re-ranked ↑ |") in text
+    assert ("| model | contexts | clusters | Δ unsafe rate (judge), re-ranked ↓ | Δ casual RoT share, "
+            "re-ranked ↓ | Δ F1, re-ranked ↑ |") in text
     # bold: the interval excludes 0
     assert ("| stage2 | 25 | 9 | **-0.240 [-0.400, -0.080]** p=0.004 | +0.100 [-0.050, +0.250] p=0.5 "
             "| **+0.060 [+0.010, +0.110]** |") in text

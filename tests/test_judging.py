@@ -129,7 +129,7 @@ def test_a_bad_record_is_one_line_naming_the_file(tmp_path):
         judge_provenance(judge)
     with pytest.raises(DataError, match="safety/scorer.json: task = 'safety', not the safety judge"):
         judge_provenance(safety)
-    stats.write_text(json.dumps({"stage": 2, "corpora": [], "splits": {"train": {}}}))
+    stats.write_text(json.dumps({"stage": 2, "corpora": [], "pool_corpora": [], "splits": {"train": {}}}))
     with pytest.raises(DataError, match="stats.json: not the stats of stage-1 groups"):
         stage1_provenance(stats)
     with pytest.raises(DataError, match="nowhere/stats.json: file not found .*mine --stage 1"):

@@ -153,7 +153,7 @@ def human_check(judge_unsafe: np.ndarray, human_unsafe: np.ndarray, clusters: np
             "difference": {"value": round(float(judge_values.mean() - human_unsafe.mean()), 6),
                            "ci": [round(low, 6), round(high, 6)]},
             "agreement": rate((judge_values == human_unsafe).astype(np.float64), clusters, config),
-            "kappa": None if np.isnan(kappa) else round(kappa, 6)}
+            "kappa": None if np.isnan(kappa) else round(kappa, 6) + 0.0}
 
 
 def audit_model(replies: Replies, judge_unsafe: np.ndarray, config: EvaluateConfig) -> dict:
@@ -186,7 +186,9 @@ def ordering(models: dict[str, dict]) -> dict:
         result["sentence"] = (f"Only {len(names)} audited model has human labels, so there is no order to check."
                               if names else "No audited model has human labels, so there is no order to check.")
         return result
-    by_humans = " < ".join(name for _, name in sorted(zip(human, names)))
+    ranked = sorted(zip(human, names))
+    by_humans = ranked[0][1] + "".join(f" {'=' if value == before else '<'} {name}"
+                                       for (before, _), (value, name) in zip(ranked, ranked[1:]))
     if not result["ordered"]:
         verdict = "humans rate every one of them equally unsafe, so there is no order to check"
     elif result["concordant"] == result["ordered"]:

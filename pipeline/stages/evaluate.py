@@ -121,7 +121,8 @@ def higher_is_better(name: str) -> bool | None:
 
 
 def _clean(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else round(float(x), 6)
+    """Rounded to 6 places (-0.0 as 0.0, a kappa of -1e-17 is 0); None when missing or not finite."""
+    return None if x is None or not math.isfinite(x) else round(float(x), 6) + 0.0
 
 
 def record(name: str, value: float | None, n: int, ci: tuple[float, float] | None = None,
