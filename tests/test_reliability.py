@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import CORPORA, GENERATE_MODELS
 from test_dvc_pipeline import ran_stages, repo_files
 
 # The module fixture's build (charged to the first test) and the forced rebuild take minutes each.
@@ -103,7 +104,7 @@ KILLS = [
     ("train_stage1", "checkpoint"),  # after epoch 1 of 2: the rerun resumes
     ("mine_stage2", "write:2"),
     ("train_stage2", "checkpoint"),  # its one epoch done, the model not yet written: the rerun resumes
-    ("generate@stage2", "write:3"),  # three of six corpora written
+    ("generate@stage2", "write:3"),  # three of the corpora written
     ("score@stage1", "write"),
     ("evaluate", "write"),  # metrics.json written, results.json and the rest not
 ]
@@ -186,7 +187,7 @@ def test_an_uninterrupted_forced_rebuild_writes_the_same_bytes(workspace):
         return {str(p.relative_to(ws.root)): p.read_bytes() for p in files}
 
     metrics, before = (ws.root / "reports" / "metrics.json").read_bytes(), candidates()
-    assert len(before) == 3 * 6
+    assert len(before) == len(GENERATE_MODELS) * len(CORPORA)
 
     output = ws.run("dvc", "repro", "--force").stdout
     assert sorted(ran_stages(output)) == sorted(ws.run("dvc", "stage", "list", "--name-only").stdout.split())
