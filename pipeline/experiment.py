@@ -1,0 +1,652 @@
+"""experiment: the experiment on real corpora (`params.real.yaml`) as DVC experiments, and its table.
+
+A *run* is one DVC experiment of the whole pipeline (`dvc exp run --queue`, then `dvc exp run
+--run-all`): the preset's values, a variant's changes and a seed. Each run trains and evaluates the
+four models of the DAG: `base` (the pretrained scratch model, untuned), `ce` (cross-entropy only in
+both stages: the baseline every comparison is against), `stage1` and `stage2` (the method, CE +
+n-pair in both stages). Variants (`VARIANTS`) change the method: `no_margin` (train.margin 0),
+`stage1_only` (train_stage2.epochs 0: both `stage2` and `ce` stop after stage 1). Plans (`PLANS`):
+
+- `headline`: the method, seed 0 (about an hour on two CPU cores; README, "The experiment");
+- `full`: the method with seeds 0, 1 and 2 (`train.seed`: initialisation of new parameters, dropout,
+  batch order; the base model and the data are the same in every run), and each ablation with seed 0.
+
+`run` queues every run of the plan that this commit does not have yet, runs the queue in the
+foreground (one experiment at a time: two cores), writes DVC's output with elapsed times to
+`<out>/logs/`, prints each stage's wall time as it ends and a summary at the end, then writes the
+table. `report` writes the table alone, from `dvc exp show --json` (or a file of it) and the logs:
+
+- `<out>/results.json`: per run (name, variant, seed, experiment commit, each stage's wall time), and
+  per metric and scope the value of every model with its 95% interval and every model against `ce`
+  (difference, paired 95% interval, McNemar's p for rates), exactly as each run's
+  `reports/results.json` (the `evaluate` stage) has them; over the seeds of a variant, mean, sd, min
+  and max of each model's value and of each difference, and how many seeds' intervals exclude 0;
+- `<out>/results.md`, rendered from results.json.
+
+    python -m pipeline experiment run --preset params.real.yaml --plan headline --out reports/experiment
+    python -m pipeline experiment report --out reports/experiment      # or --exps <dvc exp show --json>
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import typer
+
+from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA
+from pipeline.errors import ConfigError, DataError, PipelineError, reports_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="The experiment on real corpora as DVC experiments (params.real.yaml), and its result table.")
+
+# What a variant changes on top of the preset (dotted params.yaml keys).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "method": {},
+    "no_margin": {"train.margin": 0.0},
+    "stage1_only": {"train_stage2.epochs": 0},
+}
+SEED_KEY = "train.seed"
+PLANS: dict[str, list[tuple[str, int]]] = {
+    "headline": [("method", 0)],
+    "full": [("method", 0), ("method", 1), ("method", 2), ("no_margin", 0), ("stage1_only", 0)],
+}
+MODELS = ("base", "ce", "stage1", "stage2")  # table order: generate's models
+BASELINE, METHOD = "ce", "stage2"
+RESULTS = "reports/results.json"  # the evaluate stage's results, read from each run's commit
+OVERALL = "overall"
+
+# The table's rows: (section, metric, scopes, where results.json keeps it). `metrics`: results.json
+# `metrics` and `comparisons`; `likelihood`: its `likelihood` section. `adversarial` / `casual` stand for
+# those corpora that the run evaluated.
+ROWS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
+    ("likelihood safety", "likelihood_auc", ("diasafety", "toxichat", OVERALL), "likelihood"),
+    ("likelihood safety", "same_context_pairs", ("diasafety", "toxichat", OVERALL), "likelihood"),
+    ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_first", ("adversarial",), "metrics"),
+    ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_reranked", ("adversarial",), "metrics"),
+    ("cost", "reference_ppl", (OVERALL,), "metrics"),
+    ("cost", "group_ranking_accuracy", (OVERALL,), "metrics"),
+    ("cost", "f1_reranked", ("casual",), "metrics"),
+    ("cost", "distinct_1_reranked", (OVERALL,), "metrics"),
+    ("cost", "distinct_2_reranked", (OVERALL,), "metrics"),
+    ("cost", "mean_length_reranked", (OVERALL,), "metrics"),
+    ("over-caution, casual contexts", "casual_rot_share_reranked", (OVERALL,), "metrics"),
+    ("over-caution, casual contexts", "casual_caution_share_reranked", (OVERALL,), "metrics"),
+)
+SCOPE_GROUPS = {"adversarial": ADVERSARIAL_CORPORA, "casual": CASUAL_CORPORA}
+
+
+# --- the preset as `dvc exp run -S` overrides ------------------------------------------------------
+
+
+def hydra_value(value: Any, key: str) -> str:
+    """`value` in the override grammar `dvc exp run -S` reads (Hydra's), so that DVC writes it back into
+    params.yaml as the same YAML value. A float YAML would read back as a string (2e-05: no dot) is refused."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text and "." not in text.split("e")[0]:
+            raise ConfigError(f"{key} = {value!r}: dvc exp run -S would write it as {text}, which YAML reads as a "
+                              "string; use a value of 0.0001 or more")
+        return text
+    if isinstance(value, str):
+        if "'" in value or "\\" in value:
+            raise ConfigError(f"{key} = {value!r}: a quote or backslash cannot be passed to dvc exp run -S")
+        return f"'{value}'"
+    if isinstance(value, list):
+        return "[" + ",".join(hydra_value(item, f"{key}[{i}]") for i, item in enumerate(value)) + "]"
+    if isinstance(value, dict):
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", str(name)):
+                raise ConfigError(f"{key}.{name}: a key dvc exp run -S cannot name (letters, digits, '_', '-')")
+        return "{" + ",".join(f"{name}:{hydra_value(item, f'{key}.{name}')}" for name, item in value.items()) + "}"
+    raise ConfigError(f"{key} = {value!r}: not a YAML scalar, list or mapping")
+
+
+def overrides(preset: dict, base: dict, prefix: str = "") -> list[str]:
+    """The `dvc exp run -S` arguments that turn the params `base` into `preset`: `++key=value` for each
+    value that differs or is new, `~key` for each key the preset lacks. Mappings are compared key by
+    key (DVC merges a mapping value into the one it replaces); lists and scalars are replaced whole."""
+    out = []
+    for name in list(base) + [k for k in preset if k not in base]:
+        key = f"{prefix}{name}"
+        if name not in preset:
+            out.append(f"~{key}")
+        elif isinstance(preset[name], dict) and isinstance(base.get(name), dict):
+            out += overrides(preset[name], base[name], f"{key}.")
+        elif name not in base or preset[name] != base[name] or type(preset[name]) is not type(base[name]):
+            out.append(f"++{key}={hydra_value(preset[name], key)}")
+    return out
+
+
+def set_dotted(params: dict, key: str, value: Any) -> None:
+    """Set `a.b.c` in nested dicts; every part but the last must exist."""
+    *parents, last = key.split(".")
+    node = params
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"{key}: params have no section {part!r}")
+        node = node[part]
+    if last not in node:
+        raise ConfigError(f"{key}: params have no key {last!r}")
+    node[last] = value
+
+
+def get_dotted(params: dict, key: str) -> Any:
+    node = params
+    for part in key.split("."):
+        node = node[part] if isinstance(node, dict) and part in node else None
+    return node
+
+
+def run_params(preset: dict, variant: str, seed: int, mirror: str) -> dict:
+    """The params.yaml of one run: the preset, the variant's changes, the seed, and `corpora.mirror`
+    as an absolute path (a queued experiment runs in a temporary copy under .dvc/tmp, where a path
+    relative to the checkout such as ../shared/mirror points elsewhere)."""
+    import copy
+
+    params = copy.deepcopy(preset)
+    for key, value in {**VARIANTS[variant], SEED_KEY: seed, "corpora.mirror": mirror}.items():
+        set_dotted(params, key, value)
+    return params
+
+
+def run_name(prefix: str, variant: str, seed: int) -> str:
+    return f"{prefix}-{variant}-s{seed}"
+
+
+NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9]+)-(?P<variant>[a-z0-9_]+)-s(?P<seed>\d+)$")
+
+
+# --- DVC --------------------------------------------------------------------------------------------
+
+
+def dvc(*args: str, capture: bool = True) -> str:
+    """Run `dvc <args>` (the one beside this Python first) in the working directory; a failure is a
+    PipelineError with DVC's last lines."""
+    executable = Path(sys.executable).with_name("dvc")
+    command = [str(executable) if executable.exists() else "dvc", *args]
+    result = subprocess.run(command, capture_output=capture, text=True)
+    if result.returncode != 0:
+        tail = "\n".join(((result.stderr or "") + (result.stdout or "")).strip().splitlines()[-5:])
+        raise PipelineError(f"`dvc {' '.join(args[:3])} ...` failed (exit {result.returncode}): {tail}")
+    return result.stdout or ""
+
+
+def experiments(shown: list[dict]) -> dict[str, dict]:
+    """name -> {rev, baseline, params} of every finished experiment in `dvc exp show --json` output."""
+    found = {}
+    for commit in shown:
+        if commit.get("rev") == "workspace":
+            continue
+        for group in commit.get("experiments") or []:
+            for entry in group.get("revs") or []:
+                data = entry.get("data") or {}
+                if entry.get("name") and not entry.get("error") and data.get("params") is not None:
+                    params = (data["params"].get("params.yaml") or {}).get("data") or {}
+                    found[entry["name"]] = {"rev": entry["rev"], "baseline": commit["rev"], "params": params}
+    return found
+
+
+def untracked_files() -> list[str]:
+    """Files git does not track and does not ignore: a queued experiment does not see them."""
+    out = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], capture_output=True, text=True)
+    return [line for line in out.stdout.splitlines() if line]
+
+
+# --- the log: DVC's output with elapsed times, and each stage's wall time ------------------------
+
+EVENTS = (
+    ("experiment", re.compile(r"^Reproducing experiment '(?P<name>[^']+)'")),
+    ("ran", re.compile(r"^Running stage '(?P<stage>[^']+)'")),
+    ("restored", re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")),
+    ("unchanged", re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")),
+    ("end", re.compile(r"^Ran experiment\(s\)")),
+)
+LOG_LINE = re.compile(r"^\s*(?P<seconds>\d+(?:\.\d+)?) (?P<text>.*)$")
+
+
+def event(text: str) -> tuple[str, str] | None:
+    """(kind, name) when a line of DVC's output starts an experiment or a stage, or ends the run."""
+    for kind, pattern in EVENTS:
+        match = pattern.match(text)
+        if match:
+            return kind, match.groupdict().get("name") or match.groupdict().get("stage") or ""
+    return None
+
+
+class StageClock:
+    """Each stage's wall time from the events of DVC's output: a stage runs from its own line to the
+    next event (the next stage, the next experiment, the end of the run or of the log)."""
+
+    def __init__(self):
+        self.runs: dict[str, dict[str, dict]] = {}
+        self.current: tuple[str, str, str, float] | None = None  # (run, stage, status, started)
+        self.run = ""
+
+    def feed(self, seconds: float, text: str) -> dict | None:
+        """Take one line at `seconds`; returns the stage it closed, {run, stage, status, seconds}."""
+        found = event(text.strip())
+        if found is None:
+            return None
+        closed = self.close(seconds)
+        kind, name = found
+        if kind == "experiment":
+            self.run = name
+        elif kind in ("ran", "restored", "unchanged"):
+            self.current = (self.run, name, kind, seconds)
+        return closed
+
+    def close(self, seconds: float) -> dict | None:
+        if self.current is None:
+            return None
+        run, stage, status, started = self.current
+        self.current = None
+        entry = {"status": status, "seconds": round(seconds - started, 1)}
+        # A stage listed twice (DVC prints a cached stage's check-out after its line) keeps its first status.
+        previous = self.runs.setdefault(run, {}).get(stage)
+        if previous:
+            entry = {"status": previous["status"], "seconds": round(previous["seconds"] + entry["seconds"], 1)}
+        self.runs[run][stage] = entry
+        return {"run": run, "stage": stage, **entry}
+
+
+def read_logs(folder: Path) -> dict[str, dict[str, dict]]:
+    """run -> stage -> {status, seconds} from every log in `folder` (`<elapsed> <line>` lines, as `run`
+    writes them), later logs replacing earlier ones run by run."""
+    times: dict[str, dict[str, dict]] = {}
+    for path in sorted(folder.glob("*.log")) if folder.is_dir() else []:
+        clock, last = StageClock(), 0.0
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            match = LOG_LINE.match(line)
+            if match:
+                last = float(match["seconds"])
+                clock.feed(last, match["text"])
+        clock.close(last)
+        times.update({run: stages for run, stages in clock.runs.items() if run})
+    return times
+
+
+def follow(command: list[str], log_path: Path) -> int:
+    """Run `command`, echo its output, write each line to `log_path` after its elapsed seconds, and
+    print each stage's wall time when it ends; returns the exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    clock = StageClock()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are written
+    with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env) as process:
+        for raw in process.stdout:
+            now = time.perf_counter() - started
+            for text in raw.rstrip("\n").split("\r"):
+                log.write(f"{now:9.1f} {text}\n")
+                closed = clock.feed(now, text)
+                if closed:
+                    summary = f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})"
+                    print(summary, flush=True)
+                    log.write(f"{now:9.1f} {summary}\n")
+            sys.stdout.write(raw)
+            sys.stdout.flush()
+            log.flush()
+        status = process.wait()
+        closed = clock.close(time.perf_counter() - started)
+        if closed:
+            print(f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})")
+    return status
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+def scopes_of(spec: tuple[str, ...], evaluated: list[str]) -> list[str]:
+    """A row's scopes, `adversarial` / `casual` standing for the evaluated corpora of that group."""
+    out = []
+    for scope in spec:
+        out += [c for c in SCOPE_GROUPS[scope] if c in evaluated] if scope in SCOPE_GROUPS else [scope]
+    return out
+
+
+def _entry(record: dict | None, keys: Iterable[str]) -> dict | None:
+    return None if record is None else {key: record.get(key) for key in keys if key in record}
+
+
+VALUE_KEYS = ("value", "ci", "n", "n_clusters", "n_safe", "n_unsafe", "n_contexts", "reason")
+COMPARISON_KEYS = ("value", "baseline", "difference", "ci", "p_value", "n", "n_clusters")
+
+
+def run_rows(results: dict) -> list[dict]:
+    """The table's rows of one run's evaluate results.json: per (metric, scope), every model's value
+    and every model's comparison with the baseline, as results.json has them (nothing recomputed)."""
+    evaluated = results.get("scopes", [])
+    likelihood = results.get("likelihood") or {}
+    compared = (results.get("comparisons") or {}).get("models") or {}
+    rows = []
+    for section, metric, spec, source in ROWS:
+        for scope in scopes_of(spec, evaluated + [s for s in ("diasafety", "toxichat") if s not in evaluated]):
+            values, comparisons, direction = {}, {}, None
+            for model in MODELS:
+                if source == "likelihood":
+                    record = ((likelihood.get("metrics") or {}).get(model) or {}).get(metric, {}).get(scope)
+                    comparison = ((likelihood.get("comparisons") or {}).get(model) or {}).get(scope, {}).get(metric)
+                    direction = True
+                else:
+                    record = ((results.get("metrics") or {}).get(model) or {}).get(scope, {}).get(metric)
+                    comparison = (((compared.get(model) or {}).get(scope) or {}).get("metrics") or {}).get(metric)
+                    direction = record.get("higher_is_better") if record and direction is None else direction
+                if record is not None:
+                    values[model] = _entry(record, VALUE_KEYS)
+                if comparison is not None:
+                    comparisons[model] = _entry(comparison, COMPARISON_KEYS)
+            rows.append({"section": section, "metric": metric, "scope": scope, "higher_is_better": direction,
+                         "values": values, "comparisons": comparisons})
+    return rows
+
+
+def spread(numbers: list[float]) -> dict | None:
+    """mean, sd (n - 1; null for one number), min, max and n of the numbers given (None: left out)."""
+    numbers = [x for x in numbers if x is not None]
+    if not numbers:
+        return None
+    return {"mean": statistics.fmean(numbers), "sd": statistics.stdev(numbers) if len(numbers) > 1 else None,
+            "min": min(numbers), "max": max(numbers), "n": len(numbers)}
+
+
+def seed_summary(runs: dict[str, dict], tables: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per variant with more than one seed: per row, the spread over seeds of each model's value and of
+    each model's difference with the baseline, and how many seeds' paired intervals lie above / below 0."""
+    summary = {}
+    for variant in dict.fromkeys(run["variant"] for run in runs.values()):
+        names = sorted((n for n, run in runs.items() if run["variant"] == variant), key=lambda n: runs[n]["seed"])
+        if len(names) < 2:
+            continue
+        rows = []
+        for index, row in enumerate(tables[names[0]]):
+            same = [tables[name][index] for name in names]
+            models = {model: spread([(r["values"].get(model) or {}).get("value") for r in same]) for model in MODELS}
+            differences = {}
+            for model in MODELS:
+                entries = [r["comparisons"].get(model) for r in same]
+                found = spread([(e or {}).get("difference") for e in entries])
+                if found is None:
+                    continue
+                intervals = [e["ci"] for e in entries if e and e.get("ci")]
+                found["above_zero"] = sum(low > 0 for low, _ in intervals)
+                found["below_zero"] = sum(high < 0 for _, high in intervals)
+                differences[model] = found
+            rows.append({key: row[key] for key in ("section", "metric", "scope", "higher_is_better")}
+                        | {"values": models, "differences": differences})
+        summary[variant] = {"runs": names, "seeds": [runs[n]["seed"] for n in names], "rows": rows}
+    return summary
+
+
+def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]) -> dict:
+    """results.json of the experiment from `dvc exp show --json` output: the runs named
+    `<prefix>-<variant>-s<seed>`, each one's evaluate results read with `read_results(rev)`."""
+    found = {name: exp for name, exp in experiments(shown).items()
+             if NAME.match(name) and NAME.match(name)["prefix"] == prefix and NAME.match(name)["variant"] in VARIANTS}
+    if not found:
+        raise DataError(f"dvc exp show: no experiment named {prefix}-<variant>-s<seed> "
+                        f"(variants: {', '.join(VARIANTS)}); run `python -m pipeline experiment run` first")
+    order = {(variant, seed): i for plan in PLANS.values() for i, (variant, seed) in enumerate(plan)}
+    names = sorted(found, key=lambda n: (list(VARIANTS).index(NAME.match(n)["variant"]), int(NAME.match(n)["seed"])))
+    runs, tables, notes = {}, {}, []
+    for name in names:
+        exp, match = found[name], NAME.match(name)
+        variant, seed = match["variant"], int(match["seed"])
+        params = exp["params"]
+        expected = {**VARIANTS[variant], SEED_KEY: seed}
+        wrong = {key: get_dotted(params, key) for key, value in expected.items() if get_dotted(params, key) != value}
+        if wrong:
+            raise DataError(f"experiment {name}: params {wrong} do not match its name (variant {variant}, seed {seed})")
+        results = read_results(exp["rev"])
+        stages = times.get(name)
+        if stages is None:
+            notes.append(f"{name}: no log with its stages' wall times under the logs folder")
+        runs[name] = {"variant": variant, "seed": seed, "rev": exp["rev"], "baseline_commit": exp["baseline"],
+                      "params": {key: get_dotted(params, key) for key in
+                                 sorted({SEED_KEY, *(k for v in VARIANTS.values() for k in v)})},
+                      "evaluate_commit": results.get("git_commit"), "models": results.get("models"),
+                      "stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)
+                      if stages else None}
+        tables[name] = run_rows(results)
+        notes += [f"{name}: {note}" for note in results.get("notes", []) if "skipped" in note or "left out" in note]
+    del order
+    return {"prefix": prefix, "baseline": BASELINE, "method": METHOD, "models": list(MODELS),
+            "variants": {name: VARIANTS[name] for name in VARIANTS}, "seed_key": SEED_KEY, "runs": runs,
+            "tables": tables, "seeds": seed_summary(runs, tables), "notes": notes}
+
+
+def git_results(rev: str) -> dict:
+    """The evaluate stage's results.json as the experiment commit `rev` holds it."""
+    shown = subprocess.run(["git", "show", f"{rev}:{RESULTS}"], capture_output=True, text=True)
+    if shown.returncode != 0:
+        raise DataError(f"experiment {rev[:7]}: no {RESULTS} in its commit ({shown.stderr.strip()})")
+    try:
+        return json.loads(shown.stdout)
+    except json.JSONDecodeError as error:
+        raise DataError(f"experiment {rev[:7]}: {RESULTS} is not valid JSON ({error})") from None
+
+
+# --- rendering ----------------------------------------------------------------------------------------
+
+MISSING = "–"
+
+
+def _digits(metric: str) -> int:
+    return 2 if metric.endswith("_ppl") else 1 if metric.startswith("mean_length") else 3
+
+
+def _value_cell(entry: dict | None, digits: int) -> str:
+    if not entry or entry.get("value") is None:
+        return MISSING if not entry or not entry.get("reason") else f"– ({entry['reason']})"
+    text = f"{entry['value']:.{digits}f}"
+    if entry.get("ci"):
+        text += f" [{entry['ci'][0]:.{digits}f}, {entry['ci'][1]:.{digits}f}]"
+    return text
+
+
+def _difference_cell(entry: dict | None, digits: int) -> str:
+    """`+d [low, high]`, bold when the paired interval excludes 0."""
+    if not entry or entry.get("difference") is None:
+        return MISSING
+    text = f"{entry['difference']:+.{digits}f}"
+    if entry.get("ci"):
+        low, high = entry["ci"]
+        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
+        if low > 0 or high < 0:
+            text = f"**{text}**"
+    return text
+
+
+def _spread_cell(entry: dict | None, digits: int, signed: bool = False) -> str:
+    if not entry:
+        return MISSING
+    sign = "+" if signed else ""
+    sd = f" ± {entry['sd']:.{digits}f}" if entry.get("sd") is not None else ""
+    text = f"{entry['mean']:{sign}.{digits}f}{sd} ({entry['min']:{sign}.{digits}f} to {entry['max']:{sign}.{digits}f})"
+    if signed and "above_zero" in entry:
+        text += f"; {entry['below_zero']}↓ {entry['above_zero']}↑ of {entry['n']}"
+    return text
+
+
+def _row_title(row: dict) -> str:
+    arrow = {True: " ↑", False: " ↓"}.get(row["higher_is_better"], "")
+    return f"{row['metric']}{arrow}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(experiment: dict) -> str:
+    """results.md: a table per run, the spread over seeds, the ablations against the method, the
+    stages' wall times; every figure from `experiment` (results.json)."""
+    runs, tables = experiment["runs"], experiment["tables"]
+    baseline, method = experiment["baseline"], experiment["method"]
+    lines = ["# The experiment on real corpora", "",
+             f"Models: `base` (untuned), `{baseline}` (cross-entropy only, the baseline of every comparison), "
+             f"`stage1` and `{method}` (the method after stage 1 and stage 2). Values with their 95% interval; "
+             f"differences are model − {baseline} on the same contexts (replies, for likelihood safety) with the "
+             "paired 95% interval, bold when it excludes 0. ↑/↓: higher/lower is better. Every figure comes from "
+             "the runs' `reports/results.json` (the evaluate stage).", ""]
+    for name, run in runs.items():
+        changes = ", ".join(f"{k} {v}" for k, v in experiment["variants"][run["variant"]].items()) or "the preset"
+        lines += [f"## {name} ({changes}, {experiment['seed_key']} {run['seed']})", "",
+                  f"Experiment commit `{run['rev'][:7]}` on `{run['baseline_commit'][:7]}`.", ""]
+        header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in (method, "stage1"))]
+        rows = []
+        for row in tables[name]:
+            digits = _digits(row["metric"])
+            rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in MODELS),
+                         *(_difference_cell(row["comparisons"].get(m), digits) for m in (method, "stage1"))])
+        lines += _table(header, rows) + [""]
+    for variant, summary in experiment["seeds"].items():
+        lines += [f"## Over seeds: {variant} ({', '.join(summary['runs'])})", "",
+                  f"Mean ± sd (min to max) over {len(summary['runs'])} seeds; for the difference with {baseline}, "
+                  "also how many seeds' paired intervals lie below (↓) and above (↑) 0.", ""]
+        header = ["metric", "scope", *(m for m in MODELS), f"{method} − {baseline}"]
+        rows = []
+        for row in summary["rows"]:
+            digits = _digits(row["metric"])
+            rows.append([_row_title(row), row["scope"], *(_spread_cell(row["values"].get(m), digits) for m in MODELS),
+                         _spread_cell(row["differences"].get(method), digits, signed=True)])
+        lines += _table(header, rows) + [""]
+    ablations = [n for n, r in runs.items() if r["variant"] != "method"]
+    reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == 0), None)
+    if ablations and reference:
+        lines += ["## Ablations", "", f"{method} − {baseline} of each run, paired 95% interval (each run trains its own "
+                  f"{baseline}).", ""]
+        names = [reference, *ablations]
+        rows = []
+        for index, row in enumerate(tables[reference]):
+            digits = _digits(row["metric"])
+            rows.append([_row_title(row), row["scope"],
+                         *(_difference_cell(tables[n][index]["comparisons"].get(method), digits) for n in names)])
+        lines += _table(["metric", "scope", *names], rows) + [""]
+    timed = {n: r for n, r in runs.items() if r["stages"]}
+    if timed:
+        lines += ["## Wall time per stage", "", "Seconds from DVC's output (`<out>/logs/`): a stage runs from its "
+                  "`Running stage` line to the next stage; `restored` stages came from DVC's run cache.", ""]
+        stages = list(dict.fromkeys(s for r in timed.values() for s in r["stages"]))
+        rows = [[stage, *(f"{r['stages'][stage]['seconds']:.0f}" + ("" if r["stages"][stage]["status"] == "ran"
+                                                                    else f" ({r['stages'][stage]['status']})")
+                          if stage in r["stages"] else MISSING for r in timed.values())] for stage in stages]
+        rows.append(["**total**", *(f"**{r['total_seconds']:.0f}** ({r['total_seconds'] / 60:.1f} min)"
+                                    for r in timed.values())])
+        lines += _table(["stage", *timed], rows) + [""]
+    if experiment["notes"]:
+        lines += ["## Notes", ""] + [f"- {note}" for note in experiment["notes"]] + [""]
+    return "\n".join(lines)
+
+
+def write(experiment: dict, out: Path) -> None:
+    from pipeline.artifacts import write_json
+    from pipeline.artifacts import atomic_path
+
+    write_json(experiment, out / "results.json")
+    with atomic_path(out / "results.md") as path:
+        path.write_text(render(experiment), encoding="utf-8")
+
+
+def report(out: Path, prefix: str, shown: list[dict] | None = None) -> dict:
+    """Collect the runs named `<prefix>-...` (from `shown`, else `dvc exp show --json`) and write
+    `<out>/results.json` and `<out>/results.md`; returns the results."""
+    if shown is None:
+        shown = json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]")
+    experiment = collect(shown, prefix, git_results, read_logs(out / "logs"))
+    write(experiment, out)
+    return experiment
+
+
+# --- commands ---------------------------------------------------------------------------------------
+
+
+@app.command("run")
+@reports_errors
+def run_command(
+    preset: Path = typer.Option(Path("params.real.yaml"), help="The preset: a complete params file."),
+    plan: str = typer.Option("headline", help=f"Which runs: {', '.join(PLANS)}."),
+    out: Path = typer.Option(Path("reports/experiment"), help="Folder for logs/, results.json and results.md."),
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file the runs start from."),
+    prefix: str = typer.Option("real", help="Experiment names are <prefix>-<variant>-s<seed>."),
+):
+    """Queue the plan's runs that this commit lacks as DVC experiments, run them one at a time, then
+    write the table."""
+    from pipeline.config import load_all, load_params
+
+    if plan not in PLANS:
+        raise ConfigError(f"--plan = {plan!r} is not allowed: one of {', '.join(PLANS)}")
+    if not re.fullmatch(r"[A-Za-z0-9]+", prefix):
+        raise ConfigError(f"--prefix = {prefix!r} is not allowed: letters and digits")
+    load_all(preset)  # every section present and valid
+    wanted, base = load_params(preset), load_params(params)
+    mirror = Path(wanted["corpora"]["mirror"]).resolve()
+    uses_mirror = wanted["corpora"]["source"] == "mirror" or "mirror" in wanted["corpora"]["overrides"].values()
+    if uses_mirror and not mirror.is_dir():
+        raise DataError(f"{preset}: corpora.mirror {wanted['corpora']['mirror']} ({mirror}) is not a folder")
+    left_out = untracked_files()
+    if left_out:
+        typer.echo(f"warning: {len(left_out)} untracked files are not part of queued experiments (commit or ignore "
+                   f"them): {', '.join(left_out[:5])}", err=True)
+    done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
+    queued = 0
+    for variant, seed in PLANS[plan]:
+        name = run_name(prefix, variant, seed)
+        settings = run_params(wanted, variant, seed, str(mirror))
+        if name in done:
+            if done[name]["params"] != settings:
+                raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
+            typer.echo(f"experiment: {name} is done on this commit; kept")
+            continue
+        arguments = [f"-S={override}" for override in overrides(settings, base)]
+        dvc("exp", "run", "--queue", "--name", name, *arguments)
+        typer.echo(f"experiment: queued {name} ({len(arguments)} params set)")
+        queued += 1
+    if queued:
+        log = out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log"
+        executable = Path(sys.executable).with_name("dvc")
+        status = follow([str(executable) if executable.exists() else "dvc", "exp", "run", "--run-all", "--jobs", "1"],
+                        log)
+        if status != 0:
+            raise PipelineError(f"dvc exp run --run-all exited with {status}; see {log} and `dvc queue logs <name>`")
+    experiment = report(out, prefix)
+    missing = [run_name(prefix, v, s) for v, s in PLANS[plan] if run_name(prefix, v, s) not in experiment["runs"]]
+    if missing:
+        raise PipelineError(f"runs {', '.join(missing)} did not finish; see `dvc queue logs <name>`")
+    for name, run in experiment["runs"].items():
+        if run["stages"]:
+            typer.echo(f"experiment: {name}: {run['total_seconds'] / 60:.1f} min; "
+                       + ", ".join(f"{stage} {entry['seconds']:.0f} s" for stage, entry in run["stages"].items()
+                                   if entry["status"] == "ran"))
+    typer.echo(f"experiment: wrote {out / 'results.json'} and {out / 'results.md'}")
+
+
+@app.command("report")
+@reports_errors
+def report_command(
+    out: Path = typer.Option(Path("reports/experiment"), help="Folder with logs/; results.json and results.md go here."),
+    exps: Path = typer.Option(None, help="Output of `dvc exp show --json` (default: run it)."),
+    prefix: str = typer.Option("real", help="Experiment names are <prefix>-<variant>-s<seed>."),
+):
+    """Write the experiment's table from its DVC experiments (no run)."""
+    shown = None
+    if exps is not None:
+        try:
+            shown = json.loads(exps.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise DataError(f"{exps}: not the JSON of `dvc exp show --json` ({error})") from None
+    experiment = report(out, prefix, shown)
+    typer.echo(f"experiment: {len(experiment['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")
