@@ -15,6 +15,7 @@ import typer
 
 from pipeline.config import CORPORA, CorporaConfig, NormalizeConfig, load_section
 from pipeline.errors import DataError, reports_errors
+from pipeline.experiment import app as experiment_app
 
 app = typer.Typer(
     add_completion=False,
@@ -421,3 +422,8 @@ def audit(
     from pipeline.stages import generate as stage_module
 
     stage_module.run(config, name, entry.path, safety, normalized, candidates / name, audit=entry, agreement=agreement)
+
+
+# The experiment on real corpora (params.real.yaml): DVC experiments of the whole pipeline and their
+# table; not a stage of dvc.yaml.
+app.add_typer(experiment_app, name="experiment")

@@ -8,7 +8,8 @@ classifier in `models/safety`; stage 2 with `mine.generated` also samples from t
 `models/stage1`. Writes
 `data/groups/stage<k>/{train,validation,test}.parquet` (schema `schemas.GROUPS`) and `stats.json`:
 groups per corpus, negatives per source, every shortfall and who filled it, every skipped context and
-why, and how the stage-1 model was sampled.
+why, and how the stage-1 model was sampled. With `mine.stage<k>_max_groups`, each corpus keeps at most
+that many groups per split, a seeded sample of those mined (`capped` in stats.json: how many there were).
 
     python -m pipeline mine --stage 1 --normalized data/normalized --safety models/safety --out data/groups/stage1
     python -m pipeline mine --stage 2 --normalized data/normalized --safety models/safety \\
@@ -613,17 +614,46 @@ def mine_split(rows: pa.Table, pool_rows: pa.Table, config: MineConfig, stage: i
         tally.add(start, matrix, source_of, take & complete[:, None], complete, quotas, shortfall, filled)
 
     kept_rows, chosen_items, chosen_sources = tally.joined()
+    kept, capped = capped_groups(np.asarray(rows.column("corpus").to_pylist(), dtype=object)[kept_rows],
+                                 config.max_groups(stage, split), [config.seed, stage, SPLITS.index(split), 4])
+    per_group = np.repeat(kept, slots)  # each kept group's n - 1 negatives
+    kept_rows, chosen_items, chosen_sources = kept_rows[kept], chosen_items[per_group], chosen_sources[per_group]
     table = groups_table(rows, kept_rows, chosen_items, chosen_sources, pools.items, slots)
     skipped = {SKIP_EXHAUSTED: exhausted, SKIP_EMPTY_CONTEXT: int((~has_context).sum()),
                SKIP_NO_SAFE_REPLY: replies.no_safe_contexts}
-    stats = split_stats(table, tally, pools, {reason: n for reason, n in skipped.items() if n})
+    stats = split_stats(table, tally, pools, {reason: n for reason, n in skipped.items() if n}, chosen_items,
+                        chosen_sources)
     stats["human_labelled"] = {"safe": int(replies.labelled.sum()), "unsafe": replies.unsafe}
+    if capped:
+        stats["capped"] = capped
     return table, stats
 
 
-def split_stats(table: pa.Table, tally: Tally, pools: Pools, skipped: dict[str, int]) -> dict:
-    """One split's stats.json entry (see the module docstring)."""
-    _, chosen_items, chosen_sources = tally.joined()
+def capped_groups(corpus: np.ndarray, cap: int, seed: list[int]) -> tuple[np.ndarray, dict[str, int]]:
+    """Which of the mined groups to keep, given each one's corpus: at most `cap` per corpus (0: all), a
+    sample drawn with `seed` (its own stream, so a cap changes no negative), kept in their order.
+
+    Returns a (groups,) bool mask and, per corpus that had more than `cap` groups, how many it had.
+    """
+    keep = np.ones(len(corpus), dtype=bool)
+    if cap == 0:
+        return keep, {}
+    rng = np.random.default_rng(seed)
+    capped = {}
+    for name in sorted(set(corpus.tolist())):
+        rows = np.flatnonzero(corpus == name)
+        if len(rows) > cap:
+            keep[rows] = False
+            keep[rng.choice(rows, size=cap, replace=False)] = True
+            capped[name] = len(rows)
+    return keep, capped
+
+
+def split_stats(table: pa.Table, tally: Tally, pools: Pools, skipped: dict[str, int], chosen_items: np.ndarray,
+                chosen_sources: np.ndarray) -> dict:
+    """One split's stats.json entry (see the module docstring); `chosen_items` and `chosen_sources` are
+    the negatives of the groups written (after `mine.stage<k>_max_groups`), the tally's quotas and
+    shortfalls those of every complete group mined."""
     chosen_severity = pools.items.severity[chosen_items]
     per_source = lambda counts: dict(zip(MINE_SOURCES, np.asarray(counts).astype(int).tolist()))  # noqa: E731
     return {
