@@ -213,6 +213,12 @@ class MineConfig:
         default_factory=lambda: {"hard": 0.6, "random": 0.4, "generated": 0.0}
     )
     """Stage 2 shares of `context`, `hard`, `random` and `generated` (flagged stage-1 model samples)."""
+    stage1_max_groups: dict[str, int] = dataclasses.field(default_factory=dict)
+    """Stage-1 groups kept per corpus and split at most, a seeded sample of each corpus's mined groups
+    (in their order), e.g. `{train: 2000, validation: 200, test: 300}`; a split not named, or 0: all.
+    Sizes a run to its machine (the real preset on two CPU cores)."""
+    stage2_max_groups: dict[str, int] = dataclasses.field(default_factory=dict)
+    """As `stage1_max_groups`, for stage 2's own groups (the replayed stage-1 groups are not counted)."""
     replay: float = 0.2
     """Share of each split's stage-1 groups copied into stage 2, so stage 2 does not forget."""
     generated: bool = False
@@ -265,6 +271,10 @@ class MineConfig:
             require(not unknown, key, shares, f"sources are {', '.join(allowed)}")
             require(all(v >= 0 for v in shares.values()), key, shares, "every share must be 0 or more")
             require(abs(sum(shares.values()) - 1) < 1e-6, key, shares, "shares must sum to 1")
+        for stage in (1, 2):
+            key, caps = f"mine.stage{stage}_max_groups", getattr(self, f"stage{stage}_max_groups")
+            require(set(caps) <= set(SPLITS) and all(v >= 0 for v in caps.values()), key, caps,
+                    f"split names ({', '.join(SPLITS)}) with 0 (all) or more groups each")
         require(self.generated or self.stage2_sources.get("generated", 0) == 0, "mine.stage2_sources.generated",
                 self.stage2_sources.get("generated"), "must be 0 while mine.generated is false")
         require(0 <= self.replay <= 1, "mine.replay", self.replay, "a share between 0 and 1")
@@ -292,6 +302,10 @@ class MineConfig:
         require(0 < self.random_severity <= 1, "mine.random_severity", self.random_severity, "between 0 (excluded) and 1")
         require(self.hard_candidates >= 1, "mine.hard_candidates", self.hard_candidates, "must be at least 1")
         require(self.random_candidates >= 1, "mine.random_candidates", self.random_candidates, "must be at least 1")
+
+    def max_groups(self, stage: int, split: str) -> int:
+        """Groups kept per corpus in `split` of `stage` (1 or 2); 0: all."""
+        return (self.stage1_max_groups if stage == 1 else self.stage2_max_groups).get(split, 0)
 
     def shares(self, stage: int) -> dict[str, float]:
         """The share of every source in `MINE_SOURCES` order for `stage` (1 or 2); absent sources are 0."""

@@ -5,6 +5,7 @@ the generated source, and the command with bad input."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,8 @@ def config(**kwargs) -> MineConfig:
     ({"stage2_corpora": []}, "mine.stage2_corpora"),
     ({"stage1_corpora": ["mic", "mic"]}, "mine.stage1_corpora"),
     ({"reply_severity": {"offensive": 0.8}}, "mine.reply_severity"),
+    ({"stage1_max_groups": {"train": -1}}, "mine.stage1_max_groups"),
+    ({"stage2_max_groups": {"dev": 10}}, "mine.stage2_max_groups"),
     ({"reply_severity": {"offensive_and_agrees": 1.5, "offensive": 0.8, "agrees_offensive": 0.7,
                          "unsafe_category": 0.6}}, "every weight between 0 and 1"),
 ])
@@ -315,6 +318,40 @@ def test_same_seed_gives_identical_bytes_and_another_seed_does_not(tmp_path):
     assert first.keys() == {"train.parquet", "validation.parquet", "test.parquet", "stats.json"}
     assert first == again
     assert first["train.parquet"] != other["train.parquet"]
+
+
+def test_capped_groups_keeps_at_most_the_cap_per_corpus_in_order():
+    corpus = np.array(["mic"] * 5 + ["diasafety"] * 2 + ["mic"] * 2, dtype=object)
+    keep, capped = mine.capped_groups(corpus, 3, [0, 1, 0, 4])
+    assert capped == {"mic": 7}  # diasafety has 2 <= 3: untouched, not listed
+    assert keep[5:7].all() and keep[corpus == "mic"].sum() == 3
+    assert mine.capped_groups(corpus, 0, [0])[0].all() and mine.capped_groups(corpus, 0, [0])[1] == {}
+    assert (mine.capped_groups(corpus, 3, [0, 1, 0, 4])[0] == keep).all()  # seeded
+
+
+def test_max_groups_caps_each_corpus_and_changes_no_kept_group(tmp_path):
+    rows = [row("mic", f"q{i}", [f"Question {i} about money?"], f"Answer {i}.",
+                unacceptable=[(f"Steal money {i}", 1 + i % 5), (f"Cheat {i}", 2), (f"Lie {i}", 3)]) for i in range(12)]
+    rows += [r for i in range(3) for r in labelled_rows("train", i)]
+    normalized = write_corpora(tmp_path / "normalized", rows)
+    stats = {}
+    for name, caps in (("all", {}), ("capped", {"train": 2})):
+        settings = config(stage1_max_groups=caps, stage1_corpora=["mic", "diasafety", "toxichat"])
+        stats[name] = mine.run(settings, 1, normalized, FakeScorer(), tmp_path / name,
+                               progress=False)
+    every = {g["group_id"]: g for g in pq.read_table(tmp_path / "all" / "train.parquet").to_pylist()}
+    kept = pq.read_table(tmp_path / "capped" / "train.parquet").to_pylist()
+    # 12 MIC groups, 3 DiaSafety and 3 ToxiChat ones (the safe reply of each) before the cap; 2 of each after.
+    assert Counter(g["corpus"] for g in every.values()) == {"mic": 12, "diasafety": 3, "toxichat": 3}
+    assert Counter(g["corpus"] for g in kept) == {"mic": 2, "diasafety": 2, "toxichat": 2}
+    assert all(every[g["group_id"]] == g for g in kept)  # the same negatives as without the cap
+    ids = list(every)
+    assert [ids.index(g["group_id"]) for g in kept] == sorted(ids.index(g["group_id"]) for g in kept)  # in order
+    train = stats["capped"]["splits"]["train"]
+    assert train["capped"] == {"diasafety": 3, "mic": 12, "toxichat": 3}
+    assert train["groups"] == 6 and train["groups_per_corpus"] == {"diasafety": 2, "mic": 2, "toxichat": 2}
+    assert sum(train["negatives_per_source"].values()) == 6 * 3
+    assert "capped" not in stats["all"]["splits"]["train"]
 
 
 # --- socially aware severities and retrieval ------------------------------------------------------
