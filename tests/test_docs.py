@@ -1,8 +1,8 @@
 """The documentation says only what the code does: README.md, every page of docs/ and bench/README.md.
 
 Each page is checked for
-- commands: every `python -m pipeline <command>` (or `-m pipeline <command>` after a launcher) is a
-  command whose `--help` answers, every `--option` written after it is one of its options, and a
+- commands: every `python -m pipeline <command>` (or `-m pipeline <command>` after a launcher; a
+  command's subcommand too, `experiment run`) is a command whose `--help` answers, every `--option` written after it is one of its options, and a
   command written with options and without `...` gives every required one (not those an environment
   variable can supply: `audit --name` comes from DVC_STAGE; not with `--help`);
   every `python -m bench <name>` / `python -m bench.<module>` names a benchmark in bench/;
@@ -37,6 +37,7 @@ from pathlib import Path
 import pytest
 import typer
 import yaml
+from typer.core import TyperGroup
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -113,18 +114,25 @@ OPTION = re.compile(r"(?:^|\s)(--?[a-z][\w-]*)")
 BENCH_COMMAND = re.compile(r"-m bench(?:\.(\w+)|((?:\s+[a-z]\w*)*))")
 
 
+def cli_command(path: tuple[str, ...]):
+    """The command of `python -m pipeline <path...>` (`("train",)`, `("experiment", "run")`), or None."""
+    command = typer.main.get_command(app)
+    for name in path:
+        if not isinstance(command, TyperGroup) or name not in command.commands:
+            return None
+        command = command.commands[name]
+    return command
+
+
 @lru_cache(maxsize=None)
-def command_options(command: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
-    """The options of `python -m pipeline <command>` and the required ones (as their first name), or
-    None when its `--help` does not answer."""
-    group = typer.main.get_command(app)
-    if command not in group.commands:
-        return None
-    result = CliRunner().invoke(app, [command, "--help"])
-    if result.exit_code != 0:
+def command_options(path: tuple[str, ...]) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """The options of `python -m pipeline <path...>` and the required ones (as their first name), or
+    None when there is no such command or its `--help` does not answer."""
+    command = cli_command(path)
+    if command is None or CliRunner().invoke(app, [*path, "--help"]).exit_code != 0:
         return None
     options, required = {"--help"}, []
-    for parameter in group.commands[command].params:
+    for parameter in command.params:
         if parameter.param_type_name != "option":
             continue
         options.update(parameter.opts + parameter.secondary_opts)
@@ -133,21 +141,29 @@ def command_options(command: str) -> tuple[frozenset[str], tuple[str, ...]] | No
     return frozenset(options), tuple(required)
 
 
-def pipeline_commands(page: Page) -> list[tuple[str, list[str], bool]]:
-    """(command, options written after it, whether the command is written whole: no `...`) for every
-    `-m pipeline <command> ...` written as code."""
+SUBCOMMAND = re.compile(r"^\s+([a-z][a-z0-9_-]*)")
+
+
+def pipeline_commands(page: Page) -> list[tuple[tuple[str, ...], list[str], bool]]:
+    """(command path, options written after it, whether the command is written whole: no `...`) for
+    every `-m pipeline <command> [<subcommand>] ...` written as code; a subcommand is read where the
+    command is a group of them (`experiment run`)."""
     found = []
     for code in page.code():
         for match in PIPELINE_COMMAND.finditer(code):
-            rest = COMMAND_END.split(match.group(3))[0]
-            found.append((match.group(2), OPTION.findall(rest), "..." not in rest))
+            path, rest = (match.group(2),), COMMAND_END.split(match.group(3))[0]
+            sub = SUBCOMMAND.match(rest)
+            if isinstance(cli_command(path), TyperGroup) and sub:
+                path, rest = (*path, sub.group(1)), rest[sub.end():]
+            found.append((path, OPTION.findall(rest), "..." not in rest))
     return found
 
 
 def command_problems(page: Page) -> list[str]:
     problems = []
-    for command, options, whole in pipeline_commands(page):
-        answer = command_options(command)
+    for path, options, whole in pipeline_commands(page):
+        command = " ".join(path)
+        answer = command_options(path)
         if answer is None:
             problems.append(f"`python -m pipeline {command}`: no such command")
             continue
@@ -697,7 +713,9 @@ SYNTHETIC = '''# Title
 Run `python -m pipeline normalize mic --raw data/raw/mic --out x` or `python -m pipeline nosuch --x`,
 `python -m pipeline normalize mic --raw r` (no --out), `python -m pipeline normalize mic --raw r ...`,
 `python -m pipeline audit --safety s --normalized n --candidates c` (--name from DVC_STAGE),
-`python -m pipeline safety --help`, and `python -m pipeline score` alone.
+`python -m pipeline safety --help`, `python -m pipeline experiment run --plan headline`,
+`python -m pipeline experiment nosuch --plan x`, `python -m pipeline experiment report --bogus`, and
+`python -m pipeline score` alone.
 
 ```bash
 python -m pipeline train --stage 1 --init models/base \\
@@ -754,6 +772,8 @@ def test_commands_checker_finds_unknown_commands_and_options(synthetic):
     assert command_problems(synthetic) == [
         "`python -m pipeline nosuch`: no such command",
         "`python -m pipeline normalize`: required option --out is missing",
+        "`python -m pipeline experiment nosuch`: no such command",
+        "`python -m pipeline experiment report --bogus`: no such option",
         "`python -m pipeline train --bogus-option`: no such option",
         "`python -m bench nosuch_bench`: no such benchmark in bench/",
     ]
