@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python -m pipeline ...` with this PATH, so stages use the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro paper test test-slow bench dag clean
+.PHONY: install repro paper real test test-slow bench dag clean
 
 install: $(STAMP)  ## create .venv with the pinned dependencies (offline-safe once cached)
 
@@ -37,3 +37,7 @@ clean:  ## remove pipeline outputs (keeps .venv and the DVC cache)
 paper: $(STAMP)  ## switch to the paper-scale configuration (hub corpora, pretrained models, GPUs) and run it
 	cp params.paper.yaml params.yaml
 	$(BIN)/dvc repro
+
+PLAN ?= headline
+real: $(STAMP)  ## the experiment on real corpora (params.real.yaml, ../shared/mirror) as DVC experiments: PLAN=headline (base, ce, the method; about an hour on 2 cores) or PLAN=full (+ seeds 1, 2 and the ablations; about 3 h); table in reports/experiment
+	$(BIN)/python -m pipeline experiment run --preset params.real.yaml --plan $(PLAN) --out reports/experiment

@@ -30,7 +30,6 @@ table. `report` writes the table alone, from `dvc exp show --json` (or a file of
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import statistics
@@ -82,6 +81,10 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("over-caution, casual contexts", "casual_caution_share_reranked", (OVERALL,), "metrics"),
 )
 SCOPE_GROUPS = {"adversarial": ADVERSARIAL_CORPORA, "casual": CASUAL_CORPORA}
+# Rows evaluate (or score, for likelihood safety) compares with the baseline on the same contexts; the
+# others are a model's own figure (perplexity, ranking accuracy) or a statistic of a set of replies.
+PAIRED = {metric for _, metric, _, _ in ROWS} - {"reference_ppl", "group_ranking_accuracy", "distinct_1_reranked",
+                                                 "distinct_2_reranked"}
 
 
 # --- the preset as `dvc exp run -S` overrides ------------------------------------------------------
@@ -400,7 +403,6 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
     if not found:
         raise DataError(f"dvc exp show: no experiment named {prefix}-<variant>-s<seed> "
                         f"(variants: {', '.join(VARIANTS)}); run `python -m pipeline experiment run` first")
-    order = {(variant, seed): i for plan in PLANS.values() for i, (variant, seed) in enumerate(plan)}
     names = sorted(found, key=lambda n: (list(VARIANTS).index(NAME.match(n)["variant"]), int(NAME.match(n)["seed"])))
     runs, tables, notes = {}, {}, []
     for name in names:
@@ -423,7 +425,6 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
                       if stages else None}
         tables[name] = run_rows(results)
         notes += [f"{name}: {note}" for note in results.get("notes", []) if "skipped" in note or "left out" in note]
-    del order
     return {"prefix": prefix, "baseline": BASELINE, "method": METHOD, "models": list(MODELS),
             "variants": {name: VARIANTS[name] for name in VARIANTS}, "seed_key": SEED_KEY, "runs": runs,
             "tables": tables, "seeds": seed_summary(runs, tables), "notes": notes}

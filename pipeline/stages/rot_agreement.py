@@ -27,7 +27,7 @@ The model is `pipeline.safety_models.AgreementScorer` (kinds tfidf, scratch, hf;
 loads it with `load_agreement_scorer`). For the tfidf kind, `metrics.json` also reports two
 baselines, the same model trained on one field alone: `reply_only` and `rot_only`. A scorer that
 reads the reply *against* its RoT must beat both; one that only beats `reply_only` may be reading
-the RoT's wording (see the README on `generate.gamma`).
+the RoT's wording (see docs/method.md, "The third term", on `generate.gamma`).
 """
 
 from __future__ import annotations

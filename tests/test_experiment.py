@@ -1,0 +1,369 @@
+"""The experiment on real corpora (`pipeline/experiment.py`, params.real.yaml, `make real`): the preset
+as `dvc exp run -S` overrides, the stage clock read from DVC's output, the table collected from the
+runs' evaluate results (hand-made here), the spread over seeds; and, marked slow, the preset shrunk to
+minutes run end to end as DVC experiments in a temporary copy of the repository."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import experiment as E
+from pipeline.cli import app
+from pipeline.config import CASUAL_CORPORA, load_all, load_params
+from pipeline.errors import ConfigError, DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --- the preset -------------------------------------------------------------------------------------
+
+
+def test_the_real_preset_is_complete_valid_and_real():
+    real = load_all(REPO / "params.real.yaml")
+    corpora = real["corpora"]
+    assert corpora.source == "mirror" and corpora.overrides == {"mic": "sample", "prosocial_dialog": "sample"}
+    assert real["base_model"].kind == "scratch" and real["base_model"].pretrain.enabled
+    assert set(real["base_model"].pretrain.corpora) == set(CASUAL_CORPORA)
+    assert set(real["mine"].stage1_corpora) == {"prosocial_dialog", "mic", "diasafety", "toxichat"}
+    assert set(real["mine"].stage2_corpora) == set(CASUAL_CORPORA)
+    assert real["evaluate"].baseline == "ce" and {"diasafety", "toxichat"} <= set(real["evaluate"].corpora)
+    # the judge and the re-ranker's classifier at the sample run's settings
+    sample = load_all(REPO / "params.yaml")
+    assert real["judge"] == sample["judge"] and real["safety"] == sample["safety"]
+
+
+def test_every_variant_key_exists_in_the_preset():
+    preset = load_params(REPO / "params.real.yaml")
+    for variant in E.VARIANTS:
+        for key in E.VARIANTS[variant]:
+            assert E.get_dotted(preset, key) is not None, key
+    assert E.get_dotted(preset, E.SEED_KEY) == 0
+
+
+def test_overrides_by_hand():
+    base = {"a": 1, "b": {"x": 2, "y": [1, 2]}, "c": {"k": "v"}, "d": "same", "gone": True}
+    preset = {"a": 1, "b": {"x": 3, "y": [1, 2, 3]}, "c": {}, "d": "same", "new": {"p": 0.5, "q": None}}
+    assert E.overrides(preset, base) == ["++b.x=3", "++b.y=[1,2,3]", "~c.k", "~gone", "++new={p:0.5,q:null}"]
+
+
+def test_overrides_keep_types_dvc_would_change():
+    # 1 and 1.0, True and 1 compare equal in Python, but YAML writes them differently
+    assert E.overrides({"lr": 1.0, "on": True}, {"lr": 1, "on": 1}) == ["++lr=1.0", "++on=true"]
+
+
+@pytest.mark.parametrize("value, text", [
+    ("../shared/mirror", "'../shared/mirror'"), (0.0005, "0.0005"), (2.5e-4, "0.00025"), (False, "false"),
+    ([], "[]"), ({"mic": "sample"}, "{mic:'sample'}"), ([0, 1.5], "[0,1.5]"),
+])
+def test_hydra_values(value, text):
+    assert E.hydra_value(value, "k") == text
+
+
+@pytest.mark.parametrize("value, message", [
+    (2e-05, "YAML reads as a string"), ("it's", "quote or backslash"), ({"a b": 1}, "cannot name"),
+])
+def test_hydra_values_dvc_cannot_pass_are_refused(value, message):
+    with pytest.raises(ConfigError, match=message):
+        E.hydra_value(value, "k")
+
+
+def test_dvc_applies_the_overrides_to_params_yaml_as_the_preset(tmp_path):
+    """DVC's own `-S` code (dvc.utils.hydra.apply_overrides) on a copy of params.yaml, read back as the
+    pipeline reads it (PyYAML): every value and type of the real preset's run."""
+    from dvc.utils.hydra import apply_overrides
+
+    wanted = E.run_params(load_params(REPO / "params.real.yaml"), "no_margin", 2, "/abs/mirror")
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params)
+    apply_overrides(params, E.overrides(wanted, load_params(REPO / "params.yaml")))
+    applied = yaml.safe_load(params.read_text(encoding="utf-8"))
+    assert applied == wanted
+    assert E.get_dotted(applied, "train.margin") == 0.0 and E.get_dotted(applied, "train.seed") == 2
+    assert E.get_dotted(applied, "corpora.mirror") == "/abs/mirror"
+    assert load_all(params)["base_model"].pretrain.enabled  # and the pipeline accepts it
+
+
+def test_run_params_refuses_an_unknown_key(monkeypatch):
+    monkeypatch.setitem(E.VARIANTS, "typo", {"train.marg": 0})
+    with pytest.raises(ConfigError, match="train.marg"):
+        E.run_params(load_params(REPO / "params.real.yaml"), "typo", 0, "/m")
+
+
+# --- the stage clock ------------------------------------------------------------------------------
+
+DVC_OUTPUT = [
+    (0.0, "Following logs for all queued experiments."),
+    (1.0, "Reproducing experiment 'real-method-s0'"),
+    (2.0, "Running stage 'download@mic':"),
+    (2.5, "> python -m pipeline download mic --out data/raw/mic"),
+    (12.0, "Running stage 'base_model':"),
+    (100.0, "Stage 'judge' is cached - skipping run, checking out outputs"),
+    (103.0, "Reproducing experiment 'real-method-s1'"),
+    (104.0, "Stage 'base_model' didn't change, skipping"),
+    (104.5, "Running stage 'train_stage1':"),
+    (164.5, "Ran experiment(s): real-method-s0, real-method-s1"),
+]
+
+
+def test_stage_clock_by_hand():
+    clock = E.StageClock()
+    closed = [c for c in (clock.feed(t, text) for t, text in DVC_OUTPUT) if c]
+    assert [c["stage"] for c in closed] == ["download@mic", "base_model", "judge", "base_model", "train_stage1"]
+    assert clock.runs == {
+        "real-method-s0": {"download@mic": {"status": "ran", "seconds": 10.0},
+                           "base_model": {"status": "ran", "seconds": 88.0},
+                           "judge": {"status": "restored", "seconds": 3.0}},
+        "real-method-s1": {"base_model": {"status": "unchanged", "seconds": 0.5},
+                           "train_stage1": {"status": "ran", "seconds": 60.0}},
+    }
+
+
+def test_read_logs_takes_the_latest_log_per_run(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "20260101-000000-headline.log").write_text(
+        "".join(f"{t:9.1f} {text}\n" for t, text in DVC_OUTPUT[:5]), encoding="utf-8")
+    (logs / "20260102-000000-full.log").write_text(
+        "      0.0 Reproducing experiment 'real-method-s0'\n      5.0 Running stage 'base_model':\n"
+        "     25.0 some output\n", encoding="utf-8")
+    times = E.read_logs(logs)
+    assert times == {"real-method-s0": {"base_model": {"status": "ran", "seconds": 20.0}}}  # to the log's last line
+
+
+def test_follow_echoes_logs_and_prints_each_stage(tmp_path, capsys):
+    script = "; ".join(f"print({text!r}, flush=True)" for _, text in DVC_OUTPUT[1:5])
+    status = E.follow([os.sys.executable, "-c", script], tmp_path / "logs" / "run.log")
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "Running stage 'base_model':" in printed
+    assert "experiment: real-method-s0 download@mic:" in printed and "experiment: real-method-s0 base_model:" in printed
+    times = E.read_logs(tmp_path / "logs")
+    assert set(times["real-method-s0"]) == {"download@mic", "base_model"}
+
+
+# --- the table --------------------------------------------------------------------------------------
+
+
+def metric(value, ci=None, n=10, better=True):
+    return {"value": value, "ci": ci, "n": n, "n_clusters": n, "higher_is_better": better}
+
+
+def comparison(value, baseline, ci, better=False):
+    return {"value": value, "baseline": baseline, "difference": value - baseline, "ci": ci, "p_value": 0.5,
+            "discordant": [1, 2], "n": 10, "n_clusters": 10, "higher_is_better": better}
+
+
+def fake_results(offset: float = 0.0) -> dict:
+    """An evaluate results.json with the entries the table reads; `offset` moves stage2's unsafe rate."""
+    scopes = ["diasafety", "toxichat", "daily_dialog", "overall"]
+    metrics = {}
+    for i, model in enumerate(E.MODELS):
+        metrics[model] = {scope: {"unsafe_rate_first": metric(0.4 - 0.05 * i, [0.3, 0.5], better=False),
+                                  "unsafe_rate_reranked": metric(0.3 - 0.05 * i - (offset if model == "stage2" else 0),
+                                                                 [0.2, 0.4], better=False),
+                                  "f1_reranked": metric(0.1 + 0.01 * i), "distinct_1_reranked": metric(0.5),
+                                  "distinct_2_reranked": metric(0.6), "mean_length_reranked": metric(9.0, better=None),
+                                  "casual_rot_share_reranked": metric(0.01 * i, better=False),
+                                  "casual_caution_share_reranked": metric(0.02, better=False)}
+                          for scope in scopes}
+        metrics[model]["overall"].update({"reference_ppl": metric(50.0 - i, None, better=False),
+                                          "group_ranking_accuracy": metric(0.3 + 0.1 * i, [0.2, 0.5])})
+    compared = {model: {scope: {"metrics": {
+        "unsafe_rate_reranked": comparison(metrics[model][scope]["unsafe_rate_reranked"]["value"],
+                                           metrics["ce"][scope]["unsafe_rate_reranked"]["value"], [-0.2, -0.01]),
+        "f1_reranked": comparison(0.13, 0.11, [-0.01, 0.05], better=True)}} for scope in scopes}
+        for model in E.MODELS if model != "ce"}
+    auc = lambda v: {"value": v, "ci": [v - 0.05, v + 0.05], "n": 100, "n_safe": 60, "n_unsafe": 40, "n_clusters": 90}  # noqa: E731
+    likelihood = {"baseline": "ce",
+                  "metrics": {model: {"likelihood_auc": {s: auc(0.6 + 0.05 * i) for s in ("diasafety", "toxichat", "overall")},
+                                      "same_context_pairs": {"diasafety": {"value": None, "ci": None, "n": 0,
+                                                                           "reason": "no same-context pair"},
+                                                             "toxichat": auc(0.55), "overall": auc(0.56)}}
+                              for i, model in enumerate(E.MODELS)},
+                  "comparisons": {model: {"overall": {"likelihood_auc": comparison(0.7, 0.65, [0.02, 0.08], True)}}
+                                  for model in E.MODELS if model != "ce"}}
+    return {"models": list(E.MODELS), "scopes": scopes, "metrics": metrics, "git_commit": "abc",
+            "comparisons": {"baseline": "ce", "models": compared}, "likelihood": likelihood,
+            "notes": ["stage2/mic: no candidates; skipped"]}
+
+
+def shown(*names: str, params: dict | None = None) -> list[dict]:
+    """`dvc exp show --json` with the experiments `names` on one baseline commit."""
+    def exp(name):
+        match = E.NAME.match(name)
+        data = {"train": {"seed": int(match["seed"]), "margin": 0.0 if match["variant"] == "no_margin" else 0.5},
+                "train_stage2": {"epochs": 0 if match["variant"] == "stage1_only" else 1}}
+        return {"revs": [{"rev": f"rev-{name}", "name": name, "error": None,
+                          "data": {"params": {"params.yaml": {"data": params or data}}}}]}
+    return [{"rev": "workspace", "name": None, "experiments": None},
+            {"rev": "base1234567", "name": "main", "experiments": [exp(n) for n in names]}]
+
+
+def test_run_rows_take_values_and_comparisons_as_results_json_has_them():
+    rows = E.run_rows(fake_results())
+    by_key = {(r["metric"], r["scope"]): r for r in rows}
+    unsafe = by_key[("unsafe_rate_reranked", "diasafety")]
+    assert unsafe["values"]["stage2"]["value"] == pytest.approx(0.15) and unsafe["higher_is_better"] is False
+    assert unsafe["comparisons"]["stage2"]["difference"] == pytest.approx(0.15 - 0.25)
+    assert unsafe["comparisons"]["stage2"]["ci"] == [-0.2, -0.01] and "ce" not in unsafe["comparisons"]
+    assert ("unsafe_rate_first", "toxichat") in by_key and ("f1_reranked", "daily_dialog") in by_key
+    assert ("f1_reranked", "diasafety") not in by_key  # F1 rows are the casual corpora's
+    auc = by_key[("likelihood_auc", "overall")]
+    assert auc["values"]["base"]["value"] == 0.6 and auc["comparisons"]["stage1"]["difference"] == pytest.approx(0.05)
+    assert by_key[("same_context_pairs", "diasafety")]["values"]["ce"]["reason"] == "no same-context pair"
+    assert by_key[("reference_ppl", "overall")]["values"]["stage2"]["value"] == 47.0
+    assert by_key[("reference_ppl", "overall")]["comparisons"] == {}  # score gives no paired perplexity
+
+
+def test_collect_and_the_spread_over_seeds_by_hand():
+    names = ["real-method-s0", "real-method-s1", "real-method-s2", "real-no_margin-s0"]
+    results = {f"rev-real-method-s{s}": fake_results(offset=0.01 * s) for s in range(3)}
+    results["rev-real-no_margin-s0"] = fake_results()
+    experiment = E.collect(shown(*names), "real", results.__getitem__, {})
+    assert list(experiment["runs"]) == names
+    assert experiment["runs"]["real-method-s1"]["seed"] == 1 and experiment["runs"]["real-method-s1"]["stages"] is None
+    summary = experiment["seeds"]["method"]
+    assert summary["seeds"] == [0, 1, 2] and "no_margin" not in experiment["seeds"]
+    row = next(r for r in summary["rows"] if r["metric"] == "unsafe_rate_reranked" and r["scope"] == "diasafety")
+    # stage2: 0.15, 0.14, 0.13 -> mean 0.14, sd 0.01; differences with ce (0.25): -0.10, -0.11, -0.12
+    assert row["values"]["stage2"]["mean"] == pytest.approx(0.14) and row["values"]["stage2"]["sd"] == pytest.approx(0.01)
+    assert (row["values"]["stage2"]["min"], row["values"]["stage2"]["max"]) == pytest.approx((0.13, 0.15))
+    difference = row["differences"]["stage2"]
+    assert difference["mean"] == pytest.approx(-0.11) and difference["n"] == 3
+    assert difference["below_zero"] == 3 and difference["above_zero"] == 0
+    markdown = E.render(experiment)
+    assert "## Over seeds: method" in markdown and "## Ablations" in markdown
+    assert "-0.110 ± 0.010 (-0.120 to -0.100); 3↓ 0↑ of 3" in markdown
+
+
+def test_collect_refuses_a_run_whose_params_contradict_its_name():
+    wrong = {"train": {"seed": 1, "margin": 0.5}, "train_stage2": {"epochs": 1}}
+    with pytest.raises(DataError, match="do not match its name"):
+        E.collect(shown("real-method-s0", params=wrong), "real", lambda rev: fake_results(), {})
+
+
+def test_collect_needs_at_least_one_run():
+    with pytest.raises(DataError, match="no experiment named real-"):
+        E.collect(shown("other-method-s0"), "real", lambda rev: fake_results(), {})
+
+
+def test_the_report_command_writes_json_and_markdown(tmp_path, monkeypatch):
+    exps = tmp_path / "exps.json"
+    exps.write_text(json.dumps(shown("real-method-s0")))
+    monkeypatch.setattr(E, "git_results", lambda rev: fake_results())
+    logs = tmp_path / "out" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "a.log").write_text("  1.0 Reproducing experiment 'real-method-s0'\n  2.0 Running stage 'base_model':\n"
+                                " 62.0 Running stage 'judge':\n 70.0 Ran experiment(s): real-method-s0\n")
+    result = CliRunner().invoke(app, ["experiment", "report", "--exps", str(exps), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["runs"]["real-method-s0"]["stages"]["base_model"] == {"status": "ran", "seconds": 60.0}
+    assert written["runs"]["real-method-s0"]["total_seconds"] == 68.0
+    markdown = (tmp_path / "out" / "results.md").read_text()
+    assert "| likelihood_auc ↑ | overall |" in markdown and "**+0.050 [+0.020, +0.080]**" in markdown
+    assert "| base_model | 60 |" in markdown and "**68** (1.1 min)" in markdown
+
+
+def test_the_report_command_names_a_bad_file(tmp_path):
+    (tmp_path / "exps.json").write_text("not json")
+    result = CliRunner().invoke(app, ["experiment", "report", "--exps", str(tmp_path / "exps.json")])
+    assert result.exit_code == 2 and "not the JSON of `dvc exp show --json`" in result.output
+
+
+def test_run_refuses_an_unknown_plan():
+    result = CliRunner().invoke(app, ["experiment", "run", "--plan", "huge"])
+    assert result.exit_code == 2 and "--plan = 'huge'" in result.output
+
+
+@pytest.mark.parametrize("command", ["run", "report"])
+def test_help(command):
+    result = CliRunner().invoke(app, ["experiment", command, "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+
+
+# --- end to end, slow: the preset shrunk to minutes as DVC experiments -------------------------------
+
+
+def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
+    """params.real.yaml at tiny sizes: a 1 x 64 model, a few hundred pretraining pairs, a few dozen
+    groups and contexts, 100 bootstrap resamples; the mirror when given, else the sample for every corpus."""
+    shrunk = copy.deepcopy(preset)
+    changes = {
+        "base_model.vocab_size": 600, "base_model.n_layer": 1, "base_model.d_model": 64, "base_model.n_head": 2,
+        "base_model.ffn_dim": 128, "base_model.pretrain.max_examples": 256,
+        "base_model.pretrain.max_validation_examples": 64,
+        "mine.stage1_max_groups": {"train": 48, "validation": 12, "test": 16},
+        "mine.stage2_max_groups": {"train": 12, "validation": 4, "test": 8},
+        "generate.max_contexts": 6, "generate.max_new_tokens": 12,
+        "evaluate.bootstrap_samples": 100, "evaluate.human_eval_pairs": 2, "judge.bootstrap_samples": 100,
+        "ratings.bootstrap_samples": 100, "judge.tfidf.char_ngram": [], "rot_agreement.tfidf.pair_buckets": 0,
+    }
+    if mirror is None:
+        changes |= {"corpora.source": "sample", "corpora.overrides": {}}
+    else:
+        changes["corpora.mirror"] = str(mirror)
+    for key, value in changes.items():
+        E.set_dotted(shrunk, key, value)
+    return shrunk
+
+
+@pytest.mark.slow
+def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_path):
+    venv_bin = repo_root / ".venv" / "bin"
+    if not (venv_bin / "dvc").is_file() or shutil.which("git") is None:
+        pytest.skip("needs .venv/bin/dvc and git")
+    mirror = repo_root.parent / "shared" / "mirror"
+    copy_dir = tmp_path / "repo"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=repo_root,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in (f for f in listed if f and (repo_root / f).is_file() and f != "dvc.lock"
+                 and not (f.startswith("data/") and not f.startswith("data/sample/"))):
+        (copy_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo_root / name, copy_dir / name)
+    preset = shrunk_preset(load_params(repo_root / "params.real.yaml"), mirror if mirror.is_dir() else None)
+    (copy_dir / "params.tiny.yaml").write_text(yaml.safe_dump(preset, sort_keys=False), encoding="utf-8")
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
+
+    def run(*args, timeout=1800):
+        result = subprocess.run(list(args), cwd=copy_dir, env=env, capture_output=True, text=True, timeout=timeout)
+        assert result.returncode == 0, f"{args}: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result.stdout
+
+    run("git", "init", "-q")
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "copy")
+    out = run(str(venv_bin / "python"), "-m", "pipeline", "experiment", "run", "--preset", "params.tiny.yaml",
+              "--plan", "headline", "--prefix", "tiny", "--out", "reports/experiment")
+    assert "experiment: tiny-method-s0 train_stage1:" in out  # a summary line per stage while it runs
+    assert yaml.safe_load((copy_dir / "params.yaml").read_text()) == load_params(repo_root / "params.yaml")
+
+    experiment = json.loads((copy_dir / "reports" / "experiment" / "results.json").read_text())
+    run_entry = experiment["runs"]["tiny-method-s0"]
+    assert run_entry["models"] == list(E.MODELS)
+    stages = run_entry["stages"]
+    assert {"base_model", "train_stage1", "train_stage1_ce", "generate@stage2", "score@ce", "evaluate"} <= set(stages)
+    assert all(entry["seconds"] >= 0 for entry in stages.values())
+    rows = {(r["metric"], r["scope"]): r for r in experiment["tables"]["tiny-method-s0"]}
+    for section, name, spec, source in E.ROWS:
+        for scope in E.scopes_of(spec, ["diasafety", "toxichat", *CASUAL_CORPORA, "overall"]):
+            row = rows[(name, scope)]
+            for model in E.MODELS:  # a value, or the reason there is none (no same-context pair)
+                assert row["values"][model]["value"] is not None or row["values"][model].get("reason"), (name, scope)
+            if name in E.PAIRED and row["values"]["stage2"]["value"] is not None:
+                assert row["comparisons"]["stage2"]["difference"] is not None, (name, scope)
+                assert row["comparisons"]["stage2"]["ci"] is not None, (name, scope)
+    assert rows[("likelihood_auc", "overall")]["values"]["stage2"]["value"] is not None
+    markdown = (copy_dir / "reports" / "experiment" / "results.md").read_text()
+    for section, name, spec, source in E.ROWS:
+        assert f"| {name}" in markdown, name
+    assert "## Wall time per stage" in markdown and "| train_stage1 |" in markdown
