@@ -616,17 +616,18 @@ def run_command(
         dvc("exp", "run", "--queue", "--name", name, *arguments)
         typer.echo(f"experiment: queued {name} ({len(arguments)} params set)")
         queued += 1
+    status = 0
     if queued:
         log = out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log"
         executable = Path(sys.executable).with_name("dvc")
         status = follow([str(executable) if executable.exists() else "dvc", "exp", "run", "--run-all", "--jobs", "1"],
                         log)
-        if status != 0:
-            raise PipelineError(f"dvc exp run --run-all exited with {status}; see {log} and `dvc queue logs <name>`")
-    experiment = report(out, prefix)
+    experiment = report(out, prefix)  # whatever finished, also when a run failed
     missing = [run_name(prefix, v, s) for v, s in PLANS[plan] if run_name(prefix, v, s) not in experiment["runs"]]
     if missing:
-        raise PipelineError(f"runs {', '.join(missing)} did not finish; see `dvc queue logs <name>`")
+        raise PipelineError(f"runs {', '.join(missing)} did not finish; see {out / 'logs'} and `dvc queue logs <name>`")
+    if status != 0:
+        raise PipelineError(f"dvc exp run --run-all exited with {status}; see {out / 'logs'}")
     for name, run in experiment["runs"].items():
         if run["stages"]:
             typer.echo(f"experiment: {name}: {run['total_seconds'] / 60:.1f} min; "

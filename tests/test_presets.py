@@ -1,5 +1,6 @@
-"""Both configurations — the default sample run (params.yaml) and the paper-scale preset
-(params.paper.yaml) — are complete and valid, and every stage of dvc.yaml resolves against them."""
+"""The configurations — the default sample run (params.yaml), the paper-scale preset
+(params.paper.yaml) and the real-corpora preset (params.real.yaml) — are complete and valid, and
+every stage of dvc.yaml resolves against them."""
 
 import re
 import shutil
@@ -14,7 +15,7 @@ from pipeline.config import SECTIONS, load_all
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ["params.yaml", "params.paper.yaml"]
+PRESETS = ["params.yaml", "params.paper.yaml", "params.real.yaml"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
