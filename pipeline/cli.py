@@ -15,7 +15,6 @@ import typer
 
 from pipeline.config import CORPORA, CorporaConfig, NormalizeConfig, load_section
 from pipeline.errors import DataError, reports_errors
-from pipeline.experiment import app as experiment_app
 
 app = typer.Typer(
     add_completion=False,
@@ -425,5 +424,41 @@ def audit(
 
 
 # The experiment on real corpora (params.real.yaml): DVC experiments of the whole pipeline and their
-# table; not a stage of dvc.yaml.
+# table; not a stage of dvc.yaml, and imported inside its commands, so no stage runs it.
+experiment_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                             help="The experiment on real corpora (params.real.yaml) as DVC experiments, and its table.")
 app.add_typer(experiment_app, name="experiment")
+NAME_PREFIX = typer.Option("real", help="Experiment names are <prefix>-<variant>-s<seed>.")
+EXPERIMENT_OUT = typer.Option(Path("reports/experiment"), help="Folder of logs/, results.json and results.md.")
+
+
+@experiment_app.command("run")
+@reports_errors
+def experiment_run(
+    preset: Path = typer.Option(Path("params.real.yaml"), help="The preset: a complete params file."),
+    plan: str = typer.Option("headline", help="Which runs: headline (the method, seed 0) or full (seeds 0-2 and "
+                                              "the ablations no_margin, stage1_only)."),
+    out: Path = EXPERIMENT_OUT,
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file the runs start from "
+                                                                      "(left unchanged)."),
+    prefix: str = NAME_PREFIX,
+):
+    """Queue the plan's runs that this commit lacks as DVC experiments (the preset's values set with
+    `dvc exp run -S`), run them one at a time printing each stage's wall time, then write the table."""
+    from pipeline import experiment
+
+    experiment.run(preset, plan, out, params, prefix)
+
+
+@experiment_app.command("report")
+@reports_errors
+def experiment_report(
+    out: Path = EXPERIMENT_OUT,
+    exps: Path = typer.Option(None, help="A file of `dvc exp show --json` output (default: run it)."),
+    prefix: str = NAME_PREFIX,
+):
+    """Write the experiment's table (results.json, results.md) from its DVC experiments; runs nothing."""
+    from pipeline import experiment
+
+    found = experiment.report(out, prefix, experiment.read_exps(exps) if exps is not None else None)
+    typer.echo(f"experiment: {len(found['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")

@@ -29,7 +29,9 @@ table. `report` writes the table alone, from `dvc exp show --json` (or a file of
 
 from __future__ import annotations
 
+import copy
 import json
+import logging
 import os
 import re
 import statistics
@@ -39,13 +41,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-import typer
-
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA
-from pipeline.errors import ConfigError, DataError, PipelineError, reports_errors
+from pipeline.errors import ConfigError, DataError, PipelineError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
-                  help="The experiment on real corpora as DVC experiments (params.real.yaml), and its result table.")
+log = logging.getLogger(__name__)
 
 # What a variant changes on top of the preset (dotted params.yaml keys).
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -159,8 +158,6 @@ def run_params(preset: dict, variant: str, seed: int, mirror: str) -> dict:
     """The params.yaml of one run: the preset, the variant's changes, the seed, and `corpora.mirror`
     as an absolute path (a queued experiment runs in a temporary copy under .dvc/tmp, where a path
     relative to the checkout such as ../shared/mirror points elsewhere)."""
-    import copy
-
     params = copy.deepcopy(preset)
     for key, value in {**VARIANTS[variant], SEED_KEY: seed, "corpora.mirror": mirror}.items():
         set_dotted(params, key, value)
@@ -177,16 +174,20 @@ NAME = re.compile(r"^(?P<prefix>[A-Za-z0-9]+)-(?P<variant>[a-z0-9_]+)-s(?P<seed>
 # --- DVC --------------------------------------------------------------------------------------------
 
 
-def dvc(*args: str, capture: bool = True) -> str:
-    """Run `dvc <args>` (the one beside this Python first) in the working directory; a failure is a
-    PipelineError with DVC's last lines."""
+def dvc_command(*args: str) -> list[str]:
+    """`dvc <args>`, the dvc beside this Python (the project's venv) when there is one."""
     executable = Path(sys.executable).with_name("dvc")
-    command = [str(executable) if executable.exists() else "dvc", *args]
-    result = subprocess.run(command, capture_output=capture, text=True)
+    return [str(executable) if executable.exists() else "dvc", *args]
+
+
+def dvc(*args: str) -> str:
+    """Run `dvc <args>` in the working directory and return its output; a failure is a PipelineError
+    with DVC's last lines."""
+    result = subprocess.run(dvc_command(*args), capture_output=True, text=True)
     if result.returncode != 0:
-        tail = "\n".join(((result.stderr or "") + (result.stdout or "")).strip().splitlines()[-5:])
+        tail = " | ".join((result.stderr + result.stdout).strip().splitlines()[-3:])
         raise PipelineError(f"`dvc {' '.join(args[:3])} ...` failed (exit {result.returncode}): {tail}")
-    return result.stdout or ""
+    return result.stdout
 
 
 def experiments(shown: list[dict]) -> dict[str, dict]:
@@ -217,8 +218,10 @@ EVENTS = (
     ("ran", re.compile(r"^Running stage '(?P<stage>[^']+)'")),
     ("restored", re.compile(r"^Stage '(?P<stage>[^']+)' is cached - skipping run")),
     ("unchanged", re.compile(r"^Stage '(?P<stage>[^']+)' didn't change, skipping")),
+    ("failed", re.compile(r"^Failed to reproduce experiment\(s\) '(?P<name>[^']+)'")),
     ("end", re.compile(r"^Ran experiment\(s\)")),
 )
+FOLLOW_GRACE = 120  # seconds DVC's log follower may take to exit once every queued run has ended
 LOG_LINE = re.compile(r"^\s*(?P<seconds>\d+(?:\.\d+)?) (?P<text>.*)$")
 
 
@@ -239,6 +242,7 @@ class StageClock:
         self.runs: dict[str, dict[str, dict]] = {}
         self.current: tuple[str, str, str, float] | None = None  # (run, stage, status, started)
         self.run = ""
+        self.ended: set[str] = set()  # runs that finished or failed
 
     def feed(self, seconds: float, text: str) -> dict | None:
         """Take one line at `seconds`; returns the stage it closed, {run, stage, status, seconds}."""
@@ -248,9 +252,15 @@ class StageClock:
         closed = self.close(seconds)
         kind, name = found
         if kind == "experiment":
+            if self.run:
+                self.ended.add(self.run)
             self.run = name
         elif kind in ("ran", "restored", "unchanged"):
             self.current = (self.run, name, kind, seconds)
+        elif kind == "failed":
+            self.ended.add(name)
+        elif kind == "end" and self.run:
+            self.ended.add(self.run)
         return closed
 
     def close(self, seconds: float) -> dict | None:
@@ -283,31 +293,43 @@ def read_logs(folder: Path) -> dict[str, dict[str, dict]]:
     return times
 
 
-def follow(command: list[str], log_path: Path) -> int:
+def stage_line(closed: dict) -> str:
+    return f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})"
+
+
+def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
     """Run `command`, echo its output, write each line to `log_path` after its elapsed seconds, and
-    print each stage's wall time when it ends; returns the exit status."""
+    print each stage's wall time when it ends; returns the exit status. Once `runs` experiments have
+    ended (finished or failed), the command is stopped after FOLLOW_GRACE seconds: DVC's log follower
+    has been seen to outlive the queue after a failed run (the runs themselves are over by then)."""
+    import threading
+
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     clock = StageClock()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are written
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env) as process:
-        for raw in process.stdout:
-            now = time.perf_counter() - started
-            for text in raw.rstrip("\n").split("\r"):
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
+        watchdog = threading.Timer(FOLLOW_GRACE, process.terminate)
+        watchdog.daemon = True
+        for raw in process.stdout:  # bytes up to each newline; progress bars redraw with carriage returns
+            now, line = time.perf_counter() - started, raw.decode("utf-8", errors="replace")
+            for text in line.rstrip("\n").split("\r"):
                 log.write(f"{now:9.1f} {text}\n")
                 closed = clock.feed(now, text)
                 if closed:
-                    summary = f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})"
-                    print(summary, flush=True)
-                    log.write(f"{now:9.1f} {summary}\n")
-            sys.stdout.write(raw)
+                    print(stage_line(closed), flush=True)
+                    log.write(f"{now:9.1f} {stage_line(closed)}\n")
+            sys.stdout.write(line)
             sys.stdout.flush()
             log.flush()
+            if runs and len(clock.ended) >= runs and not watchdog.is_alive() and not watchdog.finished.is_set():
+                watchdog.start()
         status = process.wait()
-        closed = clock.close(time.perf_counter() - started)
-        if closed:
-            print(f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})")
+        watchdog.cancel()
+    closed = clock.close(time.perf_counter() - started)
+    if closed:
+        print(stage_line(closed), flush=True)
     return status
 
 
@@ -540,11 +562,13 @@ def render(experiment: dict) -> str:
     timed = {n: r for n, r in runs.items() if r["stages"]}
     if timed:
         lines += ["## Wall time per stage", "", "Seconds from DVC's output (`<out>/logs/`): a stage runs from its "
-                  "`Running stage` line to the next stage; `restored` stages came from DVC's run cache.", ""]
-        stages = list(dict.fromkeys(s for r in timed.values() for s in r["stages"]))
-        rows = [[stage, *(f"{r['stages'][stage]['seconds']:.0f}" + ("" if r["stages"][stage]["status"] == "ran"
-                                                                    else f" ({r['stages'][stage]['status']})")
-                          if stage in r["stages"] else MISSING for r in timed.values())] for stage in stages]
+                  "`Running stage` line to the next stage's. Stages whose inputs and params an earlier run already "
+                  "had are restored from DVC's run cache, summed in one row.", ""]
+        ran = list(dict.fromkeys(s for r in timed.values() for s, e in r["stages"].items() if e["status"] == "ran"))
+        rows = [[stage, *(f"{r['stages'][stage]['seconds']:.0f}" if r["stages"].get(stage, {}).get("status") == "ran"
+                          else MISSING for r in timed.values())] for stage in ran]
+        restored = [[e["seconds"] for e in r["stages"].values() if e["status"] != "ran"] for r in timed.values()]
+        rows.append(["restored or unchanged", *(f"{sum(t):.0f} ({len(t)} stages)" if t else MISSING for t in restored)])
         rows.append(["**total**", *(f"**{r['total_seconds']:.0f}** ({r['total_seconds'] / 60:.1f} min)"
                                     for r in timed.values())])
         lines += _table(["stage", *timed], rows) + [""]
@@ -572,20 +596,13 @@ def report(out: Path, prefix: str, shown: list[dict] | None = None) -> dict:
     return experiment
 
 
-# --- commands ---------------------------------------------------------------------------------------
+# --- run ---------------------------------------------------------------------------------------------
 
 
-@app.command("run")
-@reports_errors
-def run_command(
-    preset: Path = typer.Option(Path("params.real.yaml"), help="The preset: a complete params file."),
-    plan: str = typer.Option("headline", help=f"Which runs: {', '.join(PLANS)}."),
-    out: Path = typer.Option(Path("reports/experiment"), help="Folder for logs/, results.json and results.md."),
-    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file the runs start from."),
-    prefix: str = typer.Option("real", help="Experiment names are <prefix>-<variant>-s<seed>."),
-):
-    """Queue the plan's runs that this commit lacks as DVC experiments, run them one at a time, then
-    write the table."""
+def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
+    """Queue the runs of `plan` that this commit lacks as DVC experiments (`<prefix>-<variant>-s<seed>`,
+    `preset`'s values over `params`), run the queue in the foreground, write the table to `out`;
+    returns the table's results."""
     from pipeline.config import load_all, load_params
 
     if plan not in PLANS:
@@ -600,8 +617,8 @@ def run_command(
         raise DataError(f"{preset}: corpora.mirror {wanted['corpora']['mirror']} ({mirror}) is not a folder")
     left_out = untracked_files()
     if left_out:
-        typer.echo(f"warning: {len(left_out)} untracked files are not part of queued experiments (commit or ignore "
-                   f"them): {', '.join(left_out[:5])}", err=True)
+        log.warning("experiment: %d untracked files are not part of queued experiments (commit or ignore them): %s",
+                    len(left_out), ", ".join(left_out[:5]))
     done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
     queued = 0
     for variant, seed in PLANS[plan]:
@@ -610,45 +627,34 @@ def run_command(
         if name in done:
             if done[name]["params"] != settings:
                 raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
-            typer.echo(f"experiment: {name} is done on this commit; kept")
+            log.info("experiment: %s is done on this commit; kept", name)
             continue
         arguments = [f"-S={override}" for override in overrides(settings, base)]
         dvc("exp", "run", "--queue", "--name", name, *arguments)
-        typer.echo(f"experiment: queued {name} ({len(arguments)} params set)")
+        log.info("experiment: queued %s (%d params set)", name, len(arguments))
         queued += 1
     status = 0
     if queued:
-        log = out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log"
-        executable = Path(sys.executable).with_name("dvc")
-        status = follow([str(executable) if executable.exists() else "dvc", "exp", "run", "--run-all", "--jobs", "1"],
-                        log)
+        status = follow(dvc_command("exp", "run", "--run-all", "--jobs", "1"),
+                        out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log", runs=queued)
     experiment = report(out, prefix)  # whatever finished, also when a run failed
+    for name, entry in experiment["runs"].items():
+        if entry["stages"]:
+            longest = sorted(entry["stages"].items(), key=lambda item: -item[1]["seconds"])[:6]
+            print(f"experiment: {name}: {entry['total_seconds'] / 60:.1f} min in all; longest: "
+                  + ", ".join(f"{stage} {e['seconds'] / 60:.1f} min" for stage, e in longest), flush=True)
     missing = [run_name(prefix, v, s) for v, s in PLANS[plan] if run_name(prefix, v, s) not in experiment["runs"]]
     if missing:
         raise PipelineError(f"runs {', '.join(missing)} did not finish; see {out / 'logs'} and `dvc queue logs <name>`")
     if status != 0:
         raise PipelineError(f"dvc exp run --run-all exited with {status}; see {out / 'logs'}")
-    for name, run in experiment["runs"].items():
-        if run["stages"]:
-            typer.echo(f"experiment: {name}: {run['total_seconds'] / 60:.1f} min; "
-                       + ", ".join(f"{stage} {entry['seconds']:.0f} s" for stage, entry in run["stages"].items()
-                                   if entry["status"] == "ran"))
-    typer.echo(f"experiment: wrote {out / 'results.json'} and {out / 'results.md'}")
+    log.info("experiment: wrote %s and %s", out / "results.json", out / "results.md")
+    return experiment
 
 
-@app.command("report")
-@reports_errors
-def report_command(
-    out: Path = typer.Option(Path("reports/experiment"), help="Folder with logs/; results.json and results.md go here."),
-    exps: Path = typer.Option(None, help="Output of `dvc exp show --json` (default: run it)."),
-    prefix: str = typer.Option("real", help="Experiment names are <prefix>-<variant>-s<seed>."),
-):
-    """Write the experiment's table from its DVC experiments (no run)."""
-    shown = None
-    if exps is not None:
-        try:
-            shown = json.loads(exps.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as error:
-            raise DataError(f"{exps}: not the JSON of `dvc exp show --json` ({error})") from None
-    experiment = report(out, prefix, shown)
-    typer.echo(f"experiment: {len(experiment['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")
+def read_exps(path: Path) -> list[dict]:
+    """A file holding the output of `dvc exp show --json`."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not the JSON of `dvc exp show --json` ({error})") from None

@@ -85,7 +85,14 @@ def test_every_declared_param_exists(name):
     assert "${" not in str(declared_params(dvc_yaml, params))
 
 
-@pytest.mark.parametrize("name", PRESETS)
+def test_the_real_preset_resolves_the_dag_as_the_sample_run():
+    """The DAG's templating reads only the audit section (foreach over audit.models and audit.files), so
+    params.real.yaml resolves exactly as params.yaml does (tested below with DVC) when they share it."""
+    real, sample = (yaml.safe_load((REPO / name).read_text()) for name in ("params.real.yaml", "params.yaml"))
+    assert real["audit"] == sample["audit"]
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "params.paper.yaml"])  # params.real.yaml: the test above
 def test_dvc_resolves_every_stage(tmp_path, name):
     """`dvc stage list` in a scratch repo with this preset as params.yaml: templating (foreach over the
     corpora, the models and the audit entries) resolves, and the audit stages appear."""
