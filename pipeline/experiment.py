@@ -610,6 +610,10 @@ def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9]+", prefix):
         raise ConfigError(f"--prefix = {prefix!r} is not allowed: letters and digits")
     load_all(preset)  # every section present and valid
+    # DVC's queue worker and each stage's `python -m pipeline` find dvc and python on PATH: this venv's.
+    bin_dir = str(Path(sys.executable).parent)
+    if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+        os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     wanted, base = load_params(preset), load_params(params)
     mirror = Path(wanted["corpora"]["mirror"]).resolve()
     uses_mirror = wanted["corpora"]["source"] == "mirror" or "mirror" in wanted["corpora"]["overrides"].values()
