@@ -9,6 +9,14 @@ Each measurement is the stage's per-batch worker `sample_candidates`: sampling (
 token's log-probability, so fluency needs no second forward pass), decoding, parsing and the reply
 tokens' fluency. A random model almost never samples eos (p ~ 1/2000 per token), so
 every candidate runs to `max_new_tokens` in both arms and they generate the same number of tokens.
+
+On the real-data experiment's model and contexts instead (issue 13): `BENCH_MODEL` names a model
+folder (the experiment's `models/ce`, say) and `BENCH_CONTEXTS` a normalized test split (its
+`data/normalized/diasafety/test.parquet`). A trained model ends its candidates at eos, so one context
+at a time generates fewer tokens than a batch that decodes until its longest candidate ends; compare
+the seconds for the same contexts (the speed-up), not tokens per second.
+
+    BENCH_MODEL=models/ce BENCH_CONTEXTS=data/normalized/diasafety/test.parquet python -m bench bench_generate
 """
 
 from __future__ import annotations
@@ -66,10 +74,25 @@ def main() -> None:
     # ratio would measure the neighbours. More threads favour the batched arm (larger matrices).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    dm = default_model()
-    sources = contexts(CONTEXTS)
+    import os
+
+    if os.environ.get("BENCH_MODEL"):
+        from pipeline.modeling import load_dialog_model
+
+        dm = load_dialog_model(os.environ["BENCH_MODEL"])
+        dm.model.eval()
+    else:
+        dm = default_model()
+    if os.environ.get("BENCH_CONTEXTS"):
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(os.environ["BENCH_CONTEXTS"], columns=["context"]).slice(0, CONTEXTS).to_pylist()
+        sources = [Source(row["context"]) for row in rows]
+        print(f"model {os.environ.get('BENCH_MODEL', 'default scratch')}, contexts {os.environ['BENCH_CONTEXTS']}")
+    else:
+        sources = contexts(CONTEXTS)
     timed(dm, sources[:2], 2)  # warm-up: first-call allocations and lazy imports
-    print(f"{CONTEXTS} contexts x k={K} candidates x {MAX_NEW_TOKENS} new tokens; default scratch model "
+    print(f"{CONTEXTS} contexts x k={K} candidates x up to {MAX_NEW_TOKENS} new tokens; model "
           f"({sum(p.numel() for p in dm.model.parameters()) / 1e6:.2f} M parameters), CPU, 1 torch thread")
     baseline, baseline_tokens = timed(dm, sources, 1)
     print(f"  one context at a time : {baseline:6.2f} s  {baseline_tokens / baseline:7.0f} tokens/s  "

@@ -12,6 +12,13 @@ runs `ROUNDS` times, interleaved, and the fastest round counts, which damps a sh
 Timing covers the optimizer steps only (no model building, no validation).
 
     python -m bench bench_train        (or python -m bench.bench_train)
+
+On the real-data experiment's model and data instead (issue 13): `BENCH_MODEL` names a model folder
+(the experiment's `models/base`) and `BENCH_GROUPS` a groups file (its
+`data/groups/stage1/train.parquet`); the first groups of that file are used, and the model is trained
+from its saved weights.
+
+    BENCH_MODEL=models/base BENCH_GROUPS=data/groups/stage1/train.parquet python -m bench bench_train
 """
 
 from __future__ import annotations
@@ -126,11 +133,25 @@ def main() -> None:
 
 
 def measure_all() -> None:
+    import os
+
     torch.manual_seed(0)
-    table = synthetic_groups(GROUPS_PER_RUN + 8, seed=0)
-    texts = [t for row in table.to_pylist() for t in row["context"] + [row["positive"]] + row["rots"]]
-    tokenizer = train_tokenizer(texts, vocab_size=1000)
-    model = tiny_gpt2(tokenizer)
+    if os.environ.get("BENCH_GROUPS"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(os.environ["BENCH_GROUPS"]).select(GROUPS.names).slice(0, GROUPS_PER_RUN + 8)
+    else:
+        table = synthetic_groups(GROUPS_PER_RUN + 8, seed=0)
+    if os.environ.get("BENCH_MODEL"):
+        from pipeline.modeling import load_dialog_model
+
+        loaded = load_dialog_model(os.environ["BENCH_MODEL"])
+        tokenizer, model = loaded.tokenizer, loaded.model
+        print(f"model {os.environ['BENCH_MODEL']}, groups {os.environ.get('BENCH_GROUPS', 'synthetic')}")
+    else:
+        texts = [t for row in table.to_pylist() for t in row["context"] + [row["positive"]] + row["rots"]]
+        tokenizer = train_tokenizer(texts, vocab_size=1000)
+        model = tiny_gpt2(tokenizer)
     groups = scoring.encode_groups(tokenizer, table.slice(0, GROUPS_PER_RUN), CONFIG)
     validation = scoring.encode_groups(tokenizer, table.slice(GROUPS_PER_RUN), CONFIG)
     ce_only, npair = dataclasses.replace(CONFIG, contrastive_weight=0.0), dataclasses.replace(CONFIG, contrastive_weight=1.0)
@@ -145,8 +166,8 @@ def measure_all() -> None:
                     best[name] = timing
     a, b = best["a"], best["b"]
     speed = {k: v["read_tokens"] / v["train_seconds"] for k, v in best.items()}
-    print(f"tiny GPT-2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {GROUPS_PER_RUN} groups "
-          f"of 1 + {NEGATIVES}, batch {CONFIG.batch_groups} groups, {EPOCHS} epoch(s), "
+    print(f"GPT-2 ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), {GROUPS_PER_RUN} groups "
+          f"of 1 + {groups.negatives}, batch {CONFIG.batch_groups} groups, {EPOCHS} epoch(s), "
           f"{torch.get_num_threads()} CPU thread, best of {ROUNDS}")
     print(f"{'':32} {'seconds':>8} {'tokens read':>12} {'tokens/s':>9}")
     for key, label in (("a", "(a) ours, lambda = 0"), ("b", "(b) ours, n-pair, n = 4"), ("c", "(c) HF Trainer, CE")):

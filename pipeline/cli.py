@@ -173,6 +173,24 @@ def base_model(
 
 @app.command()
 @reports_errors
+def experts(
+    init: Path = typer.Option(..., help="The base model folder both experts start from (models/base)."),
+    normalized: Path = typer.Option(..., help="Normalized corpora folder; reads <corpus>/{train,validation}.parquet "
+                                              "of dexperts.corpora."),
+    out: Path = typer.Option(..., help="Folder to write expert/, antiexpert/ and experts.json into."),
+    params: Path = PARAMS,
+):
+    """Train DExperts' expert (safe replies) and anti-expert (unsafe replies) from the base model, cross-entropy only."""
+    from pipeline.config import DExpertsConfig
+
+    config = load_section(params, "dexperts", DExpertsConfig)
+    from pipeline.stages import experts as stage_module
+
+    stage_module.run(config, init, normalized, out)
+
+
+@app.command()
+@reports_errors
 def safety(
     normalized: Path = typer.Option(..., help="Normalized corpora folder; reads prosocial_dialog/ and mic/ "
                                               "(<split>.parquet)."),
@@ -224,20 +242,48 @@ def train(
     stage_module.run(config, stage_config, stage, init, groups, out, live=live, checkpoints=checkpoints)
 
 
+EXPERTS = typer.Option(None, help="For dexperts: the experts' folder written by the experts stage (expert/, "
+                                  "antiexpert/).")
+MODELS_ROOT = typer.Option(None, help="For dexperts, instead of --model: the folder of the trained models; the "
+                                      "guided one is <models>/<dexperts.guided>.")
+
+
+def guided_model(name: str, model, models: Path | None, experts: Path | None, dexperts) -> Path:
+    """The model folder of `generate` and `score`: `--model`, or for dexperts `<models>/<dexperts.guided>`
+    (dvc.yaml passes --models, so no params value reaches the shell); a wrong combination is a ConfigError."""
+    from pipeline.config import DEXPERTS
+    from pipeline.errors import ConfigError
+
+    if name != DEXPERTS:
+        if experts is not None or models is not None:
+            raise ConfigError(f"--experts and --models are for {DEXPERTS} only (model entry {name!r})")
+        if model is None:
+            raise ConfigError(f"--model is needed for the model entry {name!r}")
+        return model
+    if experts is None:
+        raise ConfigError(f"--experts is needed for {DEXPERTS}: the experts' folder written by the experts stage")
+    if (model is None) == (models is None):
+        raise ConfigError(f"{DEXPERTS} needs one of --model (the guided model) and --models (<models>/<dexperts.guided>)")
+    return Path(model) if model is not None else models / dexperts.guided
+
+
 @app.command()
 @reports_errors
 def generate(
-    name: str = typer.Argument(..., help="base, ce, stage1, stage2, or a name under audit.models in the params file."),
-    model: str = typer.Option(..., help="Model folder (for an audit entry: its path, a hub id or a folder)."),
+    name: str = typer.Argument(..., help="base, ce, stage1, stage2, dexperts (the model decoded under the experts' "
+                                          "guidance), or a name under audit.models in the params file."),
+    model: str = typer.Option(None, help="Model folder (for an audit entry: its path, a hub id or a folder)."),
     safety: Path = typer.Option(..., help="Safety classifier folder written by the safety stage."),
     normalized: Path = typer.Option(..., help="Folder of normalized corpora (<corpus>/test.parquet)."),
     out: Path = typer.Option(..., help="Folder to write <corpus>.parquet and stats.json into."),
     agreement: Path = typer.Option(None, help="RoT-agreement scorer folder written by the rot_agreement stage; "
                                               "needed when generate.gamma > 0."),
+    experts: Path = EXPERTS,
+    models: Path = MODELS_ROOT,
     params: Path = PARAMS,
 ):
     """Sample RoT-annotated candidates for the test contexts of every corpus, score and re-rank them."""
-    from pipeline.config import GENERATE_MODELS, AuditConfig, GenerateConfig
+    from pipeline.config import DEXPERTS, GENERATE_MODELS, AuditConfig, DExpertsConfig, GenerateConfig
     from pipeline.errors import ConfigError
 
     config = load_section(params, "generate", GenerateConfig)
@@ -249,9 +295,12 @@ def generate(
     entry = audit.models.get(name)
     if entry is not None and entry.path != model:
         raise ConfigError(f"--model {model!r} differs from audit.models.{name}.path = {entry.path!r} in {params}")
+    dexperts = load_section(params, "dexperts", DExpertsConfig) if name == DEXPERTS else None
+    model = str(guided_model(name, model, models, experts, dexperts))
     from pipeline.stages import generate as stage_module
 
-    stage_module.run(config, name, model, safety, normalized, out, audit=entry, agreement=agreement)
+    stage_module.run(config, name, model, safety, normalized, out, audit=entry, agreement=agreement,
+                     experts=experts, dexperts=dexperts)
 
 
 @app.command()
@@ -325,22 +374,27 @@ def judge(
 @reports_errors
 def score(
     name: str = typer.Argument(..., help="The model's name in the reports (base, stage1, stage2, ...)."),
-    model: Path = typer.Option(..., help="Model folder to score with."),
+    model: Path = typer.Option(None, help="Model folder to score with."),
     groups: Path = typer.Option(..., help="Groups folder with stage1/test.parquet and stage2/test.parquet."),
     normalized: Path = typer.Option(..., help="Normalized corpora folder; reads the human-labelled replies of "
                                               "diasafety/test.parquet and toxichat/test.parquet."),
     out: Path = typer.Option(..., help="Folder to write eval_scores.json and likelihood.parquet into."),
+    experts: Path = EXPERTS,
+    models: Path = MODELS_ROOT,
     params: Path = PARAMS,
 ):
     """Score the test groups with a model: group ranking accuracy, reference perplexity, and how much likelier
     it finds humans' safe replies than their unsafe ones (likelihood AUC, same-context pairs)."""
-    from pipeline.config import EvaluateConfig, TrainConfig
+    from pipeline.config import DEXPERTS, DExpertsConfig, EvaluateConfig, TrainConfig
 
     train_config = load_section(params, "train", TrainConfig)
     evaluate_config = load_section(params, "evaluate", EvaluateConfig)
+    dexperts = load_section(params, "dexperts", DExpertsConfig) if name == DEXPERTS else None
+    model = guided_model(name, model, models, experts, dexperts)
     from pipeline.stages import score as stage_module
 
-    stage_module.run(train_config, evaluate_config, name, model, groups, normalized, out)
+    stage_module.run(train_config, evaluate_config, name, model, groups, normalized, out, experts=experts,
+                     alpha=dexperts.alpha if dexperts else 0.0)
 
 
 @app.command("audit_report")

@@ -128,7 +128,7 @@ class NormalizeConfig:
 class EvaluateConfig:
     """`evaluate`: the reports that compare the models' candidates (safety, overlap, RoTs)."""
 
-    models: list[str] = dataclasses.field(default_factory=lambda: ["base", "ce", "stage1", "stage2"])
+    models: list[str] = dataclasses.field(default_factory=lambda: ["base", "ce", "dexperts", "stage1", "stage2"])
     """Models to compare, in table order; each reads `<candidates>/<model>/<corpus>.parquet`."""
     baseline: str = "ce"
     """The model every other model is compared against, paired on the same contexts (the
@@ -731,7 +731,65 @@ class GenerateConfig:
         require(self.gamma >= 0, "generate.gamma", self.gamma, "must be 0 or more")
 
 
-GENERATE_MODELS = ("base", "ce", "stage1", "stage2")  # ce: the cross-entropy-only baseline
+GENERATE_MODELS = ("base", "ce", "stage1", "stage2", "dexperts")  # ce: the cross-entropy-only baseline
+DEXPERTS = "dexperts"  # the entry decoded under the experts' guidance (`dexperts.guided` is the model)
+DEXPERTS_GUIDED = ("base", "ce")
+
+
+@dataclasses.dataclass(frozen=True)
+class DExpertsConfig:
+    """`dexperts`: the decoding-time baseline DExperts (Liu et al., ACL 2021). An expert and an
+    anti-expert are trained from the base model with cross-entropy on human-labelled safe and unsafe
+    replies (`pipeline/stages/experts.py`), and `generate dexperts` decodes the `guided` model with
+    `logits = filter(z_guided) + alpha * (z_expert - z_antiexpert)` (`pipeline/dexperts.py`)."""
+
+    guided: Literal["base", "ce"] = "ce"
+    """The unchanged model decoded under guidance: `ce` (cross-entropy only, trained like the method)
+    or `base` (the untuned base model)."""
+    alpha: float = 5.0
+    """Weight of the experts' difference (0: the guided model's own decoding, exactly); CLICK's
+    DExperts baseline for toxicity uses 5."""
+    corpora: list[str] = dataclasses.field(default_factory=lambda: list(ADVERSARIAL_CORPORA))
+    """Adversarial corpora whose train (and validation) replies the experts learn: a reply humans
+    labelled unsafe (`reply_label`, DiaSafety and ToxiChat) and a known unacceptable reply (MIC's
+    RoT-violating answers) go to the anti-expert, every other reference reply to the expert."""
+    min_violation_severity: int = 2
+    """A known unacceptable reply (`unacceptable_responses`, MIC severity 1 fine .. 5 worst) goes to
+    the anti-expert from this severity on; milder ones are left out of both."""
+    epochs: int = 1
+    """Passes over each expert's (subsampled) training replies."""
+    max_examples: int = 0
+    """Training replies per expert, a seeded sample (0: all)."""
+    max_validation_examples: int = 500
+    """Validation replies per expert whose loss and perplexity are measured (0: all)."""
+    batch_size: int = 16
+    """Replies per optimizer step."""
+    learning_rate: float = 5e-4
+    """Peak AdamW learning rate (no weight decay; linear warm-up over 10% of the steps, then decay)."""
+    max_source_tokens: int = 64
+    """Context tokens kept (oldest turns cut first)."""
+    max_target_tokens: int = 48
+    """`<|response|> reply</s>` tokens kept."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision of the experts' training (`pipeline/devices.py`; fp32 on CPU)."""
+    seed: int = 0
+    """Seed of the subsamples, the batch order and dropout."""
+
+    def __post_init__(self):
+        key = "dexperts"
+        require(self.alpha >= 0, f"{key}.alpha", self.alpha, "must be 0 or more")
+        require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
+                and set(self.corpora) <= set(ADVERSARIAL_CORPORA), f"{key}.corpora", self.corpora,
+                f"a non-empty list of distinct corpus names from {', '.join(ADVERSARIAL_CORPORA)}")
+        require(1 <= self.min_violation_severity <= 5, f"{key}.min_violation_severity", self.min_violation_severity,
+                "a MIC severity from 1 to 5")
+        for name in ("epochs", "batch_size"):
+            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be at least 1")
+        for name in ("max_examples", "max_validation_examples"):
+            require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be 0 (all) or more")
+        require(0 < self.learning_rate < 1, f"{key}.learning_rate", self.learning_rate, "must be between 0 and 1")
+        require(self.max_source_tokens >= 8, f"{key}.max_source_tokens", self.max_source_tokens, "must be at least 8")
+        require(self.max_target_tokens >= 4, f"{key}.max_target_tokens", self.max_target_tokens, "must be at least 4")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1040,6 +1098,7 @@ SECTIONS: dict[str, type] = {
     "train_stage1": TrainStage1Config,
     "train_stage2": TrainStage2Config,
     "generate": GenerateConfig,
+    "dexperts": DExpertsConfig,
     "audit": AuditConfig,
     "evaluate": EvaluateConfig,
     "ratings": RatingsConfig,

@@ -2,9 +2,10 @@
 
 A *run* is one DVC experiment of the whole pipeline (`dvc exp run --queue`, then `dvc exp run
 --run-all`): the preset's values, a variant's changes and a seed. Each run trains and evaluates the
-four models of the DAG: `base` (the pretrained scratch model, untuned), `ce` (cross-entropy only in
-both stages: the baseline every comparison is against), `stage1` and `stage2` (the method, CE +
-n-pair in both stages). Variants (`VARIANTS`) change the method: `no_margin` (train.margin 0),
+five models of the DAG: `base` (the pretrained scratch model, untuned), `ce` (cross-entropy only in
+both stages: the baseline every comparison is against), `dexperts` (`ce` decoded under DExperts'
+guidance, the decoding-time baseline), `stage1` and `stage2` (the method, CE + n-pair in both
+stages). Variants (`VARIANTS`) change the method: `no_margin` (train.margin 0),
 `stage1_only` (train_stage2.epochs 0: both `stage2` and `ce` stop after stage 1). Plans (`PLANS`):
 
 - `headline`: the method, seed 0 (about an hour on two CPU cores; README, "The experiment");
@@ -57,8 +58,9 @@ PLANS: dict[str, list[tuple[str, int]]] = {
     "headline": [("method", 0)],
     "full": [("method", 0), ("method", 1), ("method", 2), ("no_margin", 0), ("stage1_only", 0)],
 }
-MODELS = ("base", "ce", "stage1", "stage2")  # table order: generate's models
+MODELS = ("base", "ce", "dexperts", "stage1", "stage2")  # table order: generate's models
 BASELINE, METHOD = "ce", "stage2"
+COMPARED = (METHOD, "stage1", "dexperts")  # the differences with the baseline in each run's table
 RESULTS = "reports/results.json"  # the evaluate stage's results, read from each run's commit
 OVERALL = "overall"
 
@@ -337,10 +339,14 @@ def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
 
 
 def scopes_of(spec: tuple[str, ...], evaluated: list[str]) -> list[str]:
-    """A row's scopes, `adversarial` / `casual` standing for the evaluated corpora of that group."""
+    """A row's scopes, `adversarial` / `casual` standing for that pooled scope (where evaluate wrote one)
+    and then each evaluated corpus of that group."""
     out = []
     for scope in spec:
-        out += [c for c in SCOPE_GROUPS[scope] if c in evaluated] if scope in SCOPE_GROUPS else [scope]
+        if scope in SCOPE_GROUPS:
+            out += ([scope] if scope in evaluated else []) + [c for c in SCOPE_GROUPS[scope] if c in evaluated]
+        else:
+            out.append(scope)
     return out
 
 
@@ -514,6 +520,31 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+HEADLINE_SCOPES = ("overall", "adversarial", "casual")  # the pooled rows of the headline table
+
+
+def headline_lines(experiment: dict) -> list[str]:
+    """The headline table of the reference run (the method, the lowest seed): each metric on its pooled
+    scope, the values of base, the baseline, the method and DExperts, and the two paired differences
+    with the baseline. README.md carries these lines as they are (tests/test_docs.py)."""
+    runs = experiment["runs"]
+    reference = next((n for n, r in runs.items() if r["variant"] == "method"), None)
+    if reference is None:
+        return []
+    baseline, method = experiment["baseline"], experiment["method"]
+    shown = [m for m in ("base", baseline, method, "dexperts") if m in experiment["models"]]
+    compared = [m for m in (method, "dexperts") if m in experiment["models"]]
+    header = ["metric ↑/↓", "scope", *(f"`{m}`" for m in shown), *(f"`{m}` − `{baseline}`" for m in compared)]
+    rows = []
+    for row in experiment["tables"][reference]:
+        if row["scope"] not in HEADLINE_SCOPES or not row["values"]:
+            continue
+        digits = _digits(row["metric"])
+        rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in shown),
+                     *(_difference_cell(row["comparisons"].get(m), digits) for m in compared)])
+    return _table(header, rows)
+
+
 def render(experiment: dict) -> str:
     """results.md: a table per run, the spread over seeds, the ablations against the method, the
     stages' wall times; every figure from `experiment` (results.json)."""
@@ -521,20 +552,25 @@ def render(experiment: dict) -> str:
     baseline, method = experiment["baseline"], experiment["method"]
     lines = ["# The experiment on real corpora", "",
              f"Models: `base` (untuned), `{baseline}` (cross-entropy only, the baseline of every comparison), "
+             f"`dexperts` ({baseline} decoded under DExperts' guidance), "
              f"`stage1` and `{method}` (the method after stage 1 and stage 2). Values with their 95% interval; "
              f"differences are model − {baseline} on the same contexts (replies, for likelihood safety) with the "
              "paired 95% interval, bold when it excludes 0. ↑/↓: higher/lower is better. Every figure comes from "
              "the runs' `reports/results.json` (the evaluate stage).", ""]
+    headline = headline_lines(experiment)
+    if headline:
+        lines += ["## Headline", "", "The reference run's pooled rows (README.md carries this table).", "",
+                  *headline, ""]
     for name, run in runs.items():
         changes = ", ".join(f"{k} {v}" for k, v in experiment["variants"][run["variant"]].items()) or "the preset"
         lines += [f"## {name} ({changes}, {experiment['seed_key']} {run['seed']})", "",
                   f"Experiment commit `{run['rev'][:7]}` on `{run['baseline_commit'][:7]}`.", ""]
-        header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in (method, "stage1"))]
+        header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in COMPARED)]
         rows = []
         for row in tables[name]:
             digits = _digits(row["metric"])
             rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in MODELS),
-                         *(_difference_cell(row["comparisons"].get(m), digits) for m in (method, "stage1"))])
+                         *(_difference_cell(row["comparisons"].get(m), digits) for m in COMPARED)])
         lines += _table(header, rows) + [""]
     for variant, summary in experiment["seeds"].items():
         lines += [f"## Over seeds: {variant} ({', '.join(summary['runs'])})", "",

@@ -203,6 +203,22 @@ def token_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: lis
     source once and shares it across its C candidates; a causal model reads `source <|bot|> target`.
     Returns `logps` (S*C, T) and `mask` (S*C, T) with 1 on real target tokens, 0 on padding.
     """
+    logits, labels, target_mask = target_logits(dm, source_ids, target_ids, candidates_per_source)
+    return logprobs_of(logits, labels, target_mask)
+
+
+def logprobs_of(logits: "torch.Tensor", labels: "torch.Tensor", target_mask: "torch.Tensor"):
+    """Each label's log-probability under `logits` (S*C, T, V), zero where `target_mask` is 0; and the mask."""
+    import torch
+
+    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (S*C, T)
+    return logps * target_mask, target_mask
+
+
+def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]],
+                  candidates_per_source: int = 1) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
+    """The logits that predict every target token (S*C, T, V), the target tokens (S*C, T) and their mask,
+    as `token_logprobs` reads them (same arguments)."""
     import torch
 
     model, tokenizer = dm.model, dm.tokenizer
@@ -242,8 +258,7 @@ def token_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: lis
         positions = positions.clamp(max=ids.shape[1] - 1).to(device)
         logits = logits_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits_all.shape[-1]))
         labels, target_mask = labels.to(device), target_mask.to(device)
-    logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (S*C, T)
-    return logps * target_mask, target_mask
+    return logits, labels, target_mask
 
 
 def train_tokenizer(texts, vocab_size: int):

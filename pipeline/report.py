@@ -149,7 +149,9 @@ def render_report(results: dict) -> str:
         lines += ["## Notes", ""] + [f"- {note}" for note in results["notes"]] + [""]
     for scope in results["scopes"]:
         pooled = scope not in results["corpora"]
-        lines += [f"## {'Overall (all corpora pooled)' if pooled else scope}", ""]
+        title = ("Overall (all corpora pooled)" if scope == "overall" else f"{scope.capitalize()} corpora pooled"
+                 if pooled else scope)
+        lines += [f"## {title}", ""]
         lines += _comparison_lines(results, scope)
         safety = _metric_table(results, scope, [("unsafe rate (judge)", "unsafe_rate_{view}", 3),
                                                 ("self-assessed unsafe rate", "self_assessed_unsafe_rate_{view}", 3),
@@ -205,6 +207,7 @@ def render_report(results: dict) -> str:
                                    per_view=False)
             if scores:
                 lines += ["### Model scores", "", *scores, ""]
+    lines += _likelihood_lines(results.get("likelihood") or {})
     plots = results.get("plots") or {}
     if plots:
         lines += ["## Plots", ""]
@@ -219,6 +222,34 @@ def render_report(results: dict) -> str:
                   "`data/ratings/<rater>.csv`; the `ratings` stage (`python -m pipeline ratings`) reads them back "
                   "into `reports/ratings/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+LIKELIHOOD_NAMES = {"likelihood_auc": "likelihood AUC ↑", "same_context_pairs": "same-context pairs ranked right ↑"}
+
+
+def _likelihood_lines(found: dict) -> list[str]:
+    """## Likelihood safety: per model and corpus, how well its length-normalised log-likelihood separates
+    humans' safe replies from their unsafe ones, and each model against the baseline on the same replies."""
+    metrics, comparisons, baseline = found.get("metrics") or {}, found.get("comparisons") or {}, found.get("baseline")
+    if not metrics:
+        return []
+    scopes = list(dict.fromkeys(scope for names in metrics.values() for entries in names.values() for scope in entries))
+    lines = ["## Likelihood safety (human-labelled test replies, `score`)", "",
+             "The model's mean log-probability of each reply given its context, on DiaSafety's and ToxiChat's "
+             "human-labelled test replies: *likelihood AUC* is P(a safe reply outscores an unsafe one), "
+             "*same-context pairs* the share of (safe, unsafe) replies to one context ranked right (ties half)."
+             + (f" Differences are paired against `{baseline}` on the same replies." if baseline else ""), ""]
+    for name, title in LIKELIHOOD_NAMES.items():
+        header = ["model", *scopes] + ([f"− {baseline}, {scope}" for scope in scopes] if comparisons else [])
+        rows = []
+        for model, names in metrics.items():
+            row = [f"`{model}`", *(_cell((names.get(name) or {}).get(scope), 3) for scope in scopes)]
+            if comparisons:
+                row += [_difference_cell(((comparisons.get(model) or {}).get(scope) or {}).get(name), 3)
+                        for scope in scopes]
+            rows.append(row)
+        lines += [f"### {title}", "", *_table(header, rows), ""]
+    return lines
 
 
 def _counts(counts: dict) -> str:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from pipeline.errors import DataError
 from pipeline.modeling import (
     BOT, EMOTION, PERSONA, RESPONSE, ROT, USER, DialogModel, Source, _pad, encode_sources, parse_target,
 )
+
+if TYPE_CHECKING:
+    from pipeline.dexperts import Experts
 
 CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new turn ends there
 
@@ -205,14 +208,17 @@ def neutral_generation_defaults(model):
 
 
 def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateConfig, seed: int,
-                   logprobs: bool = True) -> tuple[list[list[int]], list[list[float]] | None]:
+                   logprobs: bool = True, experts: Experts | None = None,
+                   ) -> tuple[list[list[int]], list[list[float]] | None]:
     """Sample `config.k` targets for each of S complete prompts in one `generate` call.
 
     A causal model continues its left-padded prompt (so every row's next token is at the end); a
     sequence-to-sequence model decodes from the encoded prompt. Returns S*k token-id lists grouped by
     prompt, each cut after its first eos (a target that hit `max_new_tokens` has none), and with
     `logprobs` each token's log-probability under the model (its raw logits, before temperature or
-    top-p), as many as the target has tokens.
+    top-p), as many as the target has tokens. With `experts`, each step samples from the DExperts
+    combination (`pipeline.dexperts.Guidance`, which applies the sampling filters itself); the
+    log-probabilities stay the guided model's own.
     """
     import torch
     from transformers import GenerationConfig
@@ -220,11 +226,20 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
     eos = dm.tokenizer.eos_token_id
     input_ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=not dm.is_seq2seq)  # (S, L)
     device = next(dm.model.parameters()).device
+    input_ids, attention = input_ids.to(device), attention.to(device)
+    processors = []
+    if experts is not None:
+        from transformers import LogitsProcessorList
+
+        from pipeline.dexperts import Guidance, unfiltered
+
+        processors = LogitsProcessorList([Guidance(experts, config, input_ids, attention)])
+        config = unfiltered(config)
     settings = GenerationConfig(**decoding_settings(dm, config), return_dict_in_generate=True, output_logits=logprobs)
     torch.manual_seed(seed)
     with torch.no_grad(), neutral_generation_defaults(dm.model):
-        out = dm.model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                                generation_config=settings)
+        out = dm.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=settings,
+                                logits_processor=processors or None)
     # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
     new_tokens = out.sequences[:, 1:] if dm.is_seq2seq else out.sequences[:, input_ids.shape[1]:]  # (S*k, T)
     targets = []
@@ -310,13 +325,15 @@ class Sampled:
 
 
 def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int,
-                      prompt: PromptFormat = MARKERS, precision: str = "fp32") -> Sampled:
+                      prompt: PromptFormat = MARKERS, precision: str = "fp32", experts: Experts | None = None,
+                      ) -> Sampled:
     """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch), the
-    model running at `precision` (resolved: fp32, bf16 or fp16)."""
+    model running at `precision` (resolved: fp32, bf16 or fp16), under the DExperts guidance of
+    `experts` when given (the fluency stays the guided model's)."""
     tokenizer = dm.tokenizer
     prompts = encode_prompts(dm, sources, config, prompt)
     with autocast(next(dm.model.parameters()).device.type, precision):
-        target_ids, token_logps = generate_batch(dm, prompts, config, seed)
+        target_ids, token_logps = generate_batch(dm, prompts, config, seed, experts=experts)
     texts = [decode_target(tokenizer, ids) for ids in target_ids]
     if prompt.native:
         rots, responses = [None] * len(texts), [plain_reply(tokenizer, ids) for ids in target_ids]

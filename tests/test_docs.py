@@ -915,3 +915,23 @@ def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table()
     if head.returncode == 0:  # a checkout with its history
         good = f"### The experiment\n\n```bash\nmake experiment\n```\n\n{table}\nat commit `{head.stdout.strip()}`\n"
         assert headline_problems(page(good), REPO) == []
+
+
+# --- the experiment's table ---------------------------------------------------------------------------
+
+
+def test_the_readme_experiment_table_is_rendered_from_the_committed_results():
+    """The README's table of the real-data experiment is `experiment.headline_lines` of the committed
+    reports/experiment/results.json, line for line: not typed by hand."""
+    import json
+
+    from pipeline.experiment import headline_lines
+
+    path = REPO / "reports" / "experiment" / "results.json"
+    if not path.is_file():
+        pytest.skip("no reports/experiment/results.json committed yet")
+    lines = headline_lines(json.loads(path.read_text(encoding="utf-8")))
+    assert lines, f"{path}: no run of the method to show"
+    assert "\n".join(lines) in (REPO / "README.md").read_text(encoding="utf-8"), (
+        "README.md's experiment table differs from reports/experiment/results.json: paste the `## Headline` "
+        "table of reports/experiment/results.md")

@@ -352,6 +352,27 @@ def test_render_report_shows_the_paired_differences_and_the_verdict():
             "-0.080]** p=0.004; casual RoT share, re-ranked +0.100 [-0.050, +0.250] p=0.5)") in text
 
 
+def test_render_report_has_the_likelihood_safety_tables():
+    results = small_results()
+    assert "Likelihood safety" not in report.render_report(results)  # nothing scored: no section
+    auc = lambda value, low, high: {"value": value, "ci": [low, high], "n": 40}  # noqa: E731
+    results["likelihood"] = {
+        "baseline": "ce",
+        "metrics": {"ce": {"likelihood_auc": {"diasafety": auc(0.61, 0.55, 0.67), "overall": auc(0.6, 0.56, 0.64)},
+                           "same_context_pairs": {"diasafety": auc(0.5, 0.4, 0.6)}},
+                    "stage2": {"likelihood_auc": {"diasafety": auc(0.7, 0.64, 0.76), "overall": auc(0.68, 0.63, 0.72)},
+                               "same_context_pairs": {"diasafety": auc(0.55, 0.45, 0.65)}}},
+        "comparisons": {"stage2": {"overall": {"likelihood_auc": {"difference": 0.08, "ci": [0.03, 0.12]}},
+                                   "diasafety": {"likelihood_auc": {"difference": 0.09, "ci": [-0.01, 0.2]}}}},
+    }
+    text = report.render_report(results)
+    assert "## Likelihood safety" in text and "### likelihood AUC ↑" in text
+    assert "| model | diasafety | overall | − ce, diasafety | − ce, overall |" in text
+    assert ("| `stage2` | 0.700 [0.640, 0.760] | 0.680 [0.630, 0.720] | +0.090 [-0.010, +0.200] "
+            "| **+0.080 [+0.030, +0.120]** |") in text
+    assert "| `ce` | 0.500 [0.400, 0.600] | – | – | – |" in text  # same-context pairs: no overall entry
+
+
 def test_render_report_says_when_there_are_no_gold_rots():
     results = small_results()
     for scopes in results["metrics"].values():

@@ -181,11 +181,15 @@ def comparison(value, baseline, ci, better=False):
             "discordant": [1, 2], "n": 10, "n_clusters": 10, "higher_is_better": better}
 
 
+# Each model's index in the hand-made figures (stage2 is 3 whatever the table's order).
+INDEX = {"base": 0, "ce": 1, "stage1": 2, "stage2": 3, "dexperts": 4}
+
+
 def fake_results(offset: float = 0.0) -> dict:
     """An evaluate results.json with the entries the table reads; `offset` moves stage2's unsafe rate."""
     scopes = ["diasafety", "toxichat", "daily_dialog", "overall"]
     metrics = {}
-    for i, model in enumerate(E.MODELS):
+    for model, i in INDEX.items():
         metrics[model] = {scope: {"unsafe_rate_first": metric(0.4 - 0.05 * i, [0.3, 0.5], better=False),
                                   "unsafe_rate_reranked": metric(0.3 - 0.05 * i - (offset if model == "stage2" else 0),
                                                                  [0.2, 0.4], better=False),
@@ -207,7 +211,7 @@ def fake_results(offset: float = 0.0) -> dict:
                                       "same_context_pairs": {"diasafety": {"value": None, "ci": None, "n": 0,
                                                                            "reason": "no same-context pair"},
                                                              "toxichat": auc(0.55), "overall": auc(0.56)}}
-                              for i, model in enumerate(E.MODELS)},
+                              for model, i in INDEX.items()},
                   "comparisons": {model: {"overall": {"likelihood_auc": comparison(0.7, 0.65, [0.02, 0.08], True)}}
                                   for model in E.MODELS if model != "ce"}}
     return {"models": list(E.MODELS), "scopes": scopes, "metrics": metrics, "git_commit": "abc",

@@ -65,6 +65,7 @@ def stage_command(command: str, tmp: Path, out: Path) -> list:
         "download": ["download", "mic", "--out", out / "raw"],
         "normalize": ["normalize", "mic", "--raw", tmp / "raw", "--out", out / "normalized"],
         "base_model": ["base_model", "--normalized", tmp / "normalized", "--out", out / "base"],
+        "experts": ["experts", "--init", tmp / "base", "--normalized", tmp / "normalized", "--out", out / "experts"],
         "safety": ["safety", "--normalized", tmp / "normalized", "--out", out / "safety", "--reports", out / "reports"],
         "rot_agreement": ["rot_agreement", "--raw", tmp / "raw", "--normalized", tmp / "normalized", "--out", out / "ra",
                           "--reports", out / "reports"],
@@ -127,6 +128,8 @@ PARAMS_CASES = [
     ("generate", "generate.top_p", 1.5, ["generate.top_p = 1.5", "(0, 1]"]),
     ("generate", "generate.temperature", 0, ["generate.temperature = 0.0", "greater than 0"]),
     ("generate", "generate.kk", 4, ["unknown key 'generate.kk' = 4", "allowed keys: seed, max_contexts, k"]),
+    ("experts", "dexperts.alpha", -1, ["dexperts.alpha = -1.0", "0 or more"]),
+    ("experts", "dexperts.corpora", ["daily_dialog"], ["dexperts.corpora = ['daily_dialog']", "prosocial_dialog"]),
     ("score", "train.eval_batch_groups", 0, ["train.eval_batch_groups = 0", "at least 1"]),
     ("score", "evaluate.bootstrap_samples", 10, ["evaluate.bootstrap_samples = 10", "at least 100"]),
     ("evaluate", "evaluate.human_eval_comparisons", [["stage2", "stage2"]],
@@ -152,7 +155,7 @@ def test_a_bad_parameter_is_refused_before_any_work(tmp_path, command, key, valu
 def test_every_stage_command_is_covered():
     """Each command of a DVC stage has a parameter case and an unwritable-output case."""
     stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "judge", "mine", "train", "generate",
-              "score", "evaluate", "ratings", "audit_file", "audit_report"}
+              "score", "evaluate", "ratings", "audit_file", "audit_report", "experts"}
     assert {case[0] for case in PARAMS_CASES} == stages
     assert {case[0] for case in UNWRITABLE} == stages | {"audit"}
     commands = {cmd.split()[3] for cmd in dvc_commands()}
@@ -403,7 +406,8 @@ def test_the_audit_command_takes_its_name_from_the_dvc_stage(tmp_path, monkeypat
 # --- output folders ---------------------------------------------------------------------------------
 
 UNWRITABLE = [(command, option) for command, options in {
-    "download": ["--out"], "normalize": ["--out"], "base_model": ["--out"], "safety": ["--out", "--reports"],
+    "download": ["--out"], "normalize": ["--out"], "base_model": ["--out"], "experts": ["--out"],
+    "safety": ["--out", "--reports"],
     "rot_agreement": ["--out", "--reports"], "judge": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
     "generate": ["--out"], "score": ["--out"], "evaluate": ["--reports"], "audit": ["--candidates"],
     "ratings": ["--out"], "audit_file": ["--audit"], "audit_report": ["--out"],

@@ -153,8 +153,26 @@ def validation_loss(scorer, pairs, settings: TrainConfig, device: str, precision
 
 
 def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path) -> tuple[dict, dict]:
-    """Train `model` in place with cross-entropy on the pretraining pairs; returns the record (for
-    base_model.json) and the timing of the optimizer steps (seconds, tokens read, tokens per second).
+    """Train `model` in place with cross-entropy on the pretraining pairs of `config.corpora`
+    (`fit_pairs`); returns the record (for base_model.json) and the timing of the optimizer steps."""
+    train_table, train_read = pretraining_pairs(normalized, config.corpora, "train", config.max_examples, config.seed)
+    validation_table, validation_read = pretraining_pairs(normalized, config.corpora, "validation",
+                                                          config.max_validation_examples, config.seed)
+    log.info("base_model: pretraining pairs from %s", ", ".join(f"{c} {r['rows']}" for c, r in train_read.items()))
+    record, timing = fit_pairs(model, tokenizer, train_table, validation_table, config, "base_model: pretrain",
+                               "base_model.pretrain")
+    corpora = {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora}
+    return {"corpora": corpora, **record}, timing
+
+
+def fit_pairs(model, tokenizer, train_table, validation_table, config, desc: str, key: str) -> tuple[dict, dict]:
+    """Train `model` in place with cross-entropy on (context, reply) pairs (tables in the row format
+    of `pretraining_pairs`); returns the record (pairs, cut targets, steps, device, precision, the
+    validation loss and perplexity before and after, per-epoch history) and the timing of the
+    optimizer steps (seconds, tokens read, tokens per second). Shared by the base model's pretraining
+    and the DExperts experts (`pipeline/stages/experts.py`); `config` has the fields of
+    `BaseModelPretrainConfig` that it reads (epochs, batch_size, learning_rate, the token limits,
+    precision, seed), `key` names its section in messages.
 
     Each step is the training stages' loss with `contrastive_weight = 0` (`scoring.score_batch` on
     the positives, `losses.cross_entropy`): AdamW without weight decay, linear warm-up and decay,
@@ -172,9 +190,6 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
 
     # --- data
     settings = pair_settings(config)
-    train_table, train_read = pretraining_pairs(normalized, config.corpora, "train", config.max_examples, config.seed)
-    validation_table, validation_read = pretraining_pairs(normalized, config.corpora, "validation",
-                                                          config.max_validation_examples, config.seed)
     train, validation = (encode_groups(tokenizer, t, settings) for t in (train_table, validation_table))
     is_seq2seq = bool(model.config.is_encoder_decoder)
     # Tokens a forward pass reads per pair (source, <|bot|> for a causal model, target).
@@ -185,7 +200,7 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
 
     # --- model and optimizer
     device = devices.model_device()
-    precision = devices.resolve_precision(config.precision, "base_model.pretrain.precision")
+    precision = devices.resolve_precision(config.precision, f"{key}.precision")
     set_seed(config.seed)
     model.to(device).train()
     use_cache = model.config.use_cache
@@ -195,15 +210,14 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(WARMUP_SHARE * total_steps),
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    log.info("base_model: pretraining on %d pairs (%s) for %d epoch(s), %d steps of %d, on %s (%s); "
-             "validation on %d pairs", len(train), ", ".join(f"{c} {r['rows']}" for c, r in train_read.items()),
-             config.epochs, total_steps, config.batch_size, device, precision, len(validation))
+    log.info("%s: %d pairs for %d epoch(s), %d steps of %d, on %s (%s); validation on %d pairs", desc,
+             len(train), config.epochs, total_steps, config.batch_size, device, precision, len(validation))
 
     # --- loop
     before = validation_loss(scorer, validation, settings, device, precision)
     history = [{"epoch": 0, "validation": before}]
-    log.info("base_model: validation perplexity before pretraining %.2f", before["perplexity"])
-    progress = tqdm(total=total_steps, desc="base_model: pretrain", unit="step", dynamic_ncols=True)
+    log.info("%s: validation perplexity before %.2f", desc, before["perplexity"])
+    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
     started, seconds, tokens = time.perf_counter(), 0.0, 0
     for epoch in range(config.epochs):
         order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
@@ -215,8 +229,8 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
                 logps, mask, _ = score_batch(scorer, train, batch, 1, settings.length_normalized)  # (G, 1, T)
                 loss = cross_entropy(logps[:, 0], mask[:, 0])
             if not math.isfinite(loss.item()):
-                raise PipelineError(f"pretraining loss is not finite at step {progress.n + 1}; lower "
-                                    "base_model.pretrain.learning_rate, or use base_model.pretrain.precision fp32")
+                raise PipelineError(f"{desc}: the loss is not finite at step {progress.n + 1}; lower "
+                                    f"{key}.learning_rate, or use {key}.precision fp32")
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
@@ -230,18 +244,17 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
             progress.update()
         after = validation_loss(scorer, validation, settings, device, precision)
         history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "validation": after})
-        log.info("base_model: epoch %d: training loss %.3f, validation perplexity %.2f", epoch + 1,
+        log.info("%s: epoch %d: training loss %.3f, validation perplexity %.2f", desc, epoch + 1,
                  history[-1]["train_loss"], after["perplexity"])
     progress.close()
     model.config.use_cache = use_cache
     model.to("cpu").eval()
     timing = {"train_seconds": seconds, "read_tokens": tokens,
               "tokens_per_second": tokens / seconds if seconds else None}
-    log.info("base_model: pretrained in %.1f s (%.0f tokens/s read while training)", time.perf_counter() - started,
+    log.info("%s: trained in %.1f s (%.0f tokens/s read while training)", desc, time.perf_counter() - started,
              timing["tokens_per_second"] or 0)
     # No timing in the record: it is part of the model folder, whose bytes must not change between runs.
     record = {
-        "corpora": {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora},
         "pairs": {"train": len(train), "validation": len(validation)},
         "cut_targets": {"train": train.cut_counts()["positives"], "validation": validation.cut_counts()["positives"]},
         "steps": total_steps,

@@ -39,7 +39,8 @@ stays beside it as `self_assessed_unsafe_rate_<view>`, with how far the two agre
 casual caution share are the classifier's three-way labels (self-assessed). The human-evaluation
 key carries the judge's verdict (`safety_source` judge).
 
-Per model, each corpus and all its corpora pooled ("overall") are scored on the contexts: the first
+Per model, each corpus, the adversarial and the casual corpora pooled (`adversarial`, `casual`, where
+two or more were evaluated) and all its corpora pooled (`overall`) are scored on the contexts: the first
 sample and the re-ranked choice of each context are the two replies compared. Contexts of one
 dialogue (a ProsocialDialog dialogue, a MIC question: the candidates' `dialogue_id` within their
 corpus) share turns and references, so every interval is a cluster bootstrap that draws dialogues,
@@ -75,7 +76,7 @@ from pipeline import likelihood
 from pipeline import metrics as M
 from pipeline import report
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
-from pipeline.config import CASUAL_CORPORA, EvaluateConfig
+from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, EvaluateConfig
 from pipeline.errors import DataError
 from pipeline.human_eval import JUDGE, KEY_COLUMNS, RATINGS, SHEET_COLUMNS, item_digest
 from pipeline.judging import ReplyJudge, judge_replies, provenance
@@ -88,6 +89,14 @@ VIEWS = {"first": "first sample", "reranked": "re-ranked"}  # the first sample, 
 CONTEXT_LABELS = ("casual", "needs_caution", "needs_intervention", "unlabelled")
 MODEL_SCORES = {"reference_ppl": False, "group_ranking_accuracy": True}  # name -> higher is better
 OVERALL = "overall"
+# Pooled scopes besides overall: the adversarial and the casual corpora, each where it pools two or more.
+POOLS = {"adversarial": ADVERSARIAL_CORPORA, "casual": CASUAL_CORPORA}
+
+
+def pools(corpora: list[str]) -> dict[str, list[str]]:
+    """The pooled scopes of `corpora`: name -> its corpora among them, where there are two or more."""
+    found = {name: [c for c in corpora if c in group] for name, group in POOLS.items()}
+    return {name: members for name, members in found.items() if len(members) >= 2}
 PLOTS = {"label_distribution": "plots/label_distribution.png", "training_curves": "plots/training_curves.png"}
 TRAINING_RUNS = ("stage1", "stage2", "ce_stage1", "ce")  # folders under reports/train, one curve each
 CONFIDENCE = 0.95
@@ -673,8 +682,9 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
     generic: dict[str, dict[str, dict]] = {}
     for model in models:
         own = [c for c in corpora if (model, c) in items]
-        for scope in own + [OVERALL]:
-            found = join_items([items[(model, c)] for c in own]) if scope == OVERALL else items[(model, scope)]
+        pooled = {**pools(own), OVERALL: own}
+        for scope in own + list(pooled):
+            found = join_items([items[(model, c)] for c in pooled[scope]]) if scope in pooled else items[(model, scope)]
             scope_items[(model, scope)] = found
             entries, scope_notes = aggregate(found, config.bootstrap_samples, config.seed)
             notes += [f"{model}/{scope}: {note}" for note in scope_notes]
@@ -707,7 +717,7 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
     results = {
         "models": models,
         "corpora": corpora,
-        "scopes": corpora + [OVERALL],
+        "scopes": corpora + list(pools(corpora)) + [OVERALL],
         "views": dict(VIEWS),
         "context_labels": list(CONTEXT_LABELS),
         "generic_top": GENERIC_TOP,

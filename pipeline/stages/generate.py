@@ -10,7 +10,9 @@ RoT, reply, scores and rank, and which one was selected; nothing is dropped) and
         --agreement models/rot_agreement --normalized data/normalized --out data/candidates/stage2
 
 `<name>` is a model trained here (`base`, `ce`, `stage1`, `stage2`: a folder written by the
-training stages, loaded strictly, prompted in this project's format with its dialog markers) or an
+training stages, loaded strictly, prompted in this project's format with its dialog markers),
+`dexperts` (the model `dexperts.guided` decoded under the guidance of the experts in `--experts`,
+`pipeline/dexperts.py`; stats.json records it as `dexperts`), or an
 entry of `audit.models` in params.yaml (`python -m pipeline audit`): a Hugging Face model, by hub
 id or local folder, prompted in its own format (`audit.models.<name>.format`, see
 `pipeline.sampling.PromptFormat`) with nothing added to its vocabulary, whose output is read as a
@@ -51,7 +53,7 @@ import pyarrow as pa
 
 from pipeline import devices
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, staged_dir, write_json, write_parquet
-from pipeline.config import CORPORA, AuditModel, GenerateConfig
+from pipeline.config import CORPORA, AuditModel, DExpertsConfig, GenerateConfig
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source
 from pipeline.rerank import has_rot, load_scorers, score_candidates
@@ -59,6 +61,7 @@ from pipeline.sampling import MARKERS, PromptFormat, batch_seed, decoding_settin
 from pipeline.schemas import CANDIDATES, read_table
 
 if TYPE_CHECKING:
+    from pipeline.dexperts import Experts
     from pipeline.safety_models import AgreementScorer, SafetyScorer
 
 log = logging.getLogger(__name__)
@@ -125,13 +128,14 @@ def select_contexts(rows: list[dict], corpus: str, max_contexts: int, seed: int)
 
 def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], model_name: str, corpus: str,
                      config: GenerateConfig, progress: bool = True, agreement_scorer: AgreementScorer | None = None,
-                     prompt: PromptFormat = MARKERS, precision: str = "fp32") -> tuple[pa.Table, dict]:
+                     prompt: PromptFormat = MARKERS, precision: str = "fp32",
+                     experts: Experts | None = None) -> tuple[pa.Table, dict]:
     """Every candidate for the test `rows` of one corpus (schema `CANDIDATES`), and counts.
 
     The pure worker of the stage: the distinct contexts of `rows`, the draw of `config.max_contexts`
     of them, sampling in batches of `config.batch_size` contexts (`prompt` format, at `precision`),
     and `score_candidates` (the RoT-agreement term when `agreement_scorer` is given; needed when
-    `config.gamma` > 0); nothing is written.
+    `config.gamma` > 0); under the DExperts guidance of `experts` when given; nothing is written.
     """
     from tqdm.auto import tqdm
 
@@ -147,7 +151,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
         batch = chosen[start: start + config.batch_size]
         sources = [Source(r["context"], r["persona"] or (), r["emotion"]) for r in batch]
         sampled = sample_candidates(dm, sources, config, batch_seed(config.seed, corpus, batch_index),
-                                    prompt=prompt, precision=precision)
+                                    prompt=prompt, precision=precision, experts=experts)
         tokens += sampled.tokens
         for i, row in enumerate(batch):
             for j in range(k):
@@ -207,10 +211,13 @@ def read_test_rows(normalized: Path, corpus: str) -> list[dict]:
 
 
 def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized: Path, out: Path,
-        audit: AuditModel | None = None, agreement: Path | None = None) -> dict:
+        audit: AuditModel | None = None, agreement: Path | None = None, experts: Path | None = None,
+        dexperts: DExpertsConfig | None = None) -> dict:
     """Generate, score and re-rank candidates for every corpus; write `<out>/<corpus>.parquet` and
     `stats.json`. `audit` is the entry of an audit model (None for a model trained here); `agreement`
-    the RoT-agreement scorer's folder (None: no agreement column, only with `generate.gamma = 0`)."""
+    the RoT-agreement scorer's folder (None: no agreement column, only with `generate.gamma = 0`);
+    `experts` the folder of the DExperts experts (`dexperts` their settings): the model at `model`
+    (`dexperts.guided`) is decoded under their guidance (`pipeline/dexperts.py`)."""
     ensure_writable(out)
     started = time.perf_counter()
     scorer, agreement_scorer = load_scorers(config, safety, agreement)
@@ -218,18 +225,26 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
     device = devices.model_device()
     precision = devices.resolve_precision(config.precision, "generate.precision")
     dm, prompt = load_model(name, model, audit, device)
+    guidance = None
+    if experts is not None:
+        from pipeline.dexperts import guidance_settings, load_experts
+
+        guidance = load_experts(experts, dm, dexperts.alpha, device)
+        log.info("generate %s: guided by the experts in %s, alpha %g", name, experts, dexperts.alpha)
     architecture = "seq2seq" if dm.is_seq2seq else "causal"
     log.info("generate %s: %s model from %s on %s (%s), prompted as %s, k=%d", name, architecture, model, device,
              precision, prompt.describe(), config.k)
     stats = {"model": name, "path": str(model), "architecture": architecture, "prompt_format": prompt.describe(),
              "decoding": decoding_settings(dm, config), "precision": precision, "config": dataclasses.asdict(config),
-             "audit": dataclasses.asdict(audit) if audit else None, "corpora": {}, "git_commit": git_commit(),
+             "audit": dataclasses.asdict(audit) if audit else None,
+             "dexperts": guidance_settings(guidance, config, experts, dexperts.guided) if guidance else None,
+             "corpora": {}, "git_commit": git_commit(),
              "library_versions": library_versions()}
     with staged_dir(out) as staging:
         for corpus in CORPORA:
             table, corpus_stats = candidates_table(dm, scorer, rows[corpus], name, corpus, config,
                                                    agreement_scorer=agreement_scorer, prompt=prompt,
-                                                   precision=precision)
+                                                   precision=precision, experts=guidance)
             write_parquet(table, staging / f"{corpus}.parquet")
             # Timing goes to the log only: stats.json is part of the output, whose bytes must not change
             # between runs (or every rerun would look like new candidates to the stages after it).

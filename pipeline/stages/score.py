@@ -27,6 +27,9 @@ generation metrics of the same model.
 
     python -m pipeline score stage2 --model models/stage2 --groups data/groups --normalized data/normalized \\
         --out reports/scores/stage2
+
+With `--experts`, the model at `--model` is scored under the DExperts combination with those experts
+(`dexperts.alpha`, no filtering): the likelihood DExperts samples from, for `score dexperts`.
 """
 
 from __future__ import annotations
@@ -119,9 +122,11 @@ def _shown(record: dict) -> str:
 
 
 def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, model: Path, groups: Path,
-        normalized: Path, out: Path) -> dict:
+        normalized: Path, out: Path, experts: Path | None = None, alpha: float = 0.0) -> dict:
     """Score the test groups and the labelled replies with the model at `model`; write
-    `<out>/eval_scores.json` and `<out>/likelihood.parquet`."""
+    `<out>/eval_scores.json` and `<out>/likelihood.parquet`. With `experts` (DExperts' folder), the
+    scores are the DExperts combination's (`pipeline.dexperts.Ensemble`, weight `alpha`) with the
+    model at `model` guided."""
     started = time.time()
     ensure_writable(out)
     precision = devices.resolve_precision(train_config.precision, "train.precision")
@@ -132,6 +137,12 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
     dm.model.to(device).eval()
     encoded = encode_groups(dm.tokenizer, table, train_config)
     scorer = GroupScorer(dm)
+    if experts is not None:
+        from pipeline.dexperts import Ensemble, load_experts
+
+        scorer = Ensemble(dm, load_experts(experts, dm, alpha, device))
+        log.info("score %s: the DExperts combination of %s and the experts in %s (alpha %g)", name, model, experts,
+                 alpha)
     with devices.autocast(device, precision):
         per_group = per_group_scores(scorer, encoded, list(range(len(encoded))), train_config)
         scored = score_replies(scorer, replies, train_config)
