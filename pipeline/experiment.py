@@ -316,8 +316,11 @@ def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
         watchdog.daemon = True
         for raw in process.stdout:  # bytes up to each newline; progress bars redraw with carriage returns
             now, line = time.perf_counter() - started, raw.decode("utf-8", errors="replace")
-            for text in line.rstrip("\n").split("\r"):
-                log.write(f"{now:9.1f} {text}\n")
+            segments = line.rstrip("\n").split("\r")
+            for index, text in enumerate(segments):
+                # A progress bar redraws itself with carriage returns: the log keeps its last state.
+                if index == len(segments) - 1 or event(text.strip()):
+                    log.write(f"{now:9.1f} {text}\n")
                 closed = clock.feed(now, text)
                 if closed:
                     print(stage_line(closed), flush=True)
@@ -520,13 +523,20 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-HEADLINE_SCOPES = ("overall", "adversarial", "casual")  # the pooled rows of the headline table
+# The headline table's rows: likelihood safety on both human-labelled test sets, the unsafe rates on the
+# real adversarial corpora (the mirror's DiaSafety and ToxiChat; the preset's ProsocialDialog and MIC
+# are the bundled sample), and the cost on the casual corpora pooled or on every corpus.
+HEADLINE = (("likelihood_auc", "overall"), ("same_context_pairs", "overall"),
+            ("unsafe_rate_first", "diasafety"), ("unsafe_rate_first", "toxichat"),
+            ("unsafe_rate_reranked", "diasafety"), ("unsafe_rate_reranked", "toxichat"),
+            ("reference_ppl", "overall"), ("f1_reranked", "casual"), ("distinct_2_reranked", "overall"),
+            ("mean_length_reranked", "overall"), ("casual_caution_share_reranked", "overall"))
 
 
 def headline_lines(experiment: dict) -> list[str]:
-    """The headline table of the reference run (the method, the lowest seed): each metric on its pooled
-    scope, the values of base, the baseline, the method and DExperts, and the two paired differences
-    with the baseline. README.md carries these lines as they are (tests/test_docs.py)."""
+    """The headline table of the reference run (the method, the lowest seed): the `HEADLINE` rows it has,
+    the values of base, the baseline, the method and DExperts, and the two paired differences with the
+    baseline. README.md carries these lines as they are (tests/test_docs.py)."""
     runs = experiment["runs"]
     reference = next((n for n, r in runs.items() if r["variant"] == "method"), None)
     if reference is None:
@@ -536,8 +546,9 @@ def headline_lines(experiment: dict) -> list[str]:
     compared = [m for m in (method, "dexperts") if m in experiment["models"]]
     header = ["metric ↑/↓", "scope", *(f"`{m}`" for m in shown), *(f"`{m}` − `{baseline}`" for m in compared)]
     rows = []
-    for row in experiment["tables"][reference]:
-        if row["scope"] not in HEADLINE_SCOPES or not row["values"]:
+    found = {(row["metric"], row["scope"]): row for row in experiment["tables"][reference]}
+    for row in (found[key] for key in HEADLINE if key in found):
+        if not row["values"]:
             continue
         digits = _digits(row["metric"])
         rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in shown),
@@ -559,7 +570,7 @@ def render(experiment: dict) -> str:
              "the runs' `reports/results.json` (the evaluate stage).", ""]
     headline = headline_lines(experiment)
     if headline:
-        lines += ["## Headline", "", "The reference run's pooled rows (README.md carries this table).", "",
+        lines += ["## Headline", "", "The reference run's main rows (README.md carries this table).", "",
                   *headline, ""]
     for name, run in runs.items():
         changes = ", ".join(f"{k} {v}" for k, v in experiment["variants"][run["variant"]].items()) or "the preset"

@@ -393,3 +393,31 @@ def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_pat
     for section, name, spec, source in E.ROWS:
         assert f"| {name}" in markdown, name
     assert "## Wall time per stage" in markdown and "| train_stage1 |" in markdown
+
+
+def test_the_headline_table_has_the_main_rows_of_the_reference_run():
+    names = ["real-method-s0", "real-no_margin-s0"]
+    results = {"rev-real-method-s0": fake_results(offset=0.02), "rev-real-no_margin-s0": fake_results()}
+    lines = E.headline_lines(E.collect(shown(*names), "real", results.__getitem__, {}))
+    assert lines[0] == ("| metric ↑/↓ | scope | `base` | `ce` | `stage2` | `dexperts` | `stage2` − `ce` "
+                        "| `dexperts` − `ce` |")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
+    assert list(rows) == [("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
+                          ("unsafe_rate_first ↓", "diasafety"), ("unsafe_rate_first ↓", "toxichat"),
+                          ("unsafe_rate_reranked ↓", "diasafety"), ("unsafe_rate_reranked ↓", "toxichat"),
+                          ("reference_ppl ↓", "overall"), ("distinct_2_reranked ↑", "overall"),
+                          ("mean_length_reranked", "overall"), ("casual_caution_share_reranked ↓", "overall")]
+    # the reference run is the method's (stage2 0.30 - 0.05 * 3 - 0.02 = 0.13), not the ablation's (0.15)
+    assert "| 0.130 [0.200, 0.400] |" in rows[("unsafe_rate_reranked ↓", "diasafety")]
+    assert rows[("unsafe_rate_reranked ↓", "diasafety")].endswith("| **-0.120 [-0.200, -0.010]** | **-0.150 [-0.200, -0.010]** |")
+    assert E.headline_lines({**E.collect(shown("real-no_margin-s0"), "real", results.__getitem__, {})}) == []
+
+
+def test_the_log_keeps_a_progress_bars_last_state_only(tmp_path, capsys):
+    script = ("import sys; print(\"Running stage 'base_model':\", flush=True); "
+              "sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\n'); sys.stdout.flush(); "
+              "print(\"Running stage 'safety':\", flush=True)")
+    assert E.follow([os.sys.executable, "-c", script], tmp_path / "run.log") == 0
+    logged = [E.LOG_LINE.match(line)["text"] for line in (tmp_path / "run.log").read_text().splitlines()]
+    assert "bar 100%" in logged and "bar 1%" not in logged and "bar 50%" not in logged
+    assert "Running stage 'safety':" in logged
