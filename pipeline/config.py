@@ -429,6 +429,21 @@ class TrainStage2Config(TrainStageConfig):
 TRAIN_STAGES: dict[int, type[TrainStageConfig]] = {1: TrainStage1Config, 2: TrainStage2Config}
 
 
+def _check_pair_training(config, key: str, allowed: tuple[str, ...]) -> None:
+    """The checks shared by the sections `base_model.fit_pairs` trains with (`base_model.pretrain`,
+    `dexperts`): corpora from `allowed`, positive counts, a learning rate and token limits."""
+    require(len(config.corpora) > 0 and len(set(config.corpora)) == len(config.corpora)
+            and set(config.corpora) <= set(allowed), f"{key}.corpora", config.corpora,
+            f"a non-empty list of distinct corpus names from {', '.join(allowed)}")
+    for name in ("epochs", "batch_size"):
+        require(getattr(config, name) >= 1, f"{key}.{name}", getattr(config, name), "must be at least 1")
+    for name in ("max_examples", "max_validation_examples"):
+        require(getattr(config, name) >= 0, f"{key}.{name}", getattr(config, name), "must be 0 (all) or more")
+    require(0 < config.learning_rate < 1, f"{key}.learning_rate", config.learning_rate, "must be between 0 and 1")
+    require(config.max_source_tokens >= 8, f"{key}.max_source_tokens", config.max_source_tokens, "must be at least 8")
+    require(config.max_target_tokens >= 4, f"{key}.max_target_tokens", config.max_target_tokens, "must be at least 4")
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseModelPretrainConfig:
     """`base_model.pretrain`: cross-entropy training of the freshly built scratch model on the casual
@@ -463,17 +478,7 @@ class BaseModelPretrainConfig:
     """Seed of the subsamples, the batch order and dropout."""
 
     def __post_init__(self):
-        key = "base_model.pretrain"
-        require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
-                and set(self.corpora) <= set(CASUAL_CORPORA), f"{key}.corpora", self.corpora,
-                f"a non-empty list of distinct corpus names from {', '.join(CASUAL_CORPORA)}")
-        for name in ("epochs", "batch_size"):
-            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be at least 1")
-        for name in ("max_examples", "max_validation_examples"):
-            require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be 0 (all) or more")
-        require(0 < self.learning_rate < 1, f"{key}.learning_rate", self.learning_rate, "must be between 0 and 1")
-        require(self.max_source_tokens >= 8, f"{key}.max_source_tokens", self.max_source_tokens, "must be at least 8")
-        require(self.max_target_tokens >= 4, f"{key}.max_target_tokens", self.max_target_tokens, "must be at least 4")
+        _check_pair_training(self, "base_model.pretrain", CASUAL_CORPORA)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -778,18 +783,9 @@ class DExpertsConfig:
     def __post_init__(self):
         key = "dexperts"
         require(self.alpha >= 0, f"{key}.alpha", self.alpha, "must be 0 or more")
-        require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
-                and set(self.corpora) <= set(ADVERSARIAL_CORPORA), f"{key}.corpora", self.corpora,
-                f"a non-empty list of distinct corpus names from {', '.join(ADVERSARIAL_CORPORA)}")
         require(1 <= self.min_violation_severity <= 5, f"{key}.min_violation_severity", self.min_violation_severity,
                 "a MIC severity from 1 to 5")
-        for name in ("epochs", "batch_size"):
-            require(getattr(self, name) >= 1, f"{key}.{name}", getattr(self, name), "must be at least 1")
-        for name in ("max_examples", "max_validation_examples"):
-            require(getattr(self, name) >= 0, f"{key}.{name}", getattr(self, name), "must be 0 (all) or more")
-        require(0 < self.learning_rate < 1, f"{key}.learning_rate", self.learning_rate, "must be between 0 and 1")
-        require(self.max_source_tokens >= 8, f"{key}.max_source_tokens", self.max_source_tokens, "must be at least 8")
-        require(self.max_target_tokens >= 4, f"{key}.max_target_tokens", self.max_target_tokens, "must be at least 4")
+        _check_pair_training(self, key, ADVERSARIAL_CORPORA)
 
 
 @dataclasses.dataclass(frozen=True)
