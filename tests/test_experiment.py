@@ -332,6 +332,7 @@ def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
         "generate.max_contexts": 6, "generate.max_new_tokens": 12,
         "evaluate.bootstrap_samples": 100, "evaluate.human_eval_pairs": 2, "judge.bootstrap_samples": 100,
         "ratings.bootstrap_samples": 100, "judge.tfidf.char_ngram": [], "rot_agreement.tfidf.pair_buckets": 0,
+        "dexperts.max_examples": 200, "dexperts.max_validation_examples": 50,
     }
     if mirror is None:
         changes |= {"corpora.source": "sample", "corpora.overrides": {}}
