@@ -118,8 +118,13 @@ class _ExpertState:
     """One expert's incremental forward passes over the growing sequences of one `generate` call."""
 
     def __init__(self, dm: DialogModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+        import inspect
+
         self.dm, self.prompt_ids, self.prompt_mask = dm, prompt_ids, prompt_mask
         self.cache, self.positions, self.encoder = None, None, None
+        # The key/value cache as the model's forward names it (`cache` from transformers 5.2x on,
+        # `past_key_values` before); looked up once, not at every step.
+        self.cache_name = "cache" if "cache" in inspect.signature(dm.model.forward).parameters else "past_key_values"
 
     @torch.no_grad()
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -144,14 +149,7 @@ class _ExpertState:
         return out.logits[:, -1, :]
 
     def _cache_argument(self) -> dict:
-        """The key/value cache as the model's forward names it (`cache` from transformers 5.2x on,
-        `past_key_values` before)."""
-        import inspect
-
-        if self.cache is None:
-            return {}
-        name = "cache" if "cache" in inspect.signature(self.dm.model.forward).parameters else "past_key_values"
-        return {name: self.cache}
+        return {} if self.cache is None else {self.cache_name: self.cache}
 
 
 class Guidance:

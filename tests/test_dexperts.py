@@ -14,9 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import DExpertsConfig, GenerateConfig
 from pipeline.dexperts import (
     ANTIEXPERT, EXPERT, Ensemble, Experts, Guidance, check_same_vocabulary, combine, load_experts, sampling_filters,
@@ -26,6 +24,7 @@ from pipeline.modeling import DialogModel, Source, encode_sources, load_dialog_m
 from pipeline.sampling import encode_prompts, generate_batch
 from pipeline.schemas import NORMALIZED
 from pipeline.stages.experts import expert_pairs
+from tests.test_generate import assert_one_line_error, invoke, normalized_row, write_split
 
 
 def perturbed(dm: DialogModel, seed: int, scale: float = 0.5) -> DialogModel:
@@ -243,18 +242,6 @@ def test_expert_pairs_split_safe_and_unsafe_replies(tmp_path):
 # --- the commands -------------------------------------------------------------------------------------
 
 
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *parts):
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in parts:
-        assert part in lines[0], lines[0]
-
-
 def write_params(path: Path, **dexperts) -> Path:
     import yaml
 
@@ -288,8 +275,6 @@ def test_the_experts_command_trains_both_from_the_base_model(trained_experts, ti
 
 def test_generate_dexperts_writes_guided_candidates(tmp_path, trained_experts, tiny_dialog_model_dir,
                                                      fake_safety_scorer):
-    from tests.test_generate import normalized_dir as _  # noqa: F401  (the fixture's rows are rebuilt below)
-    from tests.test_generate import normalized_row, write_split
     from pipeline.config import CORPORA
 
     normalized = tmp_path / "normalized"
@@ -311,14 +296,14 @@ def test_generate_refuses_dexperts_without_experts_and_experts_elsewhere(tmp_pat
                                                                          trained_experts):
     params = write_params(tmp_path / "params.yaml")
     common = ["--safety", tmp_path / "safety", "--normalized", tmp_path, "--out", tmp_path / "out", "--params", params]
-    one_line_error(invoke("generate", "dexperts", "--model", tiny_dialog_model_dir, *common), "--experts",
+    assert_one_line_error(invoke("generate", "dexperts", "--model", tiny_dialog_model_dir, *common), "--experts",
                    "dexperts")
-    one_line_error(invoke("generate", "stage2", "--model", tiny_dialog_model_dir, "--experts", trained_experts,
+    assert_one_line_error(invoke("generate", "stage2", "--model", tiny_dialog_model_dir, "--experts", trained_experts,
                           *common), "--experts", "'stage2'")
     assert not (tmp_path / "out").exists()
 
 
-def test_a_missing_expert_folder_is_a_one_line_error(tmp_path, guided):
+def test_a_missing_expert_folder_is_a_assert_one_line_error(tmp_path, guided):
     (tmp_path / "experts" / EXPERT).mkdir(parents=True)
     with pytest.raises(DataError, match=r"antiexpert: expert folder not found|expert: "):
         load_experts(tmp_path / "experts", guided, 1.0)
@@ -326,8 +311,8 @@ def test_a_missing_expert_folder_is_a_one_line_error(tmp_path, guided):
 
 def test_a_bad_dexperts_section_names_the_key(tmp_path, tiny_dialog_model_dir):
     params = write_params(tmp_path / "params.yaml", alpha=-1.0)
-    one_line_error(invoke("experts", "--init", tiny_dialog_model_dir, "--normalized", tmp_path, "--out",
+    assert_one_line_error(invoke("experts", "--init", tiny_dialog_model_dir, "--normalized", tmp_path, "--out",
                           tmp_path / "out", "--params", params), "dexperts.alpha")
     params = write_params(tmp_path / "params.yaml", corpora=["daily_dialog"])
-    one_line_error(invoke("experts", "--init", tiny_dialog_model_dir, "--normalized", tmp_path, "--out",
+    assert_one_line_error(invoke("experts", "--init", tiny_dialog_model_dir, "--normalized", tmp_path, "--out",
                           tmp_path / "out", "--params", params), "dexperts.corpora")
