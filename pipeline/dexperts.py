@@ -32,7 +32,7 @@ import torch
 
 from pipeline.config import GenerateConfig
 from pipeline.errors import DataError
-from pipeline.modeling import DialogModel, logprobs_of, target_logits
+from pipeline.modeling import DialogModel, cache_keyword, logprobs_of, target_logits
 
 EXPERT, ANTIEXPERT = "expert", "antiexpert"  # the two subfolders of the experts' folder
 
@@ -118,13 +118,9 @@ class _ExpertState:
     """One expert's incremental forward passes over the growing sequences of one `generate` call."""
 
     def __init__(self, dm: DialogModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        import inspect
-
         self.dm, self.prompt_ids, self.prompt_mask = dm, prompt_ids, prompt_mask
         self.cache, self.positions, self.encoder = None, None, None
-        # The key/value cache as the model's forward names it (`cache` from transformers 5.2x on,
-        # `past_key_values` before); looked up once, not at every step.
-        self.cache_name = "cache" if "cache" in inspect.signature(dm.model.forward).parameters else "past_key_values"
+        self.cache_name = cache_keyword(dm.model)  # looked up once, not at every step
 
     @torch.no_grad()
     def next_logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -199,8 +199,9 @@ def token_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: lis
     """Log-probability of every target token given its source, in one batched forward pass.
 
     `source_ids` has S rows; `target_ids` has S * C rows, C = `candidates_per_source`, grouped by
-    source (rows s*C .. s*C+C-1 belong to source s). A sequence-to-sequence model encodes each
-    source once and shares it across its C candidates; a causal model reads `source <|bot|> target`.
+    source (rows s*C .. s*C+C-1 belong to source s). Each source is read once and shared across its C
+    candidates: a sequence-to-sequence model encodes it once; a causal model reads `source <|bot|> target`,
+    and with C > 1 reads the source once and its C targets from the source's key/value cache.
     Returns `logps` (S*C, T) and `mask` (S*C, T) with 1 on real target tokens, 0 on padding.
     """
     logits, labels, target_mask = target_logits(dm, source_ids, target_ids, candidates_per_source)
@@ -237,6 +238,8 @@ def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list
                     decoder_input_ids=decoder_in.to(device), decoder_attention_mask=target_mask.to(device))
         logits = out.logits  # (S*C, T, V)
         labels, target_mask = labels.to(device), target_mask.to(device)
+    elif C > 1:
+        return _shared_source_logits(dm, source_ids, target_ids, C)
     else:
         bot = tokenizer.convert_tokens_to_ids(BOT)
         rows, starts = [], []
@@ -258,6 +261,42 @@ def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list
         positions = positions.clamp(max=ids.shape[1] - 1).to(device)
         logits = logits_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits_all.shape[-1]))
         labels, target_mask = labels.to(device), target_mask.to(device)
+    return logits, labels, target_mask
+
+
+def cache_keyword(model) -> str:
+    """The keyword `model`'s forward takes its key/value cache by: `cache` from transformers 5.2x on,
+    `past_key_values` before; a peft wrapper's is its base model's."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _shared_source_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]], C: int):
+    """`target_logits` of a causal model whose sources each have C > 1 targets: the left-padded sources in
+    one forward pass, their key/value cache repeated C times, then `<|bot|> target` (the last token
+    dropped: nothing is predicted after it) read from that cache at the positions the sources end at.
+    The same logits as reading `source <|bot|> target` whole, up to float rounding, with the source read
+    once rather than C times and the output layer applied to the target positions only (tested)."""
+    import torch
+
+    model, tokenizer = dm.model, dm.tokenizer
+    pad, bot = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(BOT)
+    device = next(model.parameters()).device
+    source, source_mask = (t.to(device) for t in _pad(source_ids, pad, left=True))  # (S, L)
+    cache_name = cache_keyword(model)
+    out = model(input_ids=source, attention_mask=source_mask, position_ids=(source_mask.cumsum(-1) - 1).clamp(min=0),
+                use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    cache.batch_repeat_interleave(C)
+    labels, target_mask = (t.to(device) for t in _pad(target_ids, pad))  # (S*C, T)
+    inputs = torch.cat([torch.full_like(labels[:, :1], bot), labels[:, :-1]], dim=1)  # (S*C, T)
+    ends = source_mask.sum(-1).repeat_interleave(C).unsqueeze(1)  # (S*C, 1): where `<|bot|>` goes
+    positions = ends + torch.arange(labels.shape[1], device=device).unsqueeze(0)
+    attention = torch.cat([source_mask.repeat_interleave(C, dim=0), torch.ones_like(target_mask)], dim=1)
+    logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, use_cache=True,
+                   **{cache_name: cache}).logits  # (S*C, T, V)
     return logits, labels, target_mask
 
 

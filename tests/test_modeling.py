@@ -134,3 +134,36 @@ def test_a_cut_target_keeps_its_first_tokens_and_no_eos(tokenizer):
     # One token less: the short target keeps all its tokens but has no room for eos, so it is cut.
     targets, cut = encode_targets(tokenizer, [short], budget - 1)
     assert targets == [short_ids] and cut == [True]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "lora"])
+def test_shared_source_scores_and_gradients_equal_reading_each_candidate_whole(tokenizer, lora):
+    # With C > 1 a causal model reads each source once and its C targets from the source's key/value
+    # cache; the log-probabilities and the gradients must be those of reading `source <|bot|> target`
+    # once per candidate (C = 1 on the repeated sources), sources of different lengths included, also
+    # through peft's wrapper (which names the cache argument differently from transformers).
+    sources = encode_sources(tokenizer, [Source(["hello there, how are you?"]),
+                                         Source(["what did you do today?", "i went hiking.", "nice!"])], 64)
+    targets, _ = encode_targets(tokenizer, [format_target(t) for t in
+                                            ("i am fine.", "ok", "no", "it's wrong to steal.", "you lie", "sure, why not?")], 32)
+    dm = _tiny_models(tokenizer)[0]
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        dm = DialogModel(get_peft_model(dm.model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)),
+                         tokenizer, False)
+    results = []
+    for shared in (True, False):
+        dm.model.zero_grad()
+        if shared:
+            logps, mask = token_logprobs(dm, sources, targets, candidates_per_source=3)
+        else:
+            logps, mask = token_logprobs(dm, [s for s in sources for _ in range(3)], targets, candidates_per_source=1)
+        (logps * torch.arange(1, logps.shape[0] + 1).unsqueeze(1)).sum().backward()  # rows weighted differently
+        results.append((logps.detach(), mask, {n: p.grad.clone() for n, p in dm.model.named_parameters() if p.requires_grad}))
+    (shared_logps, shared_mask, shared_grads), (whole_logps, whole_mask, whole_grads) = results
+    assert torch.equal(shared_mask, whole_mask)
+    assert torch.allclose(shared_logps, whole_logps, atol=1e-5)
+    assert shared_grads.keys() == whole_grads.keys()
+    for name, grad in shared_grads.items():
+        assert torch.allclose(grad, whole_grads[name], atol=1e-5, rtol=1e-4), name

@@ -85,9 +85,9 @@ def step_tokens(groups: EncodedGroups, chunk: list[list[int]], candidates: int, 
     batch = [g for micro in chunk for g in micro]
     target = sum(len(ids) for g in batch for ids in groups.target_ids[g][:candidates])
     source = sum(len(groups.source_ids[g]) for g in batch)
-    if is_seq2seq:
-        return source + target, target
-    return candidates * (source + len(batch)) + target, target  # each row: source <|bot|> target
+    if is_seq2seq or candidates > 1:  # each source read once (`modeling.token_logprobs`)
+        return source + target, target  # a causal model's `<|bot|>` stands in for its target's last token
+    return source + len(batch) + target, target  # each row: source <|bot|> target
 
 
 def group_loss(scorer, groups: EncodedGroups, batch: list[int], config: TrainConfig):
