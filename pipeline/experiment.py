@@ -481,11 +481,11 @@ def _digits(metric: str) -> int:
     return 2 if metric.endswith("_ppl") else 1 if metric.startswith("mean_length") else 3
 
 
-def _value_cell(entry: dict | None, digits: int) -> str:
+def _value_cell(entry: dict | None, digits: int, interval: bool = True) -> str:
     if not entry or entry.get("value") is None:
         return MISSING if not entry or not entry.get("reason") else f"– ({entry['reason']})"
     text = f"{entry['value']:.{digits}f}"
-    if entry.get("ci"):
+    if interval and entry.get("ci"):
         text += f" [{entry['ci'][0]:.{digits}f}, {entry['ci'][1]:.{digits}f}]"
     return text
 
@@ -556,6 +556,56 @@ def headline_lines(experiment: dict) -> list[str]:
     return _table(header, rows)
 
 
+def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:
+    """`mean ± sd` of a `spread` entry, and for a difference how many seeds' intervals lie below/above 0."""
+    if not entry:
+        return MISSING
+    sign = "+" if signed else ""
+    text = f"{entry['mean']:{sign}.{digits}f}" + (f" ± {entry['sd']:.{digits}f}" if entry.get("sd") is not None else "")
+    if "above_zero" in entry:
+        text += f" ({entry['below_zero']}↓ {entry['above_zero']}↑ of {entry['n']})"
+    return text
+
+
+def replication_lines(experiment: dict) -> list[str]:
+    """The `HEADLINE` rows over the method's seeds (the baseline's and the method's values, mean ± sd, and
+    their paired difference with how many seeds' intervals exclude 0), then the method's difference with
+    the baseline in each ablation run (its value where no paired difference exists, as for perplexity).
+    README.md carries these lines as they are (tests/test_docs.py); empty when there is neither."""
+    runs, tables = experiment["runs"], experiment["tables"]
+    baseline, method = experiment["baseline"], experiment["method"]
+    seeds = experiment["seeds"].get("method")
+    ablations = [n for n, r in runs.items() if r["variant"] != "method"]
+    if not seeds and not ablations:
+        return []
+    header = ["metric ↑/↓", "scope"]
+    by_seeds = {}
+    if seeds:
+        count = len(seeds["seeds"])
+        header += [f"`{baseline}`, {count} seeds", f"`{method}`, {count} seeds", f"`{method}` − `{baseline}`"]
+        by_seeds = {(row["metric"], row["scope"]): row for row in seeds["rows"]}
+    header += [f"{runs[n]['variant']}: `{method}` − `{baseline}`" for n in ablations]
+    found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in ablations}
+    rows = []
+    for key in HEADLINE:
+        digits = _digits(key[0])
+        cells = []
+        if seeds:
+            row = by_seeds.get(key)
+            if row is None:
+                continue
+            cells += [_mean_sd(row["values"].get(baseline), digits), _mean_sd(row["values"].get(method), digits),
+                      _mean_sd(row["differences"].get(method), digits, signed=True)]
+        for name in ablations:
+            row = found[name].get(key)
+            comparison = (row or {}).get("comparisons", {}).get(method)
+            cells.append(_difference_cell(comparison, digits) if comparison
+                         else _value_cell((row or {}).get("values", {}).get(method), digits, interval=False))
+        title = next((_row_title(r) for r in (by_seeds.get(key), *(found[n].get(key) for n in ablations)) if r), key[0])
+        rows.append([title, key[1], *cells])
+    return _table(header, rows)
+
+
 def render(experiment: dict) -> str:
     """results.md: a table per run, the spread over seeds, the ablations against the method, the
     stages' wall times; every figure from `experiment` (results.json)."""
@@ -594,6 +644,9 @@ def render(experiment: dict) -> str:
             rows.append([_row_title(row), row["scope"], *(_spread_cell(row["values"].get(m), digits) for m in MODELS),
                          _spread_cell(row["differences"].get(method), digits, signed=True)])
         lines += _table(header, rows) + [""]
+    replication = replication_lines(experiment)
+    if replication:
+        lines += ["## Seeds and ablations, main rows", "", "README.md carries this table.", "", *replication, ""]
     ablations = [n for n, r in runs.items() if r["variant"] != "method"]
     reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == 0), None)
     if ablations and reference:

@@ -106,3 +106,19 @@ def test_the_import_scan_sees_imports_inside_functions(tmp_path):
     assert imported_modules([tree]) == {"pipeline/stages/mine.py", "pipeline/config.py"}
     assert "pipeline/losses.py" in command_modules("train")
     assert "pipeline/stages/train.py" not in command_modules("download")
+
+
+def test_every_stage_can_be_restored_from_the_run_cache():
+    # DVC saves no run of a stage with a `persist` output in its run cache (dvc/stage/cache.py,
+    # `_can_hash`), so such a stage trains again in every experiment, even when only later stages'
+    # params changed. The training stages' `--checkpoints` folders are therefore scratch, not outputs.
+    for name, stage in stages().items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in stage.get(kind, []):
+                path, options = (next(iter(out.items())) if isinstance(out, dict) else (out, None))
+                assert not (options or {}).get("persist"), f"dvc.yaml stage {name}: {kind} {path} is persist"
+        declared = {next(iter(o)) if isinstance(o, dict) else o for o in stage.get("outs", [])}
+        words = shlex.split(" ".join(stage["cmd"].split()))
+        if "--checkpoints" in words:
+            folder = words[words.index("--checkpoints") + 1]
+            assert folder not in declared, f"dvc.yaml stage {name}: {folder} is an output that DVC would delete"

@@ -414,6 +414,30 @@ def test_the_headline_table_has_the_main_rows_of_the_reference_run():
     assert E.headline_lines({**E.collect(shown("real-no_margin-s0"), "real", results.__getitem__, {})}) == []
 
 
+def test_the_replication_table_has_the_spread_over_seeds_and_each_ablations_difference():
+    names = ["real-method-s0", "real-method-s1", "real-method-s2", "real-no_margin-s0"]
+    offsets = {"real-method-s0": 0.02, "real-method-s1": 0.04, "real-method-s2": 0.06, "real-no_margin-s0": 0.0}
+    results = {f"rev-{name}": fake_results(offset) for name, offset in offsets.items()}
+    experiment = E.collect(shown(*names), "real", results.__getitem__, {})
+    lines = E.replication_lines(experiment)
+    assert lines[0] == ("| metric ↑/↓ | scope | `ce`, 3 seeds | `stage2`, 3 seeds | `stage2` − `ce` "
+                        "| no_margin: `stage2` − `ce` |")
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
+    assert list(rows) == [("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
+                          ("unsafe_rate_first ↓", "diasafety"), ("unsafe_rate_first ↓", "toxichat"),
+                          ("unsafe_rate_reranked ↓", "diasafety"), ("unsafe_rate_reranked ↓", "toxichat"),
+                          ("reference_ppl ↓", "overall"), ("distinct_2_reranked ↑", "overall"),
+                          ("mean_length_reranked", "overall"), ("casual_caution_share_reranked ↓", "overall")]
+    # stage2 0.15 - offset over the seeds (0.13, 0.11, 0.09) against ce's 0.25: every seed's interval below 0
+    assert rows[("unsafe_rate_reranked ↓", "diasafety")] == (
+        "| unsafe_rate_reranked ↓ | diasafety | 0.250 ± 0.000 | 0.110 ± 0.020 | -0.140 ± 0.020 (3↓ 0↑ of 3) "
+        "| **-0.100 [-0.200, -0.010]** |")
+    # no paired difference for perplexity: the seeds' column is empty, the ablation shows stage2's value
+    assert rows[("reference_ppl ↓", "overall")].endswith("| – | 47.00 |")
+    assert "## Seeds and ablations, main rows" in E.render(experiment)
+    assert E.replication_lines(E.collect(shown("real-method-s0"), "real", results.__getitem__, {})) == []
+
+
 def test_the_log_keeps_a_progress_bars_last_state_only(tmp_path, capsys):
     script = ("import sys; print(\"Running stage 'base_model':\", flush=True); "
               "sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\n'); sys.stdout.flush(); "
