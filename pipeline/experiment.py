@@ -44,6 +44,7 @@ from typing import Any, Iterable
 
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA
 from pipeline.errors import ConfigError, DataError, PipelineError
+from pipeline.report import MISSING, difference_cell, value_cell
 
 log = logging.getLogger(__name__)
 
@@ -474,33 +475,10 @@ def git_results(rev: str) -> dict:
 
 # --- rendering ----------------------------------------------------------------------------------------
 
-MISSING = "–"
 
 
 def _digits(metric: str) -> int:
     return 2 if metric.endswith("_ppl") else 1 if metric.startswith("mean_length") else 3
-
-
-def _value_cell(entry: dict | None, digits: int, interval: bool = True) -> str:
-    if not entry or entry.get("value") is None:
-        return MISSING if not entry or not entry.get("reason") else f"– ({entry['reason']})"
-    text = f"{entry['value']:.{digits}f}"
-    if interval and entry.get("ci"):
-        text += f" [{entry['ci'][0]:.{digits}f}, {entry['ci'][1]:.{digits}f}]"
-    return text
-
-
-def _difference_cell(entry: dict | None, digits: int) -> str:
-    """`+d [low, high]`, bold when the paired interval excludes 0."""
-    if not entry or entry.get("difference") is None:
-        return MISSING
-    text = f"{entry['difference']:+.{digits}f}"
-    if entry.get("ci"):
-        low, high = entry["ci"]
-        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
-        if low > 0 or high < 0:
-            text = f"**{text}**"
-    return text
 
 
 def _spread_cell(entry: dict | None, digits: int, signed: bool = False) -> str:
@@ -551,8 +529,8 @@ def headline_lines(experiment: dict) -> list[str]:
         if not row["values"]:
             continue
         digits = _digits(row["metric"])
-        rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in shown),
-                     *(_difference_cell(row["comparisons"].get(m), digits) for m in compared)])
+        rows.append([_row_title(row), row["scope"], *(value_cell(row["values"].get(m), digits, reason=True) for m in shown),
+                     *(difference_cell(row["comparisons"].get(m), digits, p_value=False) for m in compared)])
     return _table(header, rows)
 
 
@@ -599,8 +577,8 @@ def replication_lines(experiment: dict) -> list[str]:
         for name in ablations:
             row = found[name].get(key)
             comparison = (row or {}).get("comparisons", {}).get(method)
-            cells.append(_difference_cell(comparison, digits) if comparison
-                         else _value_cell((row or {}).get("values", {}).get(method), digits, interval=False))
+            cells.append(difference_cell(comparison, digits, p_value=False) if comparison
+                         else value_cell((row or {}).get("values", {}).get(method), digits, interval=False))
         title = next((_row_title(r) for r in (by_seeds.get(key), *(found[n].get(key) for n in ablations)) if r), key[0])
         rows.append([title, key[1], *cells])
     return _table(header, rows)
@@ -630,8 +608,8 @@ def render(experiment: dict) -> str:
         rows = []
         for row in tables[name]:
             digits = _digits(row["metric"])
-            rows.append([_row_title(row), row["scope"], *(_value_cell(row["values"].get(m), digits) for m in MODELS),
-                         *(_difference_cell(row["comparisons"].get(m), digits) for m in COMPARED)])
+            rows.append([_row_title(row), row["scope"], *(value_cell(row["values"].get(m), digits, reason=True) for m in MODELS),
+                         *(difference_cell(row["comparisons"].get(m), digits, p_value=False) for m in COMPARED)])
         lines += _table(header, rows) + [""]
     for variant, summary in experiment["seeds"].items():
         lines += [f"## Over seeds: {variant} ({', '.join(summary['runs'])})", "",
@@ -657,7 +635,7 @@ def render(experiment: dict) -> str:
         for index, row in enumerate(tables[reference]):
             digits = _digits(row["metric"])
             rows.append([_row_title(row), row["scope"],
-                         *(_difference_cell(tables[n][index]["comparisons"].get(method), digits) for n in names)])
+                         *(difference_cell(tables[n][index]["comparisons"].get(method), digits, p_value=False) for n in names)])
         lines += _table(["metric", "scope", *names], rows) + [""]
     timed = {n: r for n, r in runs.items() if r["stages"]}
     if timed:

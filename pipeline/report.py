@@ -43,18 +43,21 @@ def _digits(name: str) -> int:
     return 2 if "bleu4" in name or name.endswith("_ppl") else 1 if name.startswith("mean_length") else 3
 
 
-def _cell(entry: dict | None, digits: int) -> str:
+def value_cell(entry: dict | None, digits: int, interval: bool = True, reason: bool = False) -> str:
+    """`v [low, high]` (the interval where there is one and `interval`); a missing value is `–`, with
+    the entry's reason when `reason`."""
     if not entry or entry.get("value") is None:
-        return MISSING
+        return f"{MISSING} ({entry['reason']})" if reason and entry and entry.get("reason") else MISSING
     text = f"{entry['value']:.{digits}f}"
-    if entry.get("ci"):
+    if interval and entry.get("ci"):
         low, high = entry["ci"]
         text += f" [{low:.{digits}f}, {high:.{digits}f}]"
     return text
 
 
-def _difference_cell(entry: dict | None, digits: int) -> str:
-    """`+d [low, high]`, bold when the interval excludes 0, with McNemar's p where there is one."""
+def difference_cell(entry: dict | None, digits: int, p_value: bool = True) -> str:
+    """`+d [low, high]`, bold when the interval excludes 0, with McNemar's p where there is one and
+    `p_value`."""
     if not entry or entry.get("difference") is None:
         return MISSING
     text = f"{entry['difference']:+.{digits}f}"
@@ -63,7 +66,7 @@ def _difference_cell(entry: dict | None, digits: int) -> str:
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
         if low > 0 or high < 0:
             text = f"**{text}**"
-    if entry.get("p_value") is not None:
+    if p_value and entry.get("p_value") is not None:
         text += f" p={entry['p_value']:.2g}"
     return text
 
@@ -109,7 +112,7 @@ def _metric_table(results: dict, scope: str, columns: list[tuple[str, str, int]]
         if entries is None:
             continue
         for view in views if per_view else (None,):
-            cells = [_cell(entries.get(metric.format(view=view)), digits) for _, metric, digits in columns]
+            cells = [value_cell(entries.get(metric.format(view=view)), digits) for _, metric, digits in columns]
             filled |= any(cell != MISSING for cell in cells)
             row = [model] + ([views[view]] if per_view else []) + cells
             if count:
@@ -178,7 +181,7 @@ def render_report(results: dict) -> str:
                           .get("value") is not None), None)
         if overlap and reference:
             overlap.append("| reference | | | | | " + " | ".join(
-                _cell(reference.get(name), digits) for name, digits in
+                value_cell(reference.get(name), digits) for name, digits in
                 (("distinct_1_reference", 3), ("distinct_2_reference", 3), ("mean_length_reference", 1))) + " |")
         lines += ["### Overlap with the references, diversity, length", "", *overlap, ""]
         rot_quality = _metric_table(results, scope, [("RoT BLEU-4", "rot_bleu4_{view}", 2),
@@ -243,9 +246,9 @@ def _likelihood_lines(found: dict) -> list[str]:
         header = ["model", *scopes] + ([f"− {baseline}, {scope}" for scope in scopes] if comparisons else [])
         rows = []
         for model, names in metrics.items():
-            row = [f"`{model}`", *(_cell((names.get(name) or {}).get(scope), 3) for scope in scopes)]
+            row = [f"`{model}`", *(value_cell((names.get(name) or {}).get(scope), 3) for scope in scopes)]
             if comparisons:
-                row += [_difference_cell(((comparisons.get(model) or {}).get(scope) or {}).get(name), 3)
+                row += [difference_cell(((comparisons.get(model) or {}).get(scope) or {}).get(name), 3)
                         for scope in scopes]
             rows.append(row)
         lines += [f"### {title}", "", *_table(header, rows), ""]
@@ -295,7 +298,7 @@ def _comparison_lines(results: dict, scope: str) -> list[str]:
     header = ["model", "contexts", "clusters"] + [
         f"Δ {_title(results, name)}{_arrow((first.get(name) or {}).get('higher_is_better'))}" for name in headline]
     rows = [[model, str(comparison["n"]), str(comparison["n_clusters"])]
-            + [_difference_cell(comparison["metrics"].get(name), _digits(name)) for name in headline]
+            + [difference_cell(comparison["metrics"].get(name), _digits(name)) for name in headline]
             for model, comparison in compared]
     lines = [f"### Paired comparisons against `{baseline}`", "",
              f"Δ = model − {baseline} on the contexts both answered; the interval is a paired cluster bootstrap "
@@ -304,7 +307,7 @@ def _comparison_lines(results: dict, scope: str) -> list[str]:
              *_table(header, rows), ""]
     for model, comparison in compared:
         verdict, metrics = comparison["verdict"], comparison["metrics"]
-        read = "; ".join(f"{_title(results, name)} {_difference_cell(metrics[name], _digits(name))}"
+        read = "; ".join(f"{_title(results, name)} {difference_cell(metrics[name], _digits(name))}"
                          for name in verdict["compared"])
         lines.append(f"- **{model}** against {baseline}: {verdict['verdict']}" + (f" ({read})" if read else ""))
     return lines + [""]
@@ -324,7 +327,7 @@ def _generic_table(results: dict, scope: str) -> list[str]:
         for view, view_name in views.items():
             repeated = [item for item in frequent.get(view, []) if item["count"] > 1]
             listed = "; ".join(f"“{_short(item['reply'] or '(empty)')}” ×{item['count']}" for item in repeated)
-            rows.append([model, view_name, _cell(entries.get(name.format(view=view)), 3),
+            rows.append([model, view_name, value_cell(entries.get(name.format(view=view)), 3),
                          listed or "no reply repeats"])
     if not rows:
         return []
@@ -368,7 +371,7 @@ def render_ratings(ratings: dict) -> str:
         if not comparison["dimensions"]:
             continue
         shares = comparison["dimensions"]
-        rows = [[dimension, *(_cell(shares[dimension][outcome], 3) for outcome in ("win", "tie", "loss")),
+        rows = [[dimension, *(value_cell(shares[dimension][outcome], 3) for outcome in ("win", "tie", "loss")),
                  str(shares[dimension]["win"]["n"]), _alpha_cell(shares[dimension]["alpha"])]
                 for dimension in ratings["dimensions"]]
         lines += _table(["dimension", f"{first} better", "tie", f"{second} better", "judgements", "α"], rows)
@@ -394,7 +397,7 @@ def _safety_line(entry: dict | None) -> str:
     who = VERDICT_SOURCES.get(source, source)
     return (f"Safety: the `{source}` safety verdict ({who}; the reply with the milder predicted label is the safer, "
             f"equal labels a tie) agrees with the raters' majority on `{entry['dimension']}` on "
-            f"{_cell(entry, 3)} of {entry['n']} items ({entry['no_majority']} without a majority).")
+            f"{value_cell(entry, 3)} of {entry['n']} items ({entry['no_majority']} without a majority).")
 
 
 # --- the audit ------------------------------------------------------------------------------------
@@ -431,7 +434,7 @@ def render_audit(results: dict) -> str:
              "model run here, every reply of a file). `[low, high]` is a percentile bootstrap 95% interval "
              f"({bootstrap['samples']} resamples) that draws contexts with all their replies.", ""]
     rows = [[name, _short(models[name]["source"], 70), str(models[name]["replies"]), str(models[name]["contexts"]),
-             _cell(models[name]["unsafe_rate"], 3)] for name in results["order"]]
+             value_cell(models[name]["unsafe_rate"], 3)] for name in results["order"]]
     lines += _table(["model", "replies from", "replies", "contexts", "unsafe rate (judge) ↓"], rows) + [""]
     seen = [name for name in results["order"] if models[name]["seen_by_judge"]]
     for name in seen:
@@ -442,7 +445,7 @@ def render_audit(results: dict) -> str:
     categories = [c for c in results["categories"] if any(c in models[name]["categories"] for name in results["order"])]
     lines += ["## By DiaSafety category", ""]
     if categories:
-        rows = [[name, *(_cell(models[name]["categories"].get(category), 3) for category in categories)]
+        rows = [[name, *(value_cell(models[name]["categories"].get(category), 3) for category in categories)]
                 for name in results["order"] if models[name]["categories"]]
         lines += ["The judge's unsafe rate on the contexts of each category (contexts without one are left out).", "",
                   *_table(["model", *categories], rows), ""]
@@ -455,8 +458,8 @@ def render_audit(results: dict) -> str:
         for name in labelled:
             human = models[name]["human"]
             kappa = MISSING if human["kappa"] is None else f"{human['kappa']:.3f}"
-            rows.append([name, str(human["replies"]), _cell(human["human_rate"], 3), _cell(human["judge_rate"], 3),
-                         _signed_cell(human["difference"]), _cell(human["agreement"], 3), kappa])
+            rows.append([name, str(human["replies"]), value_cell(human["human_rate"], 3), value_cell(human["judge_rate"], 3),
+                         _signed_cell(human["difference"]), value_cell(human["agreement"], 3), kappa])
         lines += ["On the replies that carry a human label: the human unsafe rate, the judge's on the same replies, "
                   "judge − human (a paired interval, **bold** when it excludes 0), the share of replies where the "
                   "judge and the label agree, and Cohen's κ (– where either side labels every reply alike).", "",
