@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python -m pipeline ...` with this PATH, so stages use the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro paper real test test-slow bench dag clean
+.PHONY: install repro paper real audit test test-slow bench dag clean
 
 install: $(STAMP)  ## create .venv with the pinned dependencies (offline-safe once cached)
 
@@ -41,3 +41,11 @@ paper: $(STAMP)  ## switch to the paper-scale configuration (hub corpora, pretra
 PLAN ?= headline
 real: $(STAMP)  ## the experiment on real corpora (params.real.yaml, ../shared/mirror) as DVC experiments: PLAN=headline (base, ce, the method; about an hour on 2 cores) or PLAN=full (+ seeds 1, 2 and the ablations; about 3 h); table in reports/experiment
 	$(BIN)/python -m pipeline experiment run --preset params.real.yaml --plan $(PLAN) --out reports/experiment
+
+# The audit on real data (README, "Headline results"): the judge trained on the mirror's DiaSafety and
+# ToxiChat, on DiaSafety's eight chatbots' replies to its validation contexts and ToxiChat's two chatbots.
+G := ../shared/corpora/diasafety/generations
+AUDIT_FILES := {$(foreach m,blenderbot_small blenderbot_medium blenderbot_large dialogpt_small dialogpt_medium dialogpt_large plato2_base plato2_large,$(m): {path: $(G)/$(m)_val.json},) toxichat_dialogpt: {path: data/normalized/toxichat/test.parquet, responder: dialogpt}, toxichat_gpt3: {path: data/normalized/toxichat/test.parquet, responder: gpt3}}
+audit: $(STAMP)  ## the audit on real data (../shared): the judge on ten chatbots' replies, as a DVC experiment; table in reports/audit_report
+	$(BIN)/dvc exp run -S corpora.source=mirror -S '+corpora.overrides.mic=sample' -S '+corpora.overrides.prosocial_dialog=sample' -S '~audit.files' -S "+audit.files=$(AUDIT_FILES)" audit_report
+	git checkout params.yaml  # dvc exp run rewrote it in place
