@@ -534,6 +534,10 @@ def headline_lines(experiment: dict) -> list[str]:
     return _table(header, rows)
 
 
+# The seeds-and-ablations table's rows: the headline's, less distinct-2 and length.
+REPLICATION = tuple(key for key in HEADLINE if key[0] not in ("distinct_2_reranked", "mean_length_reranked"))
+
+
 def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:
     """`mean ± sd` of a `spread` entry, and for a difference how many seeds' intervals lie below/above 0."""
     if not entry:
@@ -546,7 +550,7 @@ def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:
 
 
 def replication_lines(experiment: dict) -> list[str]:
-    """The `HEADLINE` rows over the method's seeds (the baseline's and the method's values, mean ± sd, and
+    """The `REPLICATION` rows over the method's seeds (the baseline's and the method's values, mean ± sd, and
     their paired difference with how many seeds' intervals exclude 0), then the method's difference with
     the baseline in each ablation run (its value where no paired difference exists, as for perplexity).
     README.md carries these lines as they are (tests/test_docs.py); empty when there is neither."""
@@ -565,7 +569,7 @@ def replication_lines(experiment: dict) -> list[str]:
     header += [f"{runs[n]['variant']}: `{method}` − `{baseline}`" for n in ablations]
     found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in ablations}
     rows = []
-    for key in HEADLINE:
+    for key in REPLICATION:
         digits = _digits(key[0])
         cells = []
         if seeds:

@@ -426,8 +426,7 @@ def test_the_replication_table_has_the_spread_over_seeds_and_each_ablations_diff
     assert list(rows) == [("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
                           ("unsafe_rate_first ↓", "diasafety"), ("unsafe_rate_first ↓", "toxichat"),
                           ("unsafe_rate_reranked ↓", "diasafety"), ("unsafe_rate_reranked ↓", "toxichat"),
-                          ("reference_ppl ↓", "overall"), ("distinct_2_reranked ↑", "overall"),
-                          ("mean_length_reranked", "overall"), ("casual_caution_share_reranked ↓", "overall")]
+                          ("reference_ppl ↓", "overall"), ("casual_caution_share_reranked ↓", "overall")]
     # stage2 0.15 - offset over the seeds (0.13, 0.11, 0.09) against ce's 0.25: every seed's interval below 0
     assert rows[("unsafe_rate_reranked ↓", "diasafety")] == (
         "| unsafe_rate_reranked ↓ | diasafety | 0.250 ± 0.000 | 0.110 ± 0.020 | -0.140 ± 0.020 (3↓ 0↑ of 3) "
