@@ -194,12 +194,15 @@ def dvc(*args: str) -> str:
 
 
 def experiments(shown: list[dict]) -> dict[str, dict]:
-    """name -> {rev, baseline, params} of every finished experiment in `dvc exp show --json` output."""
+    """name -> {rev, baseline, params} of every finished experiment in `dvc exp show --json` output (not
+    one DVC's queue still holds or runs, nor one that failed: their commits have no results)."""
     found = {}
     for commit in shown:
         if commit.get("rev") == "workspace":
             continue
         for group in commit.get("experiments") or []:
+            if (group.get("executor") or {}).get("state") not in (None, "success"):
+                continue
             for entry in group.get("revs") or []:
                 data = entry.get("data") or {}
                 if entry.get("name") and not entry.get("error") and data.get("params") is not None:

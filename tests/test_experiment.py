@@ -414,6 +414,16 @@ def test_the_headline_table_has_the_main_rows_of_the_reference_run():
     assert E.headline_lines({**E.collect(shown("real-no_margin-s0"), "real", results.__getitem__, {})}) == []
 
 
+def test_runs_still_queued_running_or_failed_are_not_finished_runs():
+    listing = shown("real-method-s0", "real-method-s1", "real-method-s2", "real-no_margin-s0")
+    groups = listing[1]["experiments"]
+    for group, state in zip(groups, ("success", "running", "queued", "failed")):
+        group["executor"] = {"state": state, "name": "dvc-task"}
+    assert list(E.experiments(listing)) == ["real-method-s0"]
+    del groups[0]["executor"]  # an experiment run outside the queue has no executor
+    assert list(E.experiments(listing)) == ["real-method-s0"]
+
+
 def test_the_replication_table_has_the_spread_over_seeds_and_each_ablations_difference():
     names = ["real-method-s0", "real-method-s1", "real-method-s2", "real-no_margin-s0"]
     offsets = {"real-method-s0": 0.02, "real-method-s1": 0.04, "real-method-s2": 0.06, "real-no_margin-s0": 0.0}
