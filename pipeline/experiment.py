@@ -299,6 +299,35 @@ def read_logs(folder: Path) -> dict[str, dict[str, dict]]:
     return times
 
 
+PROGRESS_BAR = re.compile(r"^(?P<desc>[^\r\n]*?):\s*\d+%\|")  # tqdm's `desc:  42%|####  | 21/50 [...]`
+
+
+class BarFilter:
+    """The log's lines with each progress bar's redraws reduced to its last state: a bar's line is held
+    back until a line that is not the same bar's arrives (DVC's queue relays redraws as separate lines)."""
+
+    def __init__(self):
+        self.pending: str | None = None  # the held-back bar line, as written
+        self.bar: str | None = None  # its description
+
+    def feed(self, line: str, text: str) -> list[str]:
+        """The lines to write now, given `line` (as written) whose content is `text`."""
+        match = PROGRESS_BAR.match(text.strip())
+        out = []
+        if self.pending is not None and not (match and match["desc"] == self.bar):
+            out.append(self.pending)
+            self.pending = None
+        if match:
+            self.pending, self.bar = line, match["desc"]
+        else:
+            out.append(line)
+        return out
+
+    def flush(self) -> list[str]:
+        out, self.pending = ([self.pending] if self.pending is not None else []), None
+        return out
+
+
 def stage_line(closed: dict) -> str:
     return f"experiment: {closed['run']} {closed['stage']}: {closed['seconds']:.0f} s ({closed['status']})"
 
@@ -312,7 +341,7 @@ def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
 
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    clock = StageClock()
+    clock, bars = StageClock(), BarFilter()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # lines arrive as they are written
     with open(log_path, "w", encoding="utf-8") as log, subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) as process:
@@ -324,11 +353,11 @@ def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
             for index, text in enumerate(segments):
                 # A progress bar redraws itself with carriage returns: the log keeps its last state.
                 if index == len(segments) - 1 or event(text.strip()):
-                    log.write(f"{now:9.1f} {text}\n")
+                    log.writelines(bars.feed(f"{now:9.1f} {text}\n", text))
                 closed = clock.feed(now, text)
                 if closed:
                     print(stage_line(closed), flush=True)
-                    log.write(f"{now:9.1f} {stage_line(closed)}\n")
+                    log.writelines(bars.feed(f"{now:9.1f} {stage_line(closed)}\n", stage_line(closed)))
             sys.stdout.write(line)
             sys.stdout.flush()
             log.flush()
@@ -336,6 +365,7 @@ def follow(command: list[str], log_path: Path, runs: int = 0) -> int:
                 watchdog.start()
         status = process.wait()
         watchdog.cancel()
+        log.writelines(bars.flush())
     closed = clock.close(time.perf_counter() - started)
     if closed:
         print(stage_line(closed), flush=True)

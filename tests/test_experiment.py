@@ -447,6 +447,21 @@ def test_the_replication_table_has_the_spread_over_seeds_and_each_ablations_diff
     assert E.replication_lines(E.collect(shown("real-method-s0"), "real", results.__getitem__, {})) == []
 
 
+def test_the_log_keeps_a_bars_last_state_when_its_redraws_come_as_lines(tmp_path):
+    # DVC's queue relays a stage's progress-bar redraws as separate lines: one line per bar is kept.
+    lines = ["Running stage 'train_stage1':", *(f"train stage 1:  {p}%|#   | {p}/100 [00:01<00:09]" for p in (1, 2, 50)),
+             *(f"validate:  {p}%|#   | {p}/100" for p in (10, 100)), "train stage 1: 100%|####| 100/100 [00:10<00:00]",
+             "Running stage 'safety':"]
+    script = f"import sys; [print(line, flush=True) for line in {lines!r}]"
+    assert E.follow([os.sys.executable, "-c", script], tmp_path / "run.log") == 0
+    logged = [E.LOG_LINE.match(line)["text"] for line in (tmp_path / "run.log").read_text().splitlines()]
+    bars = [text for text in logged if "%|" in text]
+    assert bars == ["train stage 1:  50%|#   | 50/100 [00:01<00:09]", "validate:  100%|#   | 100/100",
+                    "train stage 1: 100%|####| 100/100 [00:10<00:00]"]
+    assert logged.index("Running stage 'train_stage1':") < logged.index(bars[0])
+    assert "Running stage 'safety':" in logged
+
+
 def test_the_log_keeps_a_progress_bars_last_state_only(tmp_path, capsys):
     script = ("import sys; print(\"Running stage 'base_model':\", flush=True); "
               "sys.stdout.write('bar 1%\\rbar 50%\\rbar 100%\\n'); sys.stdout.flush(); "
