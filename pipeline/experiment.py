@@ -567,8 +567,9 @@ def headline_lines(experiment: dict) -> list[str]:
     return _table(header, rows)
 
 
-# The seeds-and-ablations table's rows: the headline's, less distinct-2 and length.
-REPLICATION = tuple(key for key in HEADLINE if key[0] not in ("distinct_2_reranked", "mean_length_reranked"))
+# The seeds-and-ablations table's rows: the headline's, less same-context pairs, distinct-2 and length.
+REPLICATION = tuple(key for key in HEADLINE
+                    if key[0] not in ("same_context_pairs", "distinct_2_reranked", "mean_length_reranked"))
 
 
 def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:
