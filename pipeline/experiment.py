@@ -509,7 +509,6 @@ def git_results(rev: str) -> dict:
 # --- rendering ----------------------------------------------------------------------------------------
 
 
-
 def _digits(metric: str) -> int:
     return 2 if metric.endswith("_ppl") else 1 if metric.startswith("mean_length") else 3
 

@@ -14,6 +14,7 @@ on the target only; a sequence-to-sequence model encodes the source and decodes 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Sequence
@@ -266,11 +267,17 @@ def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list
 
 def cache_keyword(model) -> str:
     """The keyword `model`'s forward takes its key/value cache by: `cache` from transformers 5.2x on,
-    `past_key_values` before; a peft wrapper's is its base model's."""
+    `past_key_values` before; a peft wrapper's is its base model's. Looked up once per model class (the
+    scorer asks at every training step)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _class_cache_keyword(type(base))
+
+
+@functools.cache
+def _class_cache_keyword(cls) -> str:
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def _shared_source_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]], C: int):
