@@ -317,6 +317,7 @@ class MineConfig:
 class TrainLoraConfig:
     """`train.lora`: low-rank adapters (peft) instead of full fine-tuning, merged before saving."""
 
+    section: typing.ClassVar[str] = "train.lora"
     enabled: bool = False
     """Train LoRA adapters only; the saved model has them merged into its weights."""
     r: int = 8
@@ -329,11 +330,19 @@ class TrainLoraConfig:
     """Names of the modules to adapt; null: peft's default for the architecture."""
 
     def __post_init__(self):
-        require(self.r >= 1, "train.lora.r", self.r, "must be at least 1")
-        require(self.alpha >= 1, "train.lora.alpha", self.alpha, "must be at least 1")
-        require(0 <= self.dropout < 1, "train.lora.dropout", self.dropout, "a probability in [0, 1)")
-        require(self.target_modules is None or len(self.target_modules) > 0, "train.lora.target_modules",
+        key = self.section
+        require(self.r >= 1, f"{key}.r", self.r, "must be at least 1")
+        require(self.alpha >= 1, f"{key}.alpha", self.alpha, "must be at least 1")
+        require(0 <= self.dropout < 1, f"{key}.dropout", self.dropout, "a probability in [0, 1)")
+        require(self.target_modules is None or len(self.target_modules) > 0, f"{key}.target_modules",
                 self.target_modules, "null or a non-empty list of module names")
+
+
+@dataclasses.dataclass(frozen=True)
+class DExpertsLoraConfig(TrainLoraConfig):
+    """`dexperts.lora`: LoRA for the experts' training, as `train.lora` for the training stages."""
+
+    section: typing.ClassVar[str] = "dexperts.lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -430,7 +439,7 @@ TRAIN_STAGES: dict[int, type[TrainStageConfig]] = {1: TrainStage1Config, 2: Trai
 
 
 def _check_pair_training(config, key: str, allowed: tuple[str, ...]) -> None:
-    """The checks shared by the sections `base_model.fit_pairs` trains with (`base_model.pretrain`,
+    """The checks shared by the sections `finetune.fit_pairs` trains with (`base_model.pretrain`,
     `dexperts`): corpora from `allowed`, positive counts, a learning rate and token limits."""
     require(len(config.corpora) > 0 and len(set(config.corpora)) == len(config.corpora)
             and set(config.corpora) <= set(allowed), f"{key}.corpora", config.corpora,
@@ -774,9 +783,11 @@ class DExpertsConfig:
     max_source_tokens: int = 64
     """Context tokens kept (oldest turns cut first)."""
     max_target_tokens: int = 48
-    """`<|response|> reply</s>` tokens kept."""
+    """Reply tokens kept, eos (and, in the markers, `<|response|>`) included."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast precision of the experts' training (`pipeline/devices.py`; fp32 on CPU)."""
+    lora: DExpertsLoraConfig = dataclasses.field(default_factory=DExpertsLoraConfig)
+    """LoRA instead of full fine-tuning of each expert (merged before saving)."""
     seed: int = 0
     """Seed of the subsamples, the batch order and dropout."""
 

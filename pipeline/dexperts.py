@@ -13,11 +13,11 @@ is applied (identical at `generate.temperature = 1`). A token outside the nucleu
 
 The experts (`pipeline/stages/experts.py`) are fine-tuned from the base model, so they share its
 tokenizer with the guided model (`base` or `ce`); a different vocabulary is a one-line error. They
-read the same prompt ids as the guided model (this project's format) and keep their own key/value
-caches, with positions counted over the prompt's real tokens (left padding), as `generate` counts
-them for the guided model. The experts learned `<|response|> reply` targets without RoTs, so while
-the guided model writes its RoT they are off their training distribution; their difference there is
-applied all the same (DExperts guides every step).
+read the same prompt ids as the guided model (its own format, `DialogModel.format`) and keep their own
+key/value caches, with positions counted over the prompt's real tokens (left padding), as `generate`
+counts them for the guided model. The experts learned replies without RoTs, so while the guided model
+writes its RoT they are off their training distribution; their difference there is applied all the
+same (DExperts guides every step).
 
 `Ensemble` scores a teacher-forced target under the same combination without filtering: the
 log-probability that `score` reports as DExperts' likelihood safety.
@@ -190,8 +190,8 @@ class Ensemble(torch.nn.Module):
         self.model = guided.model  # what the scorer's callers read (device, config)
         self.tokenizer, self.is_seq2seq = guided.tokenizer, guided.is_seq2seq
 
-    def forward(self, source_ids, target_ids, candidates_per_source: int):
-        logits, labels, mask = target_logits(self.guided, source_ids, target_ids, candidates_per_source)
-        expert = target_logits(self.experts.expert, source_ids, target_ids, candidates_per_source)[0]
-        antiexpert = target_logits(self.experts.antiexpert, source_ids, target_ids, candidates_per_source)[0]
+    def forward(self, prompt_ids, target_ids, candidates_per_source: int):
+        logits, labels, mask = target_logits(self.guided, prompt_ids, target_ids, candidates_per_source)
+        expert = target_logits(self.experts.expert, prompt_ids, target_ids, candidates_per_source)[0]
+        antiexpert = target_logits(self.experts.antiexpert, prompt_ids, target_ids, candidates_per_source)[0]
         return logprobs_of(combine(logits, expert, antiexpert, self.experts.alpha), labels, mask)

@@ -1,21 +1,35 @@
 """The dialog model's text format, loading, and batched sequence scoring — shared by training,
 mining, generation and evaluation.
 
-Format (Prost-style; the special tokens are added to every tokenizer by the `base_model` stage):
+A model is read and written in one of two formats (`DialogModel.format`, chosen by its tokenizer),
+and every stage goes through that one object: training, scoring, sampling, fluency, `chat`, DExperts.
 
-    source: <|persona|> i love hiking. <|emotion|> proud <|user|> hi! <|bot|> hello. <|user|> guess what?
-    target: <|rot|> It's good to celebrate others. <|response|> Tell me!
+`MarkerFormat` (Prost-style; the markers are added to the tokenizer by the `base_model` stage; scratch
+models and pretrained models without a chat template):
 
-The target is the RoT followed by the reply when the example has RoTs (and `rot_target` is on),
-else `<|response|> reply`. Context turns alternate speakers and the last one is always the user's,
-so markers are assigned from the end. A causal model sees `source <|bot|> target</s>` and is scored
-on the target only; a sequence-to-sequence model encodes the source and decodes the target.
+    prompt: <|persona|> i love hiking. <|emotion|> proud <|user|> hi! <|bot|> hello. <|user|> guess what? <|bot|>
+    target: <|rot|> It's good to celebrate others. <|response|> Tell me!</s>
+
+`ChatFormat` (a pretrained causal chat model, prompted the way it was trained, nothing added to its
+vocabulary): the context goes through the tokenizer's own chat template, persona and emotion as a
+system turn, ending in the template's generation prompt; the target is the assistant turn in plain
+text, the RoT on its first line, ended by the template's end-of-turn token (the tokenizer's eos):
+
+    prompt: <|im_start|>system\nYour persona: i love hiking. ...<|im_end|>\n<|im_start|>user\nhi!<|im_end|>\n
+            ...<|im_start|>assistant\n
+    target: Rule of thumb: It's good to celebrate others.\nTell me!<|im_end|>
+
+In both, the RoT comes first when the example has RoTs (and `rot_target` is on); context turns
+alternate speakers and the last one is always the user's, so roles are assigned from the end. A causal
+model reads `prompt target` and is scored on the target only (the prompt's last token is the one the
+target's first token follows); a sequence-to-sequence model encodes the prompt and decodes the target.
+A candidate's score covers its reply's tokens (and eos), not the RoT or the marker before the reply.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -28,6 +42,8 @@ USER, BOT = "<|user|>", "<|bot|>"
 PERSONA, EMOTION = "<|persona|>", "<|emotion|>"
 ROT, RESPONSE = "<|rot|>", "<|response|>"
 SPECIAL_TOKENS = (USER, BOT, PERSONA, EMOTION, ROT, RESPONSE)
+CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a generated reply that starts a new turn ends there
+RULE_OF_THUMB = "Rule of thumb:"  # ChatFormat: the first line of a target with a RoT starts with it
 
 
 # --- text format ----------------------------------------------------------------------------------
@@ -80,21 +96,23 @@ def parse_target(text: str) -> tuple[str | None, str]:
 
 @dataclass
 class DialogModel:
-    """A loaded model with its tokenizer; `is_seq2seq` selects how sources and targets are fed."""
+    """A loaded model with its tokenizer; `is_seq2seq` selects how prompts and targets are fed, and
+    `format` (from the tokenizer, `dialog_format`) how they are written and read back."""
 
     model: object
     tokenizer: object
     is_seq2seq: bool
     path: Path | None = None
 
+    @functools.cached_property
+    def format(self) -> DialogFormat:
+        return dialog_format(self.tokenizer, self.is_seq2seq, str(self.path or "model"))
 
-def check_tokenizer(tokenizer, where: str) -> None:
-    """The tokenizer must know every special token as a single token, and have pad and eos."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
-    if missing:
-        raise DataError(f"{where}: tokenizer lacks the special tokens {', '.join(missing)} "
-                        "(models must be prepared by the base_model stage)")
+
+def check_tokenizer(tokenizer, where: str, is_seq2seq: bool = False) -> None:
+    """The tokenizer must have pad and eos and a dialog format: every marker as a single token, or (a
+    causal model) a chat template."""
+    dialog_format(tokenizer, is_seq2seq, where)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
         raise DataError(f"{where}: tokenizer has no pad or eos token")
 
@@ -113,7 +131,7 @@ def load_dialog_model(path: str | Path, device: str = "cpu") -> DialogModel:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-        check_tokenizer(tokenizer, str(path))
+        check_tokenizer(tokenizer, str(path), bool(config.is_encoder_decoder))
         loader = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
         model = loader.from_pretrained(path, use_safetensors=True, trust_remote_code=False).to(device)
     except (ValueError, OSError, KeyError) as error:  # unknown model type, unreadable config or weights
@@ -195,17 +213,226 @@ def _pad(rows: list[list[int]], value: int, left: bool = False):
     return out, mask
 
 
-def token_logprobs(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]],
-                   candidates_per_source: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
-    """Log-probability of every target token given its source, in one batched forward pass.
+# --- the two formats ------------------------------------------------------------------------------
 
-    `source_ids` has S rows; `target_ids` has S * C rows, C = `candidates_per_source`, grouped by
-    source (rows s*C .. s*C+C-1 belong to source s). Each source is read once and shared across its C
-    candidates: a sequence-to-sequence model encodes it once; a causal model reads `source <|bot|> target`,
-    and with C > 1 reads the source once and its C targets from the source's key/value cache.
-    Returns `logps` (S*C, T) and `mask` (S*C, T) with 1 on real target tokens, 0 on padding.
+
+class EncodedTargets(NamedTuple):
+    """Token ids of targets, where each one's reply starts, and whether it was cut (no eos)."""
+
+    ids: list[list[int]]
+    reply_starts: list[int]  # the first reply token; len(ids) when the RoT filled the whole budget
+    cut: list[bool]
+
+
+class Reading(NamedTuple):
+    """A generated target read back: its text, its RoT (None when it has none), its reply, and which
+    of its tokens the reply was read from (the tokens its fluency averages; eos counts when the reply
+    ended there)."""
+
+    text: str
+    rot: str | None
+    reply: str
+    reply_mask: list[bool]
+
+
+def _cut_targets(heads: list[list[int]], replies: list[list[int]], eos: int, max_tokens: int) -> EncodedTargets:
+    """`head + reply` of each target within `max_tokens`, ended by eos when it fits (`encode_targets`'
+    rule: a cut target keeps its first tokens and no eos)."""
+    ids, starts, cut = [], [], []
+    for head, reply in zip(heads, replies):
+        row = head + reply
+        was_cut = len(row) >= max_tokens
+        ids.append(row[:max_tokens] if was_cut else row + [eos])
+        starts.append(min(len(head), max_tokens) if was_cut else len(head))
+        cut.append(was_cut)
+    return EncodedTargets(ids, starts, cut)
+
+
+class MarkerFormat:
+    """This project's markers (`format_source`, `format_target`), for scratch models and pretrained
+    models without a chat template."""
+
+    name = "markers"
+
+    def prompts(self, tokenizer, sources: Sequence[Source], max_tokens: int, is_seq2seq: bool) -> list[list[int]]:
+        """Each source within `max_tokens` (`encode_sources`), followed by `<|bot|>` for a causal model."""
+        ids = encode_sources(tokenizer, sources, max_tokens)
+        if is_seq2seq:
+            return ids
+        bot = tokenizer.convert_tokens_to_ids(BOT)
+        return [row + [bot] for row in ids]
+
+    def targets(self, tokenizer, replies: Sequence[str], rots: Sequence[Sequence[str]], rot_target: bool,
+                max_tokens: int) -> EncodedTargets:
+        """`<|rot|> RoT <|response|>` (or `<|response|>`) then the reply, ended by eos; the reply starts
+        after `<|response|>`."""
+        heads = [format_target("", r, rot_target) for r in rots]  # "... <|response|> "
+        head_ids = tokenizer([h.rstrip() for h in heads], add_special_tokens=False)["input_ids"]
+        reply_ids = tokenizer([f" {reply}" for reply in replies], add_special_tokens=False)["input_ids"]
+        return _cut_targets(head_ids, reply_ids, tokenizer.eos_token_id, max_tokens)
+
+    def read(self, tokenizer, ids: Sequence[int]) -> Reading:
+        text = decode_target(tokenizer, ids)
+        rot, reply = split_candidate(text)
+        return Reading(text, rot, reply, reply_tokens(tokenizer, ids))
+
+
+class ChatFormat:
+    """A causal chat model's own template; the target is the assistant turn, `Rule of thumb: RoT` on
+    its first line when there is one, then the reply (plain text: nothing is added to the vocabulary)."""
+
+    name = "chat_template"
+
+    def messages(self, source: Source) -> list[dict]:
+        """The chat messages of a source: persona and emotion as a system turn (none without them, so
+        the template's default system turn applies), then the turns, roles assigned from the end."""
+        system = []
+        if len(source.persona):
+            system.append(f"Your persona: {' '.join(source.persona)}")
+        if source.emotion:
+            system.append(f"The conversation's emotion: {source.emotion}")
+        last = len(source.context) - 1
+        turns = [{"role": "user" if (last - i) % 2 == 0 else "assistant", "content": turn}
+                 for i, turn in enumerate(source.context)]
+        return ([{"role": "system", "content": "\n".join(system)}] if system else []) + turns
+
+    def prompts(self, tokenizer, sources: Sequence[Source], max_tokens: int, is_seq2seq: bool = False) -> list[list[int]]:
+        """Each source through the chat template with its generation prompt, within `max_tokens`: whole
+        oldest turns are dropped first (the system turn is kept); a latest turn that alone is too long
+        keeps its last tokens."""
+        return [self._prompt(tokenizer, source, max_tokens) for source in sources]
+
+    def _prompt(self, tokenizer, source: Source, max_tokens: int) -> list[int]:
+        context = list(source.context)
+        for start in range(len(context)):
+            ids = _template_ids(tokenizer, self.messages(source._replace(context=context[start:])))
+            if len(ids) <= max_tokens:
+                return ids
+        latest = tokenizer(context[-1], add_special_tokens=False)["input_ids"] if context else []
+        keep = len(latest)
+        while True:
+            # The latest turn alone is too long: cut its text from the start until the prompt fits.
+            turn = tokenizer.decode(latest[len(latest) - keep:]) if keep > 0 else ""
+            ids = _template_ids(tokenizer, self.messages(source._replace(context=[turn])))
+            if len(ids) <= max_tokens:
+                return ids
+            if keep == 0:
+                raise DataError(f"a context window of {max_tokens} tokens cannot hold the chat template's own "
+                                f"text ({len(ids)} tokens with an empty turn); raise max_source_tokens")
+            keep = max(0, keep - max(1, len(ids) - max_tokens))
+
+    def targets(self, tokenizer, replies: Sequence[str], rots: Sequence[Sequence[str]], rot_target: bool,
+                max_tokens: int) -> EncodedTargets:
+        """`Rule of thumb: RoT` and a newline (when there is a RoT and `rot_target`), then the reply,
+        ended by the end-of-turn token (eos); the reply starts after the newline."""
+        heads = [f"{RULE_OF_THUMB} {' '.join(r)}\n" if rot_target and len(r) else "" for r in rots]
+        head_ids = [tokenizer(h, add_special_tokens=False)["input_ids"] if h else [] for h in heads]
+        reply_ids = tokenizer(list(replies), add_special_tokens=False)["input_ids"]
+        return _cut_targets(head_ids, reply_ids, tokenizer.eos_token_id, max_tokens)
+
+    def read(self, tokenizer, ids: Sequence[int]) -> Reading:
+        """The RoT is the rest of a first line that starts with `Rule of thumb:` (with no newline after
+        it, the whole text is a RoT that ran to the length limit, and the reply is empty); the reply is
+        what follows, up to a special token that would start a new turn."""
+        ended = len(ids) > 0 and ids[-1] == tokenizer.eos_token_id
+        body = list(ids[:-1] if ended else ids)
+        special = set(tokenizer.all_special_ids)
+        cut = next((i for i, token in enumerate(body) if token in special), len(body))
+        text = tokenizer.decode(body[:cut])
+        start, rot = 0, None
+        if text.lstrip().startswith(RULE_OF_THUMB):
+            # The reply starts at the first token whose text completes the RoT's line.
+            start = next((i for i in range(1, cut + 1)
+                          if "\n" in tokenizer.decode(body[:i]).lstrip()[len(RULE_OF_THUMB):]), None)
+            line = text.lstrip()[len(RULE_OF_THUMB):].split("\n", 1)[0]
+            rot = " ".join(line.split()) or None
+            if start is None:
+                return Reading(text.strip(), rot, "", [False] * len(ids))
+        reply = " ".join(tokenizer.decode(body[start:cut]).split())
+        mask = [start <= i < cut for i in range(len(body))] + ([cut == len(body)] if ended else [])
+        return Reading(text.strip(), rot, reply, mask)
+
+
+DialogFormat = MarkerFormat | ChatFormat
+MARKER_FORMAT, CHAT_FORMAT = MarkerFormat(), ChatFormat()
+
+
+def _template_ids(tokenizer, messages: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes its own bos
+
+
+def dialog_format(tokenizer, is_seq2seq: bool, where: str) -> DialogFormat:
+    """The markers when the tokenizer has them all, else the chat template of a causal model; a model
+    with neither is a one-line DataError."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if not missing:
+        return MARKER_FORMAT
+    if tokenizer.chat_template and not is_seq2seq:
+        return CHAT_FORMAT
+    raise DataError(f"{where}: tokenizer lacks the special tokens {', '.join(missing)} and has no chat template "
+                    "(models must be prepared by the base_model stage)")
+
+
+# --- reading a generated target (marker format) ---------------------------------------------------
+
+
+def decode_target(tokenizer, ids: Sequence[int]) -> str:
+    """The generated text with the RoT/reply markers kept and eos, pad and bos dropped."""
+    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
+
+
+def split_candidate(text: str) -> tuple[str | None, str]:
+    """(rot, reply) of a generated target; a reply that starts a new turn (`<|user|>`, ...) ends there."""
+    cut = min((text.index(m) for m in CONTEXT_MARKERS if m in text), default=len(text))
+    return parse_target(text[:cut])
+
+
+def reply_tokens(tokenizer, ids: Sequence[int]) -> list[bool]:
+    """Which of a marker-format target's tokens the parsed reply was read from, the tokens its fluency
+    averages.
+
+    The target is parsed as `split_candidate` parses its text: the reply starts after the last
+    `<|response|>` that follows the first `<|rot|>` (after the last `<|response|>` without a `<|rot|>`;
+    at the start with neither marker; nowhere when a `<|rot|>` has no `<|response|>` after it) and ends
+    before the first marker of a new turn; marker, pad and bos tokens inside it do not count. The eos
+    counts when the reply ended there, so the model's choice to stop is part of its fluency as in
+    training; a reply cut at a new turn or at `max_new_tokens` has no eos to count.
     """
-    logits, labels, target_mask = target_logits(dm, source_ids, target_ids, candidates_per_source)
+    ended = len(ids) > 0 and ids[-1] == tokenizer.eos_token_id
+    body = list(ids[:-1] if ended else ids)
+    to_id = tokenizer.convert_tokens_to_ids
+    rot, response = to_id(ROT), to_id(RESPONSE)
+    turn_markers = {to_id(m) for m in CONTEXT_MARKERS}
+    cut = next((i for i, token in enumerate(body) if token in turn_markers), len(body))
+    head = body[:cut]
+    first = head.index(rot) if rot in head else -1
+    responses = [i for i, token in enumerate(head) if token == response and i > first]
+    start = responses[-1] + 1 if responses else (0 if first < 0 else None)
+    if start is None:
+        return [False] * len(ids)
+    skip = {rot, response, tokenizer.pad_token_id, tokenizer.bos_token_id}
+    mask = [start <= i < cut and token not in skip for i, token in enumerate(body)]
+    return mask + ([cut == len(body)] if ended else [])
+
+
+# --- scoring --------------------------------------------------------------------------------------
+
+
+def token_logprobs(dm: DialogModel, prompt_ids: list[list[int]], target_ids: list[list[int]],
+                   candidates_per_source: int = 1) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Log-probability of every target token given its prompt, in one batched forward pass.
+
+    `prompt_ids` has S rows (`DialogModel.format.prompts`: for a causal model the prompt ends with the
+    token the target's first token follows); `target_ids` has S * C rows, C = `candidates_per_source`,
+    grouped by prompt (rows s*C .. s*C+C-1 belong to prompt s). Each prompt is read once and shared
+    across its C candidates: a sequence-to-sequence model encodes it once; a causal model reads
+    `prompt target`, and with C > 1 reads the prompt once and its C targets from the prompt's key/value
+    cache. Returns `logps` (S*C, T) and `mask` (S*C, T) with 1 on real target tokens, 0 on padding.
+    """
+    logits, labels, target_mask = target_logits(dm, prompt_ids, target_ids, candidates_per_source)
     return logprobs_of(logits, labels, target_mask)
 
 
@@ -217,7 +444,7 @@ def logprobs_of(logits: "torch.Tensor", labels: "torch.Tensor", target_mask: "to
     return logps * target_mask, target_mask
 
 
-def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]],
+def target_logits(dm: DialogModel, prompt_ids: list[list[int]], target_ids: list[list[int]],
                   candidates_per_source: int = 1) -> tuple["torch.Tensor", "torch.Tensor", "torch.Tensor"]:
     """The logits that predict every target token (S*C, T, V), the target tokens (S*C, T) and their mask,
     as `token_logprobs` reads them (same arguments)."""
@@ -227,7 +454,7 @@ def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list
     pad = tokenizer.pad_token_id
     C = candidates_per_source
     if dm.is_seq2seq:
-        enc_ids, enc_mask = _pad(source_ids, pad)  # (S, L)
+        enc_ids, enc_mask = _pad(prompt_ids, pad)  # (S, L)
         labels, target_mask = _pad(target_ids, pad)  # (S*C, T)
         device = next(model.parameters()).device
         encoder_out = model.get_encoder()(input_ids=enc_ids.to(device), attention_mask=enc_mask.to(device))
@@ -239,15 +466,14 @@ def target_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list
                     decoder_input_ids=decoder_in.to(device), decoder_attention_mask=target_mask.to(device))
         logits = out.logits  # (S*C, T, V)
         labels, target_mask = labels.to(device), target_mask.to(device)
-    elif C > 1:
-        return _shared_source_logits(dm, source_ids, target_ids, C)
+    elif C > 1 and min(len(p) for p in prompt_ids) > 1:
+        return _shared_source_logits(dm, prompt_ids, target_ids, C)
     else:
-        bot = tokenizer.convert_tokens_to_ids(BOT)
         rows, starts = [], []
         for index, target in enumerate(target_ids):
-            prefix = source_ids[index // C] + [bot]
-            rows.append(prefix + target)
-            starts.append(len(prefix))
+            prompt = prompt_ids[index // C]
+            rows.append(prompt + target)
+            starts.append(len(prompt))
         ids, attention = _pad(rows, pad)  # (S*C, L+T), right-padded
         device = next(model.parameters()).device
         logits_all = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (S*C, L+T, V)
@@ -280,26 +506,28 @@ def _class_cache_keyword(cls) -> str:
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
-def _shared_source_logits(dm: DialogModel, source_ids: list[list[int]], target_ids: list[list[int]], C: int):
-    """`target_logits` of a causal model whose sources each have C > 1 targets: the left-padded sources in
-    one forward pass, their key/value cache repeated C times, then `<|bot|> target` (the last token
-    dropped: nothing is predicted after it) read from that cache at the positions the sources end at.
-    The same logits as reading `source <|bot|> target` whole, up to float rounding, with the source read
-    once rather than C times and the output layer applied to the target positions only (tested)."""
+def _shared_source_logits(dm: DialogModel, prompt_ids: list[list[int]], target_ids: list[list[int]], C: int):
+    """`target_logits` of a causal model whose prompts each have C > 1 targets: the left-padded prompts
+    but their last token in one forward pass, their key/value cache repeated C times, then each prompt's
+    last token and its target (the target's last token dropped: nothing is predicted after it) read from
+    that cache at the positions the prompts end at. The same logits as reading `prompt target` whole, up
+    to float rounding, with the prompt read once rather than C times and the output layer applied to the
+    target positions only (tested)."""
     import torch
 
     model, tokenizer = dm.model, dm.tokenizer
-    pad, bot = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(BOT)
+    pad = tokenizer.pad_token_id
     device = next(model.parameters()).device
-    source, source_mask = (t.to(device) for t in _pad(source_ids, pad, left=True))  # (S, L)
+    source, source_mask = (t.to(device) for t in _pad([p[:-1] for p in prompt_ids], pad, left=True))  # (S, L)
     cache_name = cache_keyword(model)
     out = model(input_ids=source, attention_mask=source_mask, position_ids=(source_mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True, logits_to_keep=1)
     cache = out.get("cache", None) or out.get("past_key_values", None)
     cache.batch_repeat_interleave(C)
     labels, target_mask = (t.to(device) for t in _pad(target_ids, pad))  # (S*C, T)
-    inputs = torch.cat([torch.full_like(labels[:, :1], bot), labels[:, :-1]], dim=1)  # (S*C, T)
-    ends = source_mask.sum(-1).repeat_interleave(C).unsqueeze(1)  # (S*C, 1): where `<|bot|>` goes
+    bridge = torch.tensor([p[-1] for p in prompt_ids], device=device).repeat_interleave(C).unsqueeze(1)  # (S*C, 1)
+    inputs = torch.cat([bridge, labels[:, :-1]], dim=1)  # (S*C, T)
+    ends = source_mask.sum(-1).repeat_interleave(C).unsqueeze(1)  # (S*C, 1): where the prompt's last token goes
     positions = ends + torch.arange(labels.shape[1], device=device).unsqueeze(0)
     attention = torch.cat([source_mask.repeat_interleave(C, dim=0), torch.ones_like(target_mask)], dim=1)
     logits = model(input_ids=inputs, attention_mask=attention, position_ids=positions, use_cache=True,

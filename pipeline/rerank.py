@@ -6,7 +6,7 @@
 Every term is a number in [0, 1] where higher is better, so the weights compare like with like:
 
 - `fluency_term = exp(fluency)`, fluency being the mean log-probability of the reply tokens under
-  the generating model (`pipeline.sampling.reply_tokens`): the geometric-mean probability it gave
+  the generating model (`DialogFormat.read`'s `reply_mask`): the geometric-mean probability it gave
   each token of the reply. It is an absolute scale, not a min-max within the context's k
   candidates: min-max would stretch a negligible fluency gap to the full [0, 1] range and let it
   outweigh a large difference in safety.

@@ -9,9 +9,8 @@ call leaves unset from the checkpoint's own `generation_config` (BlenderBot's `m
 `no_repeat_ngram_size`, forced bos/eos, ...), so `generate_batch` sets every field that decides the
 output and swaps the model's generation config for an empty one during the call.
 
-Fluency is the mean log-probability of the reply tokens (`reply_tokens`), taken from the logits
-`generate` computed while sampling, so it needs no second forward pass and no assumption about the
-prompt format.
+Fluency is the mean log-probability of the reply tokens (`DialogFormat.read`'s `reply_mask`), taken
+from the logits `generate` computed while sampling, so it needs no second forward pass.
 """
 
 from __future__ import annotations
@@ -26,14 +25,10 @@ import numpy as np
 from pipeline.config import GenerateConfig
 from pipeline.devices import autocast
 from pipeline.errors import DataError
-from pipeline.modeling import (
-    BOT, EMOTION, PERSONA, RESPONSE, ROT, USER, DialogModel, Source, _pad, encode_sources, parse_target,
-)
+from pipeline.modeling import DialogModel, Source, _pad, decode_target
 
 if TYPE_CHECKING:
     from pipeline.dexperts import Experts
-
-CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new turn ends there
 
 
 # --- prompt formats -------------------------------------------------------------------------------
@@ -43,8 +38,9 @@ CONTEXT_MARKERS = (USER, BOT, PERSONA, EMOTION)  # a reply that starts a new tur
 class PromptFormat:
     """How a model's prompt is made from a context, and how its output is read.
 
-    `markers`: this project's format (`modeling.format_source`; a causal model's prompt ends in
-    `<|bot|>`), whose output is `<|rot|> RoT <|response|> reply`. The native formats of audited
+    `dialog`: the model's own dialog format (`DialogModel.format`: this project's markers, or a chat
+    model's template with the RoT on the assistant turn's first line), whose output is read back as
+    (RoT, reply) by that format. The native formats of audited
     models carry the context turns only (a general-purpose model has no slot for a persona or an
     emotion), roles assigned from the end (the last turn is the user's), and their output is read as
     a plain reply with no RoT:
@@ -54,18 +50,18 @@ class PromptFormat:
       with the tokenizer's own special tokens; a causal model's prompt also ends with it.
     """
 
-    kind: Literal["markers", "chat_template", "eos_separated", "separator"]
+    kind: Literal["dialog", "chat_template", "eos_separated", "separator"]
     separator: str = ""
 
     @property
     def native(self) -> bool:
-        return self.kind != "markers"
+        return self.kind != "dialog"
 
     def describe(self) -> str:
         return f"separator {self.separator!r}" if self.kind == "separator" else self.kind
 
 
-MARKERS = PromptFormat("markers")
+DIALOG = PromptFormat("dialog")
 
 
 def resolve_format(setting: str, tokenizer, is_seq2seq: bool, key: str) -> PromptFormat:
@@ -97,8 +93,8 @@ def pad_id(tokenizer) -> int:
 
 
 def source_budget(dm: DialogModel, config: GenerateConfig) -> int:
-    """Prompt tokens that fit: `max_source_tokens`, less what a causal model needs for `<|bot|>` and
-    the reply within its position limit."""
+    """Prompt tokens that fit: `max_source_tokens`, less what a causal model needs for the token before
+    the reply (`<|bot|>`) and the reply within its position limit."""
     budget = config.max_source_tokens
     limit = getattr(dm.model.config, "max_position_embeddings", None)  # None: relative positions (T5)
     if limit and not dm.is_seq2seq:
@@ -135,17 +131,12 @@ def _native_ids(dm: DialogModel, turns: list[str], prompt: PromptFormat) -> list
 
 
 def encode_prompts(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig,
-                   prompt: PromptFormat = MARKERS) -> list[list[int]]:
-    """The complete prompt ids of each source in `prompt`'s format: what `generate_batch` continues (in
-    the project's format, a causal model continues `source <|bot|>`)."""
+                   prompt: PromptFormat = DIALOG) -> list[list[int]]:
+    """The complete prompt ids of each source in `prompt`'s format: what `generate_batch` continues."""
     budget = source_budget(dm, config)
     if prompt.native:
         return [native_prompt(dm, source.context, prompt, budget) for source in sources]
-    source_ids = encode_sources(dm.tokenizer, sources, budget)
-    if dm.is_seq2seq:
-        return source_ids
-    bot = dm.tokenizer.convert_tokens_to_ids(BOT)
-    return [row + [bot] for row in source_ids]
+    return dm.format.prompts(dm.tokenizer, sources, budget, dm.is_seq2seq)
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -259,51 +250,9 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
 # --- reading the output ---------------------------------------------------------------------------
 
 
-def decode_target(tokenizer, ids: Sequence[int]) -> str:
-    """The generated text with the RoT/reply markers kept and eos, pad and bos dropped."""
-    drop = {tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id}
-    return tokenizer.decode([i for i in ids if i not in drop], skip_special_tokens=False).strip()
-
-
-def split_candidate(text: str) -> tuple[str | None, str]:
-    """(rot, reply) of a generated target; a reply that starts a new turn (`<|user|>`, ...) ends there."""
-    cut = min((text.index(m) for m in CONTEXT_MARKERS if m in text), default=len(text))
-    return parse_target(text[:cut])
-
-
 def plain_reply(tokenizer, ids: Sequence[int]) -> str:
     """A native-format model's output read as a reply: its text without special tokens, spaces collapsed."""
     return " ".join(tokenizer.decode(list(ids), skip_special_tokens=True).split())
-
-
-def reply_tokens(tokenizer, ids: Sequence[int], native: bool = False) -> list[bool]:
-    """Which of a target's tokens the parsed reply was read from, the tokens its fluency averages.
-
-    A native-format target is all reply. A project-format target is parsed as `split_candidate`
-    parses its text: the reply starts after the last `<|response|>` that follows the first `<|rot|>`
-    (after the last `<|response|>` without a `<|rot|>`; at the start with neither marker; nowhere
-    when a `<|rot|>` has no `<|response|>` after it) and ends before the first marker of a new turn;
-    marker, pad and bos tokens inside it do not count. The eos counts when the reply ended there, so
-    the model's choice to stop is part of its fluency as in training; a reply cut at a new turn or at
-    `max_new_tokens` has no eos to count.
-    """
-    if native:
-        return [True] * len(ids)
-    ended = len(ids) > 0 and ids[-1] == tokenizer.eos_token_id
-    body = list(ids[:-1] if ended else ids)
-    to_id = tokenizer.convert_tokens_to_ids
-    rot, response = to_id(ROT), to_id(RESPONSE)
-    turn_markers = {to_id(m) for m in CONTEXT_MARKERS}
-    cut = next((i for i, token in enumerate(body) if token in turn_markers), len(body))
-    head = body[:cut]
-    first = head.index(rot) if rot in head else -1
-    responses = [i for i, token in enumerate(head) if token == response and i > first]
-    start = responses[-1] + 1 if responses else (0 if first < 0 else None)
-    if start is None:
-        return [False] * len(ids)
-    skip = {rot, response, tokenizer.pad_token_id, tokenizer.bos_token_id}
-    mask = [start <= i < cut and token not in skip for i, token in enumerate(body)]
-    return mask + ([cut == len(body)] if ended else [])
 
 
 def reply_fluency(token_logps: Sequence[float], mask: Sequence[bool]) -> float:
@@ -325,7 +274,7 @@ class Sampled:
 
 
 def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int,
-                      prompt: PromptFormat = MARKERS, precision: str = "fp32", experts: Experts | None = None,
+                      prompt: PromptFormat = DIALOG, precision: str = "fp32", experts: Experts | None = None,
                       ) -> Sampled:
     """Sample, decode, parse and fluency-score `config.k` candidates for each source (one batch), the
     model running at `precision` (resolved: fp32, bf16 or fp16), under the DExperts guidance of
@@ -334,11 +283,13 @@ def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: Genera
     prompts = encode_prompts(dm, sources, config, prompt)
     with autocast(next(dm.model.parameters()).device.type, precision):
         target_ids, token_logps = generate_batch(dm, prompts, config, seed, experts=experts)
-    texts = [decode_target(tokenizer, ids) for ids in target_ids]
-    if prompt.native:
+    if prompt.native:  # a plain reply, all of it
+        texts = [decode_target(tokenizer, ids) for ids in target_ids]
         rots, responses = [None] * len(texts), [plain_reply(tokenizer, ids) for ids in target_ids]
+        masks = [[True] * len(ids) for ids in target_ids]
     else:
-        rots, responses = map(list, zip(*(split_candidate(t) for t in texts))) if texts else ([], [])
-    fluency = np.array([reply_fluency(logps, reply_tokens(tokenizer, ids, prompt.native))
-                        for ids, logps in zip(target_ids, token_logps)], dtype=np.float64)
+        readings = [dm.format.read(tokenizer, ids) for ids in target_ids]
+        texts, rots, responses = [r.text for r in readings], [r.rot for r in readings], [r.reply for r in readings]
+        masks = [r.reply_mask for r in readings]
+    fluency = np.array([reply_fluency(logps, mask) for logps, mask in zip(token_logps, masks)], dtype=np.float64)
     return Sampled(texts, rots, responses, fluency, sum(len(t) for t in target_ids))

@@ -1,10 +1,11 @@
 """Scoring a dialog model on n-pair groups: encoding groups, one batched forward pass per group,
 and the ranking accuracy and perplexity that validation and the `score` stage report.
 
-Shared by training (`train`), test-set scoring (`score`) and the stage-1 sampler of `mine`. The
-positive's target is `<|rot|> RoT <|response|> reply</s>` (without `</s>` when it is cut at
+Shared by training (`train`), test-set scoring (`score`) and the stage-1 sampler of `mine`. Groups
+are written in the model's own format (`DialogModel.format`): the positive's target is its RoT then
+its reply and eos (`<|rot|> RoT <|response|> reply</s>` in the markers; without eos when it is cut at
 `train.max_target_tokens`); each negative is scored after the *same* RoT, and a candidate's score
-covers only the reply tokens (from `<|response|>` on).
+covers only its reply's tokens and eos (not the RoT, not `<|response|>`).
 """
 
 from __future__ import annotations
@@ -21,10 +22,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.errors import DataError
 from pipeline.losses import sequence_scores
-from pipeline.modeling import (
-    RESPONSE, DialogModel, Source, encode_sources, encode_targets, format_target, load_dialog_model,
-    token_logprobs,
-)
+from pipeline.modeling import DialogModel, Source, load_dialog_model, token_logprobs
 from pipeline.schemas import read_table
 
 log = logging.getLogger(__name__)
@@ -55,14 +53,14 @@ def read_groups(folder: Path, split: str) -> pa.Table:
 class EncodedGroups:
     """Token ids of a group table, ready for `token_logprobs`; candidate 0 is the positive."""
 
-    source_ids: list[list[int]]  # (G,) one context per group
+    prompt_ids: list[list[int]]  # (G,) one prompt per group (`DialogFormat.prompts`)
     target_ids: list[list[list[int]]]  # (G, C) positive, then the N = C - 1 negatives
-    reply_starts: list[list[int]]  # (G, C) index of `<|response|>` in each target
+    reply_starts: list[list[int]]  # (G, C) index of the first reply token in each target
     severity: torch.Tensor  # (G, N) float32
     cut: torch.Tensor  # (G, C) bool: the target was cut at max_target_tokens (it has no eos)
 
     def __len__(self) -> int:
-        return len(self.source_ids)
+        return len(self.prompt_ids)
 
     @property
     def negatives(self) -> int:
@@ -73,29 +71,27 @@ class EncodedGroups:
         return {"positives": int(self.cut[:, 0].sum()), "negatives": int(self.cut[:, 1:].sum())}
 
 
-def encode_groups(tokenizer, table: pa.Table, config: TrainConfig) -> EncodedGroups:
-    """Format and tokenize every group: source from context/persona/emotion; the positive and each
-    negative after the group's RoT (when `config.rot_target`)."""
-    rows = table.to_pylist()
+def encode_groups(dm: DialogModel, table: pa.Table, config: TrainConfig) -> EncodedGroups:
+    """Format and tokenize every group in `dm`'s format: the prompt from context/persona/emotion; the
+    positive and each negative after the group's RoT (when `config.rot_target`)."""
+    tokenizer, rows = dm.tokenizer, table.to_pylist()
     sources = [Source(r["context"], r["persona"] or (), r["emotion"]) for r in rows]
-    targets = [format_target(text, r["rots"] or (), config.rot_target)
-               for r in rows for text in [r["positive"]] + [n["text"] for n in r["negatives"]]]
-    source_ids = encode_sources(tokenizer, sources, config.max_source_tokens)
-    flat_targets, flat_cut = encode_targets(tokenizer, targets, config.max_target_tokens)
-    response = tokenizer.convert_tokens_to_ids(RESPONSE)
-    C = len(flat_targets) // len(rows)
-    target_ids = [flat_targets[g * C:(g + 1) * C] for g in range(len(rows))]
-    # A RoT long enough to push `<|response|>` past max_target_tokens leaves no reply to compare: the
-    # reply starts after the cut target's end, so every candidate of the group (they share the RoT)
-    # scores 0 and they tie.
-    reply_starts = [[ids.index(response) if response in ids else len(ids) for ids in group] for group in target_ids]
-    lost = sum(response not in ids for group in target_ids for ids in group)
+    replies = [text for r in rows for text in [r["positive"]] + [n["text"] for n in r["negatives"]]]
+    C = len(replies) // len(rows) if rows else 1
+    rots = [r["rots"] or () for r in rows for _ in range(C)]
+    prompt_ids = dm.format.prompts(tokenizer, sources, config.max_source_tokens, dm.is_seq2seq)
+    targets = dm.format.targets(tokenizer, replies, rots, config.rot_target, config.max_target_tokens)
+    target_ids = [targets.ids[g * C:(g + 1) * C] for g in range(len(rows))]
+    reply_starts = [targets.reply_starts[g * C:(g + 1) * C] for g in range(len(rows))]
+    # A RoT long enough to fill max_target_tokens leaves no reply to compare: the reply starts at the
+    # cut target's end, so every candidate of the group (they share the RoT) scores 0 and they tie.
+    lost = sum(start >= len(ids) for start, ids in zip(targets.reply_starts, targets.ids))
     if lost:
         log.warning("%d of %d targets lost their whole reply to train.max_target_tokens = %d (their RoT fills "
-                    "it); their groups' candidates tie", lost, len(flat_targets), config.max_target_tokens)
+                    "it); their groups' candidates tie", lost, len(targets.ids), config.max_target_tokens)
     severity = torch.tensor([[float(n["severity"]) for n in r["negatives"]] for r in rows], dtype=torch.float32)
-    cut = torch.tensor(flat_cut, dtype=torch.bool).view(len(rows), C)
-    return EncodedGroups(source_ids, target_ids, reply_starts, severity, cut)
+    cut = torch.tensor(targets.cut, dtype=torch.bool).view(len(rows), C)
+    return EncodedGroups(prompt_ids, target_ids, reply_starts, severity, cut)
 
 
 # --- scoring --------------------------------------------------------------------------------------
@@ -110,20 +106,20 @@ class GroupScorer(torch.nn.Module):
         self.model = dm.model
         self.tokenizer, self.is_seq2seq = dm.tokenizer, dm.is_seq2seq
 
-    def forward(self, source_ids, target_ids, candidates_per_source: int):
+    def forward(self, prompt_ids, target_ids, candidates_per_source: int):
         dm = DialogModel(self.model, self.tokenizer, self.is_seq2seq)
-        return token_logprobs(dm, source_ids, target_ids, candidates_per_source)
+        return token_logprobs(dm, prompt_ids, target_ids, candidates_per_source)
 
 
 def score_batch(scorer, groups: EncodedGroups, batch: list[int], candidates: int, length_normalized: bool):
     """Score `candidates` targets (the positive first) of each group in `batch` in one forward pass.
 
     Returns `logps` (G, C, T) and `mask` (G, C, T) over the whole target, and `scores` (G, C): the
-    sequence score of the reply tokens only (from `<|response|>` on).
+    sequence score of the reply tokens only (and eos; not the RoT).
     """
-    sources = [groups.source_ids[g] for g in batch]
+    prompts = [groups.prompt_ids[g] for g in batch]
     targets = [ids for g in batch for ids in groups.target_ids[g][:candidates]]
-    logps, mask = scorer(sources, targets, candidates)  # (G*C, T)
+    logps, mask = scorer(prompts, targets, candidates)  # (G*C, T)
     G, T = len(batch), logps.shape[-1]
     logps, mask = logps.view(G, candidates, T), mask.view(G, candidates, T)
     starts = torch.tensor([groups.reply_starts[g][:candidates] for g in batch], device=mask.device)  # (G, C)

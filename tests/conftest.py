@@ -187,3 +187,56 @@ def tiny_dialog_model_dir(tmp_path_factory) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# SmolLM2-135M-Instruct's chat template (ChatML with a default system turn), as its tokenizer ships it.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}"
+    "{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def chat_tokenizer():
+    """A 400-token byte-level BPE tokenizer shaped like SmolLM2's: `<|endoftext|>`, `<|im_start|>` (bos),
+    `<|im_end|>` (eos and pad) and its ChatML template; none of this project's markers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = ["hello there, how are you?", "i am fine, thanks for asking.", "you should not lie to friends.",
+             "Rule of thumb: it's wrong to steal.", "what did you do today?", "i went hiking with my dog.",
+             "system user assistant You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+             "Your persona: i love hiking.\nThe conversation's emotion: proud"] * 5
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=special, show_progress=False,
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def save_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny Llama (rotary positions, grouped-query attention, tied embeddings: SmolLM2's architecture
+    in miniature) with random weights and `chat_tokenizer()`, saved with save_pretrained."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """`save_tiny_chat_model`, built once per session: a chat model in its own format (no markers)."""
+    return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_model"))

@@ -15,7 +15,8 @@ from pipeline.artifacts import write_parquet
 from pipeline.cli import app
 from pipeline.config import BaseModelConfig, BaseModelPretrainConfig, section_from_dict
 from pipeline.errors import ConfigError, DataError
-from pipeline.modeling import BOT, SPECIAL_TOKENS, format_source, format_target, load_dialog_model
+from pipeline.finetune import pair_settings
+from pipeline.modeling import BOT, SPECIAL_TOKENS, DialogModel, format_source, format_target, load_dialog_model
 from pipeline.schemas import NORMALIZED
 from pipeline.scoring import encode_groups
 from pipeline.stages import base_model
@@ -209,11 +210,11 @@ def test_pretraining_pairs_are_formatted_as_training_formats_them(casual):
     assert first["positive"] == "i want pizza, anna." and first["rots"] == [] and first["negatives"] == []
     texts, _ = base_model.training_texts(casual)
     tokenizer = base_model.build_scratch(BaseModelConfig(**SMALL), texts)[1]
-    settings = base_model.pair_settings(BaseModelPretrainConfig(max_source_tokens=64, max_target_tokens=48))
-    encoded = encode_groups(tokenizer, table.slice(0, 1), settings)
+    settings = pair_settings(BaseModelPretrainConfig(max_source_tokens=64, max_target_tokens=48))
+    encoded = encode_groups(DialogModel(None, tokenizer, False), table.slice(0, 1), settings)
     assert encoded.negatives == 0
-    assert (tokenizer.decode(encoded.source_ids[0])
-            == "<|persona|> i like cooking. <|user|> hi anna, what do you want to eat?")
+    assert (tokenizer.decode(encoded.prompt_ids[0])
+            == "<|persona|> i like cooking. <|user|> hi anna, what do you want to eat?<|bot|>")
     assert tokenizer.decode(encoded.target_ids[0][0]) == "<|response|> i want pizza, anna.</s>"
     # A seeded sample, in file order; another limit leaves the validation sample as it was.
     sample = base_model.pretraining_pairs(casual, ["daily_dialog", "persona_chat"], "train", 10, seed=3)[0]

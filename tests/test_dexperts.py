@@ -148,7 +148,7 @@ def test_the_experts_cached_steps_equal_full_forward_passes(trio):
     finally:
         dexperts.Guidance = original
     steps = torch.stack(recorded[0].steps, dim=1)  # (S*k, T, V)
-    sources = encode_sources(guided.tokenizer, SOURCES, config.max_source_tokens)
+    sources = encode_prompts(guided, SOURCES, config)
     assert len({len(s) for s in sources}) > 1  # padding is exercised (left, for a causal model)
     from pipeline.modeling import target_logits
 
@@ -159,7 +159,7 @@ def test_the_experts_cached_steps_equal_full_forward_passes(trio):
 
 
 def test_the_ensemble_scores_the_combination_and_alpha_zero_is_the_guided_model(guided, experts_pair):
-    sources = encode_sources(guided.tokenizer, SOURCES, 32)
+    sources = guided.format.prompts(guided.tokenizer, SOURCES, 32, False)
     targets = [guided.tokenizer("<|response|> i am fine</s>", add_special_tokens=False)["input_ids"],
                guided.tokenizer("<|response|> go away</s>", add_special_tokens=False)["input_ids"]] * 3
     plain, mask = token_logprobs(guided, sources, targets, 2)

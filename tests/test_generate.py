@@ -19,10 +19,13 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import CORPORA, AuditModel, GenerateConfig
 from pipeline.errors import DataError
-from pipeline.modeling import BOT, RESPONSE, ROT, USER, DialogModel, Source, encode_sources, load_dialog_model
+from pipeline.modeling import (
+    BOT, RESPONSE, ROT, USER, DialogModel, Source, decode_target, encode_sources, load_dialog_model, reply_tokens,
+    split_candidate,
+)
 from pipeline.sampling import (
-    PromptFormat, Sampled, batch_seed, decode_target, decoding_settings, encode_prompts, generate_batch, native_prompt,
-    reply_fluency, reply_tokens, resolve_format, sample_candidates, split_candidate,
+    PromptFormat, Sampled, batch_seed, decoding_settings, encode_prompts, generate_batch, native_prompt,
+    reply_fluency, resolve_format, sample_candidates,
 )
 from pipeline.schemas import CANDIDATES, NORMALIZED
 from pipeline.stages import generate
@@ -348,7 +351,6 @@ def test_reply_tokens_by_hand(dm):
         # the reply text is read from exactly these tokens
         kept = [t for t, keep in zip(target, reply_tokens(tok, target)) if keep and t != eos]
         assert split_candidate(decode_target(tok, target))[1] == " ".join(tok.decode(kept).split())
-    assert reply_tokens(tok, [rot, a, eos], native=True) == [True, True, True]  # a native reply is all reply
     assert reply_fluency([-1.0, -2.0, -4.0], [False, True, True]) == -3.0
     assert reply_fluency([-1.0, -2.0], [False, False]) == -math.inf
 

@@ -22,6 +22,7 @@ from pipeline.config import (
     section_from_dict,
 )
 from pipeline.errors import ConfigError, DataError
+from pipeline.modeling import split_candidate
 from pipeline.rerank import NO_ROT_AGREEMENT, agreement_term, rerank, term_weights
 from pipeline.safety_models import AGREEMENT_LABELS as LABELS
 from pipeline.safety_models import SCORER_FILE, SafetyScorer, load_agreement_scorer, load_scorer
@@ -518,7 +519,7 @@ FIXED_P = [0.5, 0.6, 0.8, 0.5]  # per-token probabilities
 
 def fixed_sampler(dm, sources, config, seed, **options):
     texts = [FIXED[j] for _ in sources for j in range(config.k)]
-    parsed = [sampling.split_candidate(t) for t in texts]
+    parsed = [split_candidate(t) for t in texts]
     fluency = np.log([FIXED_P[j] for _ in sources for j in range(config.k)])
     return sampling.Sampled(texts, [p[0] for p in parsed], [p[1] for p in parsed], fluency, tokens=len(texts))
 

@@ -173,8 +173,9 @@ def reply_model(tmp_path_factory, normalized_sample_dir):
 
 
 def test_labelled_replies_are_scored_by_their_likelihood(tmp_path, reply_model, normalized_sample_dir):
-    """Every labelled test reply, scored as the model's mean log-probability of `<|response|> reply</s>`
-    after `source <|bot|>`, here recomputed from the model's logits one reply at a time."""
+    """Every labelled test reply, scored as the model's mean log-probability of `reply</s>` after
+    `source <|bot|> <|response|>` (the reply's tokens and eos, not the marker), here recomputed from the
+    model's logits one reply at a time."""
     config = TrainConfig(max_source_tokens=300, max_target_tokens=150, eval_batch_groups=5)
     result = score.run(config, EvaluateConfig(bootstrap_samples=200), "tiny", reply_model,
                        write_test_groups(tmp_path / "groups"), normalized_sample_dir, tmp_path / "out")
@@ -193,9 +194,10 @@ def test_labelled_replies_are_scored_by_their_likelihood(tmp_path, reply_model, 
             dm.tokenizer.eos_token_id]
         with torch.no_grad():
             logps = torch.log_softmax(dm.model(input_ids=torch.tensor([source + target])).logits[0], dim=-1)
-        expected = logps[len(source) - 1:-1].gather(1, torch.tensor(target)[:, None]).mean()
+        expected = logps[len(source) - 1:-1].gather(1, torch.tensor(target)[:, None])[1:].mean()  # [0]: <|response|>
+        assert target[0] == dm.tokenizer.convert_tokens_to_ids("<|response|>")
         assert row["score"] == pytest.approx(float(expected), abs=1e-5)
-        assert row["tokens"] == len(target)
+        assert row["tokens"] == len(target) - 1
     # ToxiChat's two chatbot replies to one thread answer the same context.
     bots = [r for r in rows if r["corpus"] == "toxichat" and r["responder"] in ("dialogpt", "gpt3")]
     assert bots and all(sum(b["context_id"] == r["context_id"] for b in bots) == 2 for r in bots)

@@ -117,9 +117,14 @@ def assert_same_weights(a: Path, b: Path) -> None:
         assert torch.equal(wa[name], wb[name]), name
 
 
+def markers(tokenizer) -> DialogModel:
+    """A tokenizer with the markers as a DialogModel that can encode groups (no model needed)."""
+    return DialogModel(None, tokenizer, False)
+
+
 def validation_of(dm: DialogModel, table: pa.Table, config: TrainConfig = CONFIG) -> dict[str, float]:
     """A model's metrics on a group table by the validation path (`per_group_scores` and its sums)."""
-    groups = scoring.encode_groups(dm.tokenizer, table, config)
+    groups = scoring.encode_groups(dm, table, config)
     dm.model.eval()
     per_group = scoring.per_group_scores(scoring.GroupScorer(dm), groups, list(range(len(groups))), config)
     return scoring.validation_metrics(scoring.validation_sums(per_group))
@@ -144,7 +149,7 @@ def test_epoch_batches_are_seeded_permutations_split_across_processes():
 
 def test_negatives_share_the_positives_rot_and_only_reply_tokens_are_compared(tokenizer, groups_dir):
     table = scoring.read_groups(groups_dir, "train")
-    groups = scoring.encode_groups(tokenizer, table, CONFIG)
+    groups = scoring.encode_groups(markers(tokenizer), table, CONFIG)
     assert len(groups) == 12 and groups.negatives == 3
     assert groups.severity[0].tolist() == [0.25, 0.5, 0.75]
     rot, response = tokenizer.convert_tokens_to_ids(ROT), tokenizer.convert_tokens_to_ids(RESPONSE)
@@ -152,10 +157,17 @@ def test_negatives_share_the_positives_rot_and_only_reply_tokens_are_compared(to
     rot_prefix = tokenizer(f"{ROT} It's wrong to hurt people. ", add_special_tokens=False)["input_ids"]
     for ids, start in zip(first, groups.reply_starts[0]):
         assert ids[: len(rot_prefix)] == rot_prefix and ids[0] == rot
-        assert start == len(rot_prefix) and ids[start] == response and ids[-1] == tokenizer.eos_token_id
+        # The reply's tokens start after <|response|>: the marker is shared, not part of the reply's score.
+        assert start == len(rot_prefix) + 1 and ids[start - 1] == response and ids[-1] == tokenizer.eos_token_id
     no_rot = groups.target_ids[2]  # group 2 has no RoT: the target starts at <|response|>
-    assert all(ids[0] == response for ids in no_rot) and groups.reply_starts[2] == [0, 0, 0, 0]
-    plain = scoring.encode_groups(tokenizer, table, dataclasses.replace(CONFIG, rot_target=False))
+    assert all(ids[0] == response for ids in no_rot) and groups.reply_starts[2] == [1, 1, 1, 1]
+    # The same ids as tokenizing each whole target text at once.
+    rows = table.to_pylist()
+    for g in range(3):
+        texts = [format_target(t, rows[g]["rots"] or []) for t in [rows[g]["positive"]] + [n["text"] for n in rows[g]["negatives"]]]
+        assert groups.target_ids[g] == [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                                        for t in texts]
+    plain = scoring.encode_groups(markers(tokenizer), table, dataclasses.replace(CONFIG, rot_target=False))
     assert all(ids[0] == response for ids in plain.target_ids[0])
 
 
@@ -177,7 +189,7 @@ def test_a_cut_target_has_no_eos_and_is_counted_as_positive_or_negative(tokenize
     """The old cut kept eos after the last kept token (teaching early stopping, and weighing an
     end-of-reply in a cut negative's score); a cut target is now its first max_target_tokens tokens."""
     table = pa.Table.from_pylist(rows_with_cut_targets(3, 0, [0], [(1, 2), (2, 0)]), schema=GROUPS)
-    groups = scoring.encode_groups(tokenizer, table, CONFIG)
+    groups = scoring.encode_groups(markers(tokenizer), table, CONFIG)
     eos, limit = tokenizer.eos_token_id, CONFIG.max_target_tokens
     assert groups.cut.tolist() == [[True, False, False, False], [False, False, False, True], [False, True, False, False]]
     assert groups.cut_counts() == {"positives": 1, "negatives": 2}
@@ -193,10 +205,10 @@ def test_a_cut_target_has_no_eos_and_is_counted_as_positive_or_negative(tokenize
 def test_a_rot_that_fills_the_target_leaves_the_group_with_tied_empty_replies(tokenizer, caplog):
     rows = group_rows(1)
     rows[0]["rots"] = [LONG]  # shared by the positive and every negative: no reply fits after it
-    groups = scoring.encode_groups(tokenizer, pa.Table.from_pylist(rows, schema=GROUPS), CONFIG)
+    groups = scoring.encode_groups(markers(tokenizer), pa.Table.from_pylist(rows, schema=GROUPS), CONFIG)
     assert "4 of 4 targets lost their whole reply" in caplog.text
     assert groups.reply_starts == [[CONFIG.max_target_tokens] * 4] and groups.cut.all()
-    scorer = FakeScorer({groups.source_ids[0][0]: [[-1.0] * CONFIG.max_target_tokens] * 4})
+    scorer = FakeScorer({groups.prompt_ids[0][0]: [[-1.0] * CONFIG.max_target_tokens] * 4})
     per_group = scoring.per_group_scores(scorer, groups, [0], CONFIG)
     assert per_group["positive_score"].tolist() == [0.0] and per_group["negative_score"].tolist() == [0.0]
     assert per_group["ranked_first"].tolist() == [0.0]  # a tie is not ranked first
@@ -223,7 +235,7 @@ class FakeScorer:
 def test_scores_and_validation_metrics_by_hand():
     # Two groups of a positive and two negatives; targets 0..2 of group 0 have a 1-token RoT prefix.
     groups = scoring.EncodedGroups(
-        source_ids=[[5], [6]],
+        prompt_ids=[[5], [6]],
         target_ids=[[[1, 2, 3], [1, 2, 3], [1, 2]], [[2, 3], [2, 3], [2, 3]]],
         reply_starts=[[1, 1, 1], [0, 0, 0]],
         severity=torch.tensor([[1.0, 0.5], [0.0, 0.0]]),

@@ -9,9 +9,12 @@ Later stages load it with `modeling.load_dialog_model`.
 
     python -m pipeline base_model --normalized data/normalized --out models/base
 
-- `kind: hf` loads a Hugging Face checkpoint (a hub id or a local folder), causal (GPT-2, DialoGPT,
-  Llama-style) or sequence-to-sequence (BlenderBot, T5, BART) as its config's `is_encoder_decoder`
-  says, adds the markers (and a pad or eos token where it has none) and grows the embeddings.
+- `kind: hf` loads a Hugging Face checkpoint (a hub id or a local folder, e.g. `models/pretrained/<name>`
+  written by the `pretrained` stage), causal (GPT-2, DialoGPT, Llama-style) or sequence-to-sequence
+  (BlenderBot, T5, BART) as its config's `is_encoder_decoder` says. A causal model with a chat template
+  is kept as it is and written in its own chat format (`modeling.ChatFormat`; a missing pad becomes its
+  eos, nothing is added); any other gets the markers (and a pad or eos token where it has none) and
+  grown embeddings (`modeling.MarkerFormat`).
 - `kind: scratch` trains a byte-level BPE tokenizer on the training text and builds a small GPT-2
   (`causal`) or BART (`seq2seq`) from the configured sizes, with a seeded initialisation. With
   `pretrain.enabled` it then trains that model with cross-entropy on the (context, reply) pairs of
@@ -33,7 +36,8 @@ from pathlib import Path
 from pipeline import devices
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
 from pipeline.config import CORPORA, SPLITS, BaseModelConfig, BaseModelPretrainConfig, TrainConfig
-from pipeline.errors import DataError, PipelineError
+from pipeline.errors import DataError
+from pipeline.finetune import fit_pairs
 from pipeline.modeling import SPECIAL_TOKENS, DialogModel, check_tokenizer, format_source, format_target
 from pipeline.schemas import read_table
 
@@ -98,8 +102,6 @@ def build_scratch(config: BaseModelConfig, texts: list[str]):
 
 # Columns of a normalized split that make a (source, reply) pair.
 PAIR_COLUMNS = ["context", "persona", "emotion", "response"]
-WARMUP_SHARE = 0.1  # of the optimizer steps: linear warm-up, then linear decay to 0
-MAX_GRAD_NORM = 1.0  # as train.max_grad_norm's default
 
 
 def pretraining_pairs(normalized: Path, corpora: list[str], split: str, limit: int, seed: int):
@@ -128,142 +130,17 @@ def pretraining_pairs(normalized: Path, corpora: list[str], split: str, limit: i
     return pa.Table.from_pylist(rows), read
 
 
-def pair_settings(config: BaseModelPretrainConfig) -> TrainConfig:
-    """The `train` settings that `scoring.encode_groups` and `scoring.per_group_scores` read, taken
-    from the pretrain section: the reply alone as target, cut lengths, batch sizes."""
-    return TrainConfig(rot_target=False, length_normalized=True, contrastive_weight=0.0,
-                       max_source_tokens=config.max_source_tokens, max_target_tokens=config.max_target_tokens,
-                       batch_groups=config.batch_size, eval_batch_groups=2 * config.batch_size,
-                       precision=config.precision, seed=config.seed)
-
-
-def validation_loss(scorer, pairs, settings: TrainConfig, device: str, precision: str) -> dict:
-    """Mean cross-entropy per target token of the validation pairs (`<|response|>`, reply and eos),
-    its perplexity and the token count: the positives' perplexity of `scoring.validation_metrics`."""
-    import torch
-
-    from pipeline.scoring import per_group_scores
-
-    scorer.eval()
-    with torch.no_grad(), devices.autocast(device, precision):
-        scores = per_group_scores(scorer, pairs, list(range(len(pairs))), settings)
-    scorer.train()
-    nll, tokens = float(scores["positive_nll"].sum()), int(scores["positive_tokens"].sum())
-    return {"loss": nll / tokens, "perplexity": math.exp(nll / tokens), "tokens": tokens}
-
-
 def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path) -> tuple[dict, dict]:
     """Train `model` in place with cross-entropy on the pretraining pairs of `config.corpora`
-    (`fit_pairs`); returns the record (for base_model.json) and the timing of the optimizer steps."""
+    (`finetune.fit_pairs`); returns the record (for base_model.json) and the timing of the optimizer steps."""
     train_table, train_read = pretraining_pairs(normalized, config.corpora, "train", config.max_examples, config.seed)
     validation_table, validation_read = pretraining_pairs(normalized, config.corpora, "validation",
                                                           config.max_validation_examples, config.seed)
     log.info("base_model: pretraining pairs from %s", ", ".join(f"{c} {r['rows']}" for c, r in train_read.items()))
-    record, timing = fit_pairs(model, tokenizer, train_table, validation_table, config, "base_model: pretrain",
-                               "base_model.pretrain")
+    _, record, timing = fit_pairs(DialogModel(model, tokenizer, bool(model.config.is_encoder_decoder)),
+                                  train_table, validation_table, config, "base_model: pretrain", "base_model.pretrain")
     corpora = {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora}
     return {"corpora": corpora, **record}, timing
-
-
-def fit_pairs(model, tokenizer, train_table, validation_table, config, desc: str, key: str) -> tuple[dict, dict]:
-    """Train `model` in place with cross-entropy on (context, reply) pairs (tables in the row format
-    of `pretraining_pairs`); returns the record (pairs, cut targets, steps, device, precision, the
-    validation loss and perplexity before and after, per-epoch history) and the timing of the
-    optimizer steps (seconds, tokens read, tokens per second). Shared by the base model's pretraining
-    and the DExperts experts (`pipeline/stages/experts.py`); `config` has the fields of
-    `BaseModelPretrainConfig` that it reads (epochs, batch_size, learning_rate, the token limits,
-    precision, seed), `key` names its section in messages.
-
-    Each step is the training stages' loss with `contrastive_weight = 0` (`scoring.score_batch` on
-    the positives, `losses.cross_entropy`): AdamW without weight decay, linear warm-up and decay,
-    gradients clipped at 1. Runs on the model device at `config.precision` (`pipeline/devices.py`);
-    batches are a permutation per epoch drawn from (seed, epoch), and dropout is seeded, so a CPU
-    run is the same for the same seed.
-    """
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler, set_seed
-
-    from pipeline.losses import cross_entropy
-    from pipeline.scoring import GroupScorer, encode_groups, score_batch
-
-    # --- data
-    settings = pair_settings(config)
-    train, validation = (encode_groups(tokenizer, t, settings) for t in (train_table, validation_table))
-    is_seq2seq = bool(model.config.is_encoder_decoder)
-    # Tokens a forward pass reads per pair (source, <|bot|> for a causal model, target).
-    read_tokens = np.array([len(s) + len(t[0]) + (0 if is_seq2seq else 1)
-                            for s, t in zip(train.source_ids, train.target_ids)])
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-
-    # --- model and optimizer
-    device = devices.model_device()
-    precision = devices.resolve_precision(config.precision, f"{key}.precision")
-    set_seed(config.seed)
-    model.to(device).train()
-    use_cache = model.config.use_cache
-    model.config.use_cache = False  # no key/value cache while scoring teacher-forced targets
-    scorer = GroupScorer(DialogModel(model, tokenizer, is_seq2seq))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=math.ceil(WARMUP_SHARE * total_steps),
-                              num_training_steps=total_steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    log.info("%s: %d pairs for %d epoch(s), %d steps of %d, on %s (%s); validation on %d pairs", desc,
-             len(train), config.epochs, total_steps, config.batch_size, device, precision, len(validation))
-
-    # --- loop
-    before = validation_loss(scorer, validation, settings, device, precision)
-    history = [{"epoch": 0, "validation": before}]
-    log.info("%s: validation perplexity before %.2f", desc, before["perplexity"])
-    progress = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True)
-    started, seconds, tokens = time.perf_counter(), 0.0, 0
-    for epoch in range(config.epochs):
-        order = np.random.default_rng([config.seed, epoch]).permutation(len(train))
-        losses = []
-        for start in range(0, len(order), config.batch_size):
-            step_started = time.perf_counter()
-            batch = order[start:start + config.batch_size].tolist()
-            with devices.autocast(device, precision):
-                logps, mask, _ = score_batch(scorer, train, batch, 1, settings.length_normalized)  # (G, 1, T)
-                loss = cross_entropy(logps[:, 0], mask[:, 0])
-            if not math.isfinite(loss.item()):
-                raise PipelineError(f"{desc}: the loss is not finite at step {progress.n + 1}; lower "
-                                    f"{key}.learning_rate, or use {key}.precision fp32")
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            seconds, tokens = seconds + time.perf_counter() - step_started, tokens + int(read_tokens[batch].sum())
-            progress.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / seconds:.0f}")
-            progress.update()
-        after = validation_loss(scorer, validation, settings, device, precision)
-        history.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "validation": after})
-        log.info("%s: epoch %d: training loss %.3f, validation perplexity %.2f", desc, epoch + 1,
-                 history[-1]["train_loss"], after["perplexity"])
-    progress.close()
-    model.config.use_cache = use_cache
-    model.to("cpu").eval()
-    timing = {"train_seconds": seconds, "read_tokens": tokens,
-              "tokens_per_second": tokens / seconds if seconds else None}
-    log.info("%s: trained in %.1f s (%.0f tokens/s read while training)", desc, time.perf_counter() - started,
-             timing["tokens_per_second"] or 0)
-    # No timing in the record: it is part of the model folder, whose bytes must not change between runs.
-    record = {
-        "pairs": {"train": len(train), "validation": len(validation)},
-        "cut_targets": {"train": train.cut_counts()["positives"], "validation": validation.cut_counts()["positives"]},
-        "steps": total_steps,
-        "device": device,
-        "precision": precision,
-        "validation": {"before": before, "after": history[-1]["validation"]},
-        "history": history,
-    }
-    return record, timing
 
 
 # --- hf: a pretrained checkpoint --------------------------------------------------------------------
@@ -306,6 +183,19 @@ def add_dialog_tokens(model, tokenizer, seed: int) -> list[str]:
     return sorted(added, key=tokenizer.convert_tokens_to_ids)
 
 
+def keep_chat_format(model, tokenizer) -> list[str]:
+    """A chat model keeps its vocabulary and is prompted in its own template: nothing is added; a
+    missing pad becomes its eos (every mask in this project is explicit, none is read off the pad id).
+    Returns the added tokens: none."""
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"{tokenizer.name_or_path}: a chat model without an eos (end-of-turn) token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    for settings in (model.config, model.generation_config):
+        settings.pad_token_id = tokenizer.pad_token_id
+    return []
+
+
 # --- run --------------------------------------------------------------------------------------------
 
 
@@ -323,10 +213,14 @@ def run(config: BaseModelConfig, normalized: Path, out: Path) -> dict:
     else:
         log.info("base_model: loading %s", config.name)
         model, tokenizer, source = load_hf(config)
-        added = add_dialog_tokens(model, tokenizer, config.seed)
-    check_tokenizer(tokenizer, f"base_model ({config.kind})")
-    pretrained = pretrain(model, tokenizer, config.pretrain, normalized)[0] if config.pretrain.enabled else None
+        if tokenizer.chat_template and not model.config.is_encoder_decoder:
+            added = keep_chat_format(model, tokenizer)
+        else:
+            added = add_dialog_tokens(model, tokenizer, config.seed)
     is_seq2seq = bool(model.config.is_encoder_decoder)
+    check_tokenizer(tokenizer, f"base_model ({config.kind})", is_seq2seq)
+    pretrained = pretrain(model, tokenizer, config.pretrain, normalized)[0] if config.pretrain.enabled else None
+    dialog_format = DialogModel(model, tokenizer, is_seq2seq).format
     record = {
         "kind": config.kind,
         "source": source,
@@ -336,7 +230,9 @@ def run(config: BaseModelConfig, normalized: Path, out: Path) -> dict:
         "parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "added_tokens": added,
-        "special_tokens": {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS},
+        "format": dialog_format.name,
+        "special_tokens": ({t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+                           if dialog_format.name == "markers" else {}),
         "pretrain": pretrained,
         "git_commit": git_commit(),
         "library_versions": library_versions(),

@@ -8,8 +8,9 @@ otherwise (DiaSafety's and ToxiChat's safe replies, ProsocialDialog's prosocial 
 that keep their RoT); each known unacceptable reply of a row (`unacceptable_responses`: MIC's
 RoT-violating answers) of severity `dexperts.min_violation_severity` or worse goes to the anti-expert
 too. A (context, reply) pair is kept once per expert. Each expert starts from its own copy of the base
-model and is trained like the base model's pretraining (`base_model.fit_pairs`: `<|response|> reply`
-targets without RoTs, AdamW, linear schedule; at most `dexperts.max_examples` pairs, a seeded sample).
+model and is trained like the base model's pretraining (`finetune.fit_pairs`: the reply without a RoT
+as target, in the base model's format; AdamW, linear schedule; LoRA with `dexperts.lora`; at most
+`dexperts.max_examples` pairs, a seeded sample).
 Writes `<out>/expert/` and `<out>/antiexpert/` (save_pretrained, with the base model's tokenizer) and
 `<out>/experts.json` (counts per corpus, validation loss and perplexity before and after, config,
 provenance; no timing).
@@ -40,8 +41,8 @@ UNSAFE = "unsafe"
 
 
 def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: int) -> tuple[dict[str, pa.Table], dict]:
-    """The (context, reply) pairs of `split` for each expert, as tables in `base_model.pretraining_pairs`'
-    row format (the reply the positive), in corpus and file order; at most `limit` per expert (0: all),
+    """The (context, reply) pairs of `split` for each expert, as tables in `finetune.fit_pairs`' row
+    format (`scoring.GROUP_COLUMNS` without negatives, the reply the positive), in corpus and file order; at most `limit` per expert (0: all),
     a seeded sample kept in file order. Returns the tables and, per corpus, the file's rows, SHA-256 and
     pairs per expert."""
     pairs: dict[str, list[dict]] = {EXPERT: [], ANTIEXPERT: []}
@@ -81,8 +82,8 @@ def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: in
 def run(config: DExpertsConfig, init: Path, normalized: Path, out: Path) -> dict:
     """Train the expert and the anti-expert from the model at `init`; write them to `<out>/expert`,
     `<out>/antiexpert` and the record to `<out>/experts.json`; returns the record."""
+    from pipeline.finetune import fit_pairs
     from pipeline.scoring import load_init_model
-    from pipeline.stages.base_model import fit_pairs
 
     ensure_writable(out)
     started = time.perf_counter()
@@ -96,10 +97,10 @@ def run(config: DExpertsConfig, init: Path, normalized: Path, out: Path) -> dict
     with staged_dir(out) as staging:
         for which in (EXPERT, ANTIEXPERT):
             dm = load_init_model(init)  # a fresh copy of the base model for each expert
-            result, timing = fit_pairs(dm.model, dm.tokenizer, train[which], validation[which], config,
-                                       f"experts: {which}", "dexperts")
+            model, result, timing = fit_pairs(dm, train[which], validation[which], config, f"experts: {which}",
+                                              "dexperts")
             record["experts"][which] = result
-            dm.model.save_pretrained(staging / which)
+            model.save_pretrained(staging / which)
             dm.tokenizer.save_pretrained(staging / which)
             log.info("experts: %s: %d pairs, validation perplexity %.2f -> %.2f (%.0f tokens/s)", which,
                      result["pairs"]["train"], result["validation"]["before"]["perplexity"],

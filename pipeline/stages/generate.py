@@ -10,7 +10,8 @@ RoT, reply, scores and rank, and which one was selected; nothing is dropped) and
         --agreement models/rot_agreement --normalized data/normalized --out data/candidates/stage2
 
 `<name>` is a model trained here (`base`, `ce`, `stage1`, `stage2`: a folder written by the
-training stages, loaded strictly, prompted in this project's format with its dialog markers),
+training stages, loaded strictly, prompted in its own dialog format: the markers, or a chat model's
+template with the RoT on the first line of its turn, `modeling.DialogModel.format`),
 `dexperts` (the model `dexperts.guided` decoded under the guidance of the experts in `--experts`,
 `pipeline/dexperts.py`; stats.json records it as `dexperts`), or an
 entry of `audit.models` in params.yaml (`python -m pipeline audit`): a Hugging Face model, by hub
@@ -33,7 +34,7 @@ written to stats.json as `decoding`); a checkpoint's own generation defaults are
 model runs on the GPU when there is one, at `generate.precision` (`pipeline.devices`).
 
 Scores (`pipeline.rerank.score_candidates`, shared with `chat`): `fluency` is the mean token
-log-probability of the reply tokens under the generating model (`pipeline.sampling.reply_tokens`;
+log-probability of the reply tokens under the generating model (`DialogFormat.read`'s `reply_mask`;
 -inf for a candidate without any, e.g. a RoT that ran to the length limit), `prosociality` the
 safety classifier's P(casual) of the reply given the context (0 for an empty reply, whose
 `safety_probs` are kept like any reply's), `agreement` the RoT-agreement term (null throughout when
@@ -57,7 +58,7 @@ from pipeline.config import CORPORA, AuditModel, DExpertsConfig, GenerateConfig
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source
 from pipeline.rerank import has_rot, load_scorers, score_candidates
-from pipeline.sampling import MARKERS, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates
+from pipeline.sampling import DIALOG, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates
 from pipeline.schemas import CANDIDATES, read_table
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ def load_model(name: str, path: str, audit: AuditModel | None, device: str) -> t
     if audit is None:
         dm = load_dialog_model(path, device)
         dm.model.eval()
-        return dm, MARKERS
+        return dm, DIALOG
     from pipeline.pretrained import open_checkpoint
 
     key = f"audit.models.{name}"
@@ -128,7 +129,7 @@ def select_contexts(rows: list[dict], corpus: str, max_contexts: int, seed: int)
 
 def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], model_name: str, corpus: str,
                      config: GenerateConfig, progress: bool = True, agreement_scorer: AgreementScorer | None = None,
-                     prompt: PromptFormat = MARKERS, precision: str = "fp32",
+                     prompt: PromptFormat = DIALOG, precision: str = "fp32",
                      experts: Experts | None = None) -> tuple[pa.Table, dict]:
     """Every candidate for the test `rows` of one corpus (schema `CANDIDATES`), and counts.
 
@@ -232,9 +233,10 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
         guidance = load_experts(experts, dm, dexperts.alpha, device)
         log.info("generate %s: guided by the experts in %s, alpha %g", name, experts, dexperts.alpha)
     architecture = "seq2seq" if dm.is_seq2seq else "causal"
+    prompt_format = prompt.describe() if prompt.native else dm.format.name
     log.info("generate %s: %s model from %s on %s (%s), prompted as %s, k=%d", name, architecture, model, device,
-             precision, prompt.describe(), config.k)
-    stats = {"model": name, "path": str(model), "architecture": architecture, "prompt_format": prompt.describe(),
+             precision, prompt_format, config.k)
+    stats = {"model": name, "path": str(model), "architecture": architecture, "prompt_format": prompt_format,
              "decoding": decoding_settings(dm, config), "precision": precision, "config": dataclasses.asdict(config),
              "audit": dataclasses.asdict(audit) if audit else None,
              "dexperts": guidance_settings(guidance, config, experts, dexperts.guided) if guidance else None,

@@ -128,7 +128,7 @@ class Stage1Sampler:
 
         from pipeline import devices
         from pipeline.modeling import Source
-        from pipeline.sampling import batch_seed, decode_target, encode_prompts, generate_batch, split_candidate
+        from pipeline.sampling import batch_seed, encode_prompts, generate_batch
 
         decoding, size = dataclasses.replace(self.decoding, k=k), self.decoding.batch_size
         replies: list[list[str]] = []
@@ -140,7 +140,7 @@ class Stage1Sampler:
             with devices.autocast(self.device, self.precision):
                 target_ids, _ = generate_batch(self.dm, prompts, decoding, seed, logprobs=False)
             self.batches += 1
-            texts = [split_candidate(decode_target(self.dm.tokenizer, ids))[1] for ids in target_ids]
+            texts = [self.dm.format.read(self.dm.tokenizer, ids).reply for ids in target_ids]
             replies += [texts[i * k:(i + 1) * k] for i in range(len(batch))]
         return replies
 

@@ -7,8 +7,9 @@ replies of DiaSafety's and ToxiChat's test splits (`data/normalized/{diasafety,t
 `reply_label` safe or unsafe). Every group is scored exactly as training validation does
 (`scoring.per_group_scores`, with the `train` section's format, score, batch and precision settings;
 on the GPU when there is one), and so is every labelled reply, as a positive without negatives: its
-target is `<|response|> reply` (no RoT), its score the log-likelihood of the reply tokens given its
-context, a mean over them with `train.length_normalized` (the score the n-pair loss compares). Writes
+target is the reply alone (no RoT, in the model's format), its score the log-likelihood of the reply
+tokens (and eos) given its context, a mean over them with `train.length_normalized` (the score the
+n-pair loss compares). Writes
 `<out>/eval_scores.json`:
 
 - `group_ranking_accuracy`: the share of test groups whose prosocial positive outscores every
@@ -49,6 +50,7 @@ from pipeline.errors import DataError
 from pipeline.labels import REPLY_LABELS
 from pipeline.likelihood import context_id, likelihood_safety
 from pipeline.metrics import bootstrap_ci
+from pipeline.modeling import DialogModel
 from pipeline.schemas import LIKELIHOOD, read_table
 from pipeline.scoring import (
     GroupScorer, encode_groups, load_init_model, per_group_scores, read_groups, validation_metrics, validation_sums,
@@ -103,7 +105,7 @@ def score_replies(scorer, replies: pa.Table, config: TrainConfig) -> dict[str, n
     groups = pa.Table.from_pylist([{"context": row["context"], "persona": row["persona"], "emotion": row["emotion"],
                                     "positive": row["reply"], "rots": [], "negatives": []}
                                    for row in replies.select(["context", "persona", "emotion", "reply"]).to_pylist()])
-    encoded = encode_groups(scorer.tokenizer, groups, config)
+    encoded = encode_groups(DialogModel(scorer.model, scorer.tokenizer, scorer.is_seq2seq), groups, config)
     per_reply = per_group_scores(scorer, encoded, list(range(len(encoded))), config)
     return {"score": per_reply["positive_score"].numpy(),
             "tokens": np.array([len(ids[0]) - start[0]
@@ -135,7 +137,7 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
     dm = load_init_model(Path(model))
     device = devices.model_device()
     dm.model.to(device).eval()
-    encoded = encode_groups(dm.tokenizer, table, train_config)
+    encoded = encode_groups(dm, table, train_config)
     scorer = GroupScorer(dm)
     if experts is not None:
         from pipeline.dexperts import Ensemble, load_experts

@@ -7,8 +7,8 @@ n-pair contrastive loss (`pipeline/losses.py`). One module, two DVC stages:
         --out models/stage2 --checkpoints models/stage2_checkpoints --live reports/train/stage2
 
 Reads `<groups>/{train,validation}.parquet` (`schemas.GROUPS`) and the model folder `--init`
-(save_pretrained format, tokenizer with the dialog markers); groups are encoded and scored by
-`pipeline/scoring.py`. Writes `--out`: the model (safetensors), its tokenizer and `train.json`
+(save_pretrained format, a tokenizer with the dialog markers or a chat template: `modeling.DialogModel.format`);
+groups are encoded and scored by `pipeline/scoring.py`. Writes `--out`: the model (safetensors), its tokenizer and `train.json`
 (resolved config, git commit, library versions, data counts, final metrics; no timing, so equal runs
 give equal bytes); `--live`: dvclive per-step and per-epoch metrics; `--checkpoints`: the latest
 resumable checkpoint while the run is going (emptied when it ends).
@@ -43,6 +43,7 @@ from pipeline.artifacts import ensure_writable, git_commit, library_versions, sh
 from pipeline.config import TrainConfig, TrainStageConfig
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.faults import kill_point
+from pipeline.finetune import add_lora
 from pipeline.losses import cross_entropy, npair_loss, severity_margins, total_loss
 from pipeline.modeling import DialogModel
 from pipeline.scoring import (
@@ -79,15 +80,15 @@ def scored_candidates(groups: EncodedGroups, config: TrainConfig) -> int:
     return 1 + groups.negatives if config.contrastive_weight > 0 else 1
 
 
-def step_tokens(groups: EncodedGroups, chunk: list[list[int]], candidates: int, is_seq2seq: bool) -> tuple[int, int]:
+def step_tokens(groups: EncodedGroups, chunk: list[list[int]], candidates: int) -> tuple[int, int]:
     """(tokens the forward passes read, target tokens they score) for one step's micro-batches, padding
     excluded."""
     batch = [g for micro in chunk for g in micro]
     target = sum(len(ids) for g in batch for ids in groups.target_ids[g][:candidates])
-    source = sum(len(groups.source_ids[g]) for g in batch)
-    if is_seq2seq or candidates > 1:  # each source read once (`modeling.token_logprobs`)
-        return source + target, target  # a causal model's `<|bot|>` stands in for its target's last token
-    return source + len(batch) + target, target  # each row: source <|bot|> target
+    prompt = sum(len(groups.prompt_ids[g]) for g in batch)
+    # Each prompt is read once (`modeling.token_logprobs`); with C > 1 a causal model reads the prompt's
+    # last token once per candidate in place of its target's last token.
+    return prompt + target, target
 
 
 def group_loss(scorer, groups: EncodedGroups, batch: list[int], config: TrainConfig):
@@ -205,19 +206,6 @@ def make_accelerator(config: TrainConfig):
     precision = devices.resolve_precision(config.precision, "train.precision")
     # cpu=True without a GPU, so that `torchrun` on CPUs runs DDP over gloo.
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=devices.model_device() == "cpu")
-
-
-def add_lora(model, lora):
-    """Wrap `model` with LoRA adapters (peft); only they are trained."""
-    from peft import LoraConfig, get_peft_model
-
-    try:
-        adapters = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                              target_modules=lora.target_modules)
-        return get_peft_model(model, adapters)
-    except ValueError as error:
-        raise ConfigError(f"train.lora.target_modules = {lora.target_modules!r} is not allowed: "
-                          f"{str(error).splitlines()[0]}") from None
 
 
 def parameter_groups(model, weight_decay: float) -> list[dict]:
@@ -357,7 +345,7 @@ def fit(dm: DialogModel, train: EncodedGroups, validation: EncodedGroups, config
             chunk, step = step_batches[index], step + 1
             metrics = train_step(accelerator, scorer, optimizer, scheduler, train, chunk, config, step=step, epoch=epoch)
             train_seconds += time.perf_counter() - started
-            read, scored = step_tokens(train, chunk, candidates, dm.is_seq2seq)
+            read, scored = step_tokens(train, chunk, candidates)
             read_tokens, scored_tokens = read_tokens + read * world, scored_tokens + scored * world
 
             log_metrics(history, live, step, {"epoch": epoch + (index + 1) / steps_per_epoch, **prefixed("train", metrics)})
@@ -439,8 +427,8 @@ def run(config: TrainConfig, stage_config: TrainStageConfig, stage: int, init: P
     check_lengths(dm, config)
     accelerator = make_accelerator(config)
     main = accelerator.is_main_process
-    train_groups = encode_groups(dm.tokenizer, train_table, config)
-    validation_groups = encode_groups(dm.tokenizer, validation_table, config)
+    train_groups = encode_groups(dm, train_table, config)
+    validation_groups = encode_groups(dm, validation_table, config)
     log.info("stage %d: %d training and %d validation groups of 1 + %d from %s; model %s: %s, %s, %d parameters, "
              "on %s, %d process(es), precision %s", stage, len(train_groups), len(validation_groups),
              train_groups.negatives, groups, init, type(dm.model).__name__, "seq2seq" if dm.is_seq2seq else "causal",
