@@ -271,6 +271,7 @@ class Sampled:
     responses: list[str]
     fluency: np.ndarray  # (S*k,) mean log-probability of the reply tokens
     tokens: int  # generated tokens in all
+    capped: int = 0  # candidates that ran to max_new_tokens without ending (no eos)
 
 
 def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: GenerateConfig, seed: int,
@@ -292,4 +293,6 @@ def sample_candidates(dm: DialogModel, sources: Sequence[Source], config: Genera
         texts, rots, responses = [r.text for r in readings], [r.rot for r in readings], [r.reply for r in readings]
         masks = [r.reply_mask for r in readings]
     fluency = np.array([reply_fluency(logps, mask) for logps, mask in zip(token_logps, masks)], dtype=np.float64)
-    return Sampled(texts, rots, responses, fluency, sum(len(t) for t in target_ids))
+    eos = tokenizer.eos_token_id
+    capped = sum(len(t) == config.max_new_tokens and t[-1] != eos for t in target_ids)
+    return Sampled(texts, rots, responses, fluency, sum(len(t) for t in target_ids), capped)

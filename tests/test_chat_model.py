@@ -81,6 +81,7 @@ def test_sampling_a_chat_model_stops_at_the_end_of_turn_and_reads_rot_and_reply(
     eos = chat_dm.tokenizer.eos_token_id
     assert all(eos not in t[:-1] for t in targets) and len(targets) == 6
     sampled = sample_candidates(chat_dm, sources, config, seed=0)
+    assert sampled.capped == sum(len(t) == config.max_new_tokens and t[-1] != eos for t in targets)
     for target, text, rot, reply, fluency, lps in zip(targets, sampled.texts, sampled.rots, sampled.responses,
                                                        sampled.fluency, logps):
         reading = chat_dm.format.read(chat_dm.tokenizer, target)

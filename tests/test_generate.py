@@ -412,6 +412,9 @@ def test_fluency_is_the_mean_log_probability_of_the_reply_tokens(dm, shape):
     assert sampled.fluency[0] == pytest.approx(logps[mask].mean().item(), abs=1e-5)
     assert sampled.fluency[0] == pytest.approx(np.mean(np.log(reply_probabilities)), abs=0.02)
     assert abs(sampled.fluency[0] - logps.mean().item()) > 0.1  # the whole target's mean is another number
+    assert sampled.capped == 0  # it ended with eos before max_new_tokens
+    short = sample_candidates(model, [source], GenerateConfig(k=1, do_sample=False, max_new_tokens=4), seed=0)
+    assert short.capped == 1 and short.tokens == 4
 
 
 def test_fluency_equals_a_plain_forward_pass_for_sampled_batches(dm):

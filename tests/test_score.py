@@ -220,3 +220,27 @@ def test_a_missing_safety_corpus_is_a_one_line_error(tmp_path, tiny_dialog_model
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert "toxichat/test.parquet: file not found" in result.output and "normalize" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_per_word_perplexity_by_hand():
+    """exp(summed reply NLL / words) per scope; the RoT and a cut positive are left out."""
+    import math
+    from types import SimpleNamespace
+
+    table = pa.table({"corpus": ["daily_dialog", "daily_dialog", "diasafety", "diasafety"],
+                      "positive": ["a b c", "d e", "f", "g h i j"]})
+    # Targets: a one-token RoT head on the first, then reply tokens and eos; the last positive was cut.
+    encoded = SimpleNamespace(target_ids=[[[9, 1, 2, 3]], [[1, 2, 3]], [[1, 2]], [[1, 2, 3, 4]]],
+                              reply_starts=[[1], [0], [0], [0]],
+                              cut=torch.tensor([[False], [False], [False], [True]]))
+    mean_logps = torch.tensor([-1.0, -2.0, -0.5, -9.0], dtype=torch.float64)  # per reply token, RoT excluded
+    figures = score.per_word_perplexity(table, encoded, {"positive_score": mean_logps}, length_normalized=True)
+    daily = (1.0 * 3 + 2.0 * 3) / (3 + 2)  # NLL of 3 reply tokens each, over 5 words
+    assert figures["daily_dialog"] == {"value": pytest.approx(math.exp(daily)), "n": 5}
+    assert figures["diasafety"] == {"value": pytest.approx(math.exp(0.5 * 2 / 1)), "n": 1}  # the cut one left out
+    assert figures["overall"] == {"value": pytest.approx(math.exp((9.0 + 1.0) / 6)), "n": 6}
+    assert figures["casual"]["n"] == 5 and figures["adversarial"]["n"] == 1
+    summed = score.per_word_perplexity(table, encoded, {"positive_score": -torch.tensor([3.0, 6.0, 1.0, 0.0],
+                                                                                         dtype=torch.float64)},
+                                       length_normalized=False)
+    assert summed["overall"]["value"] == pytest.approx(figures["overall"]["value"])

@@ -88,6 +88,7 @@ log = logging.getLogger(__name__)
 VIEWS = {"first": "first sample", "reranked": "re-ranked"}  # the first sample, and the re-ranker's choice
 CONTEXT_LABELS = ("casual", "needs_caution", "needs_intervention", "unlabelled")
 MODEL_SCORES = {"reference_ppl": False, "group_ranking_accuracy": True}  # name -> higher is better
+PER_SCOPE_SCORES = ("reference_ppl_per_word",)  # model scores given per scope: {scope: {value, n}}
 OVERALL = "overall"
 # Pooled scopes besides overall: the adversarial and the casual corpora, each where it pools two or more.
 POOLS = {"adversarial": ADVERSARIAL_CORPORA, "casual": CASUAL_CORPORA}
@@ -244,9 +245,9 @@ def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not valid JSON ({error})") from None
-        if not isinstance(data, dict) or set(data) - set(MODEL_SCORES) - set(likelihood.SCORES):
-            raise DataError(f"{path}: expected an object with the keys {', '.join(MODEL_SCORES)}")
-        scores[model] = {name: value for name, value in data.items() if name in MODEL_SCORES}
+        if not isinstance(data, dict) or set(data) - set(MODEL_SCORES) - set(PER_SCOPE_SCORES) - set(likelihood.SCORES):
+            raise DataError(f"{path}: expected an object with the keys {', '.join((*MODEL_SCORES, *PER_SCOPE_SCORES))}")
+        scores[model] = {name: value for name, value in data.items() if name in MODEL_SCORES or name in PER_SCOPE_SCORES}
     return scores
 
 
@@ -691,8 +692,14 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
             scores.setdefault(model, {})[scope] = entries
             generic.setdefault(model, {})[scope] = generic_replies(found)
     for model, given in model_scores.items():
-        if model in scores:
-            scores[model][OVERALL].update(model_score_records(given, f"model_scores[{model}]"))
+        if model not in scores:
+            continue
+        scores[model][OVERALL].update(model_score_records({n: v for n, v in given.items() if n in MODEL_SCORES},
+                                                          f"model_scores[{model}]"))
+        for name in PER_SCOPE_SCORES:
+            for scope, value in (given.get(name) or {}).items():
+                if scope in scores[model]:
+                    scores[model][scope].update(model_score_records({name: value}, f"model_scores[{model}].{name}"))
 
     baseline = config.baseline
     compared: dict[str, dict[str, dict]] = {}

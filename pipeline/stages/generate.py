@@ -145,7 +145,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
     k = config.k
     out: dict[str, list] = {name: [] for name in CANDIDATES.names}
     fluency: list[float] = []
-    tokens, started = 0, time.perf_counter()
+    tokens, capped, started = 0, 0, time.perf_counter()
     batches = range(0, len(chosen), config.batch_size)
     for batch_index, start in enumerate(tqdm(batches, desc=f"{model_name}/{corpus}", unit="batch",
                                              disable=not progress, leave=False)):
@@ -153,7 +153,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
         sources = [Source(r["context"], r["persona"] or (), r["emotion"]) for r in batch]
         sampled = sample_candidates(dm, sources, config, batch_seed(config.seed, corpus, batch_index),
                                     prompt=prompt, precision=precision, experts=experts)
-        tokens += sampled.tokens
+        tokens, capped = tokens + sampled.tokens, capped + sampled.capped
         for i, row in enumerate(batch):
             for j in range(k):
                 out["model"].append(model_name)
@@ -192,6 +192,7 @@ def candidates_table(dm: DialogModel, scorer: SafetyScorer, rows: list[dict], mo
         "agreement_filled": (sum(not has_rot(r) for r in out["rot"]) if agreement_scorer is not None else None),
         "empty_responses": sum(not r.strip() for r in out["response"]),
         "no_reply_tokens": int(np.isneginf(fluency).sum()),
+        "ran_to_max_new_tokens": capped,
         "selected_not_first": int(sum(s and j != 0 for s, j in zip(out["selected"], out["candidate_index"]))),
         "generated_tokens": tokens,
         "generation_seconds": round(seconds, 3),

@@ -15,6 +15,9 @@ n-pair loss compares). Writes
 - `group_ranking_accuracy`: the share of test groups whose prosocial positive outscores every
   socially unacceptable negative, with a bootstrap 95% interval over dialogues;
 - `reference_ppl`: token-level perplexity of the reference targets (RoT and reply) given their context;
+- `reference_ppl_per_word`: per scope (overall, adversarial, casual, each corpus), the reference replies'
+  perplexity per word (the reply tokens' likelihood over their words: models with different tokenizers
+  compare), uncut replies only;
 - `likelihood_auc`, per corpus and over both (`overall`): the AUC with which the score separates safe
   from unsafe replies (P(score(safe) > score(unsafe)), ties half; higher is better), with a
   cluster-bootstrap 95% interval over dialogues;
@@ -45,7 +48,7 @@ import pyarrow as pa
 
 from pipeline import devices
 from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
-from pipeline.config import DIALOG_SAFETY_CORPORA, EvaluateConfig, TrainConfig
+from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, CORPORA, DIALOG_SAFETY_CORPORA, EvaluateConfig, TrainConfig
 from pipeline.errors import DataError
 from pipeline.labels import REPLY_LABELS
 from pipeline.likelihood import context_id, likelihood_safety
@@ -113,6 +116,28 @@ def score_replies(scorer, replies: pa.Table, config: TrainConfig) -> dict[str, n
             "cut": encoded.cut[:, 0].numpy()}
 
 
+def per_word_perplexity(table: pa.Table, encoded, per_group: dict, length_normalized: bool) -> dict[str, dict]:
+    """The test groups' reference replies' perplexity per word, which compares models whose tokenizers
+    differ: exp(the reply tokens' summed negative log-likelihood (eos included; the RoT and markers not)
+    / the replies' whitespace-separated words), overall, over the adversarial and the casual corpora,
+    and per corpus, each `{"value", "n"}` with n the words. Positives cut at `train.max_target_tokens`
+    are left out: their likelihood is of part of the reply."""
+    per_token = per_group["positive_score"].numpy()
+    tokens = np.array([len(ids[0]) - starts[0] for ids, starts in zip(encoded.target_ids, encoded.reply_starts)])
+    nll = -per_token * (tokens if length_normalized else 1)
+    words = np.array([len(text.split()) for text in table["positive"].to_pylist()])
+    keep = ~encoded.cut[:, 0].numpy()
+    corpora = np.array(table["corpus"].to_pylist())
+    scopes = {"overall": CORPORA, "adversarial": ADVERSARIAL_CORPORA, "casual": CASUAL_CORPORA,
+              **{corpus: (corpus,) for corpus in sorted(set(corpora.tolist()))}}
+    figures = {}
+    for scope, members in scopes.items():
+        mask = np.isin(corpora, list(members)) & keep
+        if words[mask].sum():
+            figures[scope] = {"value": float(np.exp(nll[mask].sum() / words[mask].sum())), "n": int(words[mask].sum())}
+    return figures
+
+
 def _shown(record: dict) -> str:
     if record["value"] is None:
         return f"none ({record['reason']})"
@@ -158,6 +183,7 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
         "group_ranking_accuracy": {"value": metrics["ranking_accuracy"], "ci": [low, high], "n": metrics["groups"],
                                    "n_clusters": len(set(clusters))},
         "reference_ppl": {"value": metrics["perplexity"], "n": tokens},
+        "reference_ppl_per_word": per_word_perplexity(table, encoded, per_group, train_config.length_normalized),
     }
     replies = pa.Table.from_pydict({**{c: replies[c] for c in LIKELIHOOD.names if c in replies.column_names},
                                     **scored}).select(LIKELIHOOD.names).cast(LIKELIHOOD)
