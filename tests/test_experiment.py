@@ -333,6 +333,7 @@ def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
         "evaluate.bootstrap_samples": 100, "evaluate.human_eval_pairs": 2, "judge.bootstrap_samples": 100,
         "ratings.bootstrap_samples": 100, "judge.tfidf.char_ngram": [], "rot_agreement.tfidf.pair_buckets": 0,
         "dexperts.max_examples": 200, "dexperts.max_validation_examples": 50,
+        "pretrained.models": {},  # no registry download in the test; the stage has tests of its own
     }
     if mirror is None:
         changes |= {"corpora.source": "sample", "corpora.overrides": {}}

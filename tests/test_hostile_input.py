@@ -86,6 +86,7 @@ def stage_command(command: str, tmp: Path, out: Path) -> list:
         "ratings": ["ratings", "--sheets", tmp / "ratings", "--key", tmp / "human_eval_key.csv", "--out",
                     out / "ratings"],
         "audit_file": ["audit_file", "--name", "politebot", "--normalized", tmp / "normalized", "--audit", out / "audit"],
+        "pretrained": ["pretrained", "--name", "tiny", "--pretrained", out / "pretrained"],
     }[command]
 
 
@@ -140,6 +141,10 @@ PARAMS_CASES = [
     ("ratings", "ratings.samples", 100, ["unknown key 'ratings.samples' = 100", "allowed keys: bootstrap_samples"]),
     ("audit_file", "audit.files", {"politebot": {"path": "replies.csv"}},
      ["audit.files.<name>.path = 'replies.csv'", "a file ending in .json, .jsonl, .parquet"]),
+    ("pretrained", "pretrained.models", {"tiny": {"source": "hub", "id": "x/tiny", "revision": "main"}},
+     ["pretrained.models.tiny.revision = 'main'", "a commit (40 hex digits)"]),
+    ("pretrained", "pretrained.models", {"tiny": {"source": "folder", "path": "/m", "package": "x"}},
+     ["pretrained.models.tiny.package = 'x'", "not a key of source folder"]),
 ]
 
 
@@ -155,7 +160,7 @@ def test_a_bad_parameter_is_refused_before_any_work(tmp_path, command, key, valu
 def test_every_stage_command_is_covered():
     """Each command of a DVC stage has a parameter case and an unwritable-output case."""
     stages = {"download", "normalize", "base_model", "safety", "rot_agreement", "judge", "mine", "train", "generate",
-              "score", "evaluate", "ratings", "audit_file", "audit_report", "experts"}
+              "score", "evaluate", "ratings", "audit_file", "audit_report", "experts", "pretrained"}
     assert {case[0] for case in PARAMS_CASES} == stages
     assert {case[0] for case in UNWRITABLE} == stages | {"audit"}
     commands = {cmd.split()[3] for cmd in dvc_commands()}
@@ -410,7 +415,7 @@ UNWRITABLE = [(command, option) for command, options in {
     "safety": ["--out", "--reports"],
     "rot_agreement": ["--out", "--reports"], "judge": ["--out", "--reports"], "mine": ["--out"], "train": ["--out", "--checkpoints", "--live"],
     "generate": ["--out"], "score": ["--out"], "evaluate": ["--reports"], "audit": ["--candidates"],
-    "ratings": ["--out"], "audit_file": ["--audit"], "audit_report": ["--out"],
+    "ratings": ["--out"], "audit_file": ["--audit"], "audit_report": ["--out"], "pretrained": ["--pretrained"],
 }.items() for option in options]
 
 
@@ -426,6 +431,8 @@ def test_an_output_folder_that_cannot_be_written_is_refused_first(tmp_path, comm
                 "--candidates", tmp_path / "out"]
     else:
         params = REPO / "params.yaml"
+        if command == "pretrained":  # the sample run has no entry
+            params = params_with(tmp_path, "pretrained.models", {"tiny": {"source": "folder", "path": str(tmp_path / "m")}})
         args = stage_command(command, tmp_path, tmp_path / "out")
     args[args.index(option) + 1] = blocker / "sub" / "folder"
     result = invoke(*args, "--params", params)

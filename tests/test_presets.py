@@ -85,17 +85,11 @@ def test_every_declared_param_exists(name):
     assert "${" not in str(declared_params(dvc_yaml, params))
 
 
-def test_the_real_preset_resolves_the_dag_as_the_sample_run():
-    """The DAG's templating reads only the audit section (foreach over audit.models and audit.files), so
-    params.real.yaml resolves exactly as params.yaml does (tested below with DVC) when they share it."""
-    real, sample = (yaml.safe_load((REPO / name).read_text()) for name in ("params.real.yaml", "params.yaml"))
-    assert real["audit"] == sample["audit"]
-
-
-@pytest.mark.parametrize("name", ["params.yaml", "params.paper.yaml"])  # params.real.yaml: the test above
+@pytest.mark.parametrize("name", PRESETS)
 def test_dvc_resolves_every_stage(tmp_path, name):
     """`dvc stage list` in a scratch repo with this preset as params.yaml: templating (foreach over the
-    corpora, the models and the audit entries) resolves, and the audit stages appear."""
+    corpora, the models, the audit entries and the pretrained entries) resolves, and the audit and
+    pretrained stages appear, one per entry (none for an empty mapping: the sample run's `models: {}`)."""
     dvc = Path(sys.executable).with_name("dvc")
     if not dvc.exists():
         pytest.skip("dvc is not installed beside this Python")
@@ -114,3 +108,5 @@ def test_dvc_resolves_every_stage(tmp_path, name):
     expected |= {f"{stage}@{model}" for stage in ("generate", "score") for model in ("base", "ce", "stage1", "stage2")}
     expected |= {f"audit@{model}" for model in params["audit"]["models"]}
     assert expected <= stages, expected - stages
+    pretrained = {stage for stage in stages if stage.startswith("pretrained")}
+    assert pretrained == {f"pretrained@{entry}" for entry in params["pretrained"]["models"]}

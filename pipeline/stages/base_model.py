@@ -148,8 +148,8 @@ def pretrain(model, tokenizer, config: BaseModelPretrainConfig, normalized: Path
 
 def load_hf(config: BaseModelConfig):
     """Load the checkpoint `config.name` (hub id or local folder) as float32; returns (model, tokenizer,
-    source). See `pipeline.pretrained.load_pretrained` (shared with generate's audited models)."""
-    from pipeline.pretrained import load_pretrained
+    source). See `pipeline.checkpoints.load_pretrained` (shared with generate's audited models)."""
+    from pipeline.checkpoints import load_pretrained
 
     return load_pretrained(config.name, config.revision, config.trust_remote_code, "base_model.name",
                            "base_model.trust_remote_code")

@@ -85,7 +85,7 @@ def load_model(name: str, path: str, audit: AuditModel | None, device: str) -> t
         dm = load_dialog_model(path, device)
         dm.model.eval()
         return dm, DIALOG
-    from pipeline.pretrained import open_checkpoint
+    from pipeline.checkpoints import open_checkpoint
 
     key = f"audit.models.{name}"
     checkpoint = open_checkpoint(path, audit.revision, audit.trust_remote_code, f"{key}.path",
