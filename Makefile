@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # dvc runs each stage's `python -m pipeline ...` with this PATH, so stages use the project's venv.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install repro paper real audit test test-slow bench dag clean
+.PHONY: install repro paper real sweep audit test test-slow bench dag clean
 
 install: $(STAMP)  ## create .venv with the pinned dependencies (offline-safe once cached)
 
@@ -39,8 +39,12 @@ paper: $(STAMP)  ## switch to the paper-scale configuration (hub corpora, pretra
 	$(BIN)/dvc repro
 
 PLAN ?= headline
-real: $(STAMP)  ## the experiment on real corpora (params.real.yaml, ../shared/mirror) as DVC experiments: PLAN=headline (base, ce, the method; about an hour on 2 cores) or PLAN=full (+ seeds 1, 2 and the ablations; about 3 h); table in reports/experiment
-	$(BIN)/python -m pipeline experiment run --preset params.real.yaml --plan $(PLAN) --out reports/experiment
+PRESET ?= params.real.yaml
+real: $(STAMP)  ## the experiment on real corpora (../shared/mirror) as DVC experiments: PRESET=params.real.yaml (SmolLM2) or params.real-scratch.yaml (the scratch model); PLAN=headline (base, ce, DExperts, the method) or PLAN=full (+ seeds 1, 2 and the ablations); table in reports/experiment
+	$(BIN)/python -m pipeline experiment run --preset $(PRESET) --plan $(PLAN) --out reports/experiment
+
+sweep: $(STAMP)  ## the stage-1 sweep on SmolLM2 (params.real.yaml, one setting at a time) as DVC experiments; table in reports/sweep
+	$(BIN)/python -m pipeline experiment sweep --preset params.real.yaml --out reports/sweep
 
 # The audit on real data (README, "Headline results"): the judge trained on the mirror's DiaSafety and
 # ToxiChat, on DiaSafety's eight chatbots' replies to its validation contexts and ToxiChat's two chatbots.

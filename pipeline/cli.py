@@ -541,3 +541,39 @@ def experiment_report(
 
     found = experiment.report(out, prefix, experiment.read_exps(exps) if exps is not None else None)
     typer.echo(f"experiment: {len(found['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")
+
+
+SWEEP_OUT = typer.Option(Path("reports/sweep"), help="Folder of logs/, results.json and results.md.")
+SWEEP_PREFIX = typer.Option("sweep", help="Experiment names are <prefix>-<variant>.")
+
+
+@experiment_app.command("sweep")
+@reports_errors
+def experiment_sweep(
+    preset: Path = typer.Option(Path("params.real.yaml"), help="The preset: a complete params file."),
+    variant: list[str] = typer.Option(None, help="Only these runs (repeat the option); default all of "
+                                                 "pipeline.sweep.VARIANTS."),
+    out: Path = SWEEP_OUT,
+    params: Path = typer.Option(Path("params.yaml"), "--params", help="The params file the runs start from "
+                                                                      "(left unchanged)."),
+    prefix: str = SWEEP_PREFIX,
+):
+    """The stage-1 sweep: queue each variant this commit lacks as a DVC experiment of score@base and
+    score@stage1 (the preset with one setting changed), run them one at a time, then write the table."""
+    from pipeline import sweep
+
+    sweep.run(preset, out, params, prefix, variant or None)
+
+
+@experiment_app.command("sweep-report")
+@reports_errors
+def experiment_sweep_report(
+    out: Path = SWEEP_OUT,
+    exps: Path = typer.Option(None, help="A file of `dvc exp show --json` output (default: run it)."),
+    prefix: str = SWEEP_PREFIX,
+):
+    """Write the sweep's table (results.json, results.md) from its DVC experiments; runs nothing."""
+    from pipeline import experiment, sweep
+
+    found = sweep.report(out, prefix, experiment.read_exps(exps) if exps is not None else None)
+    typer.echo(f"sweep: {len(found['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")

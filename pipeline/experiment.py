@@ -157,14 +157,19 @@ def get_dotted(params: dict, key: str) -> Any:
     return node
 
 
+def with_changes(preset: dict, changes: dict[str, Any]) -> dict:
+    """A copy of the params `preset` with each dotted key of `changes` set."""
+    params = copy.deepcopy(preset)
+    for key, value in changes.items():
+        set_dotted(params, key, value)
+    return params
+
+
 def run_params(preset: dict, variant: str, seed: int, mirror: str) -> dict:
     """The params.yaml of one run: the preset, the variant's changes, the seed, and `corpora.mirror`
     as an absolute path (a queued experiment runs in a temporary copy under .dvc/tmp, where a path
     relative to the checkout such as ../shared/mirror points elsewhere)."""
-    params = copy.deepcopy(preset)
-    for key, value in {**VARIANTS[variant], SEED_KEY: seed, "corpora.mirror": mirror}.items():
-        set_dotted(params, key, value)
-    return params
+    return with_changes(preset, {**VARIANTS[variant], SEED_KEY: seed, "corpora.mirror": mirror})
 
 
 def run_name(prefix: str, variant: str, seed: int) -> str:
@@ -714,14 +719,11 @@ def report(out: Path, prefix: str, shown: list[dict] | None = None) -> dict:
 # --- run ---------------------------------------------------------------------------------------------
 
 
-def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
-    """Queue the runs of `plan` that this commit lacks as DVC experiments (`<prefix>-<variant>-s<seed>`,
-    `preset`'s values over `params`), run the queue in the foreground, write the table to `out`;
-    returns the table's results."""
+def prepare_environment(preset: Path, params: Path, prefix: str) -> tuple[dict, dict, str]:
+    """Check the preset and the run name prefix, put this venv's bin first on PATH, and return the
+    preset's params, the params it is applied over, and the mirror as an absolute path."""
     from pipeline.config import load_all, load_params
 
-    if plan not in PLANS:
-        raise ConfigError(f"--plan = {plan!r} is not allowed: one of {', '.join(PLANS)}")
     if not re.fullmatch(r"[A-Za-z0-9]+", prefix):
         raise ConfigError(f"--prefix = {prefix!r} is not allowed: letters and digits")
     load_all(preset)  # every section present and valid
@@ -738,11 +740,21 @@ def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
     if left_out:
         log.warning("experiment: %d untracked files are not part of queued experiments (commit or ignore them): %s",
                     len(left_out), ", ".join(left_out[:5]))
+    return wanted, base, str(mirror)
+
+
+def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
+    """Queue the runs of `plan` that this commit lacks as DVC experiments (`<prefix>-<variant>-s<seed>`,
+    `preset`'s values over `params`), run the queue in the foreground, write the table to `out`;
+    returns the table's results."""
+    if plan not in PLANS:
+        raise ConfigError(f"--plan = {plan!r} is not allowed: one of {', '.join(PLANS)}")
+    wanted, base, mirror = prepare_environment(preset, params, prefix)
     done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
     queued = 0
     for variant, seed in PLANS[plan]:
         name = run_name(prefix, variant, seed)
-        settings = run_params(wanted, variant, seed, str(mirror))
+        settings = run_params(wanted, variant, seed, mirror)
         if name in done:
             if done[name]["params"] != settings:
                 raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")

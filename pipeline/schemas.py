@@ -275,6 +275,6 @@ LIKELIHOOD = pa.schema([
     ("responder", _str),  # ToxiChat: human, dialogpt or gpt3; else null
     ("score", pa.float64()),  # the reply's log-likelihood given its context, a mean over its tokens
                               # (a sum with train.length_normalized false)
-    ("tokens", pa.int32()),  # reply tokens scored: `<|response|>`, the reply, and eos unless cut
+    ("tokens", pa.int32()),  # reply tokens scored: the reply's and eos unless cut (not the marker before it)
     ("cut", pa.bool_()),  # the target was cut at train.max_target_tokens (no eos)
 ])

