@@ -203,8 +203,9 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
                    ) -> tuple[list[list[int]], list[list[float]] | None]:
     """Sample `config.k` targets for each of S complete prompts in one `generate` call.
 
-    A causal model continues its left-padded prompt (so every row's next token is at the end); a
-    sequence-to-sequence model decodes from the encoded prompt. Returns S*k token-id lists grouped by
+    A causal model continues its left-padded prompt (so every row's next token is at the end), each
+    prompt read once (`shared_prompt_cache`); a sequence-to-sequence model decodes from the encoded
+    prompt. Returns S*k token-id lists grouped by
     prompt, each cut after its first eos (a target that hit `max_new_tokens` has none), and with
     `logprobs` each token's log-probability under the model (its raw logits, before temperature or
     top-p), as many as the target has tokens. With `experts`, each step samples from the DExperts
@@ -226,11 +227,15 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
 
         processors = LogitsProcessorList([Guidance(experts, config, input_ids, attention)])
         config = unfiltered(config)
-    settings = GenerationConfig(**decoding_settings(dm, config), return_dict_in_generate=True, output_logits=logprobs)
+    decoding = decoding_settings(dm, config)
+    inputs = {"input_ids": input_ids, "attention_mask": attention}
+    if not dm.is_seq2seq and config.k > 1 and input_ids.shape[1] > 1:
+        inputs = shared_prompt_cache(dm, input_ids, attention, config.k)
+        decoding["num_return_sequences"] = 1  # the k copies are in the inputs already
+    settings = GenerationConfig(**decoding, return_dict_in_generate=True, output_logits=logprobs)
     torch.manual_seed(seed)
     with torch.no_grad(), neutral_generation_defaults(dm.model):
-        out = dm.model.generate(input_ids=input_ids, attention_mask=attention, generation_config=settings,
-                                logits_processor=processors or None)
+        out = dm.model.generate(**inputs, generation_config=settings, logits_processor=processors or None)
     # Causal output repeats the prompt; seq2seq output starts with the decoder start token.
     new_tokens = out.sequences[:, 1:] if dm.is_seq2seq else out.sequences[:, input_ids.shape[1]:]  # (S*k, T)
     targets = []
@@ -245,6 +250,25 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
              for t, step in enumerate(out.logits)]  # T x (S*k,)
     token_logps = torch.stack(steps, dim=1).cpu().tolist()  # (S*k, T)
     return targets, [row[: len(target)] for row, target in zip(token_logps, targets)]
+
+
+def shared_prompt_cache(dm: DialogModel, input_ids, attention, k: int) -> dict:
+    """`generate`'s inputs for k samples of each of S left-padded prompts (S, L), each prompt read once:
+    one forward pass over all but the prompts' last tokens (positions counted over the real tokens), its
+    key/value cache repeated k times, and the prompts repeated k times (rows s*k .. s*k+k-1, the order
+    `num_return_sequences` gives); `generate` then reads only the uncached last token. The same tokens as
+    `num_return_sequences = k` for a seed, with the prompts read S rather than S*k times (tested)."""
+    import torch
+
+    from pipeline.modeling import cache_keyword
+
+    with torch.no_grad():
+        out = dm.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
+                       position_ids=(attention[:, :-1].cumsum(-1) - 1).clamp(min=0), use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", None) or out.get("past_key_values", None)
+    cache.batch_repeat_interleave(k)
+    return {"input_ids": input_ids.repeat_interleave(k, dim=0), "attention_mask": attention.repeat_interleave(k, dim=0),
+            cache_keyword(dm.model): cache}
 
 
 # --- reading the output ---------------------------------------------------------------------------

@@ -122,3 +122,33 @@ def test_experts_and_dexperts_on_a_chat_model(tmp_path, chat_dm, tiny_chat_model
     assert guided.texts == plain.texts  # alpha 0 is the guided model exactly
     steered = sample_candidates(chat_dm, sources, generate, seed=1, experts=Experts(expert, antiexpert, alpha=5.0))
     assert len(steered.texts) == 2
+
+
+@pytest.mark.parametrize("kind", ["chat_template", "markers"])
+def test_sampling_reads_each_prompt_once_and_draws_what_k_return_sequences_draw(chat_dm, tiny_dialog_model_dir, kind):
+    """generate_batch's shared prompt cache (each prompt read once, its cache repeated k times) gives the
+    tokens and log-probabilities of transformers' own num_return_sequences = k, left padding included."""
+    from transformers import GenerationConfig
+
+    from pipeline.modeling import _pad
+    from pipeline.sampling import decoding_settings, neutral_generation_defaults, pad_id
+
+    dm = chat_dm if kind == "chat_template" else load_dialog_model(tiny_dialog_model_dir)
+    dm.model.eval()
+    config = GenerateConfig(k=3, max_new_tokens=8)
+    sources = [Source(["hi"]), Source(["what did you do today?", "i went hiking."], ["i love hiking."])]
+    prompts = encode_prompts(dm, sources, config)
+    assert len({len(p) for p in prompts}) == 2
+    targets, logps = generate_batch(dm, prompts, config, seed=5)
+    ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=True)
+    torch.manual_seed(5)
+    with torch.no_grad(), neutral_generation_defaults(dm.model):
+        plain = dm.model.generate(input_ids=ids, attention_mask=attention, return_dict_in_generate=True,
+                                  output_logits=True, generation_config=GenerationConfig(**decoding_settings(dm, config)))
+    eos = dm.tokenizer.eos_token_id
+    for row, target in enumerate(targets):
+        expected = plain.sequences[row, ids.shape[1]:].tolist()
+        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+        assert target == expected
+        lps = [torch.log_softmax(step[row].float(), -1)[token].item() for step, token in zip(plain.logits, target)]
+        assert logps[row] == pytest.approx(lps, abs=1e-4)
