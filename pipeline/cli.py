@@ -119,14 +119,18 @@ def mine(
     stage1_model: Path = typer.Option(None, help="Stage-1 model for the `generated` source (stage 2, mine.generated)."),
     params: Path = PARAMS,
 ):
-    """Mine n-pair groups (a prosocial positive, n - 1 socially unacceptable negatives) for a training stage."""
-    from pipeline.config import MineConfig
+    """Mine n-pair groups (a prosocial positive, n - 1 socially unacceptable negatives) for a training stage,
+    from the method's half of the judge corpora's train replies (judge.share)."""
+    from pipeline.config import JudgeConfig, MineConfig
+    from pipeline.contexts import Halves
 
     config = load_section(params, "mine", MineConfig)
+    judge = load_section(params, "judge", JudgeConfig)
     from pipeline.stages import mine as stage_module
 
     generate = stage_module.load_stage1_generator(stage1_model, config) if stage == 2 and config.generated else None
-    stage_module.run(config, stage, normalized, safety, out, stage1_groups=stage1_groups, generate=generate)
+    stage_module.run(config, stage, normalized, safety, out, stage1_groups=stage1_groups, generate=generate,
+                     halves=Halves(judge.corpora, judge.share))
 
 
 @app.command()
@@ -205,13 +209,16 @@ def experts(
     out: Path = typer.Option(..., help="Folder to write expert/, antiexpert/ and experts.json into."),
     params: Path = PARAMS,
 ):
-    """Train DExperts' expert (safe replies) and anti-expert (unsafe replies) from the base model, cross-entropy only."""
-    from pipeline.config import DExpertsConfig
+    """Train DExperts' expert (safe replies) and anti-expert (unsafe replies) from the base model, cross-entropy
+    only, on the method's half of the judge corpora's train replies (judge.share)."""
+    from pipeline.config import DExpertsConfig, JudgeConfig
+    from pipeline.contexts import Halves
 
     config = load_section(params, "dexperts", DExpertsConfig)
+    judge = load_section(params, "judge", JudgeConfig)
     from pipeline.stages import experts as stage_module
 
-    stage_module.run(config, init, normalized, out)
+    stage_module.run(config, init, normalized, out, Halves(judge.corpora, judge.share))
 
 
 @app.command()
@@ -386,13 +393,15 @@ def judge(
     """Train the safety judge (judge.model: tfidf, scratch or hf) on human reply labels of corpora the safety
     classifier never sees, for evaluation only; report accuracy, unsafe-class F1 and macro-F1 with intervals,
     per-category F1 and calibration per corpus."""
-    from pipeline.config import JudgeConfig, SafetyConfig
+    from pipeline.config import DExpertsConfig, JudgeConfig, MineConfig, SafetyConfig
 
     config = load_section(params, "judge", JudgeConfig)
     safety_config = load_section(params, "safety", SafetyConfig)
+    method_corpora = {"mine.stage1_corpora": load_section(params, "mine", MineConfig).stage1_corpora,
+                      "dexperts.corpora": load_section(params, "dexperts", DExpertsConfig).corpora}
     from pipeline.stages import judge as stage_module
 
-    stage_module.run(config, safety_config, normalized, out, reports, source=str(params))
+    stage_module.run(config, safety_config, normalized, out, reports, source=str(params), method_corpora=method_corpora)
 
 
 @app.command()

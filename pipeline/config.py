@@ -1091,6 +1091,13 @@ class JudgeConfig:
     corpora: list[str] = dataclasses.field(default_factory=lambda: list(DIALOG_SAFETY_CORPORA))
     """Corpora with human reply labels (`reply_label`) whose train split the judge learns from and whose
     validation and test splits measure it; none may be a corpus the safety classifier trains on."""
+    share: float = 0.5
+    """Share of the train contexts of `corpora` whose labelled replies are the judge's; the method
+    (stage-1 mining, the experts) reads only the others (`pipeline/contexts.py`). 1: every train context
+    is the judge's, and then no method stage may read those corpora."""
+    compare_all: bool = False
+    """Also train a judge on every train reply of `corpora` and report its figures beside the judge's
+    (metrics.json `trained_on_all`): what keeping the method's half apart costs the judge."""
     context_turns: int = 1
     """Previous turns read beside the reply (DiaSafety has one, ToxiChat threads up to three; 0: none)."""
     seed: int = 0
@@ -1110,6 +1117,7 @@ class JudgeConfig:
         require(len(self.corpora) > 0 and len(set(self.corpora)) == len(self.corpora)
                 and set(self.corpora) <= set(CORPORA), "judge.corpora", self.corpora,
                 f"a non-empty list of distinct corpus names from {', '.join(CORPORA)}")
+        require(0 < self.share <= 1, "judge.share", self.share, "must be greater than 0 and at most 1")
         require(0 <= self.context_turns <= 8, "judge.context_turns", self.context_turns, "must be 0 to 8")
         require(self.bootstrap_samples >= 100, "judge.bootstrap_samples", self.bootstrap_samples,
                 "must be at least 100")

@@ -248,7 +248,8 @@ def write_params(path: Path, **dexperts) -> Path:
     path.write_text(yaml.safe_dump({
         "dexperts": {"epochs": 1, "batch_size": 2, "max_source_tokens": 16, "max_target_tokens": 12, **dexperts},
         "generate": {"seed": 0, "max_contexts": 2, "k": 2, "batch_size": 2, "max_new_tokens": 6},
-        "audit": {"models": {}}}))
+        # No judge corpus among these rows: the halves are tested in tests/test_contexts.py
+        "audit": {"models": {}}, "judge": {"corpora": ["daily_dialog"]}}))
     return path
 
 
@@ -316,3 +317,22 @@ def test_a_bad_dexperts_section_names_the_key(tmp_path, tiny_dialog_model_dir):
     params = write_params(tmp_path / "params.yaml", corpora=["daily_dialog"])
     assert_one_line_error(invoke("experts", "--init", tiny_dialog_model_dir, "--normalized", tmp_path, "--out",
                           tmp_path / "out", "--params", params), "dexperts.corpora")
+
+
+def test_the_experts_read_only_the_methods_half_of_the_judge_corpora(tmp_path):
+    from pipeline.contexts import Halves, judge_half
+
+    normalized = write_corpora(tmp_path / "normalized")
+    halves = Halves(["diasafety", "toxichat"], 0.5)
+    tables, read = expert_pairs(normalized, DExpertsConfig(), "train", 0, halves)
+    used = set(tables[EXPERT].column("positive").to_pylist()) | set(tables[ANTIEXPERT].column("positive").to_pylist())
+    for corpus in ("diasafety", "toxichat"):
+        rows = pq.read_table(normalized / corpus / "train.parquet").to_pylist()
+        judges = judge_half([r["context"] for r in rows], 0.5)
+        assert judges.any() and not judges.all()  # both halves are exercised
+        assert read[corpus]["rows"] == len(rows) and read[corpus]["method_rows"] == int((~judges).sum())
+        for row, is_judges in zip(rows, judges):
+            assert (row["response"] in used) != is_judges, row  # the method's rows in, the judge's out
+    assert "no, lying hurts people." in used  # MIC is no judge corpus: whole
+    validation = expert_pairs(normalized, DExpertsConfig(), "validation", 0, halves)[1]
+    assert validation["diasafety"]["method_rows"] == validation["diasafety"]["rows"]  # only train is split

@@ -6,6 +6,7 @@ minutes run end to end as DVC experiments in a temporary copy of the repository.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,8 @@ def test_the_real_preset_is_complete_valid_and_real():
     assert real["evaluate"].baseline == "ce" and {"diasafety", "toxichat"} <= set(real["evaluate"].corpora)
     # the judge and the re-ranker's classifier at the sample run's settings
     sample = load_all(REPO / "params.yaml")
-    assert real["judge"] == sample["judge"] and real["safety"] == sample["safety"]
+    assert dataclasses.replace(real["judge"], compare_all=False) == sample["judge"] and real["safety"] == sample["safety"]
+    assert real["judge"].compare_all  # the real run reports what halving costs the judge
 
 
 def test_every_variant_key_exists_in_the_preset():

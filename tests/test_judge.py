@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.config import (DIALOG_SAFETY_CORPORA, CorporaConfig, JudgeConfig, JudgeTfidfConfig, SafetyConfig,
                              section_from_dict)
+from pipeline.contexts import judge_half
 from pipeline.errors import ConfigError, DataError
 from pipeline.labels import DIASAFETY_CATEGORIES, REPLY_LABELS
 from pipeline.metrics import (binary_scores, confusion_counts, expected_calibration_error, macro_f1,
@@ -39,7 +41,8 @@ def run_judge(*args):
 def write_params(path: Path, judge_section: dict | None = None, safety_section: dict | None = None) -> Path:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     sections = {"judge": {**params["judge"], "bootstrap_samples": 200, **(judge_section or {})},
-                "safety": {**params["safety"], **(safety_section or {})}}
+                "safety": {**params["safety"], **(safety_section or {})},
+                "mine": params["mine"], "dexperts": params["dexperts"]}  # the corpora the method trains on
     path.write_text(yaml.safe_dump(sections))
     return path
 
@@ -268,6 +271,40 @@ def test_command_on_the_sample(tmp_path, sample_normalized):
     assert "categories" not in metrics["corpora"]["toxichat"]["test"]
     scores = load_judge(out).predict_unsafe(["You are an idiot.", "That sounds lovely."], [["Hi"], ["Hi"]])
     assert scores.shape == (2,) and ((0 <= scores) & (scores <= 1)).all()
+    # It trained on its half of the train replies only (judge.share 0.5): the contexts judge_half gives it.
+    for corpus in DIALOG_SAFETY_CORPORA:
+        train = pq.read_table(sample_normalized / corpus / "train.parquet").to_pylist()
+        labelled = [r for r in train if r["reply_label"]]
+        judges = judge_half([r["context"] for r in labelled], 0.5)
+        assert record["training_examples"][corpus] == int(judges.sum()) < len(labelled)
+    assert metrics["share"] == 0.5 and metrics["trained_on_all"] is None
+
+
+def test_compare_all_reports_the_judge_trained_on_every_train_reply(tmp_path, sample_normalized):
+    params = write_params(tmp_path / "params.yaml", {"compare_all": True})
+    reports = tmp_path / "reports"
+    result = run_judge("--normalized", sample_normalized, "--out", tmp_path / "judge", "--reports", reports,
+                       "--params", params)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((reports / "metrics.json").read_text())
+    on_all = metrics["trained_on_all"]
+    assert on_all["trained_on"] > sum(metrics["trained_on"].values())
+    assert set(on_all["corpora"]) == set(DIALOG_SAFETY_CORPORA)
+    assert on_all["corpora"]["diasafety"]["test"]["n"] == metrics["corpora"]["diasafety"]["test"]["n"]
+
+
+def test_a_judge_with_every_train_reply_and_a_method_on_them_is_refused(tmp_path):
+    params = write_params(tmp_path / "params.yaml", {"share": 1.0})
+    result = run_judge("--normalized", tmp_path / "missing", "--out", tmp_path / "judge", "--reports",
+                       tmp_path / "reports", "--params", params)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert ("judge.share = 1 gives every train reply of diasafety, toxichat to the judge, but "
+            "mine.stage1_corpora") in lines[0]
+    assert not (tmp_path / "judge").exists()
+    # With the method off those corpora, a judge may have every train reply.
+    judge.check_independent(JudgeConfig(share=1.0), SafetyConfig(), "p", {"mine.stage1_corpora": ["mic"],
+                                                                         "dexperts.corpora": ["mic"]})
 
 
 def test_a_corpus_without_reply_labels_is_one_line(tmp_path, normalized_sample_dir):

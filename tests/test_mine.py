@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.config import CASUAL_CORPORA, CORPORA, SPLITS, MineConfig, section_from_dict
+from pipeline.contexts import judge_half
 from pipeline.errors import ConfigError
 from pipeline.schemas import GROUPS, NORMALIZED
 from pipeline.stages import mine
@@ -675,7 +676,7 @@ def small_corpora(folder: Path) -> Path:
 def write_params(path: Path, **mine_section) -> Path:
     import yaml
 
-    path.write_text(yaml.safe_dump({"mine": {"replay": 0.5, **mine_section}}))
+    path.write_text(yaml.safe_dump({"mine": {"replay": 0.5, **mine_section}, "judge": {"share": 0.5}}))
     return path
 
 
@@ -703,18 +704,33 @@ def test_command_mines_both_stages(tmp_path, fake_safety):
     result = invoke("--stage", 2, "--normalized", normalized, "--safety", fake_safety, "--out", tmp_path / "g2",
                     "--stage1-groups", tmp_path / "g1", "--params", params)
     assert result.exit_code == 0, result.output
-    # stage 1: five contexts of each adversarial corpus (a DiaSafety / ToxiChat context's safe reply);
+    # stage 1: five contexts of each adversarial corpus (a DiaSafety / ToxiChat context's safe reply), of
+    # which only the method's half in the train split (the judge's half is the judge's: judge.share 0.5);
     # stage 2: five of each casual corpus + half of stage 1
-    for stage, expected in ((1, 20), (2, 4 * 5 + 10)):
+    method = {corpus: int((~judge_half([[f"{prefix}{i}{end}"] for i in range(5)], 0.5)).sum())
+              for corpus, prefix, end in (("diasafety", "Can pills cure my cold ", "?"),
+                                          ("toxichat", "My roommate is a pig ", "."))}
+    assert 0 < method["diasafety"] + method["toxichat"] < 10  # both halves are exercised
+    stage1 = {"train": 10 + sum(method.values()), "validation": 20, "test": 20}
+    for stage in (1, 2):
         for split in SPLITS:
+            expected = stage1[split] if stage == 1 else 4 * 5 + round(0.5 * stage1[split])
             groups = pq.read_table(tmp_path / f"g{stage}" / f"{split}.parquet")
             assert groups.schema.equals(GROUPS) and groups.num_rows == expected
             for group in groups.to_pylist():
                 assert len(group["negatives"]) == 3
                 assert all(0 <= n["severity"] <= 1 and n["source"] in mine.MINE_SOURCES for n in group["negatives"])
     stats = json.loads((tmp_path / "g1" / "stats.json").read_text())
-    assert stats["splits"]["train"]["groups_per_corpus"] == {"diasafety": 5, "mic": 5, "prosocial_dialog": 5,
-                                                             "toxichat": 5}
+    assert stats["splits"]["train"]["groups_per_corpus"] == {"mic": 5, "prosocial_dialog": 5, **method}
+    assert stats["halves"]["share"] == 0.5 and stats["halves"]["corpora_rows"]["diasafety"] == {
+        "train_rows": 10, "method_rows": 2 * method["diasafety"]}
+    # No judge-half reply is in any stage-1 train group, as a positive or as a negative.
+    judge_texts = {f"{reply} {i}." for i in range(5) for reply in ("Ask a doctor first", "Take ten pills now",
+                                                                     "Talk it over calmly", "Yes, a filthy pig")}
+    judge_texts = {t for t in judge_texts if judge_half([[context_of(t)]], 0.5)[0]}
+    train_groups = pq.read_table(tmp_path / "g1" / "train.parquet").to_pylist()
+    used = {g["positive"] for g in train_groups} | {n["text"] for g in train_groups for n in g["negatives"]}
+    assert judge_texts and not judge_texts & used
 
 
 @pytest.mark.parametrize("case, message", [
@@ -773,3 +789,9 @@ def test_mines_the_bundled_sample(request, tmp_path):
         groups = pq.read_table(tmp_path / "g1" / f"{split}.parquet").to_pylist()
         assert len(groups) == stats["splits"][split]["contexts"] > 0
         assert {n["source"] for g in groups for n in g["negatives"]} >= {"context", "hard"}
+
+
+def context_of(reply: str) -> str:
+    """The context `labelled_rows` gives a reply (its index is the number before the final full stop)."""
+    i = reply.rstrip(".").split()[-1]
+    return f"Can pills cure my cold {i}?" if reply.startswith(("Ask", "Take")) else f"My roommate is a pig {i}."

@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, staged_dir, write_json
 from pipeline.config import SPLITS, DExpertsConfig
+from pipeline.contexts import Halves
 from pipeline.dexperts import ANTIEXPERT, EXPERT
 from pipeline.errors import DataError
 from pipeline.schemas import read_table
@@ -40,10 +41,12 @@ COLUMNS = ("context", "persona", "emotion", "response", "reply_label", "unaccept
 UNSAFE = "unsafe"
 
 
-def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: int) -> tuple[dict[str, pa.Table], dict]:
+def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: int,
+                 halves: Halves | None = None) -> tuple[dict[str, pa.Table], dict]:
     """The (context, reply) pairs of `split` for each expert, as tables in `finetune.fit_pairs`' row
     format (`scoring.GROUP_COLUMNS` without negatives, the reply the positive), in corpus and file order; at most `limit` per expert (0: all),
-    a seeded sample kept in file order. Returns the tables and, per corpus, the file's rows, SHA-256 and
+    a seeded sample kept in file order; of a train split, only the method's half of the judge corpora
+    (`halves`, `pipeline/contexts.py`). Returns the tables and, per corpus, the file's rows, SHA-256 and
     pairs per expert."""
     pairs: dict[str, list[dict]] = {EXPERT: [], ANTIEXPERT: []}
     seen: dict[str, set] = {EXPERT: set(), ANTIEXPERT: set()}
@@ -51,6 +54,9 @@ def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: in
     for corpus in config.corpora:
         path = normalized / corpus / f"{split}.parquet"
         table = read_table(path, COLUMNS, missing_hint="dexperts.corpora lists it; run the normalize stage first")
+        rows_in_file = table.num_rows
+        if halves is not None and split == "train":
+            table = halves.of(corpus, table)
         counts = {EXPERT: 0, ANTIEXPERT: 0}
         for index, row in enumerate(table.to_pylist()):
             replies = [(ANTIEXPERT if row["reply_label"] == UNSAFE else EXPERT, row["response"])]
@@ -65,7 +71,7 @@ def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: in
                 pairs[which].append({"group_id": f"{corpus}/{index}/{counts[which]}", "context": row["context"],
                                      "persona": row["persona"], "emotion": row["emotion"], "positive": reply,
                                      "rots": [], "negatives": []})
-        read[corpus] = {"rows": table.num_rows, "sha256": sha256(path), "pairs": counts}
+        read[corpus] = {"rows": rows_in_file, "method_rows": table.num_rows, "sha256": sha256(path), "pairs": counts}
     tables = {}
     for which, rows in pairs.items():
         if not rows:
@@ -79,19 +85,20 @@ def expert_pairs(normalized: Path, config: DExpertsConfig, split: str, limit: in
     return tables, read
 
 
-def run(config: DExpertsConfig, init: Path, normalized: Path, out: Path) -> dict:
-    """Train the expert and the anti-expert from the model at `init`; write them to `<out>/expert`,
-    `<out>/antiexpert` and the record to `<out>/experts.json`; returns the record."""
+def run(config: DExpertsConfig, init: Path, normalized: Path, out: Path, halves: Halves | None = None) -> dict:
+    """Train the expert and the anti-expert from the model at `init` (on the method's half of the judge
+    corpora's train replies, with `halves`); write them to `<out>/expert`, `<out>/antiexpert` and the
+    record to `<out>/experts.json`; returns the record."""
     from pipeline.finetune import fit_pairs
     from pipeline.scoring import load_init_model
 
     ensure_writable(out)
     started = time.perf_counter()
-    train, train_read = expert_pairs(normalized, config, "train", config.max_examples)
+    train, train_read = expert_pairs(normalized, config, "train", config.max_examples, halves)
     validation, validation_read = expert_pairs(normalized, config, "validation", config.max_validation_examples)
     log.info("experts: %s", "; ".join(f"{c}: {r['pairs'][EXPERT]} safe, {r['pairs'][ANTIEXPERT]} unsafe"
                                       for c, r in train_read.items()))
-    record = {"init": str(init), "config": dataclasses.asdict(config),
+    record = {"init": str(init), "config": dataclasses.asdict(config), "halves": halves.record() if halves else None,
               "corpora": {c: {"train": train_read[c], "validation": validation_read[c]} for c in config.corpora},
               "experts": {}, "git_commit": git_commit(), "library_versions": library_versions()}
     with staged_dir(out) as staging:

@@ -73,16 +73,26 @@ THRESHOLD = 0.5  # unsafe when P(unsafe) >= THRESHOLD, the rule of evaluate's he
 # --- independence ---------------------------------------------------------------------------------
 
 
-def check_independent(config: JudgeConfig, safety: SafetyConfig, source: str = "params.yaml") -> None:
-    """Refuse judge corpora the safety classifier trains on (a ConfigError naming the params file
-    `source`): a judge that saw the re-ranker's training data would share its blind spots, and its
-    unsafe rate would no longer be an independent measure."""
+def check_independent(config: JudgeConfig, safety: SafetyConfig, source: str = "params.yaml",
+                      method_corpora: dict[str, list[str]] | None = None) -> None:
+    """Refuse judge corpora the safety classifier trains on, and (with `judge.share` 1, every train
+    reply the judge's) judge corpora a method stage reads (`method_corpora`: the parameter naming them ->
+    its corpora): a ConfigError naming the params file `source`. A judge that saw the re-ranker's or the
+    method's training data would share its blind spots, and its unsafe rate would no longer be an
+    independent measure; with `judge.share` below 1 the two halves are disjoint by construction
+    (`pipeline/contexts.py`)."""
     shared = [corpus for corpus in config.corpora if corpus in safety.training_corpora()]
     if shared:
         raise ConfigError(f"{source}: judge.corpora = {config.corpora} shares {', '.join(shared)} with the safety "
                           f"classifier's training corpora ({', '.join(safety.training_corpora())}, from "
                           "safety.response_examples); the judge must be trained on corpora the re-ranker's "
                           "classifier never sees")
+    for key, corpora in (method_corpora or {}).items():
+        overlap = [corpus for corpus in corpora if corpus in config.corpora]
+        if config.share >= 1 and overlap:
+            raise ConfigError(f"{source}: judge.share = 1 gives every train reply of {', '.join(overlap)} to the "
+                              f"judge, but {key} = {corpora} trains the method on them too; lower judge.share "
+                              f"(the method reads the other half) or leave {', '.join(overlap)} out of {key}")
 
 
 # --- examples -------------------------------------------------------------------------------------
@@ -196,19 +206,29 @@ def evaluate(examples, p_unsafe: np.ndarray, config: JudgeConfig) -> tuple[dict,
 # --- run ------------------------------------------------------------------------------------------
 
 
-def train(config: JudgeConfig, examples) -> JudgeScorer:
-    """Train the configured kind on the train split of every judge corpus, each reply weighted 1."""
-    chosen = examples[examples["split"] == "train"]
+def judges_half(examples, share: float) -> np.ndarray:
+    """(n,) bool: the examples the judge may train on: train rows whose context is the judge's
+    (`pipeline.contexts.judge_half`, a share `share` of the contexts); no validation or test row."""
+    from pipeline.contexts import judge_half
+
+    train = (examples["split"] == "train").to_numpy()
+    half = np.zeros(len(examples), dtype=bool)
+    half[train] = judge_half(examples["context"][train].tolist(), share)
+    return half
+
+
+def train(config: JudgeConfig, chosen) -> JudgeScorer:
+    """Train the configured kind on the examples `chosen`, each reply weighted 1."""
     return JudgeScorer.fit(config, [chosen["response"].tolist()], chosen["context"].tolist(),
                            chosen["label"].to_numpy(), np.ones(len(chosen)))
 
 
 def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, reports: Path,
-        source: str = "params.yaml") -> dict:
-    """Check independence from the safety classifier (`source`: the params file both sections came
-    from, named in the error), read the judge corpora, train, evaluate the validation and test splits,
-    and write the model folder and the reports."""
-    check_independent(config, safety, source)
+        source: str = "params.yaml", method_corpora: dict[str, list[str]] | None = None) -> dict:
+    """Check independence from the safety classifier and the method (`source`: the params file the
+    sections came from, named in the error), read the judge corpora, train on the judge's half of their
+    train replies, evaluate the validation and test splits, and write the model folder and the reports."""
+    check_independent(config, safety, source, method_corpora)
     started = time.perf_counter()
     for path in (out, reports / "metrics.json"):
         ensure_writable(path)
@@ -217,16 +237,24 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
                               skipped)
     for reason, count in sorted(skipped.items()):
         log.warning("judge: %d %s", count, reason)
-    trained = examples[examples["split"] == "train"]
-    log.info("judge: read %d labelled replies from %s (%s); training %s on %d", len(examples), normalized,
-             dict(Counter(zip(examples["corpus"], examples["split"]))), config.model, len(trained))
+    trained = examples[judges_half(examples, config.share)]
+    log.info("judge: read %d labelled replies from %s (%s); training %s on %d (its half of %d train replies, "
+             "judge.share %g)", len(examples), normalized, dict(Counter(zip(examples["corpus"], examples["split"]))),
+             config.model, len(trained), int((examples["split"] == "train").sum()), config.share)
 
-    scorer = train(config, examples)
+    scorer = train(config, trained)
     trained_at = time.perf_counter()
     evaluated = examples[examples["split"].isin(EVALUATED)]
     p_unsafe = scorer.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist())  # (n,)
     metrics, reliability = evaluate(evaluated, p_unsafe, config)
     log.info("judge: scored %d replies in %.1f s", len(evaluated), time.perf_counter() - trained_at)
+    on_all = None
+    if config.compare_all:
+        # What keeping the method's half apart costs: the same judge trained on every train reply.
+        everything = train(config, examples[examples["split"] == "train"])
+        on_all = {"trained_on": int((examples["split"] == "train").sum()),
+                  "corpora": evaluate(evaluated, everything.predict_unsafe(evaluated["response"].tolist(),
+                                                                           evaluated["context"].tolist()), config)[0]}
 
     training = {corpus: int((trained["corpus"] == corpus).sum()) for corpus in config.corpora}
     training_unsafe = {corpus: int(((trained["corpus"] == corpus) & (trained["label"] == UNSAFE)).sum())
@@ -235,8 +263,9 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     scorer.write(out, config, {"training_examples": training, "training_unsafe": training_unsafe,
                                "independent_of": independent_of})
     report = {"model": config.model, "trained_on": training, "trained_on_unsafe": training_unsafe,
-              "independent_of": independent_of, "threshold": THRESHOLD, "confidence": CONFIDENCE,
-              "skipped": dict(sorted(skipped.items())), "corpora": metrics}
+              "share": config.share, "independent_of": independent_of, "threshold": THRESHOLD,
+              "confidence": CONFIDENCE, "skipped": dict(sorted(skipped.items())), "corpora": metrics,
+              "trained_on_all": on_all}
     with staged_dir(reports / "reliability") as folder:
         for corpus, rows in reliability.items():
             rounded = [{key: round(value, 6) for key, value in row.items()} for row in rows]

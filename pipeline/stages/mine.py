@@ -59,6 +59,7 @@ import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
 from pipeline.config import MINE_SOURCES, SPLITS, GenerateConfig, MineConfig
+from pipeline.contexts import Halves
 from pipeline.errors import ConfigError, DataError
 from pipeline.safety_models import load_scorer
 from pipeline.schemas import GROUPS, NEGATIVE, NORMALIZED, read_table
@@ -824,11 +825,14 @@ def read_stage1_groups(folder: Path, split: str, n: int) -> pa.Table:
 
 
 def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path, out: Path,
-        stage1_groups: Path | None = None, generate: Generate | None = None, progress: bool = True) -> dict:
+        stage1_groups: Path | None = None, generate: Generate | None = None, progress: bool = True,
+        halves: Halves | None = None) -> dict:
     """Mine the three splits of `stage` from the corpora in `normalized` and write them to `out`.
 
     `scorer` is the safety classifier, or its folder (loaded once the inputs are known to be good);
-    `generate` the stage-1 sampler, which stage 2 needs with `mine.generated` (`load_stage1_generator`).
+    `generate` the stage-1 sampler, which stage 2 needs with `mine.generated` (`load_stage1_generator`);
+    `halves` keeps the train rows of the judge's corpora that are the method's (`pipeline/contexts.py`),
+    for the groups and for the pools of negatives alike.
     """
     if stage not in (1, 2):
         raise ConfigError(f"--stage = {stage!r} is not allowed: 1 or 2")
@@ -842,6 +846,13 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
     mined = config.stage1_corpora if stage == 1 else config.stage2_corpora
     corpora = {c: read_corpus(normalized, c) for c in mined}
     adversarial = {c: corpora[c] if c in corpora else read_corpus(normalized, c) for c in config.stage1_corpora}
+    halved = {}
+    if halves is not None:
+        for name, splits in {**corpora, **adversarial}.items():
+            kept = halves.of(name, splits["train"])
+            if kept.num_rows != splits["train"].num_rows:
+                halved[name] = {"train_rows": splits["train"].num_rows, "method_rows": kept.num_rows}
+            splits["train"] = kept
     for name, splits in {**corpora, **adversarial}.items():
         log.info("mine stage %d: read %s %s", stage, name, {split: t.num_rows for split, t in splits.items()})
     safety_model = str(scorer) if isinstance(scorer, Path) else None
@@ -849,7 +860,8 @@ def run(config: MineConfig, stage: int, normalized: Path, scorer: Scorer | Path,
         scorer = load_scorer(scorer)
     stats: dict = {"stage": stage, "n": config.n, "seed": config.seed, "shares": config.shares(stage),
                    "corpora": list(mined), "pool_corpora": list(config.stage1_corpora), "safety_model": safety_model,
-                   "stage1_sampler": generate.settings if sampled else None, "splits": {}}
+                   "stage1_sampler": generate.settings if sampled else None,
+                   "halves": {**halves.record(), "corpora_rows": halved} if halves else None, "splits": {}}
     with staged_dir(out) as folder:
         for split in SPLITS:
             rows = pa.concat_tables([corpora[c][split] for c in mined])
