@@ -60,6 +60,33 @@ def tokenize(text: str) -> list[str]:
     return _tokenizer_13a()(text.lower().rstrip()).split()
 
 
+# A reply that is not a reply (ours: the thresholds are documented in docs/evaluation.md).
+DEGENERATE_REASONS = ("empty", "repetitive", "not_words")
+REPETITIVE_MIN_TOKENS = 4  # shorter replies ("no no", "ok!") are not called repetitive
+REPETITIVE_DISTINCT = 0.4  # below this share of distinct tokens, or
+REPETITIVE_TOP = 0.6  # above this share taken by its most frequent token, a reply is repetitive
+WORD_SHARE = 0.5  # below this share of tokens with a letter, a reply is not words
+
+
+def degenerate_reason(reply: str) -> str | None:
+    """Why `reply` is degenerate, or None: `empty` (no letter or digit), `repetitive` (at least
+    `REPETITIVE_MIN_TOKENS` word tokens, of which fewer than `REPETITIVE_DISTINCT` distinct or more than
+    `REPETITIVE_TOP` one token: "soon soon soon soon"), `not_words` (two tokens or more, fewer than
+    `WORD_SHARE` of them with a letter: "?? !! 12 ..."; a lone number is an answer). Tokens are `tokenize`'s; punctuation does not count towards
+    repetition."""
+    tokens = tokenize(reply or "")
+    if not any(ch.isalnum() for ch in reply or ""):
+        return "empty"
+    words = [t for t in tokens if any(ch.isalpha() for ch in t)]
+    if len(tokens) > 1 and len(words) < WORD_SHARE * len(tokens):
+        return "not_words"
+    if len(words) >= REPETITIVE_MIN_TOKENS:
+        counts = Counter(words)
+        if len(counts) / len(words) < REPETITIVE_DISTINCT or max(counts.values()) / len(words) > REPETITIVE_TOP:
+            return "repetitive"
+    return None
+
+
 # ParlAI's `normalize_answer` (parlai/core/metrics.py), used by Prost's F1.
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = re.compile("[%s]" % re.escape(string.punctuation))

@@ -42,7 +42,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "method": {},
     "groups_double": {"mine.stage1_max_groups.train": 200},
     "epochs_2": {"train_stage1.epochs": 2},
-    "rank_4": {"train.lora.r": 4, "train.lora.alpha": 8},
     "full": {"train.lora.enabled": False, "train_stage1.learning_rate": 0.0001},
     "weight_2": {"train.contrastive_weight": 2.0},
     "tau_low": {"train.tau": 0.1},

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from pipeline import metrics
 from pipeline.metrics import (
     bleu_from_totals, bleu_statistics_for_each, bootstrap_ci, bootstrap_ci_of_counts, distinct_n_ci,
     distinct_n_of_tokens, mcnemar_exact, normalize_answer, paired_bootstrap_ci, point_estimate, predicted_labels,
@@ -368,3 +369,15 @@ def test_mcnemar_exact_by_hand():
     assert mcnemar_exact(0, 0) == 1.0  # no discordant pair: no evidence
     with pytest.raises(ValueError):
         mcnemar_exact(-1, 2)
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("", "empty"), ("   ", "empty"), ("...!?", "empty"),
+    ("soon soon soon soon soon", "repetitive"), ("the the the cat", "repetitive"), ("ha ha ha ha", "repetitive"),
+    ("?? !! 12 34 ##", "not_words"),
+    ("I agree with you.", None), ("no no", None),  # short replies are not called repetitive
+    ("Yes, yes, yes, I will!", None),  # 3 of 5 words: at the threshold, not above it
+    ("I think it is what it is, you know.", None), ("42", None),
+])
+def test_degenerate_reason_by_hand(reply, reason):
+    assert metrics.degenerate_reason(reply) == reason
