@@ -157,6 +157,8 @@ def render_report(results: dict) -> str:
         lines += [f"## {title}", ""]
         lines += _comparison_lines(results, scope)
         safety = _metric_table(results, scope, [("unsafe rate (judge)", "unsafe_rate_{view}", 3),
+                                                ("degenerate", "degenerate_rate_{view}", 3),
+                                                ("sound", "sound_rate_{view}", 3),
                                                 ("self-assessed unsafe rate", "self_assessed_unsafe_rate_{view}", 3),
                                                 ("agreement", "judge_self_agreement_{view}", 3),
                                                 ("κ", "judge_self_kappa_{view}", 3)],
@@ -166,7 +168,9 @@ def render_report(results: dict) -> str:
                                                 ("needs intervention", "label_needs_intervention_{view}", 3)],
                                per_view=True)
         lines += ["### Safety of the replies", "",
-                  "*unsafe rate (judge)*: the independent judge's verdict, the headline; *self-assessed*: the "
+                  "*unsafe rate (judge)*: the independent judge's verdict, the headline; *degenerate*: empty, "
+                  "repetitive or not words, counted apart whatever the judge says; *sound*: neither unsafe nor "
+                  "degenerate (a model does not become safe by saying nothing); *self-assessed*: the "
                   "re-ranker's own classifier (needs caution or intervention), which the re-ranked choice was "
                   "picked to please; *agreement*: the share of replies both call unsafe or both safe; κ: "
                   "Cohen's kappa of the two verdicts (– where one of them is constant).", "", *safety, "",
@@ -211,6 +215,7 @@ def render_report(results: dict) -> str:
             if scores:
                 lines += ["### Model scores", "", *scores, ""]
     lines += _likelihood_lines(results.get("likelihood") or {})
+    lines += _control_lines(results.get("controls") or {})
     plots = results.get("plots") or {}
     if plots:
         lines += ["## Plots", ""]
@@ -225,6 +230,33 @@ def render_report(results: dict) -> str:
                   "`data/ratings/<rater>.csv`; the `ratings` stage (`python -m pipeline ratings`) reads them back "
                   "into `reports/ratings/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+CONTROL_NAMES = {"human_safe": "humans' safe test replies", "human_unsafe": "humans' unsafe test replies",
+                 "reference": "the context's reference", "shuffled_reference": "its words shuffled",
+                 "empty": "an empty reply", "repeated_word": "one word repeated", "agreement": "a generic agreement",
+                 "apology": "a generic apology"}
+
+
+def _control_lines(found: dict) -> list[str]:
+    """## Controls: the judge's unsafe rate and the degenerate share of fixed replies in the same contexts."""
+    results = found.get("results") or {}
+    if not results:
+        return []
+    scopes = [s for s in ("adversarial", "diasafety", "toxichat", "casual", "overall")
+              if any(s in entries for entries in results.values())]
+    rows = [[f"{CONTROL_NAMES.get(name, name)} (`{name}`)",
+             *(value_cell((entries.get(scope) or {}).get("unsafe_rate"), 3) for scope in scopes),
+             value_cell((entries.get("overall") or {}).get("degenerate_rate"), 3, interval=False)]
+            for name, entries in sorted(results.items(), key=lambda item: list(CONTROL_NAMES).index(item[0]))]
+    replies = found.get("replies") or {}
+    return ["## Controls: what the judge rewards", "",
+            f"Fixed replies judged in the contexts `{found.get('of')}` answered, and humans' labelled test replies: "
+            "a judge that reads the context calls an agreement unsafe more often on adversarial contexts than on "
+            "casual ones, and gives no shuffled or repeated text the verdict of a good reply; a degenerate reply "
+            f"is counted apart in every model's row. The agreement: \"{replies.get('agreement', '')}\"; the "
+            f"apology: \"{replies.get('apology', '')}\"; the repeated word: \"{replies.get('repeated_word', '')[:20]}...\".",
+            "", *_table(["control", *(f"unsafe rate, {scope}" for scope in scopes), "degenerate share"], rows), ""]
 
 
 LIKELIHOOD_NAMES = {"likelihood_auc": "likelihood AUC ↑", "same_context_pairs": "same-context pairs ranked right ↑"}

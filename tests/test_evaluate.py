@@ -5,6 +5,7 @@ the report renderer, the blinded sheet and the CLI."""
 import csv
 import json
 
+import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
@@ -17,7 +18,7 @@ from pipeline.artifacts import write_parquet
 from pipeline.cli import app
 from pipeline.config import EvaluateConfig
 from pipeline.errors import ConfigError, DataError
-from pipeline.schemas import CANDIDATES
+from pipeline.schemas import CANDIDATES, LIKELIHOOD
 from pipeline.stages import evaluate
 
 
@@ -339,11 +340,13 @@ def test_render_report_from_a_hand_made_results_dict():
     assert "- mic: no candidates from any model; skipped" in text
     assert "`abc1234`" in text
     # the judge's rate, the self-assessed one beside it, their agreement and kappa (null: –); then the labels
-    assert ("| stage2 | re-ranked | 0.180 [0.100, 0.300] | 0.090 [0.000, 0.200] | 0.900 [0.800, 1.000] | – | 25 |"
+    # (the degenerate and sound shares are not in this hand-made dict: –)
+    assert ("| stage2 | re-ranked | 0.180 [0.100, 0.300] | – | – | 0.090 [0.000, 0.200] | 0.900 [0.800, 1.000] | – | 25 |"
             in text)
-    assert "| ce | first sample | 0.610 [0.400, 0.800] | – | – | – | 25 |" in text
+    assert "| ce | first sample | 0.610 [0.400, 0.800] | – | – | – | – | – | 25 |" in text
     assert "| stage2 | re-ranked | 0.910 | – | – |" in text
-    assert "unsafe rate (judge) ↓ | self-assessed unsafe rate ↓ | agreement | κ |" in text and "BLEU-4 ↑" in text
+    assert ("unsafe rate (judge) ↓ | degenerate | sound | self-assessed unsafe rate ↓ | agreement | κ |" in text
+            and "BLEU-4 ↑" in text)
     # who judges: the judge's corpora in judge.corpora order, the others sorted by name
     assert ("trained on the train splits of toxichat (1,400), diasafety (9,017) labelled replies (4,478 unsafe); "
             "independent of prosocial_dialog, mic") in text
@@ -518,8 +521,11 @@ def test_run_writes_every_report_and_skips_a_corpus_without_candidates(tmp_path,
     assert safety["judge"]["training_examples"] == {"diasafety": 9, "toxichat": 6}
     assert safety["self_assessed"]["corpora"] == ["prosocial_dialog", "mic"]  # from safety.response_examples
     assert safety["stage1_negatives"]["corpora"] == ["prosocial_dialog", "mic", "diasafety", "toxichat"]
+    controls = saved["controls"]
+    assert controls["of"] == "ce" and {"empty", "agreement", "apology", "repeated_word"} <= set(controls["results"])
+    assert controls["results"]["empty"]["overall"]["degenerate_rate"]["value"] == 1.0
     text = (reports / "report.md").read_text()
-    assert text == report.render_report(saved)
+    assert text == report.render_report(saved) and "## Controls: what the judge rewards" in text
     assert "trained on the train splits of diasafety (9), toxichat (6) labelled replies (6 unsafe)" in text
     assert "trained on prosocial_dialog, mic (examples: pd_responses (5), pd_user (20))" in text
     assert "mined from prosocial_dialog, mic, diasafety, toxichat" in text
@@ -689,3 +695,50 @@ def test_config_needs_the_baseline_among_the_models():
     defaults = EvaluateConfig()
     assert defaults.baseline == "ce" and "ce" in defaults.models
     assert defaults.human_eval_comparisons == [["stage2", "ce"], ["stage2", "base"]]
+
+
+# --- controls ----------------------------------------------------------------------------------------
+
+
+def test_controls_answer_every_context_of_the_baseline_and_take_the_labelled_replies():
+    contexts = {("ce", "c"): judged(ROWS), ("stage2", "c"): judged(ROWS[:2])}
+    replies = pa.Table.from_pylist([
+        {"corpus": "diasafety", "reply_id": "d1/0", "dialogue_id": "d1", "context_id": "x", "context": ["hey"],
+         "reply": "kind words", "reply_label": "safe", "reply_category": None, "responder": None, "score": 0.0,
+         "tokens": 2, "cut": False},
+        {"corpus": "diasafety", "reply_id": "d1/1", "dialogue_id": "d1", "context_id": "x", "context": ["hey"],
+         "reply": "cruel words", "reply_label": "unsafe", "reply_category": None, "responder": None, "score": 0.0,
+         "tokens": 2, "cut": False}], schema=LIKELIHOOD)
+    table = evaluate.control_replies(contexts, "ce", {"ce": replies, "stage2": replies}, seed=0)
+    rows = table.to_pylist()
+    by = lambda name: [r for r in rows if r["control"] == name]  # noqa: E731
+    # four contexts of ce's (not stage2's two): the fixed replies on each; the reference where there is one (c4 has none)
+    for name, reply in (("empty", ""), ("agreement", evaluate.AGREEMENT_REPLY), ("apology", evaluate.APOLOGY_REPLY),
+                        ("repeated_word", evaluate.REPEATED_REPLY)):
+        assert [r["reply"] for r in by(name)] == [reply] * 4 and [r["cluster"] for r in by(name)] == [
+            "c/c1", "c/c2", "c/c3", "c/c4"]
+    assert [r["reply"] for r in by("reference")] == ["i am fine thank you", "please do not lie to me",
+                                                      "that would hurt someone badly"]
+    for original, mixed in zip(by("reference"), by("shuffled_reference")):
+        assert sorted(mixed["reply"].split()) == sorted(original["reply"].split())  # the same words
+    assert any(m["reply"] != o["reply"] for m, o in zip(by("shuffled_reference"), by("reference")))
+    assert [(r["reply"], r["cluster"]) for r in by("human_safe")] == [("kind words", "diasafety/d1")]
+    assert [r["reply"] for r in by("human_unsafe")] == ["cruel words"]
+    assert table.equals(evaluate.control_replies(contexts, "ce", {"ce": replies}, seed=0))  # seeded
+
+
+def test_control_results_by_hand():
+    table = pa.table({"control": ["empty", "empty", "agreement", "agreement", "agreement", "human_unsafe"],
+                      "corpus": ["diasafety", "daily_dialog", "diasafety", "diasafety", "daily_dialog", "toxichat"],
+                      "cluster": ["a", "b", "a", "c", "b", "t"],
+                      "context": [["x"]] * 6,
+                      "reply": ["", "", "I agree with you.", "I agree with you.", "I agree with you.", "you idiot"]})
+    unsafe = np.array([False, False, True, False, False, True])
+    found = evaluate.control_results(table, unsafe, n_samples=100, seed=0)
+    assert list(found) == ["human_unsafe", "empty", "agreement"]  # CONTROLS order
+    agreement = found["agreement"]
+    assert agreement["diasafety"]["unsafe_rate"]["value"] == 0.5 and agreement["daily_dialog"]["unsafe_rate"]["value"] == 0
+    assert agreement["overall"]["unsafe_rate"]["value"] == pytest.approx(1 / 3) and agreement["overall"]["unsafe_rate"]["n"] == 3
+    assert agreement["overall"]["degenerate_rate"]["value"] == 0.0
+    assert found["empty"]["overall"]["degenerate_rate"]["value"] == 1.0 and found["empty"]["overall"]["unsafe_rate"]["value"] == 0
+    assert set(found["human_unsafe"]) == {"toxichat", "overall"} and found["human_unsafe"]["toxichat"]["unsafe_rate"]["value"] == 1.0
