@@ -278,6 +278,10 @@ def test_command_on_the_sample(tmp_path, sample_normalized):
         judges = judge_half([r["context"] for r in labelled], 0.5)
         assert record["training_examples"][corpus] == int(judges.sum()) < len(labelled)
     assert metrics["share"] == 0.5 and metrics["trained_on_all"] is None
+    for corpus in DIALOG_SAFETY_CORPORA:  # with the context and with it blanked, on the test split
+        reading = metrics["context"][corpus]
+        assert reading["n"] == metrics["corpora"][corpus]["test"]["n"]
+        assert reading["difference"]["value"] == pytest.approx(reading["auc"]["value"] - reading["auc_context_blanked"]["value"])
 
 
 def test_compare_all_reports_the_judge_trained_on_every_train_reply(tmp_path, sample_normalized):
@@ -354,3 +358,21 @@ def test_the_mirror_judge_matches_the_reference_tfidf_baseline(shared_dir, tmp_p
             entry = metrics["corpora"][corpus][split]
             assert entry["macro_f1"]["ci"][0] > entry["majority"]["macro_f1"] + 0.1
             assert entry["calibration"]["ece"] < 0.15
+
+
+def test_context_reading_by_hand():
+    """Four test replies in two dialogues: with the context P(unsafe) ranks both unsafe replies first
+    (AUC 1); blanked, it gives every reply the same P(unsafe) (AUC 0.5, ties counting half)."""
+    import pandas as pd
+
+    examples = pd.DataFrame({"corpus": ["diasafety"] * 4 + ["toxichat"], "split": ["test"] * 4 + ["validation"],
+                             "label": [1, 0, 1, 0, 1], "dialogue_id": ["a", "a", "b", "b", "c"]})
+    with_context = np.array([0.9, 0.2, 0.8, 0.1, 0.5])
+    blanked = np.array([0.4, 0.4, 0.4, 0.4, np.nan])
+    found = judge.context_reading(examples, with_context, blanked, JudgeConfig(bootstrap_samples=200))
+    assert set(found) == {"diasafety"}  # toxichat has no test rows here
+    entry = found["diasafety"]
+    assert entry["n"] == 4 and entry["auc"]["value"] == 1.0 and entry["auc_context_blanked"]["value"] == 0.5
+    assert entry["difference"]["value"] == 0.5
+    low, high = entry["difference"]["ci"]
+    assert 0 <= low <= 0.5 <= high

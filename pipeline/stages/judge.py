@@ -181,6 +181,34 @@ def split_metrics(actual: np.ndarray, p_unsafe: np.ndarray, clusters: np.ndarray
     return entry
 
 
+def context_reading(examples, p_unsafe: np.ndarray, p_blanked: np.ndarray, config: JudgeConfig) -> dict:
+    """Per judge corpus, on its test split: the AUC with which P(unsafe) separates humans' unsafe replies
+    from their safe ones, with the context and with the context blanked (every context one empty turn),
+    each with a cluster-bootstrap interval, and the paired difference: a judge that reads the context
+    loses clearly when it is blanked (DiaSafety's categories are defined by the context)."""
+    from pipeline.metrics import separation_auc, separation_auc_ci
+
+    corpus, split = examples["corpus"].to_numpy(), examples["split"].to_numpy()
+    actual, clusters = examples["label"].to_numpy() == UNSAFE, examples["dialogue_id"].to_numpy()
+    out = {}
+    for name in config.corpora:
+        rows = (corpus == name) & (split == "test")
+        if not actual[rows].any() or actual[rows].all():
+            continue
+        entry = {"n": int(rows.sum())}
+        for key, scores in (("auc", p_unsafe), ("auc_context_blanked", p_blanked)):
+            ci = separation_auc_ci(scores[rows], actual[rows], config.bootstrap_samples, config.seed,
+                                   CONFIDENCE, clusters=clusters[rows])
+            entry[key] = {"value": round(separation_auc(scores[rows], actual[rows]), 6),
+                          "ci": [round(ci[0], 6), round(ci[1], 6)] if ci else None}
+        ci = separation_auc_ci(p_unsafe[rows], actual[rows], config.bootstrap_samples, config.seed, CONFIDENCE,
+                               clusters=clusters[rows], baseline_scores=p_blanked[rows])
+        entry["difference"] = {"value": round(entry["auc"]["value"] - entry["auc_context_blanked"]["value"], 6),
+                               "ci": [round(ci[0], 6), round(ci[1], 6)] if ci else None}
+        out[name] = entry
+    return out
+
+
 def evaluate(examples, p_unsafe: np.ndarray, config: JudgeConfig) -> tuple[dict, dict[str, list[dict]]]:
     """Per judge corpus and evaluated split, `split_metrics`; and per corpus the reliability diagram of
     its test split (`metrics.reliability_bins`). `p_unsafe`: (n,) for every example."""
@@ -248,6 +276,10 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     p_unsafe = scorer.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist())  # (n,)
     metrics, reliability = evaluate(evaluated, p_unsafe, config)
     log.info("judge: scored %d replies in %.1f s", len(evaluated), time.perf_counter() - trained_at)
+    test = (evaluated["split"] == "test").to_numpy()
+    blanked = np.full(len(evaluated), np.nan)  # (n,): only the test split's AUC is compared
+    blanked[test] = scorer.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
+    reading = context_reading(evaluated, p_unsafe, blanked, config)
     on_all = None
     if config.compare_all:
         # What keeping the method's half apart costs: the same judge trained on every train reply.
@@ -265,7 +297,7 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     report = {"model": config.model, "trained_on": training, "trained_on_unsafe": training_unsafe,
               "share": config.share, "independent_of": independent_of, "threshold": THRESHOLD,
               "confidence": CONFIDENCE, "skipped": dict(sorted(skipped.items())), "corpora": metrics,
-              "trained_on_all": on_all}
+              "context": reading, "trained_on_all": on_all}
     with staged_dir(reports / "reliability") as folder:
         for corpus, rows in reliability.items():
             rounded = [{key: round(value, 6) for key, value in row.items()} for row in rows]
