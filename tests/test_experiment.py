@@ -22,6 +22,7 @@ from pipeline import experiment as E
 from pipeline.cli import app
 from pipeline.config import CASUAL_CORPORA, load_all, load_params
 from pipeline.errors import ConfigError, DataError
+from tests.conftest import save_tiny_chat_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -326,9 +327,11 @@ def test_help(command):
 # --- end to end, slow: the preset shrunk to minutes as DVC experiments -------------------------------
 
 
-def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
-    """params.real.yaml at tiny sizes: a 1 x 64 model, a few hundred pretraining pairs, a few dozen
-    groups and contexts, 100 bootstrap resamples; the mirror when given, else the sample for every corpus."""
+def shrunk_preset(preset: dict, mirror: Path | None, chat_model: Path | None = None) -> dict:
+    """A real-corpora preset at tiny sizes: a 1 x 64 scratch model and a few hundred pretraining pairs (or,
+    with `chat_model`, that local folder as the `pretrained@smollm2` source in SmolLM2's place: a tiny Llama
+    in its chat template), a few dozen groups and contexts, 100 bootstrap resamples; the mirror when
+    given, else the sample for every corpus."""
     shrunk = copy.deepcopy(preset)
     changes = {
         "base_model.vocab_size": 600, "base_model.n_layer": 1, "base_model.d_model": 64, "base_model.n_head": 2,
@@ -340,7 +343,8 @@ def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
         "evaluate.bootstrap_samples": 100, "evaluate.human_eval_pairs": 2, "judge.bootstrap_samples": 100,
         "ratings.bootstrap_samples": 100, "judge.tfidf.char_ngram": [], "rot_agreement.tfidf.pair_buckets": 0,
         "dexperts.max_examples": 200, "dexperts.max_validation_examples": 50,
-        "pretrained.models": {},  # no registry download in the test; the stage has tests of its own
+        # no registry download in the test (the stage has tests of its own): a local folder, or nothing
+        "pretrained.models": {"smollm2": {"source": "folder", "path": str(chat_model)}} if chat_model else {},
     }
     if mirror is None:
         changes |= {"corpora.source": "sample", "corpora.overrides": {}}
@@ -352,8 +356,9 @@ def shrunk_preset(preset: dict, mirror: Path | None) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(3600)  # about 6 minutes on two idle cores; several times that on busy ones
-def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_path):
+@pytest.mark.timeout(3600)  # about 6 minutes each on two idle cores; several times that on busy ones
+@pytest.mark.parametrize("preset_file", ["params.real.yaml", "params.real-scratch.yaml"])
+def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_path, preset_file):
     venv_bin = repo_root / ".venv" / "bin"
     if not (venv_bin / "dvc").is_file() or shutil.which("git") is None:
         pytest.skip("needs .venv/bin/dvc and git")
@@ -365,7 +370,8 @@ def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_pat
                  and not (f.startswith("data/") and not f.startswith(("data/sample/", "data/ratings/")))):
         (copy_dir / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(repo_root / name, copy_dir / name)
-    preset = shrunk_preset(load_params(repo_root / "params.real.yaml"), mirror if mirror.is_dir() else None)
+    chat_model = save_tiny_chat_model(tmp_path / "chat_model") if preset_file == "params.real.yaml" else None
+    preset = shrunk_preset(load_params(repo_root / preset_file), mirror if mirror.is_dir() else None, chat_model)
     (copy_dir / "params.tiny.yaml").write_text(yaml.safe_dump(preset, sort_keys=False), encoding="utf-8")
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"}
 
