@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import BaseModelConfig, BaseModelPretrainConfig, CorporaConfig, NormalizeConfig, TrainStage1Config
+from pipeline.finetune import pair_settings
 from pipeline.modeling import DialogModel
 from pipeline.scoring import encode_groups
 from pipeline.stages import base_model, download, normalize, train
@@ -53,15 +54,15 @@ def with_negatives(pairs: pa.Table, seed: int) -> pa.Table:
 def measure(model, tokenizer, normalized: Path) -> dict[str, float]:
     """Tokens per second of (p), (a) and (b) for one freshly copied model each."""
     pairs = base_model.pretraining_pairs(normalized, PRETRAIN.corpora, "train", PAIRS, PRETRAIN.seed)[0]
-    settings = base_model.pair_settings(PRETRAIN)
+    settings = pair_settings(PRETRAIN)
     ce = dataclasses.replace(settings, contrastive_weight=0.0, warmup_steps=2, eval_batch_groups=2 * BATCH)
     stage = TrainStage1Config(epochs=1, learning_rate=PRETRAIN.learning_rate)
     speed = {}
     speed["p"] = base_model.pretrain(copy.deepcopy(model), tokenizer, PRETRAIN, normalized)[1]["tokens_per_second"]
     for key, config, table in (("a", ce, pairs), ("b", dataclasses.replace(ce, contrastive_weight=1.0),
                                                   with_negatives(pairs, seed=0))):
-        groups, held_out = (encode_groups(tokenizer, t, config) for t in (table, table.slice(0, BATCH)))
         dm = DialogModel(copy.deepcopy(model), tokenizer, is_seq2seq=False)
+        groups, held_out = (encode_groups(dm, t, config) for t in (table, table.slice(0, BATCH)))
         speed[key] = train.fit(dm, groups, held_out, config, stage, train.make_accelerator(config),
                                desc=f"loop {key}")["timing"]["tokens_per_second"]
     return speed

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import CORPORA, load_all
+from pipeline.finetune import pair_settings
 from pipeline.modeling import DialogModel, Source
 from pipeline.sampling import sample_candidates
 from pipeline.scoring import GroupScorer, encode_groups, per_group_scores, read_groups
@@ -39,7 +40,7 @@ from pipeline.stages import base_model, download, generate, mine, normalize, saf
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "mirror"
-PRESET = REPO / "params.real.yaml"
+PRESET = REPO / "params.real-scratch.yaml"  # the scratch model's sizing (issue 13)
 PAIRS, GROUPS, CONTEXTS = 320, 96, 24  # measured per size; small enough for a few minutes in all
 STAGES = ("base_model", "train_stage1", "train_stage1_ce", "train_stage2", "train_stage2_ce", "generate (each)",
           "score (each)")
@@ -91,14 +92,15 @@ def measure(model, tokenizer, params: dict, base: Path) -> dict[str, float]:
     for key, stage, weight in (("c", 1, 0.0), ("n1", 1, 1.0), ("n2", 2, 1.0)):
         settings = dataclasses.replace(config, contrastive_weight=weight, warmup_steps=2)
         groups = sample_rows(read_groups(base / "groups" / f"stage{stage}", "train"), GROUPS, seed=0)
-        encoded = encode_groups(tokenizer, groups, settings)
-        held_out = encode_groups(tokenizer, groups.slice(0, config.eval_batch_groups), settings)
         dm = DialogModel(copy.deepcopy(model), tokenizer, is_seq2seq=False)
+        encoded = encode_groups(dm, groups, settings)
+        held_out = encode_groups(dm, groups.slice(0, config.eval_batch_groups), settings)
         timing = train.fit(dm, encoded, held_out, settings, dataclasses.replace(stage_config, epochs=1),
                            train.make_accelerator(settings), desc=f"loop {key}")["timing"]
         speed[key] = len(encoded) / timing["train_seconds"]
-    test = encode_groups(tokenizer, sample_rows(read_groups(base / "groups" / "stage1", "test"), GROUPS, 1), config)
     scorer = GroupScorer(DialogModel(model, tokenizer, is_seq2seq=False))
+    test = encode_groups(DialogModel(model, tokenizer, is_seq2seq=False),
+                         sample_rows(read_groups(base / "groups" / "stage1", "test"), GROUPS, 1), config)
     model.eval()
     started = time.perf_counter()
     with torch.no_grad():
@@ -155,8 +157,8 @@ def main() -> None:
                                          pretrain=dataclasses.replace(size.pretrain, enabled=False))
             model, tokenizer = base_model.build_scratch(config, texts)
             pairs = base_model.pretraining_pairs(base / "normalized", size.pretrain.corpora, "train", PAIRS, 0)[0]
-            encoded = encode_groups(tokenizer, pairs, base_model.pair_settings(size.pretrain))
-            pair_tokens = float(np.mean([len(s) + len(t[0]) + 1 for s, t in zip(encoded.source_ids, encoded.target_ids)]))
+            encoded = encode_groups(DialogModel(model, tokenizer, is_seq2seq=False), pairs, pair_settings(size.pretrain))
+            pair_tokens = float(np.mean([len(p) + len(t[0]) for p, t in zip(encoded.prompt_ids, encoded.target_ids)]))
             speed = measure(model, tokenizer, params, base)
             results[(layers, width)] = (sum(p.numel() for p in model.parameters()) / 1e6, speed,
                                         predict(speed, counts, pair_tokens, params))

@@ -37,7 +37,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import TrainConfig, TrainStage1Config
-from pipeline.modeling import BOT, DialogModel, train_tokenizer
+from pipeline.modeling import DialogModel, train_tokenizer
 from pipeline.schemas import GROUPS
 from pipeline import scoring
 from pipeline.stages import train
@@ -83,15 +83,13 @@ def our_loop(model, tokenizer, groups, validation, config) -> dict:
 
 
 def hf_trainer(model, tokenizer, groups, scratch: Path) -> dict:
-    """Cross-entropy on `source <|bot|> target</s>` with the source masked out of the labels: what a
-    user would write with `Trainer` for the positives alone."""
+    """Cross-entropy on `prompt target</s>` with the prompt masked out of the labels: what a user would
+    write with `Trainer` for the positives alone."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    bot = tokenizer.convert_tokens_to_ids(BOT)
     examples = []
-    for source, targets in zip(groups.source_ids, groups.target_ids):
-        prefix = source + [bot]
-        examples.append({"input_ids": prefix + targets[0], "labels": [-100] * len(prefix) + targets[0]})
+    for prompt, targets in zip(groups.prompt_ids, groups.target_ids):
+        examples.append({"input_ids": prompt + targets[0], "labels": [-100] * len(prompt) + targets[0]})
     tokens = sum(len(e["input_ids"]) for e in examples) * EPOCHS
 
     def collate(batch):
@@ -126,12 +124,12 @@ def hf_trainer(model, tokenizer, groups, scratch: Path) -> dict:
 
 @contextlib.contextmanager
 def each_candidate_read_whole():
-    """`scoring.token_logprobs` as it was before the source was shared: the source repeated for each of
-    its candidates, one `source <|bot|> target` row per candidate."""
+    """`scoring.token_logprobs` as it was before the prompt was shared: the prompt repeated for each of
+    its candidates, one `prompt target` row per candidate."""
     from pipeline import modeling
 
-    def whole(dm, source_ids, target_ids, candidates_per_source=1):
-        repeated = [ids for ids in source_ids for _ in range(candidates_per_source)]
+    def whole(dm, prompt_ids, target_ids, candidates_per_source=1):
+        repeated = [ids for ids in prompt_ids for _ in range(candidates_per_source)]
         return modeling.token_logprobs(dm, repeated, target_ids, 1)
 
     shared, scoring.token_logprobs = scoring.token_logprobs, whole
@@ -179,8 +177,9 @@ def measure_all() -> None:
         texts = [t for row in table.to_pylist() for t in row["context"] + [row["positive"]] + row["rots"]]
         tokenizer = train_tokenizer(texts, vocab_size=1000)
         model = tiny_gpt2(tokenizer)
-    groups = scoring.encode_groups(tokenizer, table.slice(0, GROUPS_PER_RUN), CONFIG)
-    validation = scoring.encode_groups(tokenizer, table.slice(GROUPS_PER_RUN), CONFIG)
+    encoder = DialogModel(model, tokenizer, is_seq2seq=False)
+    groups = scoring.encode_groups(encoder, table.slice(0, GROUPS_PER_RUN), CONFIG)
+    validation = scoring.encode_groups(encoder, table.slice(GROUPS_PER_RUN), CONFIG)
     ce_only, npair = dataclasses.replace(CONFIG, contrastive_weight=0.0), dataclasses.replace(CONFIG, contrastive_weight=1.0)
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as scratch:
