@@ -920,23 +920,23 @@ def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table()
 # --- the experiment's table ---------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("folder", ["experiment", "experiment-scratch"])  # SmolLM2's, the scratch model's
 @pytest.mark.parametrize("table, section", [("headline_lines", "Headline"),
                                             ("replication_lines", "Seeds and ablations, main rows")])
-def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(table, section):
+def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(table, section, folder):
     """The README's tables of the real-data experiment are `experiment.headline_lines` and
-    `experiment.replication_lines` of the committed reports/experiment/results.json, line for line: not
+    `experiment.replication_lines` of the committed reports/<folder>/results.json, line for line: not
     typed by hand."""
     import json
 
     from pipeline import experiment
 
-    path = REPO / "reports" / "experiment" / "results.json"
+    path = REPO / "reports" / folder / "results.json"
     if not path.is_file():
-        pytest.skip("no reports/experiment/results.json committed yet")
+        pytest.skip(f"no {path} committed yet")
     lines = getattr(experiment, table)(json.loads(path.read_text(encoding="utf-8")))
     if table == "replication_lines" and not lines:
         pytest.skip(f"{path}: no seeds or ablations run yet")
     assert lines, f"{path}: no run of the method to show"
     assert "\n".join(lines) in (REPO / "README.md").read_text(encoding="utf-8"), (
-        f"README.md's experiment table differs from reports/experiment/results.json: paste the `## {section}` "
-        "table of reports/experiment/results.md")
+        f"README.md's experiment table differs from {path}: paste the `## {section}` table of its results.md")
