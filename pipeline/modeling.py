@@ -469,25 +469,21 @@ def target_logits(dm: DialogModel, prompt_ids: list[list[int]], target_ids: list
     elif C > 1 and min(len(p) for p in prompt_ids) > 1:
         return _shared_source_logits(dm, prompt_ids, target_ids, C)
     else:
-        rows, starts = [], []
-        for index, target in enumerate(target_ids):
-            prompt = prompt_ids[index // C]
-            rows.append(prompt + target)
-            starts.append(len(prompt))
-        ids, attention = _pad(rows, pad)  # (S*C, L+T), right-padded
+        # Rows `prompt target`, left-padded so that every row's target ends at the last position: the output
+        # layer then runs on the last T + 1 positions only (`logits_to_keep`), not on every prompt token.
+        rows = [prompt_ids[index // C] + target for index, target in enumerate(target_ids)]
+        ids, attention = _pad(rows, pad, left=True)  # (S*C, L+T)
         device = next(model.parameters()).device
-        logits_all = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits  # (S*C, L+T, V)
+        ids, attention = ids.to(device), attention.to(device)
         width = max(len(t) for t in target_ids)
-        # Gather each row's target positions: token j of the target is predicted at position start+j-1.
-        positions = torch.tensor(starts).unsqueeze(1) - 1 + torch.arange(width).unsqueeze(0)  # (S*C, T)
-        target_mask = torch.zeros_like(positions)
-        labels = torch.full_like(positions, pad)
-        for i, target in enumerate(target_ids):
-            target_mask[i, : len(target)] = 1
-            labels[i, : len(target)] = torch.tensor(target)
-        positions = positions.clamp(max=ids.shape[1] - 1).to(device)
-        logits = logits_all.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits_all.shape[-1]))
-        labels, target_mask = labels.to(device), target_mask.to(device)
+        kept = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0),
+                     logits_to_keep=width + 1).logits  # (S*C, T+1, V): positions L+T-T-1 .. L+T-1
+        labels, target_mask = (t.to(device) for t in _pad(target_ids, pad))  # (S*C, T), right-padded
+        lengths = target_mask.sum(-1, keepdim=True)  # (S*C, 1)
+        # Token j of a target of length n sits at position end - n + j, predicted at end - n + j - 1: in the
+        # kept positions, index width - n + j.
+        positions = (width - lengths + torch.arange(width, device=device).unsqueeze(0)).clamp(max=width)  # (S*C, T)
+        logits = kept.gather(1, positions.unsqueeze(-1).expand(-1, -1, kept.shape[-1]))
     return logits, labels, target_mask
 
 
