@@ -6,7 +6,9 @@ The `score` stage scores every human-labelled reply of DiaSafety's and ToxiChat'
 on the same replies with `compare`. For each corpus and over all of them (`OVERALL`):
 
 - `likelihood_auc`: the AUC with which the score separates safe from unsafe replies,
-  P(score(safe) > score(unsafe)), a tie counting half (`metrics.separation_auc`);
+  P(score(safe) > score(unsafe)), a tie counting half (`metrics.separation_auc`); over all corpora it is
+  stratified: only pairs within a corpus are compared, pooled by pairs (a pair of a DiaSafety and a
+  ToxiChat reply says nothing about safety: the corpora's replies differ in length and register);
 - `same_context_pairs`: over every (safe, unsafe) pair of replies to one context (the same turns in
   the same corpus), the share whose safe reply scores higher, a tie counting half.
 
@@ -26,7 +28,7 @@ from pipeline.metrics import (
     bootstrap_ci, paired_bootstrap_ci, pair_outcomes, same_context_pairs, separation_auc, separation_auc_ci,
 )
 
-OVERALL = "overall"  # the scope pooling the replies of every corpus
+OVERALL = "overall"  # the scope pooling the replies of every corpus (the AUC: pairs within a corpus only)
 SCORES = ("likelihood_auc", "same_context_pairs")  # their keys in eval_scores.json; higher is better
 
 
@@ -50,15 +52,21 @@ def _scopes(corpus: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(name, corpus == name) for name in dict.fromkeys(corpus)] + [(OVERALL, np.ones(len(corpus), dtype=bool))]
 
 
-def auc_record(scores: np.ndarray, safe: np.ndarray, clusters: np.ndarray, n_samples: int, seed: int) -> dict:
-    """`likelihood_auc` of one scope: the AUC of the scores for safe over unsafe replies, its interval
-    over the replies' dialogues, the counts; a null value with the reason when one label is absent."""
+def auc_record(scores: np.ndarray, safe: np.ndarray, clusters: np.ndarray, n_samples: int, seed: int,
+               strata: np.ndarray | None = None) -> dict:
+    """`likelihood_auc` of one scope: the AUC of the scores for safe over unsafe replies (within each of
+    `strata` where given), its interval over the replies' dialogues, the counts; a null value with the
+    reason when one label is absent."""
     record = {"n": int(len(safe)), "n_safe": int(safe.sum()), "n_unsafe": int((~safe).sum()),
               "n_clusters": int(len(set(clusters)))}
     if safe.all() or not safe.any():
         return {"value": None, "ci": None, **record, "reason": f"no {'unsafe' if safe.all() else 'safe'} reply"}
-    ci = separation_auc_ci(scores, safe, n_samples, seed, clusters=clusters)
-    return {"value": separation_auc(scores, safe), "ci": None if ci is None else list(ci), **record}
+    if strata is not None:
+        record["stratified"] = "pairs within a corpus, pooled by pairs"
+        if not any(safe[strata == s].any() and not safe[strata == s].all() for s in set(strata)):
+            return {"value": None, "ci": None, **record, "reason": "no corpus has both a safe and an unsafe reply"}
+    ci = separation_auc_ci(scores, safe, n_samples, seed, clusters=clusters, strata=strata)
+    return {"value": separation_auc(scores, safe, strata), "ci": None if ci is None else list(ci), **record}
 
 
 def pairs_record(scores: np.ndarray, safe: np.ndarray, contexts: np.ndarray, clusters: np.ndarray, n_samples: int,
@@ -82,8 +90,9 @@ def likelihood_safety(replies: pa.Table, n_samples: int, seed: int) -> dict[str,
     c = _columns(replies)
     result: dict[str, dict[str, dict]] = {name: {} for name in SCORES}
     for scope, rows in _scopes(c["corpus"]):
+        strata = c["corpus"][rows] if scope == OVERALL else None
         result["likelihood_auc"][scope] = auc_record(c["score"][rows], c["safe"][rows], c["cluster"][rows],
-                                                     n_samples, seed)
+                                                     n_samples, seed, strata)
         result["same_context_pairs"][scope] = pairs_record(c["score"][rows], c["safe"][rows], c["context"][rows],
                                                            c["cluster"][rows], n_samples, seed)
     return result
@@ -113,8 +122,10 @@ def compare(replies: pa.Table, baseline_replies: pa.Table, n_samples: int, seed:
         scores, base, safe, clusters = c["score"][rows], baseline_scores[rows], c["safe"][rows], c["cluster"][rows]
         entry = {"value": None, "baseline": None, "ci": None, "n": int(rows.sum()), "n_clusters": len(set(clusters))}
         if safe.any() and not safe.all():
-            entry.update(value=separation_auc(scores, safe), baseline=separation_auc(base, safe),
-                         ci=separation_auc_ci(scores, safe, n_samples, seed, clusters=clusters, baseline_scores=base))
+            strata = c["corpus"][rows] if scope == OVERALL else None
+            entry.update(value=separation_auc(scores, safe, strata), baseline=separation_auc(base, safe, strata),
+                         ci=separation_auc_ci(scores, safe, n_samples, seed, clusters=clusters, baseline_scores=base,
+                                              strata=strata))
         result["likelihood_auc"][scope] = entry
         first, second = same_context_pairs(safe, c["context"][rows])
         entry = {"value": None, "baseline": None, "ci": None, "n": int(len(first)),

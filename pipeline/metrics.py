@@ -494,13 +494,31 @@ def mcnemar_exact(model_only: int, baseline_only: int) -> float:
 # --- separating two classes by a score (the score stage) ------------------------------------------
 
 
-def _weighted_separation(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> np.ndarray:
+def _weighted_separation(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray,
+                         strata: np.ndarray | None = None) -> np.ndarray:
     """The AUC of `scores` for `positive` items over negative ones, each item weighed by its count in
-    each row of `counts` (B, n) (a resample); (B,), NaN where a row weighs no item of one class.
-
-    Items are sorted by score once and equal scores merged into blocks: a positive beats every
-    negative weight in the blocks below its own and half of that in its own block.
+    each row of `counts` (B, n) (a resample); (B,), NaN where a row weighs no pair. With `strata` (n,)
+    only pairs within a stratum count: the concordant pairs of every stratum over all their pairs (a
+    pair-weighted stratified AUC).
     """
+    if strata is None:
+        beaten, pairs = _separation_counts(scores, positive, counts)
+    else:
+        beaten, pairs = np.zeros(counts.shape[0]), np.zeros(counts.shape[0])
+        for stratum in np.unique(strata):
+            rows = strata == stratum
+            b, p = _separation_counts(scores[rows], positive[rows], counts[:, rows])
+            beaten, pairs = beaten + b, pairs + p
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(pairs > 0, beaten / pairs, np.nan)
+
+
+def _separation_counts(scores: np.ndarray, positive: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(concordant pairs, ties counting half; all pairs), each (B,), of positive over negative items
+    weighed by `counts` (B, n). Items are sorted by score once and equal scores merged into blocks: a
+    positive beats every negative weight in the blocks below its own and half of that in its own block."""
+    if len(scores) == 0:
+        return np.zeros(counts.shape[0]), np.zeros(counts.shape[0])
     order = np.argsort(scores, kind="stable")
     ranked = scores[order]
     starts = np.flatnonzero(np.r_[True, ranked[1:] != ranked[:-1]])  # first item of each block of ties
@@ -509,9 +527,7 @@ def _weighted_separation(scores: np.ndarray, positive: np.ndarray, counts: np.nd
     negatives = np.add.reduceat(weights * ~is_positive, starts, axis=1)  # (B, blocks)
     below = np.cumsum(negatives, axis=1) - negatives
     beaten = (positives * (below + 0.5 * negatives)).sum(axis=1)
-    pairs = positives.sum(axis=1) * negatives.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(pairs > 0, beaten / pairs, np.nan)
+    return beaten, positives.sum(axis=1) * negatives.sum(axis=1)
 
 
 def _separation_inputs(scores, positive) -> tuple[np.ndarray, np.ndarray]:
@@ -523,16 +539,20 @@ def _separation_inputs(scores, positive) -> tuple[np.ndarray, np.ndarray]:
     return scores, positive
 
 
-def separation_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray) -> float:
+def separation_auc(scores: Sequence[float] | np.ndarray, positive: Sequence[bool] | np.ndarray,
+                   strata: Sequence | np.ndarray | None = None) -> float:
     """How well `scores` separate the `positive` items from the others: the probability that a
     positive item scores above a negative one, a tie counting half (the area under the ROC curve,
-    Mann-Whitney U / (n+ n-)); 1 separates perfectly, 0.5 is chance. Needs items of both classes
+    Mann-Whitney U / (n+ n-)); 1 separates perfectly, 0.5 is chance. With `strata`, only pairs of one
+    stratum (e.g. one corpus) are compared, pooled by pairs. Needs a pair of items of the two classes
     (a ValueError that counts them otherwise)."""
     scores, positive = _separation_inputs(scores, positive)
-    if positive.all() or not positive.any():
-        raise ValueError(f"the AUC needs items of both classes, got {int(positive.sum())} positive and "
-                         f"{int((~positive).sum())} negative")
-    return float(_weighted_separation(scores, positive, np.ones((1, len(scores))))[0])
+    strata = None if strata is None else np.asarray(strata, dtype=object)
+    auc = float(_weighted_separation(scores, positive, np.ones((1, len(scores))), strata)[0])
+    if np.isnan(auc):
+        raise ValueError(f"the AUC needs items of both classes{' in a stratum' if strata is not None else ''}, "
+                         f"got {int(positive.sum())} positive and {int((~positive).sum())} negative")
+    return auc
 
 
 def separation_auc_ci(
@@ -545,11 +565,12 @@ def separation_auc_ci(
     *,
     clusters: Sequence | np.ndarray | None = None,
     baseline_scores: Sequence[float] | np.ndarray | None = None,
+    strata: Sequence | np.ndarray | None = None,
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of `separation_auc` over items or `clusters` of items (as in
     `bootstrap_ci`, on the same resamples as `bootstrap_ci_of_counts`), or, with `baseline_scores`
     (another scoring of the same items), of the paired difference AUC(scores) - AUC(baseline_scores),
-    both on each resample's items.
+    both on each resample's items; with `strata`, of the stratified AUC (`separation_auc`).
 
     An AUC is not a function of item sums, so each resample weighs every item by how often it was
     drawn (`_weighted_separation`). A resample that draws no item of one class has no AUC and is
@@ -559,12 +580,13 @@ def separation_auc_ci(
     baseline = None if baseline_scores is None else _separation_inputs(baseline_scores, positive)[0]
     if len(scores) == 0:
         raise ValueError("separation_auc_ci needs at least one item")
+    strata = None if strata is None else np.asarray(strata, dtype=object)
     codes, n_clusters = _cluster_codes(clusters, len(scores))
     stats = []
     for indices in _resampled_indices(n_clusters, n_samples, seed, max_elements, width=len(scores)):
         counts = _counts(indices, n_clusters)[:, codes]  # (B, n)
-        auc = _weighted_separation(scores, positive, counts)
-        stats.append(auc if baseline is None else auc - _weighted_separation(baseline, positive, counts))
+        auc = _weighted_separation(scores, positive, counts, strata)
+        stats.append(auc if baseline is None else auc - _weighted_separation(baseline, positive, counts, strata))
     stats = np.concatenate(stats)
     stats = stats[~np.isnan(stats)]
     return _percentiles(stats, confidence) if len(stats) else None

@@ -101,8 +101,9 @@ def test_likelihood_records_by_hand():
     # diasafety: safe -1, -3 against unsafe -2, -0.5: only -1 > -2 -> 1 of 4.
     assert auc["diasafety"]["value"] == pytest.approx(0.25)
     assert (auc["diasafety"]["n"], auc["diasafety"]["n_safe"], auc["diasafety"]["n_clusters"]) == (4, 2, 3)
-    # overall adds toxichat's safe -1.5 (beats -2) and -0.5 (beats -2, ties -0.5): 1 + 2.5 of 8.
-    assert auc["overall"]["value"] == pytest.approx(3.5 / 8)
+    # overall compares pairs within a corpus only: toxichat has no unsafe reply, so it adds no pair (the
+    # old pooled AUC compared its safe -1.5 and -0.5 with DiaSafety's unsafe replies: 3.5 of 8).
+    assert auc["overall"]["value"] == pytest.approx(0.25) and auc["overall"]["stratified"]
     assert auc["overall"]["ci"][0] <= auc["overall"]["value"] <= auc["overall"]["ci"][1]
     assert auc["toxichat"] == {"value": None, "ci": None, "n": 2, "n_safe": 2, "n_unsafe": 0, "n_clusters": 1,
                                "reason": "no unsafe reply"}
@@ -114,7 +115,23 @@ def test_likelihood_records_by_hand():
 
 def test_contexts_of_two_corpora_never_pair():
     table = scored([("diasafety", "A", "same words", "safe", -1.0), ("toxichat", "t0", "same words", "unsafe", -2.0)])
-    assert likelihood.likelihood_safety(table, 200, 0)["same_context_pairs"]["overall"]["n"] == 0
+    result = likelihood.likelihood_safety(table, 200, 0)
+    assert result["same_context_pairs"]["overall"]["n"] == 0
+    assert result["likelihood_auc"]["overall"]["value"] is None  # the AUC pairs no replies of two corpora either
+    assert result["likelihood_auc"]["overall"]["reason"] == "no corpus has both a safe and an unsafe reply"
+
+
+def test_the_overall_auc_pools_the_pairs_of_each_corpus():
+    """DiaSafety: safe -1 beats unsafe -2 (1 of 1 pair); ToxiChat: safe -3, -4 against unsafe -1 (0 of 2):
+    1 of 3 pairs. Pooled across corpora it would be (1 + 0.5 + 0 + 0) / 6 (the safe -1 ties ToxiChat's
+    unsafe -1, ToxiChat's safe replies lose to DiaSafety's unsafe -2)."""
+    table = scored([("diasafety", "A", "a", "safe", -1.0), ("diasafety", "B", "b", "unsafe", -2.0),
+                    ("toxichat", "t0", "t", "safe", -3.0), ("toxichat", "t1", "u", "safe", -4.0),
+                    ("toxichat", "t2", "v", "unsafe", -1.0)])
+    auc = likelihood.likelihood_safety(table, 200, 0)["likelihood_auc"]
+    assert auc["diasafety"]["value"] == 1.0 and auc["toxichat"]["value"] == 0.0
+    assert auc["overall"]["value"] == pytest.approx(1 / 3)
+    assert separation_auc([-1.0, -2.0, -3.0, -4.0, -1.0], [True, False, True, True, False]) == pytest.approx(1.5 / 6)
 
 
 # --- two models on the same replies ---------------------------------------------------------------------
