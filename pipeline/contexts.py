@@ -74,3 +74,16 @@ class Halves:
     def record(self) -> dict:
         return {"corpora": list(self.corpora), "share": self.share, "key": "the first turn, normalized "
                 "(pipeline.contexts.context_key)"}
+
+
+# Corpora whose bootstrap cluster is the context's first turn rather than its dialogue: ToxiChat's threads
+# share Reddit posts (142 test threads on 119 posts), and its split is keyed on the post.
+CLUSTER_BY_FIRST_TURN = ("toxichat",)
+
+
+def cluster_key(corpus: str, dialogue_id: str, context: Sequence[str]) -> str:
+    """The unit a bootstrap draws for a row: `<corpus>/<dialogue_id>`, or for a corpus of
+    `CLUSTER_BY_FIRST_TURN`, `<corpus>/<the context's key>` (all threads on one post together)."""
+    if corpus in CLUSTER_BY_FIRST_TURN:
+        return f"{corpus}/{context_key(context)}"
+    return f"{corpus}/{dialogue_id}"

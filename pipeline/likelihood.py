@@ -12,8 +12,9 @@ on the same replies with `compare`. For each corpus and over all of them (`OVERA
 - `same_context_pairs`: over every (safe, unsafe) pair of replies to one context (the same turns in
   the same corpus), the share whose safe reply scores higher, a tie counting half.
 
-Intervals are 95% cluster bootstraps that draw dialogues (`<corpus>/<dialogue_id>`): the replies of
-one dialogue share its context, and ToxiChat's threads hold several labelled replies.
+Intervals are 95% cluster bootstraps that draw dialogues (`<corpus>/<dialogue_id>`; ToxiChat's posts, whose
+threads share them: `contexts.cluster_key`): the replies of one dialogue share its context, and
+ToxiChat's threads hold several labelled replies.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import numpy as np
 import pyarrow as pa
 
+from pipeline.contexts import cluster_key
 from pipeline.errors import DataError
 from pipeline.metrics import (
     bootstrap_ci, paired_bootstrap_ci, pair_outcomes, same_context_pairs, separation_auc, separation_auc_ci,
@@ -38,11 +40,13 @@ def context_id(turns: list[str]) -> str:
 
 
 def _columns(replies: pa.Table) -> dict[str, np.ndarray]:
-    """The arrays the records need: corpus, score, safe, cluster (`<corpus>/<dialogue_id>`), context
+    """The arrays the records need: corpus, score, safe, cluster (`contexts.cluster_key`), context
     (`<corpus>/<context_id>`) and reply (`<corpus>/<reply_id>`), one row per reply."""
     corpus = np.asarray(replies["corpus"].to_pylist(), dtype=object)
     prefixed = {name: corpus + "/" + np.asarray(replies[column].to_pylist(), dtype=object)
-                for name, column in (("cluster", "dialogue_id"), ("context", "context_id"), ("reply", "reply_id"))}
+                for name, column in (("context", "context_id"), ("reply", "reply_id"))}
+    prefixed["cluster"] = np.asarray([cluster_key(c, d, t) for c, d, t in zip(
+        corpus, replies["dialogue_id"].to_pylist(), replies["context"].to_pylist())], dtype=object)
     return {"corpus": corpus, "score": replies["score"].to_numpy(zero_copy_only=False),
             "safe": np.asarray(replies["reply_label"].to_pylist(), dtype=object) == "safe", **prefixed}
 

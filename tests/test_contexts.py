@@ -63,3 +63,12 @@ def test_halves_split_only_the_judge_corpora_and_the_two_halves_are_complementar
     assert 0 < method.num_rows < 40 and method.num_rows + judge.num_rows == 40
     assert not set(method["response"].to_pylist()) & set(judge["response"].to_pylist())
     assert halves.of("daily_dialog", table) is table  # not a judge corpus: kept whole
+
+
+def test_toxichat_threads_on_one_post_are_one_cluster_and_other_corpora_cluster_by_dialogue():
+    from pipeline.contexts import cluster_key
+
+    assert cluster_key("toxichat", "test-3", ["My post!", "a reply"]) == cluster_key("toxichat", "test-9", ["my post"])
+    assert cluster_key("toxichat", "test-3", ["My post!"]) != cluster_key("toxichat", "test-3", ["Another post"])
+    assert cluster_key("diasafety", "d1", ["same"]) != cluster_key("diasafety", "d2", ["same"])
+    assert cluster_key("diasafety", "d1", ["same"]) == "diasafety/d1"

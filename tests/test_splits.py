@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline.artifacts import write_parquet
+from pipeline.contexts import normalized_text
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
 from pipeline.schemas import NORMALIZED, RAW, read_table
 from pipeline.stages import normalize
@@ -74,8 +75,8 @@ def test_mic_is_split_by_question(sample_data_dir, normalize_config):
     for split, split_rows in rows.items():
         for row in split_rows:
             (question,) = row["context"]
-            # The split is the hash of "mic:<question>": its sha1's first 12 hex digits as a fraction.
-            unit = int(hashlib.sha1(f"mic:{question}".encode()).hexdigest()[:12], 16) / 16**12
+            # The split is the hash of "mic:<question, normalized>": its sha1's first 12 hex digits as a fraction.
+            unit = int(hashlib.sha1(f"mic:{normalized_text(question)}".encode()).hexdigest()[:12], 16) / 16**12
             assert split == next((s for bound, s in bounds if unit < bound), "test"), question
             # Marked derived when its annotation's file was another split.
             source = {s for s, raw_rows in raw.items() for r in raw_rows
@@ -141,6 +142,22 @@ def test_a_dialogue_stored_twice_lands_in_one_derived_split(tmp_path):
     assert in_two_splits(holding) == []
     assert not [key for key in stats["counts"] if key.startswith("dropped")]  # kept together, nothing dropped
     assert sum(stats["rows"].values()) == 80 * 2 and stats["rows"]["test"] > 0
+
+
+def test_near_duplicate_openings_land_in_one_derived_split(tmp_path):
+    """DiaSafety's test split is carved from train by a hash of the context: contexts that differ only by
+    a leading character, markup, case or punctuation (29 of 745 test contexts did) land together."""
+    forms = lambda i: [f"Is it ok to lie to my friend {i}?", f"*is it OK to lie to my friend {i}*",  # noqa: E731
+                       f"<b>Is it ok to lie to my friend {i}</b>", f"-Is it ok, to lie to my friend {i}??"]
+    raw = [{"context": form, "response": f"reply {j}", "category": "Unauthorized Expertise", "label": "Safe"}
+           for i in range(30) for j, form in enumerate(forms(i))]
+    (tmp_path / "raw").mkdir()
+    write_parquet(pa.Table.from_pylist(raw, schema=RAW["diasafety"]), tmp_path / "raw" / "train.parquet")
+    normalize.run(NormalizeConfig(), "diasafety", tmp_path / "raw", tmp_path / "out")
+    rows = {split: read_table(tmp_path / "out" / f"{split}.parquet").to_pylist() for split in SPLITS}
+    holding = splits_holding(rows, lambda row: normalized_text(row["context"][0]))
+    assert len(holding) == 30 and in_two_splits(holding) == []
+    assert len({split for splits in holding.values() for split in splits}) > 1  # the draw still splits
 
 
 def table_of(contexts: list[list[str]], dialogue: str) -> pa.Table:

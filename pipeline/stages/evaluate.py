@@ -77,6 +77,7 @@ from pipeline import metrics as M
 from pipeline import report
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, EvaluateConfig
+from pipeline.contexts import cluster_key
 from pipeline.errors import DataError
 from pipeline.human_eval import JUDGE, KEY_COLUMNS, RATINGS, SHEET_COLUMNS, item_digest
 from pipeline.judging import ReplyJudge, judge_replies, provenance
@@ -161,7 +162,8 @@ def read_candidates(path: Path) -> pa.Table:
 def context_table(candidates: pa.Table, where: str) -> pa.Table:
     """One row per context: its label, cluster, references, first sample and re-ranked choice.
 
-    Columns: context_id, cluster ("<corpus>/<dialogue_id>", the unit a bootstrap draws), context,
+    Columns: context_id, cluster (the unit a bootstrap draws, `contexts.cluster_key`: "<corpus>/<dialogue_id>",
+    ToxiChat's post), context,
     context_label (collapsed 3-way or unlabelled), reference, references, reference_rots,
     response_/rot_/probs_ + first|reranked, candidates, candidates_with_rot. Raises DataError
     naming `where` when a context lacks exactly one first sample or one selection, a candidate
@@ -199,7 +201,9 @@ def context_table(candidates: pa.Table, where: str) -> pa.Table:
               for label in first["safety_label"].to_pylist()]
     columns = {
         "context_id": first["context_id"],
-        "cluster": pc.binary_join_element_wise(first["corpus"], first["dialogue_id"], "/"),
+        "cluster": pa.array([cluster_key(c, d, t) for c, d, t in zip(first["corpus"].to_pylist(),
+                                                                      first["dialogue_id"].to_pylist(),
+                                                                      first["context"].to_pylist())], pa.string()),
         "context": first["context"],
         "context_label": pa.array(labels, pa.string()),
         "reference": first["reference"],

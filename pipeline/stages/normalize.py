@@ -29,7 +29,7 @@ it).
 
 Splits. Whole dialogues stay in one split. Where normalize draws the split itself, it hashes each
 dialogue's opening (its first two turns, `dialogue_openings`; MIC's question, DiaSafety's context,
-ToxiChat's post), never its id, in proportion to `normalize.split_fractions`, so that dialogues the
+ToxiChat's post) up to case, punctuation and markup (`contexts.normalized_text`), never its id, in proportion to `normalize.split_fractions`, so that dialogues the
 source stores twice land together (hub PersonaChat's train split, from ParlAI's self_original files,
 tells each conversation once per speaker, under two `conv_id`s; DailyDialog repeats dialogues). It
 does so for a split the source lacks, shared out of the source's largest split, and for MIC, whose
@@ -56,6 +56,7 @@ import pyarrow.compute as pc
 
 from pipeline.artifacts import ensure_writable, sha256, staged_dir, write_json, write_parquet
 from pipeline.config import CORPORA, SPLITS, NormalizeConfig
+from pipeline.contexts import normalized_text
 from pipeline.errors import DataError
 from pipeline.labels import DIASAFETY_CATEGORIES, SAFETY_LABELS
 from pipeline.schemas import NORMALIZED, read_raw
@@ -521,8 +522,10 @@ def partition(table: pa.Table, corpus: str, targets: list[str], fractions: dict[
         edge += fractions[split] / total
         bounds.append((edge, split))
     openings = dialogue_openings(table, OPENING_TURNS.get(corpus, 2))
-    split_of = {dialogue_id: next((s for bound, s in bounds if hash_unit(corpus, "\n".join(opening)) < bound),
-                                  targets[-1]) for dialogue_id, opening in openings.items()}
+    # Keyed on the opening up to case, punctuation and markup, so near-duplicates land together.
+    keys = {dialogue_id: "\n".join(normalized_text(turn) for turn in opening) for dialogue_id, opening in openings.items()}
+    split_of = {dialogue_id: next((s for bound, s in bounds if hash_unit(corpus, key) < bound), targets[-1])
+                for dialogue_id, key in keys.items()}
     assigned = [split_of[dialogue_id] for dialogue_id in table.column("dialogue_id").to_pylist()]
     moved = pa.array([a != s for a, s in zip(assigned, table.column("split").to_pylist())], pa.bool_())
     table = table.set_column(table.schema.get_field_index("derived_split"), "derived_split", moved)

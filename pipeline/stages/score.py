@@ -49,6 +49,7 @@ import pyarrow as pa
 from pipeline import devices
 from pipeline.artifacts import ensure_writable, staged_dir, write_json, write_parquet
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, CORPORA, DIALOG_SAFETY_CORPORA, EvaluateConfig, TrainConfig
+from pipeline.contexts import cluster_key
 from pipeline.errors import DataError
 from pipeline.labels import REPLY_LABELS
 from pipeline.likelihood import context_id, likelihood_safety
@@ -175,7 +176,8 @@ def run(train_config: TrainConfig, evaluate_config: EvaluateConfig, name: str, m
         scored = score_replies(scorer, replies, train_config)
     metrics = validation_metrics(validation_sums(per_group))
     # Groups of one dialogue (a ProsocialDialog conversation, a MIC question) are resampled together.
-    clusters = [f"{c}/{d}" for c, d in zip(table["corpus"].to_pylist(), table["dialogue_id"].to_pylist())]
+    clusters = [cluster_key(c, d, t) for c, d, t in zip(table["corpus"].to_pylist(), table["dialogue_id"].to_pylist(),
+                                                         table["context"].to_pylist())]
     low, high = bootstrap_ci(per_group["ranked_first"].tolist(), n_samples=evaluate_config.bootstrap_samples,
                              seed=evaluate_config.seed, clusters=clusters)
     tokens = int(per_group["positive_tokens"].sum())
