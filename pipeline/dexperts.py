@@ -115,10 +115,14 @@ def unfiltered(config: GenerateConfig) -> GenerateConfig:
 
 
 class _ExpertState:
-    """One expert's incremental forward passes over the growing sequences of one `generate` call."""
+    """One expert's incremental forward passes over the growing sequences of one `generate` call, whose
+    rows are the S prompts (S, L) repeated k times each (rows s*k .. s*k+k-1); a causal expert reads each
+    prompt once and repeats its key/value cache k times."""
 
-    def __init__(self, dm: DialogModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
-        self.dm, self.prompt_ids, self.prompt_mask = dm, prompt_ids, prompt_mask
+    def __init__(self, dm: DialogModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int):
+        self.dm, self.k = dm, k
+        self.unique_ids, self.unique_mask = prompt_ids, prompt_mask  # (S, L)
+        self.prompt_ids, self.prompt_mask = prompt_ids.repeat_interleave(k, 0), prompt_mask.repeat_interleave(k, 0)
         self.cache, self.positions, self.encoder = None, None, None
         self.cache_name = cache_keyword(dm.model)  # looked up once, not at every step
 
@@ -131,16 +135,22 @@ class _ExpertState:
             step = input_ids if self.cache is None else input_ids[:, -1:]
             out = model(encoder_outputs=self.encoder, attention_mask=self.prompt_mask, decoder_input_ids=step,
                         use_cache=True, **self._cache_argument())
+        elif self.cache is None:
+            # The first step (generate calls the processor after reading the prompts): each prompt once,
+            # then its logits and cache repeated for its k rows.
+            positions = (self.unique_mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=self.unique_ids, attention_mask=self.unique_mask, position_ids=positions,
+                        use_cache=True, logits_to_keep=1)
+            self.cache = out.get("cache", None) or out.get("past_key_values", None)
+            self.cache.batch_repeat_interleave(self.k)
+            self.positions = positions[:, -1:].repeat_interleave(self.k, 0)
+            return out.logits[:, -1, :].repeat_interleave(self.k, 0)
         else:
             new = input_ids.shape[1] - self.prompt_ids.shape[1]
             mask = torch.cat([self.prompt_mask, self.prompt_mask.new_ones(len(input_ids), new)], dim=1)
-            if self.cache is None:
-                step, positions = input_ids, (self.prompt_mask.cumsum(-1) - 1).clamp(min=0)
-            else:
-                step, positions = input_ids[:, -1:], self.positions + 1
-            out = model(input_ids=step, attention_mask=mask, position_ids=positions, use_cache=True,
+            self.positions = self.positions + 1
+            out = model(input_ids=input_ids[:, -1:], attention_mask=mask, position_ids=self.positions, use_cache=True,
                         **self._cache_argument())
-            self.positions = positions[:, -1:]
         self.cache = out.get("cache", None) or out.get("past_key_values", None)
         return out.logits[:, -1, :]
 
@@ -156,12 +166,10 @@ class Guidance:
 
     def __init__(self, experts: Experts, config: GenerateConfig, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, record: bool = False):
-        k = config.k
-        ids, mask = prompt_ids.repeat_interleave(k, dim=0), prompt_mask.repeat_interleave(k, dim=0)
         self.alpha, self.filters = experts.alpha, sampling_filters(config)
         scale = config.temperature if config.do_sample else 1.0
         self.weight = experts.alpha / scale  # the difference is scaled by the temperature like the logits
-        self.states = [_ExpertState(dm, ids, mask) for dm in (experts.expert, experts.antiexpert)]
+        self.states = [_ExpertState(dm, prompt_ids, prompt_mask, config.k) for dm in (experts.expert, experts.antiexpert)]
         self.steps: list[torch.Tensor] | None = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
