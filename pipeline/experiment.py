@@ -743,6 +743,28 @@ def prepare_environment(preset: Path, params: Path, prefix: str) -> tuple[dict, 
     return wanted, base, str(mirror)
 
 
+def queue_and_run(runs: dict[str, dict], base: dict, targets: tuple[str, ...], log_path: Path) -> int:
+    """Queue each run (name -> its params.yaml) this commit lacks as a DVC experiment of `targets` (all
+    stages when empty), the params set over `base` with `-S`, then run the queue in the foreground, one
+    at a time (`follow`); returns the exit status (0 when nothing was queued). A run of the same name
+    with other params is a PipelineError."""
+    done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
+    queued = 0
+    for name, settings in runs.items():
+        if name in done:
+            if done[name]["params"] != settings:
+                raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
+            log.info("experiment: %s is done on this commit; kept", name)
+            continue
+        arguments = [f"-S={override}" for override in overrides(settings, base)]
+        dvc("exp", "run", "--queue", "--name", name, *arguments, *targets)
+        log.info("experiment: queued %s (%d params set)", name, len(arguments))
+        queued += 1
+    if not queued:
+        return 0
+    return follow(dvc_command("exp", "run", "--run-all", "--jobs", "1"), log_path, runs=queued)
+
+
 def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
     """Queue the runs of `plan` that this commit lacks as DVC experiments (`<prefix>-<variant>-s<seed>`,
     `preset`'s values over `params`), run the queue in the foreground, write the table to `out`;
@@ -750,24 +772,8 @@ def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
     if plan not in PLANS:
         raise ConfigError(f"--plan = {plan!r} is not allowed: one of {', '.join(PLANS)}")
     wanted, base, mirror = prepare_environment(preset, params, prefix)
-    done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
-    queued = 0
-    for variant, seed in PLANS[plan]:
-        name = run_name(prefix, variant, seed)
-        settings = run_params(wanted, variant, seed, mirror)
-        if name in done:
-            if done[name]["params"] != settings:
-                raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
-            log.info("experiment: %s is done on this commit; kept", name)
-            continue
-        arguments = [f"-S={override}" for override in overrides(settings, base)]
-        dvc("exp", "run", "--queue", "--name", name, *arguments)
-        log.info("experiment: queued %s (%d params set)", name, len(arguments))
-        queued += 1
-    status = 0
-    if queued:
-        status = follow(dvc_command("exp", "run", "--run-all", "--jobs", "1"),
-                        out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log", runs=queued)
+    runs = {run_name(prefix, variant, seed): run_params(wanted, variant, seed, mirror) for variant, seed in PLANS[plan]}
+    status = queue_and_run(runs, base, (), out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log")
     experiment = report(out, prefix)  # whatever finished, also when a run failed
     for name, entry in experiment["runs"].items():
         if entry["stages"]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from pipeline.errors import DataError, PipelineError
 from pipeline.experiment import (
-    dvc, dvc_command, experiments, follow, get_dotted, overrides, prepare_environment, read_logs, with_changes,
+    dvc, experiments, get_dotted, prepare_environment, queue_and_run, read_logs, with_changes,
 )
 from pipeline.report import MISSING
 
@@ -228,23 +228,8 @@ def run(preset: Path, out: Path, params: Path, prefix: str, variants: list[str] 
     if unknown:
         raise ConfigError(f"--variant = {unknown[0]!r} is not allowed: one of {', '.join(VARIANTS)}")
     wanted, base, mirror = prepare_environment(preset, params, prefix)
-    done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
-    queued = 0
-    for variant in chosen:
-        name, settings = run_name(prefix, variant), run_params(wanted, variant, mirror)
-        if name in done:
-            if done[name]["params"] != settings:
-                raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
-            log.info("sweep: %s is done on this commit; kept", name)
-            continue
-        arguments = [f"-S={override}" for override in overrides(settings, base)]
-        dvc("exp", "run", "--queue", "--name", name, *arguments, *TARGETS)
-        log.info("sweep: queued %s (%d params set)", name, len(arguments))
-        queued += 1
-    status = 0
-    if queued:
-        status = follow(dvc_command("exp", "run", "--run-all", "--jobs", "1"),
-                        out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep.log", runs=queued)
+    runs = {run_name(prefix, variant): run_params(wanted, variant, mirror) for variant in chosen}
+    status = queue_and_run(runs, base, TARGETS, out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-sweep.log")
     results = report(out, prefix)
     missing = [run_name(prefix, v) for v in chosen if v not in results["runs"]]
     if missing:
