@@ -27,12 +27,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
-from pipeline.cli import app
 from pipeline.config import PretrainedConfig, section_from_dict
 from pipeline.errors import ConfigError, DataError
 from pipeline.stages import pretrained as stage
+from tests.test_audit_files import assert_one_line_error, invoke
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,19 +195,6 @@ def write_params(path: Path, models: dict, wheels: Path | str = "", cache: Path 
         section["cache"] = str(cache)
     path.write_text(yaml.safe_dump({"pretrained": section}), encoding="utf-8")
     return path
-
-
-def invoke(*args, env=None):
-    return CliRunner().invoke(app, [str(a) for a in args], env=env)
-
-
-def assert_one_line_error(result, *parts) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for part in parts:
-        assert str(part) in lines[0], (part, lines[0])
-    return lines[0]
 
 
 def folder_logits(folder: Path, ids):
