@@ -29,7 +29,7 @@ A candidate's score covers its reply's tokens (and eos), not the RoT or the mark
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Sequence
 
@@ -187,18 +187,6 @@ def encode_sources(tokenizer, sources: Sequence[Source], max_tokens: int) -> lis
     return out
 
 
-def encode_targets(tokenizer, targets: Sequence[str], max_tokens: int) -> tuple[list[list[int]], list[bool]]:
-    """Token ids of each target within `max_tokens`, and whether it was cut.
-
-    A target that fits ends in eos. One that does not keeps its first `max_tokens` tokens and no
-    eos: an eos after a cut would teach the model to stop mid-sentence, and would weigh an
-    unlikely end-of-reply in a cut candidate's score.
-    """
-    ids = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-    cut = [len(row) >= max_tokens for row in ids]
-    return [row[:max_tokens] if was_cut else row + [tokenizer.eos_token_id] for row, was_cut in zip(ids, cut)], cut
-
-
 def _pad(rows: list[list[int]], value: int, left: bool = False):
     import torch
 
@@ -236,8 +224,9 @@ class Reading(NamedTuple):
 
 
 def _cut_targets(heads: list[list[int]], replies: list[list[int]], eos: int, max_tokens: int) -> EncodedTargets:
-    """`head + reply` of each target within `max_tokens`, ended by eos when it fits (`encode_targets`'
-    rule: a cut target keeps its first tokens and no eos)."""
+    """`head + reply` of each target within `max_tokens`, ended by eos when it fits. A target that does not
+    keeps its first `max_tokens` tokens and no eos: an eos after a cut would teach the model to stop
+    mid-sentence, and would weigh an unlikely end-of-reply in a cut candidate's score."""
     ids, starts, cut = [], [], []
     for head, reply in zip(heads, replies):
         row = head + reply

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.modeling import (
-    BOT, SPECIAL_TOKENS, DialogModel, MarkerFormat, Source, encode_sources, encode_targets, format_source,
+    BOT, SPECIAL_TOKENS, DialogModel, MarkerFormat, Source, encode_sources, format_source,
     format_target, parse_target, token_logprobs, train_tokenizer,
 )
 
@@ -90,8 +90,8 @@ def test_marker_prompts_end_in_bot_for_a_causal_model_only(tokenizer):
 
 def test_batched_scores_equal_unbatched_ones_and_mask_padding(tokenizer):
     sources = [Source(["hello there, how are you?"]), Source(["what did you do today?", "i went hiking.", "nice!"])]
-    targets, _ = encode_targets(tokenizer, [format_target("i am fine.", ["Be kind."]), format_target("ok"),
-                                            format_target("it's wrong to steal."), format_target("you lie", ["x"])], 32)
+    targets = MarkerFormat().targets(tokenizer, ["i am fine.", "ok", "it's wrong to steal.", "you lie"],
+                                     [["Be kind."], [], [], ["x"]], True, 32).ids
     for dm in _tiny_models(tokenizer):
         prompts = dm.format.prompts(tokenizer, sources, 64, dm.is_seq2seq)
         with torch.no_grad():
@@ -135,13 +135,14 @@ def test_a_latest_turn_longer_than_the_budget_keeps_its_marker_and_last_tokens(t
 def test_a_cut_target_keeps_its_first_tokens_and_no_eos(tokenizer):
     """The old cut kept eos after the last kept token, teaching the model to stop mid-sentence."""
     long, short = "you should not lie to friends. " * 10, "it's wrong to steal."
-    long_ids, short_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (long, short))
+    long_ids, short_ids = (tokenizer(format_target(t), add_special_tokens=False)["input_ids"] for t in (long, short))
     budget = len(short_ids) + 1  # the short target and its eos fit exactly
-    targets, cut = encode_targets(tokenizer, [long, short], budget)
-    assert targets == [long_ids[:budget], short_ids + [tokenizer.eos_token_id]] and cut == [True, False]
+    encoded = MarkerFormat().targets(tokenizer, [long, short], [[], []], True, budget)
+    assert encoded.ids == [long_ids[:budget], short_ids + [tokenizer.eos_token_id]] and encoded.cut == [True, False]
+    assert encoded.reply_starts == [1, 1]  # after <|response|>
     # One token less: the short target keeps all its tokens but has no room for eos, so it is cut.
-    targets, cut = encode_targets(tokenizer, [short], budget - 1)
-    assert targets == [short_ids] and cut == [True]
+    encoded = MarkerFormat().targets(tokenizer, [short], [[]], True, budget - 1)
+    assert encoded.ids == [short_ids] and encoded.cut == [True]
 
 
 def _scoring_model(kind: str, tokenizer, chat_dir):
