@@ -25,7 +25,7 @@ import numpy as np
 from pipeline.config import GenerateConfig
 from pipeline.devices import autocast
 from pipeline.errors import DataError
-from pipeline.modeling import DialogModel, Source, _pad, decode_target
+from pipeline.modeling import DialogModel, Source, _pad, cache_keyword, decode_target
 
 if TYPE_CHECKING:
     from pipeline.dexperts import Experts
@@ -259,8 +259,6 @@ def shared_prompt_cache(dm: DialogModel, input_ids, attention, k: int) -> dict:
     `num_return_sequences` gives); `generate` then reads only the uncached last token. The same tokens as
     `num_return_sequences = k` for a seed, with the prompts read S rather than S*k times (tested)."""
     import torch
-
-    from pipeline.modeling import cache_keyword
 
     with torch.no_grad():
         out = dm.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
