@@ -1085,9 +1085,10 @@ class JudgeConfig:
     labels of corpora the safety classifier never sees; for evaluation only, never for re-ranking
     (`pipeline/stages/judge.py`)."""
 
-    model: Literal["tfidf", "scratch", "hf"] = "tfidf"
+    model: Literal["tfidf", "scratch", "hf", "ensemble"] = "tfidf"
     """Which classifier to train: `tfidf` (TF-IDF + logistic regression), `scratch` (small BERT
-    from a config) or `hf` (the encoder named in `judge.hf.name`)."""
+    from a config), `hf` (the encoder named in `judge.hf.name`, fine-tuned on the (reply, context) pair)
+    or `ensemble` (the `tfidf` and the `hf` judge, their probabilities averaged)."""
     corpora: list[str] = dataclasses.field(default_factory=lambda: list(DIALOG_SAFETY_CORPORA))
     """Corpora with human reply labels (`reply_label`) whose train split the judge learns from and whose
     validation and test splits measure it; none may be a corpus the safety classifier trains on."""

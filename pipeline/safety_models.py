@@ -58,7 +58,7 @@ AGREEMENT_LABELS = ("disagrees", "neutral", "agrees")  # MIC's A_agrees 0, 1, 2
 # COLLAPSE_MATRIX[i, j] = 1 when five-way label i collapses to three-way label j; (5, 3)
 COLLAPSE_MATRIX = np.array([[THREE_WAY.index(COLLAPSE[label]) == j for j in range(3)] for label in SAFETY_LABELS],
                            dtype=np.float64)
-KINDS = ("tfidf", "scratch", "hf")
+KINDS = ("tfidf", "scratch", "hf", "ensemble")
 SCORER_FILE = "scorer.json"
 ENCODER_DIR = "encoder"
 TFIDF_FILE = "tfidf.npz"
@@ -384,6 +384,24 @@ class TransformerClassifier(Classifier):
         return cls(kind, model.to(model_device()), tokenizer, config.max_length, config.batch_size * 2, task.labels)
 
 
+class EnsembleClassifier(Classifier):
+    """A TF-IDF and a transformer classifier of the same labels, their probabilities averaged; saved side
+    by side in one folder (`tfidf.npz`, `encoder/`)."""
+
+    kind = "ensemble"
+
+    def __init__(self, members: list[Classifier]):
+        self.members = members
+        self.labels = members[0].labels
+
+    def _proba(self, blocks):
+        return np.mean([member.proba(blocks) for member in self.members], axis=0)
+
+    def save(self, folder: Path) -> None:
+        for member in self.members:
+            member.save(folder)
+
+
 def train_wordpiece(texts: list[str], vocab_size: int, max_length: int):
     """A lower-cased WordPiece tokenizer trained on `texts`, with BERT's special tokens and pair template."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -551,13 +569,16 @@ class TextScorer:
         """Train the kind `config.model` (`config`: the task's section) on examples of `task.fields`
         (one list of n texts each) with their contexts; `labels` index `task.labels`, (n,); `weights` (n,)."""
         blocks = cls.blocks(fields, contexts, config.context_turns)
-        if config.model == "tfidf":
+        members = []
+        if config.model in ("tfidf", "ensemble"):
             pair_buckets = config.tfidf.pair_buckets if cls.task.pair else 0
-            classifier = train_tfidf(blocks, labels, weights, config.tfidf, cls.task.labels, config.seed,
-                                     cls.task.pair, pair_buckets)
-        else:
-            classifier = train_transformer(config.model, blocks, labels, weights, getattr(config, config.model),
-                                           cls.task, config.seed)
+            members.append(train_tfidf(blocks, labels, weights, config.tfidf, cls.task.labels, config.seed,
+                                       cls.task.pair, pair_buckets))
+        if config.model != "tfidf":
+            kind = "hf" if config.model == "ensemble" else config.model
+            members.append(train_transformer(kind, blocks, labels, weights, getattr(config, kind), cls.task,
+                                             config.seed))
+        classifier = EnsembleClassifier(members) if config.model == "ensemble" else members[0]
         return cls(classifier, config.context_turns)
 
     @classmethod
@@ -595,6 +616,9 @@ class TextScorer:
         config = section_from_dict(config, task.section, cls.config_class, source=str(path))
         if kind == "tfidf":
             classifier = TfidfClassifier.load(folder, config.tfidf, task.labels)
+        elif kind == "ensemble":
+            classifier = EnsembleClassifier([TfidfClassifier.load(folder, config.tfidf, task.labels),
+                                             TransformerClassifier.load(folder, "hf", config.hf, task)])
         else:
             classifier = TransformerClassifier.load(folder, kind, getattr(config, kind), task)
         return cls(classifier, config.context_turns)

@@ -223,6 +223,35 @@ def test_the_scratch_kind_trains_a_two_label_judge(tmp_path):
                                scorer.predict_unsafe(texts, [["hi"]] * len(TOY)), rtol=0, atol=1e-6)
 
 
+def test_the_ensemble_kind_averages_a_tfidf_and_a_fine_tuned_encoder_judge(tmp_path):
+    """`ensemble`: the TF-IDF judge and the encoder fine-tuned on the (reply, context) pair, each trained
+    as alone (same seed, same data), their P(unsafe) averaged; saved side by side and loaded back."""
+    from transformers import BertConfig, BertModel
+
+    from pipeline.config import JudgeHfConfig
+    from pipeline.safety_models import train_wordpiece
+
+    texts = [text for text, _ in TOY]
+    labels = np.array([REPLY_LABELS.index(label) for _, label in TOY])
+    contexts = [["hi"]] * len(TOY)
+    checkpoint = tmp_path / "tiny-encoder"  # weights without a classification head, as a hub checkpoint
+    tokenizer = train_wordpiece(texts + ["hi"], vocab_size=120, max_length=32)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    hf = JudgeHfConfig(name=str(checkpoint), max_length=32, epochs=1, batch_size=4, lr=1e-3)
+    fitted = {kind: JudgeScorer.fit(JudgeConfig(model=kind, hf=hf), [texts], contexts, labels, np.ones(len(TOY)))
+              for kind in ("tfidf", "hf", "ensemble")}
+    mean = (fitted["tfidf"].predict_unsafe(texts, contexts) + fitted["hf"].predict_unsafe(texts, contexts)) / 2
+    np.testing.assert_allclose(fitted["ensemble"].predict_unsafe(texts, contexts), mean, rtol=0, atol=1e-6)
+    config = JudgeConfig(model="ensemble", hf=hf)
+    fitted["ensemble"].write(tmp_path / "judge", config, {})
+    assert (tmp_path / "judge" / "tfidf.npz").is_file() and (tmp_path / "judge" / "encoder").is_dir()
+    loaded = load_judge(tmp_path / "judge")
+    assert loaded.kind == "ensemble"
+    np.testing.assert_allclose(loaded.predict_unsafe(texts, contexts), mean, rtol=0, atol=1e-6)
+
+
 # --- the command ----------------------------------------------------------------------------------
 
 
