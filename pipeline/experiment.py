@@ -743,14 +743,14 @@ def prepare_environment(preset: Path, params: Path, prefix: str) -> tuple[dict, 
     return wanted, base, str(mirror)
 
 
-def queue_and_run(runs: dict[str, dict], base: dict, targets: tuple[str, ...], log_path: Path) -> int:
-    """Queue each run (name -> its params.yaml) this commit lacks as a DVC experiment of `targets` (all
-    stages when empty), the params set over `base` with `-S`, then run the queue in the foreground, one
+def queue_and_run(runs: dict[str, tuple[dict, tuple[str, ...]]], base: dict, log_path: Path) -> int:
+    """Queue each run (name -> its params.yaml and the stages it targets, all when none) this commit lacks
+    as a DVC experiment, the params set over `base` with `-S`, then run the queue in the foreground, one
     at a time (`follow`); returns the exit status (0 when nothing was queued). A run of the same name
     with other params is a PipelineError."""
     done = experiments(json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]"))
     queued = 0
-    for name, settings in runs.items():
+    for name, (settings, targets) in runs.items():
         if name in done:
             if done[name]["params"] != settings:
                 raise PipelineError(f"experiment {name} exists with other params; `dvc exp remove {name}` to rerun it")
@@ -772,8 +772,9 @@ def run(preset: Path, plan: str, out: Path, params: Path, prefix: str) -> dict:
     if plan not in PLANS:
         raise ConfigError(f"--plan = {plan!r} is not allowed: one of {', '.join(PLANS)}")
     wanted, base, mirror = prepare_environment(preset, params, prefix)
-    runs = {run_name(prefix, variant, seed): run_params(wanted, variant, seed, mirror) for variant, seed in PLANS[plan]}
-    status = queue_and_run(runs, base, (), out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log")
+    runs = {run_name(prefix, variant, seed): (run_params(wanted, variant, seed, mirror), ())
+            for variant, seed in PLANS[plan]}
+    status = queue_and_run(runs, base, out / "logs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{plan}.log")
     experiment = report(out, prefix)  # whatever finished, also when a run failed
     for name, entry in experiment["runs"].items():
         if entry["stages"]:
