@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from pipeline import sweep as S
 from pipeline.cli import app
-from pipeline.config import load_all, load_params
+from pipeline.config import load_params
 from pipeline.errors import DataError
 from pipeline.experiment import get_dotted, with_changes
 from pipeline.schemas import LIKELIHOOD
