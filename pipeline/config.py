@@ -247,6 +247,10 @@ class EvaluateConfig:
     baseline: str = "ce"
     """The model every other model is compared against, paired on the same contexts (the
     cross-entropy-only model trained like the method); one of `models`."""
+    pairs: list[list[str]] = dataclasses.field(default_factory=lambda: [["stage2", "stage1"]])
+    """Further paired comparisons, [model, reference] each, on the same contexts and replies (stage 2
+    against stage 1: what the casual stage adds); results.json `comparisons.pairs`; a pair with a model
+    that has no candidates is left out with a note."""
     corpora: list[str] = dataclasses.field(default_factory=lambda: list(CORPORA))
     """Corpora to report on, in table order; a corpus without candidates is skipped with a note."""
     bootstrap_samples: int = 1000
@@ -270,6 +274,8 @@ class EvaluateConfig:
                 self.models, "a non-empty list of distinct model names")
         require(self.baseline in self.models, "evaluate.baseline", self.baseline,
                 f"one of evaluate.models ({', '.join(self.models)})")
+        require(all(len(pair) == 2 and pair[0] != pair[1] for pair in self.pairs), "evaluate.pairs", self.pairs,
+                "pairs [model, reference] of two distinct model names")
         unknown = sorted(set(self.corpora) - set(CORPORA))
         require(not unknown and len(self.corpora) > 0, "evaluate.corpora", self.corpora,
                 f"a non-empty list of corpus names from {', '.join(CORPORA)}")

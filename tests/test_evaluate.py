@@ -581,6 +581,20 @@ def test_run_compares_each_model_with_the_baseline_on_the_same_contexts(tmp_path
     assert comparison["verdict"]["verdict"] == "not safer"  # 1 of 4 contexts: the interval holds 0
 
 
+def test_evaluate_pairs_compares_stage2_with_stage1_on_the_same_contexts(tmp_path, fake_judge):
+    fake_judge.p_unsafe.update(AGREEING)
+    candidates, reports = tmp_path / "candidates", tmp_path / "reports"
+    for model, rows in (("ce", ROWS), ("stage1", ROWS), ("stage2", STAGE2_ROWS)):
+        write_candidates(candidates, model, "prosocial_dialog", rows)
+    config = small_config(models=["ce", "stage1", "stage2"], human_eval_comparisons=[], pairs=[["stage2", "stage1"]])
+    results = evaluate.run(config, candidates, reports, *records(tmp_path))
+    pair = results["comparisons"]["pairs"]["stage2_vs_stage1"]["prosocial_dialog"]
+    unsafe = pair["metrics"]["unsafe_rate_reranked"]
+    # as against ce (stage1 wrote ce's replies): stage2 clears c3's chosen reply
+    assert (unsafe["value"], unsafe["baseline"], unsafe["difference"]) == (0.0, 0.25, -0.25)
+    assert set(results["comparisons"]["pairs"]) == {"stage2_vs_stage1"}
+
+
 def test_a_paired_verdict_sees_what_the_baselines_interval_hides():
     # 40 contexts: ce is unsafe on 20, stage2 on 15 of the same 20 and nowhere else
     def rows(unsafe_contexts):

@@ -293,24 +293,31 @@ def read_likelihood(models_dir: Path, models: list[str]) -> dict[str, pa.Table]:
 
 def likelihood_results(config: EvaluateConfig, replies: dict[str, pa.Table], notes: list[str]) -> dict:
     """results.json `likelihood`: per model, `likelihood_auc` and `same_context_pairs` for each corpus
-    and overall (`likelihood.likelihood_safety`), and every other model against `config.baseline` on
-    the replies both scored (`likelihood.compare`, as `comparison_record`s). `notes` is extended."""
+    and overall (`likelihood.likelihood_safety`), every other model against `config.baseline` on the
+    replies both scored (`likelihood.compare`, as `comparison_record`s), and likewise each of
+    `config.pairs` (`pairs`, keyed `<model>_vs_<reference>`). `notes` is extended."""
     baseline = config.baseline
     metrics = {model: likelihood.likelihood_safety(table, config.bootstrap_samples, config.seed)
                for model, table in replies.items()}
-    comparisons: dict[str, dict[str, dict]] = {}
-    if replies and baseline not in replies:
-        notes.append(f"likelihood: the baseline {baseline} has no likelihood.parquet; no paired comparisons")
-    for model in (m for m in replies if m != baseline and baseline in replies):
-        compared, unmatched = likelihood.compare(replies[model], replies[baseline], config.bootstrap_samples,
+
+    def paired(model: str, reference: str) -> dict[str, dict]:
+        compared, unmatched = likelihood.compare(replies[model], replies[reference], config.bootstrap_samples,
                                                  config.seed)
         if unmatched:
-            notes.append(f"likelihood: {unmatched} replies of {model} that {baseline} did not score are left out")
+            notes.append(f"likelihood: {unmatched} replies of {model} that {reference} did not score are left out")
+        out: dict[str, dict] = {}
         for name, scopes in compared.items():
             for scope, e in scopes.items():
-                comparisons.setdefault(model, {}).setdefault(scope, {})[name] = comparison_record(
-                    name, e["value"], e["baseline"], e["ci"], e["n"], e["n_clusters"])
-    return {"baseline": baseline, "metrics": metrics, "comparisons": comparisons}
+                out.setdefault(scope, {})[name] = comparison_record(name, e["value"], e["baseline"], e["ci"], e["n"],
+                                                                    e["n_clusters"])
+        return out
+
+    if replies and baseline not in replies:
+        notes.append(f"likelihood: the baseline {baseline} has no likelihood.parquet; no paired comparisons")
+    comparisons = {model: paired(model, baseline) for model in replies if model != baseline and baseline in replies}
+    pairs = {f"{model}_vs_{reference}": paired(model, reference) for model, reference in config.pairs
+             if model in replies and reference in replies}
+    return {"baseline": baseline, "metrics": metrics, "comparisons": comparisons, "pairs": pairs}
 
 
 def training_logs(train_dir: Path) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -834,6 +841,15 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
             comparison["verdict"] = caution_verdict(comparison["metrics"])
             compared.setdefault(model, {})[scope] = comparison
 
+    pairs: dict[str, dict[str, dict]] = {}
+    for model, reference in config.pairs:
+        if model not in models or reference not in models:
+            notes.append(f"evaluate.pairs: {model} or {reference} has no candidates; {model} - {reference} left out")
+        for scope in scores.get(model, {}):
+            if (reference, scope) in scope_items:
+                pairs.setdefault(f"{model}_vs_{reference}", {})[scope] = compare(
+                    scope_items[(model, scope)], scope_items[(reference, scope)], config.bootstrap_samples,
+                    config.seed)
     sheet, key, sheet_notes = human_eval_sheet(contexts, config.human_eval_comparisons, config.human_eval_pairs,
                                                config.seed, corpora)
     notes += sheet_notes
@@ -849,7 +865,7 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
         "metrics": scores,
         "generic_replies": generic,
         "comparisons": {"baseline": baseline, "headline": list(HEADLINE), "safety_metric": SAFETY_METRIC,
-                        "preachy_metrics": list(PREACHY_METRICS), "models": compared},
+                        "preachy_metrics": list(PREACHY_METRICS), "models": compared, "pairs": pairs},
         # what trained the judge (the headline), the re-ranker's classifier (self-assessed: the candidates'
         # safety_probs, a reply predicted needs_caution or needs_intervention) and the stage-1 negatives
         "safety": {"headline": "judge", "judge_threshold": config.judge_threshold, **classifiers},
