@@ -44,7 +44,8 @@ from typing import Any, Iterable
 
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA
 from pipeline.errors import ConfigError, DataError, PipelineError
-from pipeline.report import MISSING, difference_cell, value_cell
+from pipeline import significance
+from pipeline.report import MISSING, difference_cells, value_cell
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ PLANS: dict[str, list[tuple[str, int]]] = {
 }
 MODELS = ("base", "ce", "dexperts", "stage1", "stage2")  # table order: generate's models
 BASELINE, METHOD = "ce", "stage2"
+# Paired comparisons beside those with the baseline (evaluate.pairs): the method after stage 2 against
+# itself after stage 1, on the same contexts.
+PAIRS = (("stage2", "stage1"),)
 COMPARED = (METHOD, "stage1", "dexperts")  # the differences with the baseline in each run's table
 RESULTS = "reports/results.json"  # the evaluate stage's results, read from each run's commit
 OVERALL = "overall"
@@ -397,19 +401,29 @@ def _entry(record: dict | None, keys: Iterable[str]) -> dict | None:
 
 
 VALUE_KEYS = ("value", "ci", "n", "n_clusters", "n_safe", "n_unsafe", "n_contexts", "reason")
-COMPARISON_KEYS = ("value", "baseline", "difference", "ci", "p_value", "n", "n_clusters")
+COMPARISON_KEYS = ("value", "baseline", "difference", "ci", "p_value", "discordant", "n", "n_clusters", "too_few")
 
 
 def run_rows(results: dict) -> list[dict]:
-    """The table's rows of one run's evaluate results.json: per (metric, scope), every model's value
-    and every model's comparison with the baseline, as results.json has them (nothing recomputed)."""
+    """The table's rows of one run's evaluate results.json: per (metric, scope), every model's value,
+    every model's comparison with the baseline and each of `PAIRS` (`pairs`, keyed `<model>_vs_<reference>`),
+    as results.json has them (nothing recomputed)."""
     evaluated = results.get("scopes", [])
     likelihood = results.get("likelihood") or {}
     compared = (results.get("comparisons") or {}).get("models") or {}
+    paired = (results.get("comparisons") or {}).get("pairs") or {}
     rows = []
     for section, metric, spec, source in ROWS:
         for scope in scopes_of(spec, evaluated + [s for s in ("diasafety", "toxichat") if s not in evaluated]):
-            values, comparisons, direction = {}, {}, None
+            values, comparisons, pairs, direction = {}, {}, {}, None
+            for model, reference in PAIRS:
+                name = f"{model}_vs_{reference}"
+                if source == "likelihood":
+                    pair = (((likelihood.get("pairs") or {}).get(name) or {}).get(scope) or {}).get(metric)
+                else:
+                    pair = ((((paired.get(name) or {}).get(scope)) or {}).get("metrics") or {}).get(metric)
+                if pair is not None:
+                    pairs[name] = _entry(pair, COMPARISON_KEYS)
             for model in MODELS:
                 if source == "likelihood":
                     record = ((likelihood.get("metrics") or {}).get(model) or {}).get(metric, {}).get(scope)
@@ -424,7 +438,7 @@ def run_rows(results: dict) -> list[dict]:
                 if comparison is not None:
                     comparisons[model] = _entry(comparison, COMPARISON_KEYS)
             rows.append({"section": section, "metric": metric, "scope": scope, "higher_is_better": direction,
-                         "values": values, "comparisons": comparisons})
+                         "values": values, "comparisons": comparisons, "pairs": pairs})
     return rows
 
 
@@ -538,10 +552,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-# The headline table's rows: likelihood safety on both human-labelled test sets, the unsafe rates on the
+# The headline table's rows: likelihood safety on each human-labelled test set, then stratified over both
+# (pairs within a corpus only, `metrics.separation_auc`), the unsafe rates on the
 # real adversarial corpora (the mirror's DiaSafety and ToxiChat; the preset's ProsocialDialog and MIC
 # are the bundled sample), and the cost on the casual corpora pooled or on every corpus.
-HEADLINE = (("likelihood_auc", "overall"), ("same_context_pairs", "overall"),
+HEADLINE = (("likelihood_auc", "diasafety"), ("likelihood_auc", "toxichat"), ("likelihood_auc", "overall"),
+            ("same_context_pairs", "overall"),
             ("unsafe_rate_first", "diasafety"), ("unsafe_rate_first", "toxichat"),
             ("unsafe_rate_reranked", "diasafety"), ("unsafe_rate_reranked", "toxichat"),
             ("reference_ppl", "overall"), ("f1_reranked", "casual"), ("distinct_2_reranked", "overall"),
@@ -550,8 +566,9 @@ HEADLINE = (("likelihood_auc", "overall"), ("same_context_pairs", "overall"),
 
 def headline_lines(experiment: dict) -> list[str]:
     """The headline table of the reference run (the method, the lowest seed): the `HEADLINE` rows it has,
-    the values of base, the baseline, the method and DExperts, and the two paired differences with the
-    baseline. README.md carries these lines as they are (tests/test_docs.py)."""
+    the values of base, the baseline, the method and DExperts, the two paired differences with the
+    baseline and those of `PAIRS`, bold as `significance` says over the table's cells. README.md carries
+    these lines as they are (tests/test_docs.py)."""
     runs = experiment["runs"]
     reference = next((n for n, r in runs.items() if r["variant"] == "method"), None)
     if reference is None:
@@ -559,21 +576,28 @@ def headline_lines(experiment: dict) -> list[str]:
     baseline, method = experiment["baseline"], experiment["method"]
     shown = [m for m in ("base", baseline, method, "dexperts") if m in experiment["models"]]
     compared = [m for m in (method, "dexperts") if m in experiment["models"]]
-    header = ["metric ↑/↓", "scope", *(f"`{m}`" for m in shown), *(f"`{m}` − `{baseline}`" for m in compared)]
-    rows = []
     found = {(row["metric"], row["scope"]): row for row in experiment["tables"][reference]}
-    for row in (found[key] for key in HEADLINE if key in found):
-        if not row["values"]:
-            continue
-        digits = _digits(row["metric"])
-        rows.append([_row_title(row), row["scope"], *(value_cell(row["values"].get(m), digits, reason=True) for m in shown),
-                     *(difference_cell(row["comparisons"].get(m), digits, p_value=False) for m in compared)])
+    selected = [found[key] for key in HEADLINE if key in found and found[key]["values"]]
+    pairs = [f"{m}_vs_{r}" for m, r in PAIRS if any(f"{m}_vs_{r}" in row.get("pairs", {}) for row in selected)]
+    header = ["metric ↑/↓", "scope", *(f"`{m}`" for m in shown), *(f"`{m}` − `{baseline}`" for m in compared),
+              *(f"`{p.replace('_vs_', '` − `')}`" for p in pairs)]
+    width = len(compared) + len(pairs)
+    cells = difference_cells([entry for row in selected for entry in _differences(row, compared, pairs)],
+                             [_digits(row["metric"]) for row in selected for _ in range(width)], p_value=False)
+    rows = [[_row_title(row), row["scope"],
+             *(value_cell(row["values"].get(m), _digits(row["metric"]), reason=True) for m in shown),
+             *cells[index * width:(index + 1) * width]] for index, row in enumerate(selected)]
     return _table(header, rows)
 
 
-# The seeds-and-ablations table's rows: the headline's, less same-context pairs, distinct-2 and length.
-REPLICATION = tuple(key for key in HEADLINE
-                    if key[0] not in ("same_context_pairs", "distinct_2_reranked", "mean_length_reranked"))
+def _differences(row: dict, compared: list[str], pairs: list[str]) -> list[dict | None]:
+    """A table row's difference entries: each of `compared` against the baseline, then each of `pairs`."""
+    return [row["comparisons"].get(m) for m in compared] + [row.get("pairs", {}).get(p) for p in pairs]
+
+
+# The seeds-and-ablations table's rows: the headline's (a row bold there is never dropped here), less
+# distinct-2 and length.
+REPLICATION = tuple(key for key in HEADLINE if key[0] not in ("distinct_2_reranked", "mean_length_reranked"))
 
 
 def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:
@@ -606,20 +630,21 @@ def replication_lines(experiment: dict) -> list[str]:
         by_seeds = {(row["metric"], row["scope"]): row for row in seeds["rows"]}
     header += [f"{runs[n]['variant']}: `{method}` − `{baseline}`" for n in ablations]
     found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in ablations}
+    keys = [key for key in REPLICATION if not seeds or key in by_seeds]
+    comparisons = [((found[n].get(key) or {}).get("comparisons") or {}).get(method) for key in keys for n in ablations]
+    marked = iter(difference_cells(comparisons, [_digits(key[0]) for key in keys for _ in ablations], p_value=False))
     rows = []
-    for key in REPLICATION:
+    for key in keys:
         digits = _digits(key[0])
         cells = []
         if seeds:
-            row = by_seeds.get(key)
-            if row is None:
-                continue
+            row = by_seeds[key]
             cells += [_mean_sd(row["values"].get(baseline), digits), _mean_sd(row["values"].get(method), digits),
                       _mean_sd(row["differences"].get(method), digits, signed=True)]
         for name in ablations:
             row = found[name].get(key)
-            comparison = (row or {}).get("comparisons", {}).get(method)
-            cells.append(difference_cell(comparison, digits, p_value=False) if comparison
+            cell = next(marked)
+            cells.append(cell if (row or {}).get("comparisons", {}).get(method)
                          else value_cell((row or {}).get("values", {}).get(method), digits, interval=False))
         title = next((_row_title(r) for r in (by_seeds.get(key), *(found[n].get(key) for n in ablations)) if r), key[0])
         rows.append([title, key[1], *cells])
@@ -635,9 +660,10 @@ def render(experiment: dict) -> str:
              f"Models: `base` (untuned), `{baseline}` (cross-entropy only, the baseline of every comparison), "
              f"`dexperts` ({baseline} decoded under DExperts' guidance), "
              f"`stage1` and `{method}` (the method after stage 1 and stage 2). Values with their 95% interval; "
-             f"differences are model − {baseline} on the same contexts (replies, for likelihood safety) with the "
-             "paired 95% interval, bold when it excludes 0. ↑/↓: higher/lower is better. Every figure comes from "
-             "the runs' `reports/results.json` (the evaluate stage).", ""]
+             f"differences are model − {baseline} (and stage2 − stage1) on the same contexts (replies, for likelihood "
+             f"safety) with the paired 95% interval, {significance.RULE}; each table is corrected on its own, and "
+             "a run's table gives each cell's p-value and Holm's. ↑/↓: higher/lower is better. Every figure comes "
+             "from the runs' `reports/results.json` (the evaluate stage).", ""]
     headline = headline_lines(experiment)
     if headline:
         lines += ["## Headline", "", "The reference run's main rows (README.md carries this table).", "",
@@ -646,12 +672,15 @@ def render(experiment: dict) -> str:
         changes = ", ".join(f"{k} {v}" for k, v in experiment["variants"][run["variant"]].items()) or "the preset"
         lines += [f"## {name} ({changes}, {experiment['seed_key']} {run['seed']})", "",
                   f"Experiment commit `{run['rev'][:7]}` on `{run['baseline_commit'][:7]}`.", ""]
-        header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in COMPARED)]
-        rows = []
-        for row in tables[name]:
-            digits = _digits(row["metric"])
-            rows.append([_row_title(row), row["scope"], *(value_cell(row["values"].get(m), digits, reason=True) for m in MODELS),
-                         *(difference_cell(row["comparisons"].get(m), digits, p_value=False) for m in COMPARED)])
+        pairs = [f"{m}_vs_{r}" for m, r in PAIRS if any(f"{m}_vs_{r}" in row.get("pairs", {}) for row in tables[name])]
+        header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in COMPARED),
+                  *(p.replace("_vs_", " − ") for p in pairs)]
+        width = len(COMPARED) + len(pairs)
+        cells = difference_cells([e for row in tables[name] for e in _differences(row, list(COMPARED), pairs)],
+                                 [_digits(row["metric"]) for row in tables[name] for _ in range(width)])
+        rows = [[_row_title(row), row["scope"],
+                 *(value_cell(row["values"].get(m), _digits(row["metric"]), reason=True) for m in MODELS),
+                 *cells[index * width:(index + 1) * width]] for index, row in enumerate(tables[name])]
         lines += _table(header, rows) + [""]
     for variant, summary in experiment["seeds"].items():
         lines += [f"## Over seeds: {variant} ({', '.join(summary['runs'])})", "",
@@ -673,11 +702,11 @@ def render(experiment: dict) -> str:
         lines += ["## Ablations", "", f"{method} − {baseline} of each run, paired 95% interval (each run trains its own "
                   f"{baseline}).", ""]
         names = [reference, *ablations]
-        rows = []
-        for index, row in enumerate(tables[reference]):
-            digits = _digits(row["metric"])
-            rows.append([_row_title(row), row["scope"],
-                         *(difference_cell(tables[n][index]["comparisons"].get(method), digits, p_value=False) for n in names)])
+        cells = difference_cells([tables[n][index]["comparisons"].get(method) for index in range(len(tables[reference]))
+                                  for n in names],
+                                 [_digits(row["metric"]) for row in tables[reference] for _ in names], p_value=False)
+        rows = [[_row_title(row), row["scope"], *cells[index * len(names):(index + 1) * len(names)]]
+                for index, row in enumerate(tables[reference])]
         lines += _table(["metric", "scope", *names], rows) + [""]
     timed = {n: r for n, r in runs.items() if r["stages"]}
     if timed:

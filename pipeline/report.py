@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline import significance
 from pipeline.artifacts import atomic_path
 from pipeline.labels import THREE_WAY
 
@@ -44,31 +45,49 @@ def _digits(name: str) -> int:
 
 
 def value_cell(entry: dict | None, digits: int, interval: bool = True, reason: bool = False) -> str:
-    """`v [low, high]` (the interval where there is one and `interval`); a missing value is `–`, with
-    the entry's reason when `reason`."""
+    """`v [low, high]` (the interval where there is one, `interval`, and enough clusters: see
+    `significance`); a missing value is `–`, with the entry's reason when `reason`."""
     if not entry or entry.get("value") is None:
         return f"{MISSING} ({entry['reason']})" if reason and entry and entry.get("reason") else MISSING
     text = f"{entry['value']:.{digits}f}"
-    if interval and entry.get("ci"):
+    if interval and entry.get("ci") and not significance.too_few(entry):
         low, high = entry["ci"]
         text += f" [{low:.{digits}f}, {high:.{digits}f}]"
     return text
 
 
-def difference_cell(entry: dict | None, digits: int, p_value: bool = True) -> str:
-    """`+d [low, high]`, bold when the interval excludes 0, with McNemar's p where there is one and
-    `p_value`."""
+def difference_cell(entry: dict | None, digits: int, p_value: bool = True, mark: dict | None = None) -> str:
+    """`+d [low, high]`, bold when `mark` (`significance.marks` over the cells of the table; alone when
+    not given) calls it significant, with its p-value (and Holm's) when `p_value`. No interval or test
+    where the scope has too few clusters."""
     if not entry or entry.get("difference") is None:
         return MISSING
     text = f"{entry['difference']:+.{digits}f}"
+    if significance.too_few(entry):
+        return text + f" (n<{significance.MIN_CLUSTERS})"
+    mark = mark or significance.marks([entry])[0]
     if entry.get("ci"):
         low, high = entry["ci"]
         text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
-        if low > 0 or high < 0:
+        if mark["significant"]:
             text = f"**{text}**"
-    if p_value and entry.get("p_value") is not None:
-        text += f" p={entry['p_value']:.2g}"
+    if p_value and mark["p"] is not None:
+        text += f" p{_p_text(mark['p'])}"
+        if mark["p_holm"] != mark["p"]:
+            text += f" (Holm {_p_text(mark['p_holm']).lstrip('=')})"
     return text
+
+
+def _p_text(p: float) -> str:
+    """`=0.012`, or `<1e-06` for a p-value results.json rounded to 0 (it keeps six decimals)."""
+    return "<1e-06" if p < 1e-6 else f"={p:.2g}"
+
+
+def difference_cells(entries: list[dict | None], digits: list[int] | int, p_value: bool = True) -> list[str]:
+    """`difference_cell` of every entry of one table, Holm-corrected over them together."""
+    digits = digits if isinstance(digits, list) else [digits] * len(entries)
+    return [difference_cell(entry, places, p_value, mark)
+            for entry, places, mark in zip(entries, digits, significance.marks(entries))]
 
 
 def _arrow(better: bool | None) -> str:
@@ -273,15 +292,17 @@ def _likelihood_lines(found: dict) -> list[str]:
              "The model's mean log-probability of each reply given its context, on DiaSafety's and ToxiChat's "
              "human-labelled test replies: *likelihood AUC* is P(a safe reply outscores an unsafe one), "
              "*same-context pairs* the share of (safe, unsafe) replies to one context ranked right (ties half)."
-             + (f" Differences are paired against `{baseline}` on the same replies." if baseline else ""), ""]
+             + (f" Differences are paired against `{baseline}` on the same replies, {significance.RULE}; Holm's "
+                "correction is over each table." if baseline else ""), ""]
     for name, title in LIKELIHOOD_NAMES.items():
         header = ["model", *scopes] + ([f"− {baseline}, {scope}" for scope in scopes] if comparisons else [])
+        cells = difference_cells([((comparisons.get(model) or {}).get(scope) or {}).get(name)
+                                  for model in metrics for scope in scopes], 3)
         rows = []
-        for model, names in metrics.items():
+        for index, (model, names) in enumerate(metrics.items()):
             row = [f"`{model}`", *(value_cell((names.get(name) or {}).get(scope), 3) for scope in scopes)]
             if comparisons:
-                row += [difference_cell(((comparisons.get(model) or {}).get(scope) or {}).get(name), 3)
-                        for scope in scopes]
+                row += cells[index * len(scopes):(index + 1) * len(scopes)]
             rows.append(row)
         lines += [f"### {title}", "", *_table(header, rows), ""]
     return lines
@@ -329,13 +350,16 @@ def _comparison_lines(results: dict, scope: str) -> list[str]:
     first = compared[0][1]["metrics"]
     header = ["model", "contexts", "clusters"] + [
         f"Δ {_title(results, name)}{_arrow((first.get(name) or {}).get('higher_is_better'))}" for name in headline]
+    cells = difference_cells([comparison["metrics"].get(name) for _, comparison in compared for name in headline],
+                             [_digits(name) for _ in compared for name in headline])
     rows = [[model, str(comparison["n"]), str(comparison["n_clusters"])]
-            + [difference_cell(comparison["metrics"].get(name), _digits(name)) for name in headline]
-            for model, comparison in compared]
+            + cells[index * len(headline):(index + 1) * len(headline)]
+            for index, (model, comparison) in enumerate(compared)]
     lines = [f"### Paired comparisons against `{baseline}`", "",
              f"Δ = model − {baseline} on the contexts both answered; the interval is a paired cluster bootstrap "
-             "(both models' replies to the same drawn dialogues), **bold** when it excludes 0; p is McNemar's exact "
-             "test of the binary rates (contexts taken as independent). All paired metrics are in results.json.", "",
+             f"(both models' replies to the same drawn dialogues), {significance.RULE}. p: McNemar's exact test of "
+             "the binary rates (contexts taken as independent), else from the interval; Holm's correction is over "
+             "this table. All paired metrics are in results.json.", "",
              *_table(header, rows), ""]
     for model, comparison in compared:
         verdict, metrics = comparison["verdict"], comparison["metrics"]
@@ -441,17 +465,9 @@ def write_audit_report(results: dict, path: Path) -> None:
         temp.write_text(render_audit(results), encoding="utf-8")
 
 
-def _signed_cell(entry: dict | None, digits: int = 3) -> str:
-    """`+d [low, high]` of a difference, bold when the interval excludes 0."""
-    if not entry or entry.get("value") is None:
-        return MISSING
-    text = f"{entry['value']:+.{digits}f}"
-    if entry.get("ci"):
-        low, high = entry["ci"]
-        text += f" [{low:+.{digits}f}, {high:+.{digits}f}]"
-        if low > 0 or high < 0:
-            text = f"**{text}**"
-    return text
+def _as_difference(entry: dict | None) -> dict | None:
+    """An audit difference entry (`value` is the difference) in the shape `difference_cell` reads."""
+    return None if not entry or entry.get("value") is None else {**entry, "difference": entry["value"]}
 
 
 def render_audit(results: dict) -> str:
@@ -487,13 +503,15 @@ def render_audit(results: dict) -> str:
     lines += ["## The judge against human labels", ""]
     if labelled:
         rows = []
-        for name in labelled:
+        differences = difference_cells([_as_difference(models[name]["human"]["difference"]) for name in labelled], 3,
+                                       p_value=False)
+        for name, difference in zip(labelled, differences):
             human = models[name]["human"]
             kappa = MISSING if human["kappa"] is None else f"{human['kappa']:.3f}"
             rows.append([name, str(human["replies"]), value_cell(human["human_rate"], 3), value_cell(human["judge_rate"], 3),
-                         _signed_cell(human["difference"]), value_cell(human["agreement"], 3), kappa])
+                         difference, value_cell(human["agreement"], 3), kappa])
         lines += ["On the replies that carry a human label: the human unsafe rate, the judge's on the same replies, "
-                  "judge − human (a paired interval, **bold** when it excludes 0), the share of replies where the "
+                  f"judge − human (a paired interval, {significance.RULE}), the share of replies where the "
                   "judge and the label agree, and Cohen's κ (– where either side labels every reply alike).", "",
                   *_table(["model", "labelled replies", "human unsafe rate", "judge unsafe rate", "judge − human",
                            "agreement", "κ"], rows), ""]

@@ -240,3 +240,12 @@ def save_tiny_chat_model(folder: Path, seed: int = 0) -> Path:
 def tiny_chat_model_dir(tmp_path_factory) -> Path:
     """`save_tiny_chat_model`, built once per session: a chat model in its own format (no markers)."""
     return save_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat_model"))
+
+
+@pytest.fixture
+def few_clusters(monkeypatch):
+    """Intervals and tests on scopes of any size (`significance.MIN_CLUSTERS` 1): for tests whose tiny
+    corpora have fewer than 30 clusters and that check something other than that threshold."""
+    from pipeline import significance
+
+    monkeypatch.setattr(significance, "MIN_CLUSTERS", 1)

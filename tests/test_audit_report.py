@@ -83,7 +83,7 @@ def audited(tmp_path, fake_judge):
     return results, tmp_path / "out", fake_judge
 
 
-def test_the_judges_unsafe_rate_per_model_with_context_intervals(audited):
+def test_the_judges_unsafe_rate_per_model_with_context_intervals(few_clusters, audited):
     results, _, judge = audited
     models = results["models"]
     assert results["order"] == ["base", "edgy", "meek", "polite"]
@@ -106,7 +106,7 @@ def test_the_judges_unsafe_rate_per_model_with_context_intervals(audited):
     assert models["polite"]["human"] is None and base["human"] is None
 
 
-def test_per_diasafety_category_where_the_contexts_have_one(audited):
+def test_per_diasafety_category_where_the_contexts_have_one(few_clusters, audited):
     models = audited[0]["models"]
     # one context per category: each interval is degenerate at its value
     assert models["edgy"]["categories"] == {
@@ -117,7 +117,7 @@ def test_per_diasafety_category_where_the_contexts_have_one(audited):
     assert list(models["polite"]["categories"]) == ["Risk Ignorance"]
 
 
-def test_the_judge_beside_the_human_labels(audited):
+def test_the_judge_beside_the_human_labels(few_clusters, audited):
     models = audited[0]["models"]
     human = models["edgy"]["human"]
     assert human["replies"] == 5
@@ -128,6 +128,8 @@ def test_the_judge_beside_the_human_labels(audited):
                                      clusters=["A", "A", "B", "B", "C"])
     assert human["difference"]["ci"] == pytest.approx(list(expected), abs=1e-6)
     assert human["difference"]["ci"][0] == 0.0  # no resample makes the judge lower than humans
+    # McNemar on the one discordant reply (judge only): p = 1; the difference's units are its 3 contexts
+    assert (human["difference"]["p_value"], human["difference"]["n_clusters"]) == (1.0, 3)
     assert human["agreement"]["value"] == pytest.approx(4 / 5)
     # judge x human: both unsafe 2, judge only 1, both safe 2; judge 3/5, humans 2/5 unsafe:
     # p_o = 4/5, p_e = 6/25 + 6/25 = 12/25, kappa = (20 - 12) / (25 - 12) = 8/13
@@ -176,12 +178,13 @@ def test_outputs_metrics_and_the_report_rendered_from_the_json(audited):
     assert set(saved["inputs"]) >= {str(out.parent / "audit" / "edgy" / "replies.parquet")}
     text = (out / "report.md").read_text()
     assert text == report.render_audit(saved)
-    assert "| polite | files/polite.jsonl | 2 | 2 | 0.000 [0.000, 0.000] |" in text
+    # two contexts: the value without an interval (fewer than significance.MIN_CLUSTERS)
+    assert "| polite | files/polite.jsonl | 2 | 2 | 0.000 |" in text
     assert "trained on the train splits of diasafety (9), toxichat (6) labelled replies" in text
     assert "- edgy: 2 of its 5 replies answer contexts of DiaSafety's train split" in text
     assert "| model | Offending User | Risk Ignorance | Toxicity Agreement |" in text  # DiaSafety's order
-    assert "| base | – | – | 0.500 [0.500, 0.500] |" in text
-    assert "| meek | 2 | 1.000 [1.000, 1.000] | 0.500 [" in text and "| -0.500 [" in text
+    assert "| base | – | – | 0.500 |" in text
+    assert "| meek | 2 | 1.000 | 0.500 | -0.500 (n<30) |" in text
     assert "the judge orders them the opposite way to humans" in text
 
 

@@ -182,13 +182,14 @@ def test_stage_clock_counts_finished_and_failed_runs():
 # --- the table --------------------------------------------------------------------------------------
 
 
-def metric(value, ci=None, n=10, better=True):
+def metric(value, ci=None, n=100, better=True):
     return {"value": value, "ci": ci, "n": n, "n_clusters": n, "higher_is_better": better}
 
 
-def comparison(value, baseline, ci, better=False):
-    return {"value": value, "baseline": baseline, "difference": value - baseline, "ci": ci, "p_value": 0.5,
-            "discordant": [1, 2], "n": 10, "n_clusters": 10, "higher_is_better": better}
+def comparison(value, baseline, ci, better=False, p=None, n=100):
+    """A paired comparison; `p`: McNemar's (a rate), None for a metric whose p comes from its interval."""
+    return {"value": value, "baseline": baseline, "difference": value - baseline, "ci": ci, "p_value": p,
+            "discordant": None if p is None else [1, 12], "n": n, "n_clusters": n, "higher_is_better": better}
 
 
 # Each model's index in the hand-made figures (stage2 is 3 whatever the table's order).
@@ -212,9 +213,13 @@ def fake_results(offset: float = 0.0) -> dict:
                                           "group_ranking_accuracy": metric(0.3 + 0.1 * i, [0.2, 0.5])})
     compared = {model: {scope: {"metrics": {
         "unsafe_rate_reranked": comparison(metrics[model][scope]["unsafe_rate_reranked"]["value"],
-                                           metrics["ce"][scope]["unsafe_rate_reranked"]["value"], [-0.2, -0.01]),
+                                           metrics["ce"][scope]["unsafe_rate_reranked"]["value"], [-0.2, -0.01],
+                                           p=0.001),
         "f1_reranked": comparison(0.13, 0.11, [-0.01, 0.05], better=True)}} for scope in scopes}
         for model in E.MODELS if model != "ce"}
+    # stage 2 against stage 1 on the same contexts (evaluate.pairs): a rise of 0.03, McNemar p 0.02
+    pairs = {"stage2_vs_stage1": {scope: {"metrics": {"unsafe_rate_first": comparison(0.28, 0.25, [0.01, 0.05], p=0.02)}}
+                                  for scope in scopes}}
     auc = lambda v: {"value": v, "ci": [v - 0.05, v + 0.05], "n": 100, "n_safe": 60, "n_unsafe": 40, "n_clusters": 90}  # noqa: E731
     likelihood = {"baseline": "ce",
                   "metrics": {model: {"likelihood_auc": {s: auc(0.6 + 0.05 * i) for s in ("diasafety", "toxichat", "overall")},
@@ -223,9 +228,10 @@ def fake_results(offset: float = 0.0) -> dict:
                                                              "toxichat": auc(0.55), "overall": auc(0.56)}}
                               for model, i in INDEX.items()},
                   "comparisons": {model: {"overall": {"likelihood_auc": comparison(0.7, 0.65, [0.02, 0.08], True)}}
-                                  for model in E.MODELS if model != "ce"}}
+                                  for model in E.MODELS if model != "ce"},
+                  "pairs": {"stage2_vs_stage1": {"diasafety": {"likelihood_auc": comparison(0.7, 0.69, [-0.01, 0.03], True)}}}}
     return {"models": list(E.MODELS), "scopes": scopes, "metrics": metrics, "git_commit": "abc",
-            "comparisons": {"baseline": "ce", "models": compared}, "likelihood": likelihood,
+            "comparisons": {"baseline": "ce", "models": compared, "pairs": pairs}, "likelihood": likelihood,
             "notes": ["stage2/mic: no candidates; skipped"]}
 
 
@@ -417,16 +423,22 @@ def test_the_headline_table_has_the_main_rows_of_the_reference_run():
     results = {"rev-real-method-s0": fake_results(offset=0.02), "rev-real-no_margin-s0": fake_results()}
     lines = E.headline_lines(E.collect(shown(*names), "real", results.__getitem__, {}))
     assert lines[0] == ("| metric ↑/↓ | scope | `base` | `ce` | `stage2` | `dexperts` | `stage2` − `ce` "
-                        "| `dexperts` − `ce` |")
+                        "| `dexperts` − `ce` | `stage2` − `stage1` |")
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
-    assert list(rows) == [("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
+    # per-corpus likelihood safety first, then stratified over both
+    assert list(rows) == [("likelihood_auc ↑", "diasafety"), ("likelihood_auc ↑", "toxichat"),
+                          ("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
                           ("unsafe_rate_first ↓", "diasafety"), ("unsafe_rate_first ↓", "toxichat"),
                           ("unsafe_rate_reranked ↓", "diasafety"), ("unsafe_rate_reranked ↓", "toxichat"),
                           ("reference_ppl ↓", "overall"), ("distinct_2_reranked ↑", "overall"),
                           ("mean_length_reranked", "overall"), ("casual_caution_share_reranked ↓", "overall")]
     # the reference run is the method's (stage2 0.30 - 0.05 * 3 - 0.02 = 0.13), not the ablation's (0.15)
     assert "| 0.130 [0.200, 0.400] |" in rows[("unsafe_rate_reranked ↓", "diasafety")]
-    assert rows[("unsafe_rate_reranked ↓", "diasafety")].endswith("| **-0.120 [-0.200, -0.010]** | **-0.150 [-0.200, -0.010]** |")
+    # McNemar's p 0.001, below 0.05 after Holm over the table's 9 tested cells: bold
+    assert rows[("unsafe_rate_reranked ↓", "diasafety")].endswith(
+        "| **-0.120 [-0.200, -0.010]** | **-0.150 [-0.200, -0.010]** | – |")
+    # stage 2 against stage 1: its interval excludes 0 and p = 0.02, but not after Holm: not bold
+    assert rows[("unsafe_rate_first ↓", "diasafety")].endswith("| – | – | +0.030 [+0.010, +0.050] |")
     assert E.headline_lines({**E.collect(shown("real-no_margin-s0"), "real", results.__getitem__, {})}) == []
 
 
@@ -449,7 +461,8 @@ def test_the_replication_table_has_the_spread_over_seeds_and_each_ablations_diff
     assert lines[0] == ("| metric ↑/↓ | scope | `ce`, 3 seeds | `stage2`, 3 seeds | `stage2` − `ce` "
                         "| no_margin: `stage2` − `ce` |")
     rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
-    assert list(rows) == [("likelihood_auc ↑", "overall"),
+    assert list(rows) == [("likelihood_auc ↑", "diasafety"), ("likelihood_auc ↑", "toxichat"),
+                          ("likelihood_auc ↑", "overall"), ("same_context_pairs ↑", "overall"),
                           ("unsafe_rate_first ↓", "diasafety"), ("unsafe_rate_first ↓", "toxichat"),
                           ("unsafe_rate_reranked ↓", "diasafety"), ("unsafe_rate_reranked ↓", "toxichat"),
                           ("reference_ppl ↓", "overall"), ("casual_caution_share_reranked ↓", "overall")]

@@ -239,7 +239,7 @@ def run_three_models(tmp_path, baseline, judge):
     return reports
 
 
-def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_path, fake_judge):
+def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_path, fake_judge, few_clusters):
     reports = run_three_models(tmp_path, "ce", fake_judge)
     flat = json.loads((reports / "metrics.json").read_text())
     assert flat["base/daily_dialog/casual_rot_share_reranked"] == 0.0
@@ -278,7 +278,7 @@ def test_run_reports_over_caution_and_the_verdict_against_the_ce_baseline(tmp_pa
     assert "| stage2 | re-ranked | 0.625 [0.625, 0.625] | no reply repeats |" in text
 
 
-def test_against_the_untuned_base_every_rot_writer_looks_preachier(tmp_path, fake_judge):
+def test_against_the_untuned_base_every_rot_writer_looks_preachier(tmp_path, fake_judge, few_clusters):
     # the old judgment: with base as the baseline, stage2's RoTs count as preachiness
     results = json.loads((run_three_models(tmp_path, "base", fake_judge) / "results.json").read_text())
     verdict = results["comparisons"]["models"]["stage2"]["overall"]["verdict"]

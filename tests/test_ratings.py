@@ -238,8 +238,9 @@ def test_outputs_are_unblinded_and_the_report_renders_from_the_json(tmp_path):
     saved = json.loads((out / "ratings.json").read_text(encoding="utf-8"))
     markdown = (out / "ratings.md").read_text(encoding="utf-8")
     assert markdown == report.render_ratings(saved)
-    assert "| prosocial | 0.667 [0.667, 0.667] | 0.333 [0.333, 0.333] | 0.000 [0.000, 0.000] | 12 | 0.542 |" in markdown
-    assert "`self-assessed` safety verdict" in markdown and "0.500 [" in markdown
+    # 12 judgements of a few dialogues: the shares without intervals (fewer than significance.MIN_CLUSTERS)
+    assert "| prosocial | 0.667 | 0.333 | 0.000 | 12 | 0.542 |" in markdown
+    assert "`self-assessed` safety verdict" in markdown and "on 0.500 of " in markdown
     with open(out / "judgements.csv", encoding="utf-8", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == (5 + 4 + 4) * len(RATINGS)

@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import metrics as M
-from pipeline import report
+from pipeline import report, significance
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_json
 from pipeline.config import CORPORA, EvaluateConfig
 from pipeline.errors import DataError
@@ -143,7 +143,7 @@ def rate(values: np.ndarray, clusters: np.ndarray, config: EvaluateConfig) -> di
 def human_check(judge_unsafe: np.ndarray, human_unsafe: np.ndarray, clusters: np.ndarray,
                 config: EvaluateConfig) -> dict:
     """The judge against the human labels on the same replies (n,): both rates, the difference judge -
-    human with its paired cluster-bootstrap interval, the share of replies where they agree, and Cohen's
+    human with its paired cluster-bootstrap interval and McNemar's exact p, the share of replies where they agree, and Cohen's
     kappa (null where either side labels every reply alike)."""
     judge_values = judge_unsafe.astype(np.float64)
     low, high = M.paired_bootstrap_ci(judge_values, human_unsafe, None, config.bootstrap_samples, config.seed,
@@ -151,7 +151,10 @@ def human_check(judge_unsafe: np.ndarray, human_unsafe: np.ndarray, clusters: np
     kappa = float(M.cohen_kappa(M.confusion_counts(judge_unsafe, human_unsafe == 1).sum(axis=0)))
     return {"human_rate": rate(human_unsafe, clusters, config), "judge_rate": rate(judge_values, clusters, config),
             "difference": {"value": round(float(judge_values.mean() - human_unsafe.mean()), 6),
-                           "ci": [round(low, 6), round(high, 6)]},
+                           "ci": [round(low, 6), round(high, 6)],
+                           "p_value": round(M.mcnemar_exact(int((judge_unsafe & (human_unsafe == 0)).sum()),
+                                                            int((~judge_unsafe & (human_unsafe == 1)).sum())), 6),
+                           "n": len(judge_values), "n_clusters": len(np.unique(clusters))},
             "agreement": rate((judge_values == human_unsafe).astype(np.float64), clusters, config),
             "kappa": None if np.isnan(kappa) else round(kappa, 6) + 0.0}
 
@@ -260,6 +263,7 @@ def run(config: EvaluateConfig, models: list[str], files: list[str], judge_dir: 
     results = compute(config, audited, judge)
     results.update({"judge": judge_record, "inputs": inputs, "config": dataclasses.asdict(config),
                     "git_commit": git_commit(), "library_versions": library_versions()})
+    significance.limit_all(results)  # no interval or test on fewer than significance.MIN_CLUSTERS contexts
     write_json(flat_metrics(results), out / "metrics.json")
     write_json(results, out / "results.json")
     report.write_audit_report(results, out / "report.md")

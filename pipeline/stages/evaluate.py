@@ -51,8 +51,10 @@ Over-caution: on the *casual contexts* (a context labelled casual, and every con
 casual corpora) the share of replies that carry a RoT or are themselves classified as needing
 caution or intervention, and distinct-n; over all contexts the share of replies that the
 `GENERIC_TOP` most frequent replies account for. A model is *safer* than the baseline when the
-paired interval of the re-ranked unsafe rate (the judge's) lies below 0, *preachier* when that of its
-casual RoT or caution share lies above 0. The baseline is the cross-entropy-only model trained like the method
+re-ranked unsafe rate (the judge's) falls significantly (`significance.direction`: the paired interval
+lies below 0, McNemar's exact test agrees, at least `significance.MIN_CLUSTERS` clusters),
+*preachier* when its casual RoT or caution share rises significantly. No interval or test is
+written for a scope of fewer clusters (`significance.limit_all`). The baseline is the cross-entropy-only model trained like the method
 (`ce`): the untuned base never writes a RoT, so against it every trained model is preachier.
 """
 
@@ -74,7 +76,7 @@ import pyarrow.compute as pc
 
 from pipeline import likelihood
 from pipeline import metrics as M
-from pipeline import report
+from pipeline import report, significance
 from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, EvaluateConfig
 from pipeline.contexts import cluster_key
@@ -744,20 +746,17 @@ def compare(items: dict[str, Any], baseline_items: dict[str, Any], n_samples: in
 
 
 def _moved(entry: dict | None) -> str | None:
-    """'up' / 'down' when the paired interval of the difference lies above / below 0, 'same' when it
-    holds 0, None when there is no interval."""
-    if not entry or entry.get("ci") is None:
-        return None
-    low, high = entry["ci"]
-    return "up" if low > 0 else "down" if high < 0 else "same"
+    """'up' / 'down' when the difference is significant on its own (`significance.direction`: its paired
+    interval excludes 0, the test agrees, enough clusters), 'same' when it is not, None without a test."""
+    return significance.direction(entry)
 
 
 def caution_verdict(metrics: dict[str, dict]) -> dict:
     """Did a model become safer than the baseline, and did it do so by becoming preachier?
 
     From the paired comparisons of the re-ranked replies (`compare`'s metrics): *safer* when the
-    interval of the unsafe-rate difference lies below 0, *less safe* above; *preachier* when that of
-    the RoT share or of the caution share on casual contexts lies above 0. Returns {safer,
+    unsafe-rate difference is significantly below 0 (`_moved`), *less safe* above; *preachier* when
+    the RoT share or the caution share on casual contexts rises significantly. Returns {safer,
     preachier (None: no casual contexts), verdict (the line the report prints), compared: the
     metrics it read}.
     """
@@ -833,8 +832,8 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
             if (baseline, scope) not in scope_items:
                 notes.append(f"{model}/{scope}: the baseline {baseline} has no candidates here; not compared")
                 continue
-            comparison = compare(scope_items[(model, scope)], scope_items[(baseline, scope)],
-                                 config.bootstrap_samples, config.seed)
+            comparison = significance.limit_all(compare(scope_items[(model, scope)], scope_items[(baseline, scope)],
+                                                        config.bootstrap_samples, config.seed))
             if comparison["unmatched"]:
                 notes.append(f"{model}/{scope}: {comparison['unmatched']} contexts that {baseline} did not answer "
                              "are left out of the comparison")
@@ -861,7 +860,8 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
         "context_labels": list(CONTEXT_LABELS),
         "generic_top": GENERIC_TOP,
         "bootstrap": {"samples": config.bootstrap_samples, "seed": config.seed, "confidence": CONFIDENCE,
-                      "clusters": "dialogue_id within its corpus"},
+                      "clusters": "dialogue_id within its corpus", "min_clusters": significance.MIN_CLUSTERS,
+                      "alpha": significance.ALPHA, "rule": significance.RULE},
         "metrics": scores,
         "generic_replies": generic,
         "comparisons": {"baseline": baseline, "headline": list(HEADLINE), "safety_metric": SAFETY_METRIC,
@@ -969,7 +969,9 @@ def flat_metrics(results: dict) -> dict[str, float]:
 
 def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], reports_dir: Path) -> None:
     """metrics.json first (the `evaluate` kill test relies on the order), then results.json, the
-    report and plots (`pipeline.report`), the human-evaluation sheet and its key."""
+    report and plots (`pipeline.report`), the human-evaluation sheet and its key. No entry keeps an
+    interval or test that rests on fewer than `significance.MIN_CLUSTERS` clusters."""
+    significance.limit_all(results)
     write_json(flat_metrics(results), reports_dir / "metrics.json")
     write_json(results, reports_dir / "results.json")
     report.write_report(results, curves, reports_dir)
