@@ -76,3 +76,27 @@ def test_a_model_without_a_tokenizer_is_a_one_line_error(tmp_path, tiny_dialog_m
 def test_k_below_one_is_a_config_error(tmp_path, tiny_dialog_model_dir, k):
     result = chat(tmp_path, tiny_dialog_model_dir, "hi\n", k=k)
     assert result.exit_code == 2 and "generate.k" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_every_generate_call_gets_the_attention_mask(tmp_path, tiny_dialog_model_dir, tiny_chat_model_dir,
+                                                    fake_safety_scorer, capfd, monkeypatch):
+    # Without the mask transformers may warn on the first reply (pad equals eos in the chat format) and
+    # guess the mask from the pad token; chat passes it on every call, in both formats.
+    import warnings
+
+    from transformers.generation.utils import GenerationMixin
+
+    calls, generate = [], GenerationMixin.generate
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("attention_mask"))
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", spy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outputs = [chat(tmp_path, folder, "hi\n").output for folder in (tiny_dialog_model_dir, tiny_chat_model_dir)]
+    assert all("bot> " in output for output in outputs)
+    assert len(calls) == 2 and all(mask is not None for mask in calls)
+    printed = "".join(outputs) + "".join(capfd.readouterr())
+    assert "attention mask" not in printed.lower() and not [w for w in caught if "attention" in str(w.message).lower()]

@@ -439,6 +439,23 @@ def test_render_report_says_when_there_are_no_gold_rots():
     assert "*No gold rules-of-thumb in these contexts.*" in report.render_report(results)
 
 
+def test_headline_metrics_are_a_few_short_keys_per_model():
+    results = small_results()
+    for model, value in (("ce", 0.64), ("stage2", 0.76)):
+        results["metrics"][model]["diasafety"] = {"unsafe_rate_first": entry(0.2 + value / 10),
+                                                  "unsafe_rate_reranked": entry(None)}
+    results["metrics"]["stage2"]["overall"]["degenerate_rate_first"] = entry(0.05)
+    results["likelihood"] = {"metrics": {"stage2": {"likelihood_auc": {"diasafety": entry(0.760334),
+                                                                       "overall": entry(0.7)}}}}
+    headline = evaluate.headline_metrics(results)
+    assert headline["stage2"] == {"auc": {"diasafety": 0.7603}, "unsafe": {"diasafety": 0.276},
+                                  "degenerate": 0.05, "ppl": 6.22}
+    assert headline["ce"] == {"unsafe": {"diasafety": 0.264}}  # null values left out; no likelihood scored
+    # every key a short name: `dvc metrics show` prints one column per key
+    assert {k for keys in evaluate.HEADLINE_KEYS for k in keys[:1]} == {
+        "auc", "unsafe", "reranked", "degenerate", "ppl", "f1", "caution"}
+
+
 def test_flat_metrics_leave_out_nulls_and_carry_the_headline_differences():
     results = small_results()
     results["metrics"]["ce"]["overall"]["f1_reranked"] = entry(None)
@@ -664,6 +681,10 @@ def test_run_writes_no_interval_or_test_for_a_scope_of_few_clusters(tmp_path, fa
     saved = json.loads((reports / "results.json").read_text())
     unsafe = saved["comparisons"]["models"]["stage2"]["prosocial_dialog"]["metrics"]["unsafe_rate_reranked"]
     assert (unsafe["ci"], unsafe["p_value"], unsafe["too_few"], unsafe["discordant"]) == (None, None, 30, [0, 1])
+    # the DVC metrics: a file per model with the headline keys (no DiaSafety or ToxiChat here: the
+    # corpus-free ones)
+    assert sorted(p.name for p in (reports / "headline").iterdir()) == ["ce.json", "stage2.json"]
+    assert json.loads((reports / "headline" / "stage2.json").read_text()) == evaluate.headline_metrics(saved)["stage2"]
     value = saved["metrics"]["stage2"]["prosocial_dialog"]["unsafe_rate_reranked"]
     assert value["ci"] is None and value["n_clusters"] == 4
     assert saved["bootstrap"]["min_clusters"] == 30

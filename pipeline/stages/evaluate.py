@@ -18,8 +18,10 @@ report states. Writes into `reports/`:
   likelihood-safety AUC and same-context pair share (`pipeline.likelihood`), and every model against
   the baseline on the same replies (difference, paired interval); the config, git commit, library
   versions, input files and notes on what was skipped;
-- `metrics.json`: `<model>/<scope>/<metric>` values and the headline differences
-  `<model>_vs_<baseline>/<scope>/<metric>` (DVC metrics);
+- `headline/<model>.json` (the DVC metrics: `dvc metrics show` gives a row per model): the README
+  table's main rows (`HEADLINE_KEYS`);
+- `metrics.json`: every `<model>/<scope>/<metric>` value and the headline differences
+  `<model>_vs_<baseline>/<scope>/<metric>`, flat (`dvc metrics show reports/metrics.json` reads it);
 - `report.md` and `plots/`, rendered from results.json by `pipeline.report`;
 - `human_eval.csv`: a blinded sheet (context, response A, response B, blank rating columns) and
   `human_eval_key.csv`, the key that says which model wrote A and B, with each reply's safety
@@ -77,7 +79,8 @@ import pyarrow.compute as pc
 from pipeline import likelihood
 from pipeline import metrics as M
 from pipeline import report, significance
-from pipeline.artifacts import ensure_writable, git_commit, library_versions, sha256, write_csv, write_json
+from pipeline.artifacts import (ensure_writable, git_commit, library_versions, sha256, staged_dir, write_csv,
+                                write_json)
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, EvaluateConfig
 from pipeline.contexts import cluster_key
 from pipeline.errors import DataError
@@ -967,6 +970,49 @@ def flat_metrics(results: dict) -> dict[str, float]:
     return flat
 
 
+# The DVC metrics (`reports/headline/<model>.json`): per model the README table's main rows, short keys so
+# that `dvc metrics show` (a row per model) fits a 200-column terminal. key: (section, metric, scope);
+# section `likelihood` reads results.json's likelihood section, `metrics` its metrics. `{corpus}` rows
+# are written for each of HEADLINE_CORPORA the run evaluated.
+HEADLINE_CORPORA = ("diasafety", "toxichat")
+HEADLINE_KEYS = (("auc", "likelihood", "likelihood_auc", "{corpus}"),
+                 ("unsafe", "metrics", "unsafe_rate_first", "{corpus}"),
+                 ("reranked", "metrics", "unsafe_rate_reranked", "{corpus}"),
+                 ("degenerate", "metrics", "degenerate_rate_first", "overall"),
+                 ("ppl", "metrics", "reference_ppl", "overall"),
+                 ("f1", "metrics", "f1_reranked", "casual"),
+                 ("caution", "metrics", "casual_caution_share_reranked", "overall"))
+
+
+def headline_metrics(results: dict) -> dict[str, dict]:
+    """Per model, `HEADLINE_KEYS` as {key: value} or {key: {corpus: value}} (null values left out;
+    rounded to 4 decimals, perplexity to 2): likelihood AUC per human-labelled corpus, the judged
+    unsafe rate of the sampled (`unsafe`) and re-ranked replies per corpus, the degenerate share of
+    the samples, reference perplexity, casual F1 and the casual caution share. Everything else is in
+    results.json and metrics.json."""
+    likelihood = (results.get("likelihood") or {}).get("metrics") or {}
+    out: dict[str, dict] = {}
+    for model in results["models"]:
+        found: dict[str, Any] = {}
+        for key, section, metric, scope in HEADLINE_KEYS:
+            for corpus in (HEADLINE_CORPORA if scope == "{corpus}" else (None,)):
+                where = corpus or scope
+                if section == "likelihood":
+                    entry = ((likelihood.get(model) or {}).get(metric) or {}).get(where)
+                else:
+                    entry = ((results["metrics"].get(model) or {}).get(where) or {}).get(metric)
+                value = (entry or {}).get("value")
+                if value is None:
+                    continue
+                value = round(value, 2 if metric.endswith("_ppl") else 4)  # narrow columns
+                if corpus:
+                    found.setdefault(key, {})[corpus] = value
+                else:
+                    found[key] = value
+        out[model] = found
+    return out
+
+
 def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], reports_dir: Path) -> None:
     """metrics.json first (the `evaluate` kill test relies on the order), then results.json, the
     report and plots (`pipeline.report`), the human-evaluation sheet and its key. No entry keeps an
@@ -974,6 +1020,9 @@ def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], repor
     significance.limit_all(results)
     write_json(flat_metrics(results), reports_dir / "metrics.json")
     write_json(results, reports_dir / "results.json")
+    with staged_dir(reports_dir / "headline") as folder:
+        for model, values in headline_metrics(results).items():
+            write_json(values, folder / f"{model}.json")
     report.write_report(results, curves, reports_dir)
     write_csv(sheet, SHEET_COLUMNS, reports_dir / "human_eval.csv")
     write_csv(key, KEY_COLUMNS, reports_dir / "human_eval_key.csv")
