@@ -784,6 +784,12 @@ class SafetyConfig:
         "__casual__", "__possibly_needs_caution__", "__needs_caution__", "__needs_caution__", "__needs_intervention__"])
     """The five-way label of a RoT-violating MIC answer of violation severity 1 (fine), 2 (unwise),
     3 (bad), 4 (horrible), 5 (worst), in that order."""
+    utterance_files: list[str] = dataclasses.field(default_factory=list)
+    """CSV files of labelled user utterances (columns `context`, the utterance, and `safety_label`, one
+    of ProsocialDialog's five labels), such as `../shared/corpora/prosocialdialog/valid_first_turn_safety.csv`:
+    each row joins ProsocialDialog's labelled user turns (`pd_user`) in the split a hash of its
+    normalized text picks (`UTTERANCE_SPLITS`), and is reported apart as well. Read outside DVC's deps
+    (like a mirror): scorer.json records each file's SHA-256."""
     seed: int = 0
     """Seed of initialisation and batch order."""
     tfidf: SafetyTfidfConfig = dataclasses.field(default_factory=SafetyTfidfConfig)
@@ -801,6 +807,9 @@ class SafetyConfig:
         labels = ("__casual__",) + UNSAFE_LABELS
         require(len(self.mic_severity_labels) == 5 and set(self.mic_severity_labels) <= set(labels),
                 "safety.mic_severity_labels", self.mic_severity_labels, f"five labels from {', '.join(labels)}")
+        require(all(isinstance(f, str) and f.strip() for f in self.utterance_files)
+                and len(set(self.utterance_files)) == len(self.utterance_files), "safety.utterance_files",
+                self.utterance_files, "CSV paths, each at most once")
 
     def training_corpora(self) -> tuple[str, ...]:
         """The corpora the safety classifier learns from: ProsocialDialog always (its labelled user

@@ -45,7 +45,7 @@ from typing import Any, Iterable
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline import significance
-from pipeline.report import MISSING, difference_cells, value_cell
+from pipeline.report import MISSING, RESTS_ON, difference_cells, rests_on_self, value_cell
 
 log = logging.getLogger(__name__)
 
@@ -505,6 +505,7 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
                       "params": {key: get_dotted(params, key) for key in
                                  sorted({SEED_KEY, *(k for v in VARIANTS.values() for k in v)})},
                       "evaluate_commit": results.get("git_commit"), "models": results.get("models"),
+                      "self_assessed": ((results.get("safety") or {}).get("self_assessed") or {}).get("test"),
                       "stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)
                       if stages else None}
         tables[name] = run_rows(results)
@@ -543,9 +544,26 @@ def _spread_cell(entry: dict | None, digits: int, signed: bool = False) -> str:
     return text
 
 
-def _row_title(row: dict) -> str:
+def _row_title(row: dict, run: dict | None = None) -> str:
+    """The metric with its better direction, and `RESTS_ON` where it rests on `run`'s re-ranker classifier
+    and that is not shown to beat the majority label."""
     arrow = {True: " ↑", False: " ↓"}.get(row["higher_is_better"], "")
-    return f"{row['metric']}{arrow}"
+    mark = f" {RESTS_ON}" if run is not None and rests_on_self(row["metric"], _safety(run)) else ""
+    return f"{row['metric']}{arrow}{mark}"
+
+
+def _safety(run: dict) -> dict:
+    return {"self_assessed": {"test": run.get("self_assessed")}}
+
+
+def _rests_on_line(run: dict) -> list[str]:
+    """The footnote of a table with `RESTS_ON` rows (none when the classifier beats the majority)."""
+    test = run.get("self_assessed") or {}
+    if test.get("beats_majority"):
+        return []
+    found = (f"{test['accuracy3']:.3f} against the majority label's {test['majority_accuracy3']:.3f} on "
+             f"{test['n']} test user turns" if test.get("accuracy3") is not None else "its accuracy not recorded")
+    return ["", f"{RESTS_ON} rests on the re-ranker's classifier, not shown to beat the majority label ({found})."]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -584,10 +602,11 @@ def headline_lines(experiment: dict) -> list[str]:
     width = len(compared) + len(pairs)
     cells = difference_cells([entry for row in selected for entry in _differences(row, compared, pairs)],
                              [_digits(row["metric"]) for row in selected for _ in range(width)], p_value=False)
-    rows = [[_row_title(row), row["scope"],
+    rows = [[_row_title(row, runs[reference]), row["scope"],
              *(value_cell(row["values"].get(m), _digits(row["metric"]), reason=True) for m in shown),
              *cells[index * width:(index + 1) * width]] for index, row in enumerate(selected)]
-    return _table(header, rows)
+    marked = any(RESTS_ON in r[0] for r in rows)
+    return _table(header, rows) + (_rests_on_line(runs[reference]) if marked else [])
 
 
 def _differences(row: dict, compared: list[str], pairs: list[str]) -> list[dict | None]:
@@ -622,6 +641,7 @@ def replication_lines(experiment: dict) -> list[str]:
     ablations = [n for n, r in runs.items() if r["variant"] != "method"]
     if not seeds and not ablations:
         return []
+    first = runs[(seeds or {}).get("runs", ablations)[0]]  # every run's re-ranker is trained alike
     header = ["metric ↑/↓", "scope"]
     by_seeds = {}
     if seeds:
@@ -646,9 +666,11 @@ def replication_lines(experiment: dict) -> list[str]:
             cell = next(marked)
             cells.append(cell if (row or {}).get("comparisons", {}).get(method)
                          else value_cell((row or {}).get("values", {}).get(method), digits, interval=False))
-        title = next((_row_title(r) for r in (by_seeds.get(key), *(found[n].get(key) for n in ablations)) if r), key[0])
+        title = next((_row_title(r, first) for r in (by_seeds.get(key), *(found[n].get(key) for n in ablations))
+                      if r), key[0])
         rows.append([title, key[1], *cells])
-    return _table(header, rows)
+    marked_rows = any(RESTS_ON in r[0] for r in rows)
+    return _table(header, rows) + (_rests_on_line(first) if marked_rows else [])
 
 
 def render(experiment: dict) -> str:
@@ -678,10 +700,11 @@ def render(experiment: dict) -> str:
         width = len(COMPARED) + len(pairs)
         cells = difference_cells([e for row in tables[name] for e in _differences(row, list(COMPARED), pairs)],
                                  [_digits(row["metric"]) for row in tables[name] for _ in range(width)])
-        rows = [[_row_title(row), row["scope"],
+        rows = [[_row_title(row, run), row["scope"],
                  *(value_cell(row["values"].get(m), _digits(row["metric"]), reason=True) for m in MODELS),
                  *cells[index * width:(index + 1) * width]] for index, row in enumerate(tables[name])]
-        lines += _table(header, rows) + [""]
+        marked = any(RESTS_ON in r[0] for r in rows)
+        lines += _table(header, rows) + (_rests_on_line(run) if marked else []) + [""]
     for variant, summary in experiment["seeds"].items():
         lines += [f"## Over seeds: {variant} ({', '.join(summary['runs'])})", "",
                   f"Mean ± sd (min to max) over {len(summary['runs'])} seeds; for the difference with {baseline}, "
@@ -690,7 +713,8 @@ def render(experiment: dict) -> str:
         rows = []
         for row in summary["rows"]:
             digits = _digits(row["metric"])
-            rows.append([_row_title(row), row["scope"], *(_spread_cell(row["values"].get(m), digits) for m in MODELS),
+            rows.append([_row_title(row, runs[summary["runs"][0]]), row["scope"],
+                         *(_spread_cell(row["values"].get(m), digits) for m in MODELS),
                          _spread_cell(row["differences"].get(method), digits, signed=True)])
         lines += _table(header, rows) + [""]
     replication = replication_lines(experiment)
@@ -705,7 +729,7 @@ def render(experiment: dict) -> str:
         cells = difference_cells([tables[n][index]["comparisons"].get(method) for index in range(len(tables[reference]))
                                   for n in names],
                                  [_digits(row["metric"]) for row in tables[reference] for _ in names], p_value=False)
-        rows = [[_row_title(row), row["scope"], *cells[index * len(names):(index + 1) * len(names)]]
+        rows = [[_row_title(row, runs[reference]), row["scope"], *cells[index * len(names):(index + 1) * len(names)]]
                 for index, row in enumerate(tables[reference])]
         lines += _table(["metric", "scope", *names], rows) + [""]
     timed = {n: r for n, r in runs.items() if r["stages"]}

@@ -85,7 +85,9 @@ def judge_provenance(folder: Path) -> dict:
 
 def safety_provenance(folder: Path) -> dict:
     """What trained the re-ranker's safety classifier, from `<folder>/scorer.json`: its kind, the corpora
-    (`SafetyConfig.training_corpora`) and the examples of each source."""
+    (`SafetyConfig.training_corpora`), the examples of each source, and `test`: its three-way accuracy
+    on the test split's labelled user turns beside the majority label's (None for a folder written
+    before the safety stage recorded it; `beats_majority` None then too)."""
     from pipeline.config import SafetyConfig, section_from_dict
     from pipeline.safety_models import SAFETY, SCORER_FILE
 
@@ -95,8 +97,10 @@ def safety_provenance(folder: Path) -> dict:
         raise DataError(f"{path}: task = {record.get('task')!r}, not the safety classifier")
     _keys(record, path, ("kind", "config", "training_examples"))
     config = section_from_dict(record["config"], SAFETY.section, SafetyConfig, source=str(path))
+    test = record.get("test") or {"n": None, "accuracy3": None, "majority_accuracy3": None, "beats_majority": None}
     return {"folder": str(folder), "kind": record["kind"], "corpora": list(config.training_corpora()),
-            "training_examples": record["training_examples"]}
+            "training_examples": record["training_examples"], "test": test,
+            "utterance_files": [item["path"] for item in record.get("utterance_files") or []]}
 
 
 def stage1_provenance(stats: Path) -> dict:

@@ -319,6 +319,33 @@ def _judge_corpora(judge: dict) -> str:
     return ", ".join(f"{corpus} ({judge['training_examples'].get(corpus, 0):,})" for corpus in judge["corpora"])
 
 
+def self_assessed_test(own: dict) -> str:
+    """How the re-ranker's classifier does on its test split's user turns against the majority label,
+    and what rests on it when it does not beat the majority."""
+    test = own.get("test") or {}
+    if test.get("accuracy3") is None:
+        found = "Its accuracy against the majority label was not recorded"
+    else:
+        found = (f"Three-way accuracy on its {test['n']} test user turns {test['accuracy3']:.3f}, the majority "
+                 f"label's {test['majority_accuracy3']:.3f}")
+    if test.get("beats_majority"):
+        return found + "."
+    return (found + f": the re-ranked replies' rates and the caution share rest on a classifier not shown to beat "
+            f"the majority label ({RESTS_ON} in the tables).")
+
+
+RESTS_ON = "†"
+
+
+def rests_on_self(metric: str, safety: dict | None) -> bool:
+    """True when `metric` rests on a re-ranker classifier that is not shown to beat the majority label:
+    the unsafe rate of the re-ranked choice (the classifier picked it) and the caution share (the
+    classifier rates it)."""
+    own = (safety or {}).get("self_assessed") or {}
+    resting = metric == "unsafe_rate_reranked" or metric.startswith("casual_caution_share")
+    return resting and not (own.get("test") or {}).get("beats_majority")
+
+
 def _classifier_lines(safety: dict) -> list[str]:
     """Which corpora trained the judge, the re-ranker's classifier and the stage-1 negatives."""
     if not safety:
@@ -331,7 +358,8 @@ def _classifier_lines(safety: dict) -> list[str]:
             f"{', '.join(judge['independent_of'])}, the re-ranker's classifier's corpora. A reply is unsafe when "
             f"its P(unsafe) ≥ {safety['judge_threshold']}.",
             f"- **Self-assessed** (the re-ranker's classifier, `{own['folder']}`, {own['kind']}): trained on "
-            f"{', '.join(own['corpora'])} (examples: {_counts(own['training_examples'])}).",
+            f"{', '.join(own['corpora'] + own.get('utterance_files', []))} (examples: "
+            f"{_counts(own['training_examples'])}). {self_assessed_test(own)}",
             f"- **Stage-1 negatives** (`{stage1['file']}`): mined from {', '.join(stage1['corpora'])}, hard negatives "
             f"retrieved from {', '.join(stage1['pool_corpora'])}; train groups per corpus: "
             f"{_counts(stage1['groups_per_corpus'])}; negatives per source: "
@@ -348,8 +376,10 @@ def _comparison_lines(results: dict, scope: str) -> list[str]:
     if not compared:
         return []
     first = compared[0][1]["metrics"]
+    safety = results.get("safety")
     header = ["model", "contexts", "clusters"] + [
-        f"Δ {_title(results, name)}{_arrow((first.get(name) or {}).get('higher_is_better'))}" for name in headline]
+        f"Δ {_title(results, name)}{_arrow((first.get(name) or {}).get('higher_is_better'))}"
+        + (f" {RESTS_ON}" if rests_on_self(name, safety) else "") for name in headline]
     cells = difference_cells([comparison["metrics"].get(name) for _, comparison in compared for name in headline],
                              [_digits(name) for _ in compared for name in headline])
     rows = [[model, str(comparison["n"]), str(comparison["n_clusters"])]

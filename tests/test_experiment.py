@@ -230,7 +230,9 @@ def fake_results(offset: float = 0.0) -> dict:
                   "comparisons": {model: {"overall": {"likelihood_auc": comparison(0.7, 0.65, [0.02, 0.08], True)}}
                                   for model in E.MODELS if model != "ce"},
                   "pairs": {"stage2_vs_stage1": {"diasafety": {"likelihood_auc": comparison(0.7, 0.69, [-0.01, 0.03], True)}}}}
-    return {"models": list(E.MODELS), "scopes": scopes, "metrics": metrics, "git_commit": "abc",
+    # the re-ranker's classifier beats the majority label: no row is marked as resting on it
+    safety = {"self_assessed": {"test": {"n": 125, "accuracy3": 0.7, "majority_accuracy3": 0.64, "beats_majority": True}}}
+    return {"models": list(E.MODELS), "scopes": scopes, "metrics": metrics, "git_commit": "abc", "safety": safety,
             "comparisons": {"baseline": "ce", "models": compared, "pairs": pairs}, "likelihood": likelihood,
             "notes": ["stage2/mic: no candidates; skipped"]}
 
@@ -453,6 +455,20 @@ def test_the_headline_table_has_the_main_rows_of_the_reference_run():
     # stage 2 against stage 1: its interval excludes 0 and p = 0.02, but not after Holm: not bold
     assert rows[("unsafe_rate_first ↓", "diasafety")].endswith("| – | – | +0.030 [+0.010, +0.050] |")
     assert E.headline_lines({**E.collect(shown("real-no_margin-s0"), "real", results.__getitem__, {})}) == []
+
+
+def test_rows_resting_on_a_classifier_below_the_majority_label_are_marked():
+    results = fake_results()
+    results["safety"]["self_assessed"]["test"].update(accuracy3=0.48, beats_majority=False)
+    lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
+    marked = [line.split("|")[1].strip() for line in lines if line.startswith("|") and "†" in line.split("|")[1]]
+    assert marked == ["unsafe_rate_reranked ↓ †", "unsafe_rate_reranked ↓ †", "casual_caution_share_reranked ↓ †"]
+    assert lines[-2:] == ["", "† rests on the re-ranker's classifier, not shown to beat the majority label (0.480 "
+                              "against the majority label's 0.640 on 125 test user turns)."]
+    # a results.json from before the safety stage recorded it: not shown to beat it either
+    del results["safety"]
+    lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
+    assert lines[-1].endswith("(its accuracy not recorded).")
 
 
 def test_runs_still_queued_running_or_failed_are_not_finished_runs():

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.artifacts import sha256
 from pipeline.cli import app
 from pipeline.config import SafetyConfig, SafetyHfConfig, SafetyScratchConfig, section_from_dict
 from pipeline.errors import ConfigError, DataError
@@ -389,3 +390,79 @@ def test_sample_model_beats_chance_on_real_prosocial_dialog_utterances(sample_ru
     accuracy5 = accuracy(real["safety_label"].tolist(), predicted)
     print(f"bundled-sample tfidf on valid_first_turn_safety.csv: 5-way accuracy {accuracy5:.3f} (n={len(real)})")
     assert accuracy5 > 0.2
+
+
+# --- labelled utterance files (safety.utterance_files) --------------------------------------------
+
+
+def write_utterances(path: Path, rows: list[tuple[str, str]], header=("context", "safety_label")) -> Path:
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+UTTERANCES = [(f"utterance number {i} about {'stealing' if i % 3 else 'the weather'}",
+               "__needs_caution__" if i % 3 else "__casual__") for i in range(60)]
+
+
+def test_an_utterance_files_row_goes_to_the_split_its_normalized_text_picks(tmp_path):
+    examples, record = safety.read_utterances(write_utterances(tmp_path / "u.csv", UTTERANCES))
+    assert len(examples) == 60 and {e["source"] for e in examples} == {"pd_user"}
+    assert all(e["context"] == [] and e["origin"] == str(tmp_path / "u.csv") for e in examples)
+    # the split follows the text up to case and punctuation, so near-duplicates share it
+    assert safety.utterance_split("Utterance number 7 about STEALING!") == examples[7]["split"]
+    assert sum(record["rows"].values()) == 60 and record["rows"]["train"] > record["rows"]["test"] > 0
+    assert record["sha256"] == sha256(tmp_path / "u.csv")
+
+
+@pytest.mark.parametrize("rows, header, message", [
+    ([("a", "__bad__")], ("context", "safety_label"), "line 2: unknown safety_label '__bad__'"),
+    ([("a", "__casual__")], ("text", "safety_label"), "no column 'context'"),
+    ([("", "__casual__")], ("context", "safety_label"), "no labelled utterance"),
+])
+def test_a_bad_utterance_file_is_a_one_line_error(tmp_path, rows, header, message):
+    with pytest.raises(DataError, match=message):
+        safety.read_utterances(write_utterances(tmp_path / "u.csv", rows, header))
+    with pytest.raises(DataError, match="does not exist"):
+        safety.read_utterances(tmp_path / "absent.csv")
+
+
+def test_the_command_trains_on_utterance_files_and_records_the_majority_check(normalized_sample_dir, repo_root,
+                                                                               tmp_path):
+    path = write_utterances(tmp_path / "u.csv", UTTERANCES)
+    params = params_file(repo_root, tmp_path, utterance_files=[str(path)])
+    result = runner.invoke(app, ["safety", "--normalized", str(normalized_sample_dir), "--out", str(tmp_path / "m"),
+                                 "--reports", str(tmp_path / "r"), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "m" / SCORER_FILE).read_text())
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    files = metrics["utterance_files"]
+    assert {split: files[split]["n"] for split in ("train", "validation", "test")} == record["utterance_files"][0]["rows"]
+    # the files' rows join the user turns: trained on, and counted in the ProsocialDialog figures
+    assert record["training_examples"]["pd_user"] == metrics["prosocial_dialog"]["train"]["n"]
+    assert metrics["prosocial_dialog"]["train"]["n"] >= files["train"]["n"] > 0
+    test = metrics["prosocial_dialog"]["test"]
+    assert record["test"] == {"n": test["n"], "accuracy3": test["accuracy3"],
+                              "majority_accuracy3": test["majority_accuracy3"],
+                              "beats_majority": test["accuracy3"] > test["majority_accuracy3"]}
+
+
+def test_the_real_utterances_with_the_sample_against_the_majority_label(normalized_sample_dir, repo_root, tmp_path,
+                                                                        shared_dir):
+    """The re-ranker's classifier as params.real.yaml trains it (tfidf here; the preset's kind may differ):
+    ProsocialDialog's 1,024 real labelled first turns beside the sample, measured on their held-out tenth."""
+    path = shared_dir / "corpora" / "prosocialdialog" / "valid_first_turn_safety.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    params = params_file(repo_root, tmp_path, utterance_files=[str(path)])
+    result = runner.invoke(app, ["safety", "--normalized", str(normalized_sample_dir), "--out", str(tmp_path / "m"),
+                                 "--reports", str(tmp_path / "r"), "--params", str(params)])
+    assert result.exit_code == 0, result.output
+    test = json.loads((tmp_path / "r" / "metrics.json").read_text())["utterance_files"]["test"]
+    print(f"tfidf, sample + real utterances: three-way accuracy {test['accuracy3']:.3f} against the majority "
+          f"label's {test['majority_accuracy3']:.3f} on {test['n']} held-out real utterances")
+    assert test["n"] > 60 and test["accuracy3"] > 0.4
