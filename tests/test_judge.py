@@ -326,6 +326,35 @@ def test_compare_all_reports_the_judge_trained_on_every_train_reply(tmp_path, sa
     assert on_all["corpora"]["diasafety"]["test"]["n"] == metrics["corpora"]["diasafety"]["test"]["n"]
 
 
+def test_an_ensemble_judge_reports_each_member_on_the_same_replies(tmp_path, sample_normalized):
+    from transformers import BertConfig, BertModel
+
+    from pipeline.safety_models import train_wordpiece
+
+    checkpoint = tmp_path / "tiny-encoder"
+    tokenizer = train_wordpiece([text for text, _ in TOY] + ["hi"], vocab_size=120, max_length=64)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    hf = {"name": str(checkpoint), "max_length": 64, "epochs": 1, "batch_size": 8, "lr": 1e-3}
+    params = write_params(tmp_path / "params.yaml", {"model": "ensemble", "hf": hf})
+    reports = tmp_path / "reports"
+    result = run_judge("--normalized", sample_normalized, "--out", tmp_path / "judge", "--reports", reports,
+                       "--params", params)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((reports / "metrics.json").read_text())
+    members = metrics["members"]
+    assert set(members) == {"tfidf", "hf"}
+    for member in members.values():
+        for corpus in DIALOG_SAFETY_CORPORA:
+            assert member["corpora"][corpus]["test"]["n"] == metrics["corpora"][corpus]["test"]["n"]
+            assert member["context"][corpus]["n"] == metrics["context"][corpus]["n"]
+    # the ensemble's figures are its own, not a member's
+    ensemble = metrics["corpora"]["diasafety"]["test"]["calibration"]["mean_p_unsafe"]
+    means = [m["corpora"]["diasafety"]["test"]["calibration"]["mean_p_unsafe"] for m in members.values()]
+    assert ensemble == pytest.approx(sum(means) / 2, abs=1e-6)
+
+
 def test_a_judge_with_every_train_reply_and_a_method_on_them_is_refused(tmp_path):
     params = write_params(tmp_path / "params.yaml", {"share": 1.0})
     result = run_judge("--normalized", tmp_path / "missing", "--out", tmp_path / "judge", "--reports",

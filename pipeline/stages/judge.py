@@ -31,7 +31,10 @@ three for always answering the corpus's most frequent train label; `calibration`
 calibration error of P(unsafe) over `judge.calibration_bins` equal-width bins, the mean P(unsafe),
 the observed and the predicted unsafe rate (an audit reports the mean rate, so a judge whose mean
 P(unsafe) is off is off in every audit); `categories` (DiaSafety): n, n_unsafe, unsafe-class F1
-and macro-F1 per category.
+and macro-F1 per category. Beside them: `context` (the test AUC with and without the context),
+`members` (for the `ensemble` kind, each member's own `corpora` and `context` figures on the same
+replies, so one run shows whether averaging helps) and `trained_on_all` (with `judge.compare_all`,
+the same judge trained on every train reply: what keeping the method's half apart costs).
 
 The API `evaluate` uses (no other stage imports this module):
 
@@ -280,6 +283,17 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     blanked = np.full(len(evaluated), np.nan)  # (n,): only the test split's AUC is compared
     blanked[test] = scorer.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
     reading = context_reading(evaluated, p_unsafe, blanked, config)
+    members = None
+    if config.model == "ensemble":
+        # Each member alone on the same replies: does averaging the two judges help?
+        members = {}
+        for member in scorer.classifier.members:
+            alone = JudgeScorer(member, scorer.context_turns)
+            p_member = alone.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist())
+            b_member = np.full(len(evaluated), np.nan)
+            b_member[test] = alone.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
+            members[member.kind] = {"corpora": evaluate(evaluated, p_member, config)[0],
+                                    "context": context_reading(evaluated, p_member, b_member, config)}
     on_all = None
     if config.compare_all:
         # What keeping the method's half apart costs: the same judge trained on every train reply.
@@ -297,7 +311,7 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     report = {"model": config.model, "trained_on": training, "trained_on_unsafe": training_unsafe,
               "share": config.share, "independent_of": independent_of, "threshold": THRESHOLD,
               "confidence": CONFIDENCE, "skipped": dict(sorted(skipped.items())), "corpora": metrics,
-              "context": reading, "trained_on_all": on_all}
+              "context": reading, "members": members, "trained_on_all": on_all}
     with staged_dir(reports / "reliability") as folder:
         for corpus, rows in reliability.items():
             rounded = [{key: round(value, 6) for key, value in row.items()} for row in rows]
