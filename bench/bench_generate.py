@@ -21,6 +21,7 @@ the seconds for the same contexts (the speed-up), not tokens per second.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -58,9 +59,12 @@ def contexts(n: int) -> list[Source]:
             for _ in range(n)]
 
 
-def timed(dm: DialogModel, sources: list[Source], batch_size: int) -> tuple[float, int]:
-    """Seconds and generated tokens for all `sources`, `batch_size` contexts per call."""
-    config = GenerateConfig(k=K, batch_size=batch_size, max_new_tokens=MAX_NEW_TOKENS)
+def timed(dm: DialogModel, sources: list[Source], batch_size: int,
+          settings: GenerateConfig | None = None) -> tuple[float, int]:
+    """Seconds and generated tokens for all `sources`, `batch_size` contexts per call, with the
+    sampling `settings` (default: k = K, up to MAX_NEW_TOKENS new tokens)."""
+    settings = settings or GenerateConfig(k=K, max_new_tokens=MAX_NEW_TOKENS)
+    config = dataclasses.replace(settings, batch_size=batch_size)
     tokens, started = 0, time.perf_counter()
     for index, start in enumerate(range(0, len(sources), batch_size)):
         tokens += sample_candidates(dm, sources[start: start + batch_size], config, seed=index).tokens

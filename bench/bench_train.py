@@ -76,21 +76,24 @@ def tiny_gpt2(tokenizer):
                                       eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id))
 
 
-def our_loop(model, tokenizer, groups, validation, config) -> dict:
+def our_loop(model, tokenizer, groups, validation, config, stage=STAGE) -> dict:
     dm = DialogModel(copy.deepcopy(model), tokenizer, is_seq2seq=False)
-    result = train.fit(dm, groups, validation, config, STAGE, train.make_accelerator(config), desc="loop")
+    result = train.fit(dm, groups, validation, config, stage, train.make_accelerator(config), desc="loop")
     return result["timing"]
 
 
-def hf_trainer(model, tokenizer, groups, scratch: Path) -> dict:
+def hf_trainer(model, tokenizer, groups, scratch: Path, config=CONFIG, stage=STAGE) -> dict:
     """Cross-entropy on `prompt target</s>` with the prompt masked out of the labels: what a user would
-    write with `Trainer` for the positives alone."""
+    write with `Trainer` for the positives alone (with `config.lora`'s adapters when enabled, as
+    `train.fit` adds them)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from pipeline.finetune import add_lora
 
     examples = []
     for prompt, targets in zip(groups.prompt_ids, groups.target_ids):
         examples.append({"input_ids": prompt + targets[0], "labels": [-100] * len(prompt) + targets[0]})
-    tokens = sum(len(e["input_ids"]) for e in examples) * EPOCHS
+    tokens = sum(len(e["input_ids"]) for e in examples) * stage.epochs
 
     def collate(batch):
         width = max(len(e["input_ids"]) for e in batch)
@@ -111,13 +114,14 @@ def hf_trainer(model, tokenizer, groups, scratch: Path) -> dict:
             self.seconds = time.perf_counter() - self.started
 
     clock = Clock()
-    args = TrainingArguments(output_dir=str(scratch), per_device_train_batch_size=CONFIG.batch_groups,
-                             num_train_epochs=EPOCHS, learning_rate=STAGE.learning_rate, warmup_steps=CONFIG.warmup_steps,
-                             weight_decay=CONFIG.weight_decay, max_grad_norm=CONFIG.max_grad_norm, use_cpu=True,
+    args = TrainingArguments(output_dir=str(scratch), per_device_train_batch_size=config.batch_groups,
+                             num_train_epochs=stage.epochs, learning_rate=stage.learning_rate, warmup_steps=config.warmup_steps,
+                             weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, use_cpu=True,
                              report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
-                             dataloader_num_workers=0, seed=CONFIG.seed)
-    trainer = Trainer(model=copy.deepcopy(model), args=args, train_dataset=examples, data_collator=collate,
-                      callbacks=[clock])
+                             dataloader_num_workers=0, seed=config.seed)
+    fresh = copy.deepcopy(model)
+    trainer = Trainer(model=add_lora(fresh, config.lora) if config.lora.enabled else fresh, args=args,
+                      train_dataset=examples, data_collator=collate, callbacks=[clock])
     trainer.train()
     return {"train_seconds": clock.seconds, "read_tokens": tokens, "scored_tokens": None}
 

@@ -39,11 +39,20 @@ EXPERT, ANTIEXPERT = "expert", "antiexpert"  # the two subfolders of the experts
 
 @dataclasses.dataclass
 class Experts:
-    """The expert and the anti-expert, in eval mode, and the weight of their difference."""
+    """The expert and the anti-expert, in eval mode, and the weight of their difference; `divergence`
+    sums, over the tokens sampled under their guidance, KL(guided sampling distribution with the experts
+    || without them) and counts the tokens (`mean_divergence` reads and resets it)."""
 
     expert: DialogModel
     antiexpert: DialogModel
     alpha: float
+    divergence: list = dataclasses.field(default_factory=lambda: [0.0, 0])
+
+    def mean_divergence(self) -> float | None:
+        """The mean per-token KL (nats) since the last call, None when no token was sampled; resets."""
+        total, tokens = self.divergence
+        self.divergence[:] = [0.0, 0]
+        return total / tokens if tokens else None
 
 
 def load_experts(folder: Path, guided: DialogModel, alpha: float, device: str = "cpu") -> Experts:
@@ -86,10 +95,15 @@ def combine(base_logits: torch.Tensor, expert_logits: torch.Tensor, antiexpert_l
     """`filters` applied in turn to `base_logits` (each a transformers logits warper called with
     `(input_ids, scores)`; the input ids are not read by temperature, top-k or top-p), plus
     `alpha * (expert - antiexpert)`, all in float32."""
-    scores = base_logits.float()
+    return filtered(base_logits, filters) + alpha * (expert_logits.float() - antiexpert_logits.float())
+
+
+def filtered(logits: torch.Tensor, filters=()) -> torch.Tensor:
+    """`filters` (logits warpers) applied in turn to `logits`, in float32."""
+    scores = logits.float()
     for warp in filters:
         scores = warp(None, scores)
-    return scores + alpha * (expert_logits.float() - antiexpert_logits.float())
+    return scores
 
 
 def sampling_filters(config: GenerateConfig) -> list:
@@ -161,23 +175,41 @@ class _ExpertState:
 class Guidance:
     """The logits processor of one `generate` call: `combine` of the guided model's logits and the
     experts' at every step. Built from the call's prompt ids and attention mask (S, L); `generate`
-    repeats each prompt `k` times (rows s*k .. s*k+k-1), as the processor does. `record` keeps each
-    step's combined logits (for tests)."""
+    repeats each prompt `k` times (rows s*k .. s*k+k-1), as the processor does. Each step adds to
+    `experts.divergence` the KL of the combined distribution from the guided model's own (both after
+    the sampling filters) for every row that has not ended. `record` keeps each step's combined logits
+    (for tests)."""
 
     def __init__(self, experts: Experts, config: GenerateConfig, prompt_ids: torch.Tensor,
                  prompt_mask: torch.Tensor, record: bool = False):
-        self.alpha, self.filters = experts.alpha, sampling_filters(config)
+        self.experts, self.filters = experts, sampling_filters(config)
         scale = config.temperature if config.do_sample else 1.0
         self.weight = experts.alpha / scale  # the difference is scaled by the temperature like the logits
         self.states = [_ExpertState(dm, prompt_ids, prompt_mask, config.k) for dm in (experts.expert, experts.antiexpert)]
+        self.prompt_length, self.eos = prompt_ids.shape[1], experts.expert.tokenizer.eos_token_id
         self.steps: list[torch.Tensor] | None = [] if record else None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         expert, antiexpert = (state.next_logits(input_ids) for state in self.states)
-        combined = combine(scores, expert, antiexpert, self.weight, self.filters)
+        own = filtered(scores, self.filters)
+        combined = own + self.weight * (expert.float() - antiexpert.float())
+        self.add_divergence(input_ids, own, combined)
         if self.steps is not None:
             self.steps.append(combined.detach().clone())
         return combined
+
+    def add_divergence(self, input_ids: torch.Tensor, own: torch.Tensor, combined: torch.Tensor) -> None:
+        """KL(softmax(combined) || softmax(own)) of the rows still generating: no eos yet among the
+        tokens sampled so far (after the prompt, which a causal model's `input_ids` hold, or after a
+        sequence-to-sequence model's decoder start token). A filtered-out token is -inf in both, so it
+        adds nothing."""
+        start = 1 if self.experts.expert.is_seq2seq else self.prompt_length
+        active = ~(input_ids[:, start:] == self.eos).any(dim=-1)
+        logp, logq = torch.log_softmax(combined, dim=-1), torch.log_softmax(own, dim=-1)
+        terms = torch.where(torch.isfinite(logp), logp.exp() * (logp - logq), torch.zeros_like(logp))
+        kl = terms.sum(dim=-1)[active]
+        self.experts.divergence[0] += float(kl.sum())
+        self.experts.divergence[1] += int(active.sum())
 
 
 def guidance_settings(experts: Experts, config: GenerateConfig, folder: Path, guided: str) -> dict:

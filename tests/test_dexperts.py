@@ -289,6 +289,7 @@ def test_generate_dexperts_writes_guided_candidates(tmp_path, trained_experts, t
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["model"] == "dexperts" and stats["dexperts"]["alpha"] == 2.0
     assert stats["dexperts"]["filters"] == ["TopPLogitsWarper"] and stats["decoding"]["top_p"] == 0.9
+    assert all(entry["dexperts_mean_kl"] > 0 for entry in stats["corpora"].values())  # alpha 2 moves the sampling
     table = pq.read_table(tmp_path / "out" / "daily_dialog.parquet")
     assert table.num_rows == 2 * 2 and set(table.column("model").to_pylist()) == {"dexperts"}
 
@@ -336,3 +337,42 @@ def test_the_experts_read_only_the_methods_half_of_the_judge_corpora(tmp_path):
     assert "no, lying hurts people." in used  # MIC is no judge corpus: whole
     validation = expert_pairs(normalized, DExpertsConfig(), "validation", 0, halves)[1]
     assert validation["diasafety"]["method_rows"] == validation["diasafety"]["rows"]  # only train is split
+
+
+def test_the_mean_kl_from_the_guided_models_own_sampling_is_logged(trio):
+    """`Experts.mean_divergence`: 0 at alpha 0, positive otherwise, equal to the KL computed by hand from
+    the recorded steps over the tokens sampled up to each row's eos, and reset once read."""
+    guided, *experts_pair = trio
+    config = GenerateConfig(k=2, max_new_tokens=8, top_p=1.0)
+    zero = Experts(*experts_pair, alpha=0.0)
+    sample(guided, config, seed=3, experts=zero)
+    assert zero.divergence[1] > 0 and zero.mean_divergence() == pytest.approx(0.0, abs=1e-6)
+    assert zero.mean_divergence() is None  # reset: no token since
+
+    experts = Experts(*experts_pair, alpha=2.0)
+    recorded: list[Guidance] = []
+
+    class Recording(Guidance):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, record=True)
+            recorded.append(self)
+
+    import pipeline.dexperts as dexperts
+
+    original, dexperts.Guidance = dexperts.Guidance, Recording
+    try:
+        targets, _ = generate_batch(guided, encode_prompts(guided, SOURCES, config), config, seed=3, experts=experts)
+    finally:
+        dexperts.Guidance = original
+    prompts = encode_prompts(guided, SOURCES, config)
+    from pipeline.modeling import target_logits
+
+    own = target_logits(guided, prompts, targets, config.k)[0].detach().float()
+    steps = torch.stack(recorded[0].steps, dim=1)
+    total, tokens = 0.0, 0
+    for row, target in enumerate(targets):  # each row's tokens up to and with its eos
+        p, q = torch.log_softmax(steps[row, :len(target)], -1), torch.log_softmax(own[row, :len(target)], -1)
+        total += float((p.exp() * (p - q)).sum())
+        tokens += len(target)
+    mean = experts.mean_divergence()
+    assert mean > 0 and mean == pytest.approx(total / tokens, rel=1e-3)

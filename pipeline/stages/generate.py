@@ -253,6 +253,11 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
             # between runs (or every rerun would look like new candidates to the stages after it).
             tokens_per_second = corpus_stats.pop("tokens_per_second")
             del corpus_stats["generation_seconds"]
+            if guidance is not None:  # the mean per-token KL of the guided sampling from the model's own
+                divergence = guidance.mean_divergence()
+                corpus_stats["dexperts_mean_kl"] = None if divergence is None else round(divergence, 6)
+                log.info("generate %s/%s: DExperts' mean per-token KL from %s's own sampling: %s nats", name,
+                         corpus, dexperts.guided, "–" if divergence is None else f"{divergence:.4f}")
             stats["corpora"][corpus] = corpus_stats
             log.info("generate %s/%s: %d of %d contexts, %d candidates (%d with a RoT, %d empty), %.1f tokens/s",
                      name, corpus, corpus_stats["contexts"], corpus_stats["distinct_contexts"],
