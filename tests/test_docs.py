@@ -920,15 +920,15 @@ def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table()
 # --- the experiment's table ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("folder, table, section", [
-    ("experiment", "headline_lines", "Headline"),  # SmolLM2's
-    ("experiment", "replication_lines", "Seeds and ablations, main rows"),
-    ("experiment-scratch", "headline_lines", "Headline"),  # the scratch model's (its seeds: docs/experiments.md)
+@pytest.mark.parametrize("folder, table, section, page", [
+    ("experiment", "headline_lines", "Headline", "README.md"),  # SmolLM2's
+    ("experiment", "replication_lines", "Seeds and ablations, main rows", "README.md"),
+    ("experiment-scratch", "headline_lines", "Headline", "docs/experiments.md"),  # the scratch model's
 ])
-def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(folder, table, section):
-    """The README's tables of the real-data experiment are `experiment.headline_lines` and
-    `experiment.replication_lines` of the committed reports/<folder>/results.json, line for line: not
-    typed by hand."""
+def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(folder, table, section, page):
+    """The experiment's tables in the README (SmolLM2's) and docs/experiments.md (the scratch model's)
+    are `experiment.headline_lines` and `experiment.replication_lines` of the committed
+    reports/<folder>/results.json, line for line: not typed by hand."""
     import json
 
     from pipeline import experiment
@@ -940,5 +940,5 @@ def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(fo
     if table == "replication_lines" and not lines:
         pytest.skip(f"{path}: no seeds or ablations run yet")
     assert lines, f"{path}: no run of the method to show"
-    assert "\n".join(lines) in (REPO / "README.md").read_text(encoding="utf-8"), (
-        f"README.md's experiment table differs from {path}: paste the `## {section}` table of its results.md")
+    assert "\n".join(lines) in (REPO / page).read_text(encoding="utf-8"), (
+        f"{page}'s experiment table differs from {path}: paste the `## {section}` table of its results.md")
