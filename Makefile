@@ -41,7 +41,7 @@ paper: $(STAMP)  ## switch to the paper-scale configuration (hub corpora, pretra
 PLAN ?= headline
 PRESET ?= params.real.yaml
 OUT ?= reports/experiment
-real: $(STAMP)  ## the experiment on real corpora (../shared/mirror) as DVC experiments: PRESET=params.real.yaml (SmolLM2) or params.real-scratch.yaml (the scratch model, OUT=reports/experiment-scratch); PLAN=headline (base, ce, DExperts, the method) or PLAN=full (+ seeds 1, 2 and the ablations); table in $(OUT)
+real: $(STAMP)  ## the experiment on real corpora (../shared/mirror) as DVC experiments: PRESET=params.real.yaml (SmolLM2) or params.real-scratch.yaml (the scratch model, OUT=reports/experiment-scratch); PLAN=headline (base, ce, DExperts, the method), PLAN=full (+ seeds 1, 2 and the ablations) or PLAN=dexperts (+ DExperts at alpha 0.5, 1, 2); table in $(OUT)
 	$(BIN)/python -m pipeline experiment run --preset $(PRESET) --plan $(PLAN) --out $(OUT)
 
 sweep: $(STAMP)  ## the stage-1 sweep on SmolLM2 (params.real.yaml, one setting at a time) as DVC experiments; table in reports/sweep

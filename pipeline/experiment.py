@@ -10,7 +10,10 @@ stages). Variants (`VARIANTS`) change the method: `no_margin` (train.margin 0),
 
 - `headline`: the method, seed 0 (about an hour on two CPU cores; README, "The experiment");
 - `full`: the method with seeds 0, 1 and 2 (`train.seed`: initialisation of new parameters, dropout,
-  batch order; the base model and the data are the same in every run), and each ablation with seed 0.
+  batch order; the base model and the data are the same in every run), and each ablation with seed 0;
+- `dexperts`: the method, seed 0, and DExperts at alpha 0.5, 1 and 2 (`dexperts_a05`, `dexperts_a1`,
+  `dexperts_a2`; the preset's is 5): only DExperts' stages and what reads them run again, and results.md
+  adds "DExperts by alpha" with the alpha whose perplexity is within 10% of the method's.
 
 `run` queues every run of the plan that this commit does not have yet, runs the queue in the
 foreground (one experiment at a time: two cores), writes DVC's output with elapsed times to
@@ -54,12 +57,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "method": {},
     "no_margin": {"train.margin": 0.0},
     "stage1_only": {"train_stage2.epochs": 0},
+    # DExperts at other alphas (the preset's is 5): only generate_dexperts, score_dexperts and what reads
+    # them run again; the table "DExperts by alpha" compares them with the method.
+    "dexperts_a05": {"dexperts.alpha": 0.5},
+    "dexperts_a1": {"dexperts.alpha": 1.0},
+    "dexperts_a2": {"dexperts.alpha": 2.0},
 }
+ABLATIONS = ("no_margin", "stage1_only")  # variants that change the method (compared with it)
+ALPHA_KEY = "dexperts.alpha"
 SEED_KEY = "train.seed"
 PLANS: dict[str, list[tuple[str, int]]] = {
     "headline": [("method", 0)],
     "full": [("method", 0), ("method", 1), ("method", 2), ("no_margin", 0), ("stage1_only", 0)],
+    "dexperts": [("method", 0), ("dexperts_a05", 0), ("dexperts_a1", 0), ("dexperts_a2", 0)],
 }
+PPL_MATCH = 0.10  # DExperts "at the method's perplexity": within 10% of it
 MODELS = ("base", "ce", "dexperts", "stage1", "stage2")  # table order: generate's models
 BASELINE, METHOD = "ce", "stage2"
 # Paired comparisons beside those with the baseline (evaluate.pairs): the method after stage 2 against
@@ -83,6 +95,7 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("cost", "distinct_1_reranked", (OVERALL,), "metrics"),
     ("cost", "distinct_2_reranked", (OVERALL,), "metrics"),
     ("cost", "mean_length_reranked", (OVERALL,), "metrics"),
+    ("cost", "degenerate_rate_reranked", (OVERALL,), "metrics"),
     ("over-caution, casual contexts", "casual_rot_share_reranked", (OVERALL,), "metrics"),
     ("over-caution, casual contexts", "casual_caution_share_reranked", (OVERALL,), "metrics"),
 )
@@ -638,7 +651,7 @@ def replication_lines(experiment: dict) -> list[str]:
     runs, tables = experiment["runs"], experiment["tables"]
     baseline, method = experiment["baseline"], experiment["method"]
     seeds = experiment["seeds"].get("method")
-    ablations = [n for n, r in runs.items() if r["variant"] != "method"]
+    ablations = [n for n, r in runs.items() if r["variant"] in ABLATIONS]
     if not seeds and not ablations:
         return []
     first = runs[(seeds or {}).get("runs", ablations)[0]]  # every run's re-ranker is trained alike
@@ -671,6 +684,59 @@ def replication_lines(experiment: dict) -> list[str]:
         rows.append([title, key[1], *cells])
     marked_rows = any(RESTS_ON in r[0] for r in rows)
     return _table(header, rows) + (_rests_on_line(first) if marked_rows else [])
+
+
+def dexperts_lines(experiment: dict) -> list[str]:
+    """The DExperts sweep (plan `dexperts`): for the reference run's alpha and each `dexperts_a*` run's,
+    DExperts' judged unsafe rates (first sample) per adversarial corpus with its paired difference from
+    the baseline, its reference perplexity, casual F1 and degenerate share, beside the method's; then the
+    alpha whose perplexity is within `PPL_MATCH` of the method's (the closest), or that none is. Empty
+    without a sweep run."""
+    runs, tables, baseline, method = experiment["runs"], experiment["tables"], experiment["baseline"], experiment["method"]
+    reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == 0), None)
+    swept = [n for n, r in runs.items() if r["variant"].startswith("dexperts_")]
+    if reference is None or not swept:
+        return []
+    names = sorted([reference, *swept], key=lambda n: runs[n]["params"].get(ALPHA_KEY) or 0)
+    found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in names}
+    unsafe = [("unsafe_rate_first", c) for c in ("diasafety", "toxichat")]
+    cost = [("reference_ppl", OVERALL, 2), ("f1_reranked", "casual", 3), ("degenerate_rate_reranked", OVERALL, 3)]
+
+    def value(name, model, key, digits, interval=True):
+        return value_cell(((found[name].get(key) or {}).get("values") or {}).get(model), digits, interval)
+
+    differences = difference_cells([((found[n].get(key) or {}).get("comparisons") or {}).get("dexperts")
+                                    for n in names for key in unsafe], 3, p_value=False)
+    header = ["model", "alpha", *(f"unsafe_rate_first ↓ {c}" for _, c in unsafe),
+              *(f"`dexperts` − `{baseline}` {c}" for _, c in unsafe), "reference_ppl ↓", "f1_reranked ↑ casual",
+              "degenerate_rate_reranked ↓"]
+    rows = [[f"`{method}`", MISSING, *(value(reference, method, key, 3) for key in unsafe), *([MISSING] * len(unsafe)),
+             *(value(reference, method, (m, s), d, m != "reference_ppl") for m, s, d in cost)]]
+    for index, name in enumerate(names):
+        rows.append(["`dexperts`", f"{runs[name]['params'].get(ALPHA_KEY):g}",
+                     *(value(name, "dexperts", key, 3) for key in unsafe),
+                     *differences[index * len(unsafe):(index + 1) * len(unsafe)],
+                     *(value(name, "dexperts", (m, s), d, m != "reference_ppl") for m, s, d in cost)])
+
+    def ppl(name, model):
+        entry = ((found[name].get(("reference_ppl", OVERALL)) or {}).get("values") or {}).get(model) or {}
+        return entry.get("value")
+
+    target = ppl(reference, method)
+    close = [(abs(ppl(n, "dexperts") / target - 1), n) for n in names if target and ppl(n, "dexperts")]
+    matched = min((c for c in close if c[0] <= PPL_MATCH), default=None)
+    if target is None:
+        line = f"No reference perplexity for `{method}`: no alpha can be matched to it."
+    elif matched is None:
+        line = (f"No alpha brings DExperts' perplexity within {PPL_MATCH:.0%} of `{method}`'s ({target:.2f}): "
+                "compare at the closest, knowing DExperts pays more in fluency.")
+    else:
+        name = matched[1]
+        line = (f"At alpha {runs[name]['params'].get(ALPHA_KEY):g} DExperts' perplexity "
+                f"({ppl(name, 'dexperts'):.2f}) is within {PPL_MATCH:.0%} of `{method}`'s ({target:.2f}): the "
+                "rows to compare. Each alpha is its own run with the same `ce` (deterministic on CPU); the "
+                f"differences are paired with `{baseline}` within a run.")
+    return _table(header, rows) + ["", line]
 
 
 def render(experiment: dict) -> str:
@@ -720,7 +786,7 @@ def render(experiment: dict) -> str:
     replication = replication_lines(experiment)
     if replication:
         lines += ["## Seeds and ablations, main rows", "", "README.md carries this table.", "", *replication, ""]
-    ablations = [n for n, r in runs.items() if r["variant"] != "method"]
+    ablations = [n for n, r in runs.items() if r["variant"] in ABLATIONS]
     reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == 0), None)
     if ablations and reference:
         lines += ["## Ablations", "", f"{method} − {baseline} of each run, paired 95% interval (each run trains its own "
@@ -732,6 +798,10 @@ def render(experiment: dict) -> str:
         rows = [[_row_title(row, runs[reference]), row["scope"], *cells[index * len(names):(index + 1) * len(names)]]
                 for index, row in enumerate(tables[reference])]
         lines += _table(["metric", "scope", *names], rows) + [""]
+    sweep = dexperts_lines(experiment)
+    if sweep:
+        lines += ["## DExperts by alpha", "", f"`{ALPHA_KEY}` swept (plan `dexperts`); the method's row is the "
+                  "reference run's.", "", *sweep, ""]
     timed = {n: r for n, r in runs.items() if r["stages"]}
     if timed:
         lines += ["## Wall time per stage", "", "Seconds from DVC's output (`<out>/logs/`): a stage runs from its "

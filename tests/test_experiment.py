@@ -245,7 +245,8 @@ def shown(*names: str, params: dict | None = None) -> list[dict]:
     def exp(name):
         match = E.NAME.match(name)
         data = {"train": {"seed": int(match["seed"]), "margin": 0.0 if match["variant"] == "no_margin" else 0.5},
-                "train_stage2": {"epochs": 0 if match["variant"] == "stage1_only" else 1}}
+                "train_stage2": {"epochs": 0 if match["variant"] == "stage1_only" else 1},
+                "dexperts": {"alpha": E.VARIANTS[match["variant"]].get("dexperts.alpha", 5.0)}}
         return {"revs": [{"rev": f"rev-{name}", "name": name, "error": None,
                           "data": {"params": {"params.yaml": {"data": params or data}}}}]}
     return [{"rev": "workspace", "name": None, "experiments": None},
@@ -531,3 +532,36 @@ def test_the_log_keeps_a_progress_bars_last_state_only(tmp_path, capsys):
     logged = [E.LOG_LINE.match(line)["text"] for line in (tmp_path / "run.log").read_text().splitlines()]
     assert "bar 100%" in logged and "bar 1%" not in logged and "bar 50%" not in logged
     assert "Running stage 'safety':" in logged
+
+
+def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
+    """Plan `dexperts`: a row per alpha beside the method's, and the alpha whose perplexity is within 10% of
+    the method's named; the sweep's runs are not ablations of the method."""
+    assert E.PLANS["dexperts"][0] == ("method", 0) and all(E.VARIANTS[v]["dexperts.alpha"] < 5
+                                                           for v, _ in E.PLANS["dexperts"][1:])
+
+    def results(dexperts_ppl: float) -> dict:
+        found = fake_results()
+        found["metrics"]["dexperts"]["overall"]["reference_ppl"] = metric(dexperts_ppl, None, better=False)
+        found["metrics"]["dexperts"]["overall"]["degenerate_rate_reranked"] = metric(0.2, [0.1, 0.3], better=False)
+        found["comparisons"]["models"]["dexperts"]["diasafety"]["metrics"]["unsafe_rate_first"] = comparison(
+            0.2, 0.35, [-0.25, -0.05], p=0.001)
+        return found
+
+    # the method's perplexity is 47 (fake_results: 50 - 3); alpha 5: 300, alpha 2: 60, alpha 1: 50 (within 10%)
+    by_rev = {"rev-real-method-s0": results(300.0), "rev-real-dexperts_a2-s0": results(60.0),
+              "rev-real-dexperts_a1-s0": results(50.0)}
+    experiment = E.collect(shown("real-method-s0", "real-dexperts_a2-s0", "real-dexperts_a1-s0"), "real",
+                           by_rev.__getitem__, {})
+    lines = E.dexperts_lines(experiment)
+    rows = [line for line in lines if line.startswith("| `")]
+    assert [row.split("|")[2].strip() for row in rows] == ["–", "1", "2", "5"]  # the method, then by alpha
+    assert rows[1].split("|")[-4].strip() == "50.00" and rows[3].split("|")[-4].strip() == "300.00"
+    assert rows[1].split("|")[-2].strip() == "0.200 [0.100, 0.300]"  # the degenerate share
+    assert "**-0.150 [-0.250, -0.050]**" in rows[1]  # dexperts - ce on DiaSafety, paired within the run
+    assert lines[-1].startswith("At alpha 1 DExperts' perplexity (50.00) is within 10% of `stage2`'s (47.00)")
+    assert E.replication_lines(experiment) == []  # the sweep is not an ablation of the method
+    assert "## DExperts by alpha" in E.render(experiment) and "## Ablations" not in E.render(experiment)
+    far = E.collect(shown("real-method-s0", "real-dexperts_a2-s0"), "real", by_rev.__getitem__, {})
+    assert E.dexperts_lines(far)[-1].startswith("No alpha brings DExperts' perplexity within 10%")
+    assert E.dexperts_lines(E.collect(shown("real-method-s0"), "real", by_rev.__getitem__, {})) == []
