@@ -1,146 +1,126 @@
-"""GPU check: a few training steps of a BlenderBot-400M-sized model on n-pair groups, in bf16.
+"""GPU check of the 135M model (issue 22): `bench_smollm2`'s training and sampling benches on one GPU.
 
     python -m bench.gpu_check            # one GPU; on a machine without one it says so and exits 0
 
-The model is built from `facebook/blenderbot-400M-distill`'s config (d_model 1280, 2 encoder and 12
-decoder layers, 32 heads, FFN 5120, vocabulary 8008, 128 positions) with random weights and random
-token ids: the work per step is what matters, not the text. Each step scores G groups of one positive
-and 3 negatives through `modeling.token_logprobs` (the encoder runs once per context) and takes an
-AdamW step on `losses.total_loss`, under bf16 autocast with float32 weights, as training does.
+The model is SmolLM2-135M-Instruct's: the folder `BENCH_MODEL` (default `models/pretrained/smollm2`)
+with its weights, or, where only its config and tokenizer files are there (the 517 MB of weights do not
+travel to a lent GPU machine: carry `config.json`, `chat_template.jinja` and the `tokenizer*` files),
+the same architecture built from its config with random weights; the work per step is what matters
+here, not the text. The
+groups are `bench_train.synthetic_groups` (or `BENCH_GROUPS`), the contexts `bench_generate.contexts`.
 
-Prints tokens per second (source tokens through the encoder plus target tokens through the decoder)
-and model FLOPs utilisation: `6 * params * tokens / time / peak`, where a token counts the
-parameters it passes through (encoder layers for source tokens; decoder layers and the LM head for
-target tokens; attention-score FLOPs left out, small at 128 positions). The crude
-`6 * all params * all tokens` figure is printed beside it. Peak: dense bf16 of the device's data sheet
-(H100 / H200 SXM 989 TFLOP/s). Runs in well under two minutes on one H100.
+    (a) our training loop, cross-entropy only, LoRA as params.real.yaml; (b) the same with the n-pair
+        term; `train.precision auto`: bf16 autocast on the card, float32 weights;
+    (g1) sampling `generate.k` candidates one context at a time; (gb) `generate.batch_size` at a time.
+
+Each figure is the median (and range) of `BENCH_ROUNDS` (3) interleaved rounds. FLOPs are counted as in
+`bench_smollm2` (`flops_by_kind`: every product executed, forward and backward, padding included) and
+model FLOPs utilisation is counted FLOPs / seconds / the card's dense bf16 peak of its data sheet (H100
+and H200 SXM 989 TFLOP/s, A100 312). `nvidia-smi`'s card name is printed beside the figures. About two
+minutes on one H100 with the default sizes.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import statistics
+import subprocess
 import sys
-import time
-from types import SimpleNamespace
+from pathlib import Path
 
 import torch
 
-from pipeline.losses import cross_entropy, npair_loss, sequence_scores, severity_margins, total_loss
-from pipeline.modeling import DialogModel, token_logprobs
+from bench import bench_generate, bench_train
+from bench.bench_smollm2 import PRESET, counted_loop, spread
+from pipeline.config import load_all
+from pipeline.modeling import DialogModel
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, data sheet (SXM)
-
-BLENDERBOT_400M = dict(vocab_size=8008, d_model=1280, encoder_layers=2, decoder_layers=12,
-                       encoder_attention_heads=32, decoder_attention_heads=32, encoder_ffn_dim=5120,
-                       decoder_ffn_dim=5120, max_position_embeddings=128, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, decoder_start_token_id=1)
+GROUPS, CONTEXTS = 64, 64
 
 
-def make_batch(groups: int, negatives: int, source_len: int, target_len: int, vocab: int, generator):
-    """Random ids: `groups` sources of about `source_len` tokens, `groups * (1 + negatives)` targets."""
-    def row(length):
-        n = int(torch.randint(length // 2, length + 1, (1,), generator=generator))
-        return torch.randint(3, vocab, (n,), generator=generator).tolist() + [2]  # eos last
-
-    sources = [row(source_len - 1) for _ in range(groups)]
-    targets = [row(target_len - 1) for _ in range(groups * (1 + negatives))]
-    return sources, targets
-
-
-def step_counts(model, sources, targets) -> tuple[int, float, float]:
-    """Real tokens of a step, and its model FLOPs: per token the parameters it passes (x 6), and the
-    crude all-parameters-times-all-tokens figure."""
-    enc_tokens, dec_tokens = sum(map(len, sources)), sum(map(len, targets))
-    embed = model.get_input_embeddings().weight.numel()  # tied with the LM head
-    encoder = sum(p.numel() for n, p in model.named_parameters() if ".encoder." in f".{n}" and "embed" not in n)
-    decoder = sum(p.numel() for n, p in model.named_parameters() if ".decoder." in f".{n}" and "embed" not in n)
-    total = sum(p.numel() for p in model.parameters())
-    flops = 6 * (encoder * enc_tokens + (decoder + embed) * dec_tokens)
-    return enc_tokens + dec_tokens, flops, 6 * total * (enc_tokens + dec_tokens)
+def card_name() -> str:
+    """`nvidia-smi`'s name of the first card, else torch's."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
-def run_check(config_kwargs: dict, groups: int, negatives: int, source_len: int, target_len: int,
-              steps: int, warmup: int, device: str) -> dict:
-    """Build the model on `device`, run `warmup + steps` training steps, return the timed figures."""
-    from transformers import BlenderbotConfig, BlenderbotForConditionalGeneration
+def model_of(folder: Path) -> tuple[DialogModel, str]:
+    """The model folder's weights, or its architecture with random weights when it has none."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from pipeline.modeling import load_dialog_model
+
+    if any(folder.glob("*.safetensors")):
+        return load_dialog_model(folder), "its weights"
     torch.manual_seed(0)
-    with torch.device(device):
-        model = BlenderbotForConditionalGeneration(BlenderbotConfig(**config_kwargs)).train()
-    dm = DialogModel(model, SimpleNamespace(pad_token_id=config_kwargs["pad_token_id"]), is_seq2seq=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
-    use_bf16 = device == "cuda"
-    generator = torch.Generator().manual_seed(0)
-    batches = [make_batch(groups, negatives, source_len, target_len, config_kwargs["vocab_size"], generator)
-               for _ in range(warmup + steps)]
-    severity = torch.rand(groups, negatives, generator=generator).to(device)
-    C = 1 + negatives
-
-    def step(sources, targets):
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
-            logps, mask = token_logprobs(dm, sources, targets, candidates_per_source=C)  # (G*C, T)
-        scores = sequence_scores(logps, mask).view(groups, C)  # (G, C)
-        positive_rows = torch.arange(groups, device=logps.device) * C
-        ce = cross_entropy(logps[positive_rows], mask[positive_rows])
-        npair, diagnostics = npair_loss(scores[:, 0], scores[:, 1:], severity_margins(severity, 0.5), tau=0.5)
-        loss = total_loss(ce, npair, 1.0)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    for sources, targets in batches[:warmup]:
-        step(sources, targets)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    tokens = flops = crude = 0
-    losses = []
-    started = time.perf_counter()
-    for sources, targets in batches[warmup:]:
-        losses.append(step(sources, targets))
-        t, f, c = step_counts(model, sources, targets)
-        tokens, flops, crude = tokens + t, flops + f, crude + c
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - started
-    losses = [float(x) for x in losses]
-    return {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "steps": steps, "seconds": seconds, "tokens": tokens,
-        "tokens_per_s": tokens / seconds, "flops_per_s": flops / seconds, "crude_flops_per_s": crude / seconds,
-        "losses": losses,
-        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0,
-    }
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    return DialogModel(model, AutoTokenizer.from_pretrained(folder), is_seq2seq=False), "random weights"
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA GPU on this machine; this check measures a BlenderBot-400M-sized model in "
-              "bf16 and only runs on a GPU (nothing was measured).")
+    on_cpu = os.environ.get("GPU_CHECK_ON_CPU") == "1"  # the tests' smoke run of the same code
+    if not torch.cuda.is_available() and not on_cpu:
+        print("gpu_check: no CUDA GPU on this machine; this check measures the 135M model's training and "
+              "sampling on a GPU and only runs there (nothing was measured).")
         return 0
-    name = torch.cuda.get_device_name()
+    folder = Path(os.environ.get("BENCH_MODEL", "models/pretrained/smollm2"))
+    if not (folder / "config.json").is_file():
+        print(f"gpu_check: {folder} has no config.json; carry models/pretrained/smollm2's config.json, "
+              "chat_template.jinja and tokenizer files (or set BENCH_MODEL). Nothing was measured.")
+        return 1
+    rounds = int(os.environ.get("BENCH_ROUNDS", "3"))
+    groups_n = int(os.environ.get("BENCH_GROUPS_N", str(GROUPS)))
+    contexts_n = int(os.environ.get("BENCH_CONTEXTS_N", str(CONTEXTS)))
+    sections = load_all(PRESET)
+    config, generate = sections["train"], sections["generate"]
+    stage = dataclasses.replace(sections["train_stage1"], epochs=1)
+    dm, weights = model_of(folder)
+    from pipeline.scoring import encode_groups
+
+    table = bench_train.synthetic_groups(groups_n + 4, seed=0)
+    groups, validation = encode_groups(dm, table.slice(0, groups_n), config), encode_groups(dm, table.slice(groups_n), config)
+    sources = bench_generate.contexts(contexts_n)
+    name = card_name()
+    ce, npair = dataclasses.replace(config, contrastive_weight=0.0), dataclasses.replace(config, contrastive_weight=1.0)
+    print(f"gpu_check on {name}: {folder} ({weights}, {sum(p.numel() for p in dm.model.parameters()) / 1e6:.1f}M "
+          f"parameters), LoRA r {config.lora.r}, {groups_n} synthetic groups of 1 + {groups.negatives}, batch "
+          f"{config.batch_groups}; {contexts_n} contexts x k {generate.k}; {rounds} rounds")
+    flops = {"a": sum(counted_loop(dm.model, dm.tokenizer, groups, validation, ce, stage).values()),
+             "b": sum(counted_loop(dm.model, dm.tokenizer, groups, validation, npair, stage).values())}
+    device = "cpu" if on_cpu else "cuda"
+    sampler = DialogModel(dm.model.to(device).eval(), dm.tokenizer, is_seq2seq=False)
+    runs: dict[str, list] = {}
+    for _ in range(rounds):
+        for key, config_k in (("a", ce), ("b", npair)):
+            runs.setdefault(key, []).append(bench_train.our_loop(dm.model, dm.tokenizer, groups, validation, config_k, stage))
+        for key, batch in (("g1", 1), ("gb", generate.batch_size)):
+            runs.setdefault(key, []).append(bench_generate.timed(sampler, sources, batch, generate)[0])
     peak = next((value for key, value in PEAK_BF16.items() if key in name), None)
-    groups, negatives = 32, 3
-    print(f"gpu_check on {name}: BlenderBot-400M-sized model from config, {groups} groups x (1 + {negatives}) "
-          "candidates per step, 128 source / 64 target tokens at most, bf16 autocast")
-    result = run_check(BLENDERBOT_400M, groups, negatives, source_len=128, target_len=64, steps=20, warmup=3,
-                       device="cuda")
-    print(f"parameters        {result['parameters'] / 1e6:.0f}M")
-    print(f"steps timed       {result['steps']} in {result['seconds']:.2f} s ({result['tokens']} real tokens)")
-    print(f"tokens/s          {result['tokens_per_s']:,.0f}")
-    print(f"model TFLOP/s     {result['flops_per_s'] / 1e12:.1f} "
-          f"(crude 6*N*tokens: {result['crude_flops_per_s'] / 1e12:.1f})")
-    if peak:
-        print(f"MFU               {result['flops_per_s'] / peak:.1%} of {peak / 1e12:.0f} TFLOP/s dense bf16 "
-              f"(crude: {result['crude_flops_per_s'] / peak:.1%})")
-    else:
-        print(f"MFU               unknown peak for {name!r}")
-    print(f"peak memory       {result['peak_memory_gib']:.1f} GiB")
-    print(f"loss first/last   {result['losses'][0]:.3f} / {result['losses'][-1]:.3f}")
-    finite = all(torch.isfinite(torch.tensor(result["losses"])))
-    print("losses finite     " + ("yes" if finite else "NO"))
-    return 0 if finite else 1
+    for key, label in (("a", "(a) ours, cross-entropy"), ("b", "(b) ours, n-pair")):
+        seconds = [r["train_seconds"] for r in runs[key]]
+        speed = [r["read_tokens"] / s for r, s in zip(runs[key], seconds)]
+        achieved = [flops[key] / s for s in seconds]
+        mfu = f"MFU {spread([f / peak * 100 for f in achieved])}% of {peak / 1e12:.0f} TFLOP/s" if peak else "MFU: peak unknown"
+        print(f"[{name}] {label}: {spread(seconds)} s, {spread(speed)} tokens/s, "
+              f"{spread([f / 1e12 for f in achieved])} TFLOP/s counted; {mfu}")
+    per_token = [(rb["train_seconds"] / rb["scored_tokens"]) / (ra["train_seconds"] / ra["scored_tokens"])
+                 for ra, rb in zip(runs["a"], runs["b"])]
+    print(f"[{name}] b / a time per scored token: {spread(per_token)} (goal <= 1)")
+    speedup = [one / batched for one, batched in zip(runs["g1"], runs["gb"])]
+    print(f"[{name}] sampling: one context at a time {spread(runs['g1'])} s, batched {spread(runs['gb'])} s: "
+          f"{spread(speedup)}x (goal >= 5)")
+    if not on_cpu:
+        print(f"[{name}] peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    print(f"[{name}] median seconds of a round: {statistics.median([r['train_seconds'] for r in runs['b']]):.1f} (b)")
+    return 0
 
 
 if __name__ == "__main__":

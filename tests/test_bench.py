@@ -53,3 +53,23 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_chat_model(tiny_chat_model_dir,
                  "a / c tokens/s", "b / a time per scored token", "batched vs one at a time",
                  "peak memory train_npair"):
         assert line in out.stdout, line
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_its_benches_on_the_cpu_when_asked(tiny_chat_model_dir, repo_root, tmp_path):
+    """The GPU check's code path, on the CPU (`GPU_CHECK_ON_CPU=1`), from a folder without weights (random
+    weights from its config, as on a lent machine the weights do not travel to)."""
+    import shutil
+
+    folder = tmp_path / "config_only"
+    folder.mkdir()
+    for path in tiny_chat_model_dir.iterdir():
+        if path.suffix != ".safetensors":
+            shutil.copy(path, folder / path.name)
+    env = {**os.environ, "GPU_CHECK_ON_CPU": "1", "BENCH_MODEL": str(folder), "BENCH_ROUNDS": "1",
+           "BENCH_GROUPS_N": "8", "BENCH_CONTEXTS_N": "2"}
+    out = subprocess.run([sys.executable, "-m", "bench.gpu_check"], cwd=repo_root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(random weights" in out.stdout and "[cpu] (b) ours, n-pair" in out.stdout
+    assert "[cpu] sampling: one context at a time" in out.stdout
