@@ -61,8 +61,9 @@ def model_of(folder: Path) -> tuple[DialogModel, str]:
     if any(folder.glob("*.safetensors")):
         return load_dialog_model(folder), "its weights"
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
-    return DialogModel(model, AutoTokenizer.from_pretrained(folder), is_seq2seq=False), "random weights"
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=False))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return DialogModel(model, tokenizer, is_seq2seq=False), "random weights"
 
 
 def main() -> int:
