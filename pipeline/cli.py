@@ -453,6 +453,31 @@ def audit_report(
                      candidates, audit, out)
 
 
+@app.command()
+@reports_errors
+def untuned(
+    run: list[str] = typer.Option(..., help="name=folder: a workspace whose generate@base and score@base ran with "
+                                            "the same data settings; two or more."),
+    judge: Path = typer.Option(..., help="The judge folder every run's replies are judged by (one judge for all)."),
+    out: Path = typer.Option(..., help="Folder to write results.json and report.md into."),
+    params: Path = PARAMS,
+):
+    """The untuned base models of several runs side by side on the same contexts: perplexity per word,
+    casual F1, judged unsafe rates on DiaSafety and ToxiChat, degenerate share, ten replies each."""
+    from pipeline import safety_models, untuned as module
+    from pipeline.config import EvaluateConfig
+    from pipeline.errors import ConfigError
+
+    pairs = [entry.split("=", 1) for entry in run]
+    if len(pairs) < 2 or any(len(pair) != 2 or not pair[0] for pair in pairs) or len({p[0] for p in pairs}) < len(pairs):
+        raise ConfigError(f"--run {run!r}: give two or more distinct name=folder entries")
+    config = load_section(params, "evaluate", EvaluateConfig)
+    result = module.compare({name: Path(folder) for name, folder in pairs}, safety_models.load_judge(judge),
+                            config.judge_threshold, config.bootstrap_samples, config.seed)
+    module.write(result, out)
+    typer.echo(module.render(result))
+
+
 @app.command("audit_file")
 @reports_errors
 def audit_file(
