@@ -127,7 +127,7 @@ def flops_by_kind(vocab: int, rank: int):
                 flops = self.flop_registry[func_packet](*args, **kwargs, out_val=out)
                 dims = {d for a in args if isinstance(a, torch.Tensor) for d in a.shape[-2:]}
                 name = str(func_packet).rsplit(".", 1)[-1]
-                kind = ("attention" if "attention" in name or name == "bmm" else "output layer" if vocab in dims
+                kind = ("output layer" if vocab in dims else "attention" if "attention" in name or name == "bmm"
                         else "lora" if rank in dims else "dense")
                 self.kinds[kind] += flops
             return super()._count_flops(func_packet, out, args, kwargs)
@@ -236,6 +236,13 @@ def fit_judge(encoder: Path):
 
 
 def rss_mb() -> float:
+    """This process's peak resident memory (MB): VmHWM, which a new program starts afresh (getrusage's
+    ru_maxrss would carry the parent's peak over the fork)."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
