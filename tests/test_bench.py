@@ -73,3 +73,10 @@ def test_the_gpu_check_runs_its_benches_on_the_cpu_when_asked(tiny_chat_model_di
     assert out.returncode == 0, out.stderr[-2000:]
     assert "(random weights" in out.stdout and "[cpu] (b) ours, n-pair" in out.stdout
     assert "[cpu] sampling: one context at a time" in out.stdout
+
+
+def test_a_batched_product_over_the_vocabulary_is_the_output_layer_not_attention():
+    with flops_by_kind(vocab=97, rank=3) as counter:
+        torch.bmm(torch.randn(2, 5, 8), torch.randn(2, 8, 97))  # logits of target positions, batched
+        torch.bmm(torch.randn(2, 5, 8), torch.randn(2, 8, 5))  # attention scores, eager
+    assert counter.kinds["output layer"] == 2 * 2 * 5 * 8 * 97 and counter.kinds["attention"] == 2 * 2 * 5 * 8 * 5
