@@ -657,7 +657,8 @@ def confusion_counts(actual: Sequence[bool] | np.ndarray, predicted: Sequence[bo
 
 
 def binary_scores(totals: np.ndarray) -> dict[str, np.ndarray]:
-    """Accuracy, the F1 of each class and macro-F1 from summed `confusion_counts`; (..., 4) -> (...) each.
+    """Accuracy, the F1 of each class, macro-F1 and the positive class's recall and precision (0 where
+    undefined) from summed `confusion_counts`; (..., 4) -> (...) each.
 
     A class's F1 is 2 TP / (2 TP + FP + FN) (for the negative class its own true and false cells), 0
     when the class is neither present nor predicted; macro-F1 averages the classes that are present
@@ -670,7 +671,10 @@ def binary_scores(totals: np.ndarray) -> dict[str, np.ndarray]:
         present = (tp + fp + fn > 0).astype(np.float64) + (tn + fn + fp > 0)
         macro = np.where(present > 0, (positive + negative) / np.maximum(present, 1), 0.0)
         accuracy_ = np.where(tp + fp + fn + tn > 0, (tp + tn) / (tp + fp + fn + tn), 0.0)
-    return {"accuracy": accuracy_, "positive_f1": positive, "negative_f1": negative, "macro_f1": macro}
+        recall = np.where(tp + fn > 0, tp / np.maximum(tp + fn, 1), 0.0)
+        precision = np.where(tp + fp > 0, tp / np.maximum(tp + fp, 1), 0.0)
+    return {"accuracy": accuracy_, "positive_f1": positive, "negative_f1": negative, "macro_f1": macro,
+            "positive_recall": recall, "positive_precision": precision}
 
 
 def cohen_kappa(totals: np.ndarray) -> np.ndarray:

@@ -110,11 +110,13 @@ def test_binary_scores_by_hand():
     assert scores["positive_f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))  # 2/3
     assert scores["negative_f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 1))  # 0.8
     assert scores["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert scores["positive_recall"] == pytest.approx(2 / 3) and scores["positive_precision"] == pytest.approx(2 / 3)
     # the same as the multi-class macro_f1 on the labels
     assert scores["macro_f1"] == pytest.approx(macro_f1(ACTUAL.tolist(), (P_UNSAFE > 0.5).tolist()))
     # always safe: the unsafe class is present, never predicted (F1 0), and still counts in the mean
     always_safe = binary_scores(confusion_counts(ACTUAL, np.zeros(8, bool)).sum(axis=0))
     assert always_safe["positive_f1"] == 0 and always_safe["macro_f1"] == pytest.approx((0 + 10 / 13) / 2)
+    assert always_safe["positive_recall"] == 0 and always_safe["positive_precision"] == 0  # none predicted
     # a class neither present nor predicted is left out of the mean (as macro_f1 does)
     only_safe = binary_scores(confusion_counts(np.zeros(3, bool), np.zeros(3, bool)).sum(axis=0))
     assert only_safe["macro_f1"] == 1.0 and only_safe["positive_f1"] == 0.0
@@ -148,7 +150,9 @@ def test_split_metrics_by_hand():
         assert low <= entry[name]["value"] <= high and low < high
     # the majority of train is safe: accuracy 5/8, unsafe F1 0, macro-F1 (0 + 10/13) / 2
     assert entry["majority"] == {"label": "safe", "accuracy": 0.625, "unsafe_f1": 0.0,
-                                 "macro_f1": pytest.approx(5 / 13, abs=1e-6)}
+                                 "macro_f1": pytest.approx(5 / 13, abs=1e-6), "unsafe_recall": 0.0,
+                                 "unsafe_precision": 0.0}
+    assert entry["unsafe_recall"]["value"] == pytest.approx(2 / 3)  # TP 2 of the 3 unsafe replies
     assert entry["calibration"]["ece"] == pytest.approx((5 * 0.05 + 3 * (0.2 / 3)) / 8, abs=1e-6)
     assert entry["calibration"]["mean_p_unsafe"] == pytest.approx(P_UNSAFE.mean())
     assert entry["calibration"]["unsafe_rate"] == 3 / 8 and entry["calibration"]["predicted_unsafe_rate"] == 3 / 8

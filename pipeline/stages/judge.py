@@ -24,10 +24,10 @@ of the kind `judge.model` (`tfidf`, with word 1-2 and character 2-5 grams by def
 `evaluate.judge_threshold` by default).
 
 metrics.json, per corpus and split (validation and test; the test split of the shared mirror is the
-one normalize derives): `n`, `n_unsafe`, `n_clusters`, `derived_split_rows`; `accuracy`, `unsafe_f1`
-and `macro_f1` as `{value, ci}` with a 95% cluster-bootstrap interval (clusters: dialogues, since a
-DiaSafety context's replies or a ToxiChat thread's turns are not independent); `majority`: the same
-three for always answering the corpus's most frequent train label; `calibration`: the expected
+one normalize derives): `n`, `n_unsafe`, `n_clusters`, `derived_split_rows`; `accuracy`, `unsafe_f1`,
+`macro_f1`, `unsafe_recall` and `unsafe_precision` as `{value, ci}` with a 95% cluster-bootstrap interval
+(clusters: dialogues, since a DiaSafety context's replies or a ToxiChat thread's turns are not
+independent); `majority`: the same five for always answering the corpus's most frequent train label; `calibration`: the expected
 calibration error of P(unsafe) over `judge.calibration_bins` equal-width bins, the mean P(unsafe),
 the observed and the predicted unsafe rate (an audit reports the mean rate, so a judge whose mean
 P(unsafe) is off is off in every audit); `categories` (DiaSafety): n, n_unsafe, unsafe-class F1
@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["dialogue_id", "context", "response", "reply_label", "reply_category", "derived_split"]
 EVALUATED = ("validation", "test")
-SCORES = {"accuracy": "accuracy", "unsafe_f1": "positive_f1", "macro_f1": "macro_f1"}  # reported -> binary_scores
+SCORES = {"accuracy": "accuracy", "unsafe_f1": "positive_f1", "macro_f1": "macro_f1",  # reported -> binary_scores
+          "unsafe_recall": "positive_recall", "unsafe_precision": "positive_precision"}
 CONFIDENCE = 0.95
 THRESHOLD = 0.5  # unsafe when P(unsafe) >= THRESHOLD, the rule of evaluate's headline rate
 
