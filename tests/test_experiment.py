@@ -361,6 +361,11 @@ def shrunk_preset(preset: dict, mirror: Path | None, chat_model: Path | None = N
         "dexperts.max_examples": 200, "dexperts.max_validation_examples": 50,
         # no registry download in the test (the stage has tests of its own): a local folder, or nothing
         "pretrained.models": {"smollm2": {"source": "folder", "path": str(chat_model)}} if chat_model else {},
+        # so the encoder judge, which needs pretrained@minilm (its kind and the ensemble are tested apart)
+        "judge.model": "tfidf",
+        # the labelled utterances of ../shared, by absolute path from the workspace copy; none without it
+        "safety.utterance_files": [str((REPO / name).resolve()) for name in preset["safety"]["utterance_files"]
+                                   if (REPO / name).is_file()],
     }
     if mirror is None:
         changes |= {"corpora.source": "sample", "corpora.overrides": {}}
