@@ -367,6 +367,9 @@ def shrunk_preset(preset: dict, mirror: Path | None, chat_model: Path | None = N
         "safety.utterance_files": [str((REPO / name).resolve()) for name in preset["safety"]["utterance_files"]
                                    if (REPO / name).is_file()],
     }
+    if chat_model:  # the tiny chat tokenizer spends 137 tokens on the template's own text (SmolLM2's: about 30)
+        changes |= {f"{section}.max_source_tokens": 192 for section in ("train", "generate", "dexperts")}
+        changes["mine.generated_max_source_tokens"] = 192
     if mirror is None:
         changes |= {"corpora.source": "sample", "corpora.overrides": {}}
     else:
