@@ -397,8 +397,9 @@ def test_a_missing_corpus_is_one_line(tmp_path):
 def test_the_mirror_judge_matches_the_reference_tfidf_baseline(shared_dir, tmp_path, normalize_config):
     """On the shared mirror (DiaSafety's test split derived by normalize, its validation split as released):
     a plain TF-IDF (word 1-2, char 2-5) logistic regression on DiaSafety train reaches about 0.75 test
-    macro-F1 on the released test split; the judge (both corpora, the default config) is held to 0.74 on
-    the derived one (measured: 0.754), well above the majority baseline. About 30 s."""
+    macro-F1 on the released test split; the judge (both corpora, the default config: trained on its half of
+    train, `judge.share` 0.5) is held to 0.72 on the derived one and 0.68 on validation (measured on its half:
+    0.741 and 0.699; 0.754 and 0.713 on all of train), well above the majority baseline. About 30 s."""
     from pipeline.stages import download, normalize
 
     mirror = shared_dir / "mirror"
@@ -413,13 +414,14 @@ def test_the_mirror_judge_matches_the_reference_tfidf_baseline(shared_dir, tmp_p
     metrics = judge.run(config, SafetyConfig(), tmp_path / "normalized", tmp_path / "judge", tmp_path / "reports")
     diasafety = metrics["corpora"]["diasafety"]
     assert diasafety["test"]["derived_split_rows"] == diasafety["test"]["n"] > 900  # the mirror has no test split
-    assert diasafety["test"]["macro_f1"]["value"] >= 0.74
-    assert diasafety["validation"]["macro_f1"]["value"] >= 0.70
+    assert diasafety["test"]["macro_f1"]["value"] >= 0.72
+    assert diasafety["validation"]["macro_f1"]["value"] >= 0.68
     for corpus in DIALOG_SAFETY_CORPORA:
         for split in ("validation", "test"):
             entry = metrics["corpora"][corpus][split]
-            assert entry["macro_f1"]["ci"][0] > entry["majority"]["macro_f1"] + 0.1
-            assert entry["calibration"]["ece"] < 0.15
+            # ToxiChat's, on the judge's half, is the weakest: 0.591 [0.541, 0.637] against a majority 0.444
+            assert entry["macro_f1"]["ci"][0] > entry["majority"]["macro_f1"] + 0.05
+            assert entry["calibration"]["ece"] < 0.2  # ToxiChat test on the judge's half: 0.157
 
 
 def test_context_reading_by_hand():
