@@ -39,15 +39,17 @@ def read(split: str):
         np.array([REPLY_LABELS.index(label.lower()) for label in frame["label"]])
 
 
-def throughput(judge: JudgeScorer, replies: list[str], contexts: list[list[str]]) -> tuple[float, float]:
-    """(batched, one call per reply) replies per second on the same replies."""
+def throughput(judge: JudgeScorer, replies: list[str], contexts: list[list[str]],
+               single: int = SINGLE) -> tuple[float, float]:
+    """(batched, one call per reply) replies per second on the same replies; the second over the first
+    `single` of them."""
     started = time.perf_counter()
     judge.predict_unsafe(replies, contexts)
     batched = len(replies) / (time.perf_counter() - started)
     started = time.perf_counter()
-    for reply, context in zip(replies[:SINGLE], contexts[:SINGLE]):
+    for reply, context in zip(replies[:single], contexts[:single]):
         judge.predict_unsafe([reply], [context])
-    return batched, SINGLE / (time.perf_counter() - started)
+    return batched, single / (time.perf_counter() - started)
 
 
 def main() -> dict | None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -50,8 +49,9 @@ from pathlib import Path
 
 import torch
 
-from bench import bench_generate, bench_train
-from pipeline.config import GenerateConfig, JudgeConfig, TrainConfig, TrainStage1Config, load_all
+from bench import bench_generate, bench_judge, bench_train
+from bench.bench_mine import peak_memory_mb
+from pipeline.config import GenerateConfig, TrainConfig, load_all
 from pipeline.modeling import DialogModel, Source
 from pipeline.schemas import GROUPS
 from pipeline.stages import train
@@ -164,7 +164,7 @@ def plain_generate(dm: DialogModel, sources: list[Source], config: GenerateConfi
     left-padded; the same sampling settings and seeds as `bench_generate.timed`; no log-probabilities)."""
     from pipeline.sampling import _pad, encode_prompts, pad_id
 
-    tokens, started = 0, time.perf_counter()
+    eos, tokens, started = dm.tokenizer.eos_token_id, 0, time.perf_counter()
     for index, start in enumerate(range(0, len(sources), batch_size)):
         prompts = encode_prompts(dm, sources[start: start + batch_size], config)
         input_ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=True)
@@ -173,9 +173,8 @@ def plain_generate(dm: DialogModel, sources: list[Source], config: GenerateConfi
             out = dm.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=config.do_sample,
                                     temperature=config.temperature, top_p=config.top_p, top_k=config.top_k or None,
                                     max_new_tokens=config.max_new_tokens, num_return_sequences=config.k,
-                                    pad_token_id=pad_id(dm.tokenizer), eos_token_id=dm.tokenizer.eos_token_id)
+                                    pad_token_id=pad_id(dm.tokenizer), eos_token_id=eos)
         for row in out[:, input_ids.shape[1]:].tolist():
-            eos = dm.tokenizer.eos_token_id
             tokens += row.index(eos) + 1 if eos in row else len(row)
     return time.perf_counter() - started, tokens
 
@@ -235,36 +234,24 @@ def fit_judge(encoder: Path):
 # --- peak memory, one piece per process ----------------------------------------------------------------
 
 
-def rss_mb() -> float:
-    """This process's peak resident memory (MB): VmHWM, which a new program starts afresh (getrusage's
-    ru_maxrss would carry the parent's peak over the fork)."""
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def piece(name: str, model_path: Path) -> dict:
     """Run one piece once in this (fresh) process; its peak resident memory before and after the work."""
     torch.set_num_threads(int(setting("BENCH_THREADS", "2")))
     if name == "judge":
-        loaded = rss_mb()
         judge = fit_judge(Path(os.environ["BENCH_JUDGE_PATH"]))
-        loaded = max(loaded, rss_mb())
+        loaded = peak_memory_mb()  # VmHWM only grows: the peak so far, with the judge fitted
         replies, contexts, _ = judge_pairs(256)
         judge.predict_unsafe(replies, contexts)
-        return {"loaded_mb": loaded, "peak_mb": rss_mb()}
+        return {"loaded_mb": loaded, "peak_mb": peak_memory_mb()}
     dm, config, stage, generate, groups, validation, sources, _ = inputs(model_path)
-    loaded = rss_mb()
+    loaded = peak_memory_mb()
     if name in ("train_ce", "train_npair"):
         weight = 0.0 if name == "train_ce" else 1.0
         bench_train.our_loop(dm.model, dm.tokenizer, groups, validation,
                              dataclasses.replace(config, contrastive_weight=weight), stage)
     else:
         bench_generate.timed(dm, sources, generate.batch_size, generate)
-    return {"loaded_mb": loaded, "peak_mb": rss_mb()}
+    return {"loaded_mb": loaded, "peak_mb": peak_memory_mb()}
 
 
 def memory(model_path: Path, judge_path: Path | None) -> dict[str, dict]:
@@ -325,23 +312,14 @@ def measure_all(model_path: Path) -> dict:
             "gh": lambda: dict(zip(("seconds", "tokens"), plain_generate(dm, sources, generate, generate.batch_size))),
         }
         if judge is not None:
-            arms["j"] = lambda: judge_throughput(judge, replies, contexts)
+            # one call per pair over 32 of them: the encoder is slow one pair at a time
+            arms["j"] = lambda: dict(zip(("batched", "single"), bench_judge.throughput(judge, replies, contexts, 32)))
         for index in range(rounds):
             for name, measure in arms.items():
                 runs.setdefault(name, []).append(measure())
             print(f"  round {index + 1} of {rounds} done")
     mem = memory(model_path, judge_path)
     return report(runs, flops, mem)
-
-
-def judge_throughput(judge, replies: list[str], contexts: list[list[str]], single: int = 32) -> dict:
-    started = time.perf_counter()
-    judge.predict_unsafe(replies, contexts)
-    batched = len(replies) / (time.perf_counter() - started)
-    started = time.perf_counter()
-    for reply, context in zip(replies[:single], contexts[:single]):
-        judge.predict_unsafe([reply], [context])
-    return {"batched": batched, "single": single / (time.perf_counter() - started)}
 
 
 def report(runs: dict[str, list[dict]], flops: dict[str, dict], mem: dict[str, dict]) -> dict:

@@ -191,8 +191,8 @@ class Guidance:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         expert, antiexpert = (state.next_logits(input_ids) for state in self.states)
-        own = filtered(scores, self.filters)
-        combined = own + self.weight * (expert.float() - antiexpert.float())
+        own = filtered(scores, self.filters)  # kept for the divergence: the guided model's own sampling
+        combined = combine(own, expert, antiexpert, self.weight)
         self.add_divergence(input_ids, own, combined)
         if self.steps is not None:
             self.steps.append(combined.detach().clone())

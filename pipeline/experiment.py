@@ -579,6 +579,11 @@ def _rests_on_line(run: dict) -> list[str]:
     return ["", f"{RESTS_ON} rests on the re-ranker's classifier, not shown to beat the majority label ({found})."]
 
 
+def _by_key(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    """A table's rows by (metric, scope)."""
+    return {(row["metric"], row["scope"]): row for row in rows}
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -607,7 +612,7 @@ def headline_lines(experiment: dict) -> list[str]:
     baseline, method = experiment["baseline"], experiment["method"]
     shown = [m for m in ("base", baseline, method, "dexperts") if m in experiment["models"]]
     compared = [m for m in (method, "dexperts") if m in experiment["models"]]
-    found = {(row["metric"], row["scope"]): row for row in experiment["tables"][reference]}
+    found = _by_key(experiment["tables"][reference])
     selected = [found[key] for key in HEADLINE if key in found and found[key]["values"]]
     pairs = [f"{m}_vs_{r}" for m, r in PAIRS if any(f"{m}_vs_{r}" in row.get("pairs", {}) for row in selected)]
     header = ["metric ↑/↓", "scope", *(f"`{m}`" for m in shown), *(f"`{m}` − `{baseline}`" for m in compared),
@@ -660,9 +665,9 @@ def replication_lines(experiment: dict) -> list[str]:
     if seeds:
         count = len(seeds["seeds"])
         header += [f"`{baseline}`, {count} seeds", f"`{method}`, {count} seeds", f"`{method}` − `{baseline}`"]
-        by_seeds = {(row["metric"], row["scope"]): row for row in seeds["rows"]}
+        by_seeds = _by_key(seeds["rows"])
     header += [f"{runs[n]['variant']}: `{method}` − `{baseline}`" for n in ablations]
-    found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in ablations}
+    found = {n: _by_key(tables[n]) for n in ablations}
     keys = [key for key in REPLICATION if not seeds or key in by_seeds]
     comparisons = [((found[n].get(key) or {}).get("comparisons") or {}).get(method) for key in keys for n in ablations]
     marked = iter(difference_cells(comparisons, [_digits(key[0]) for key in keys for _ in ablations], p_value=False))
@@ -698,7 +703,7 @@ def dexperts_lines(experiment: dict) -> list[str]:
     if reference is None or not swept:
         return []
     names = sorted([reference, *swept], key=lambda n: runs[n]["params"].get(ALPHA_KEY) or 0)
-    found = {n: {(row["metric"], row["scope"]): row for row in tables[n]} for n in names}
+    found = {n: _by_key(tables[n]) for n in names}
     unsafe = [("unsafe_rate_first", c) for c in ("diasafety", "toxichat")]
     cost = [("reference_ppl", OVERALL, 2), ("f1_reranked", "casual", 3), ("degenerate_rate_reranked", OVERALL, 3)]
 

@@ -78,8 +78,9 @@ def figures(tables: dict, scores: dict, judge: ReplyJudge, threshold: float, sam
         verdict = {(r["context_id"], r["candidate_index"]): bool(u) for r, u in zip(rows, unsafe)}
         found.setdefault("unsafe_rate_first", {})[corpus] = estimate(
             [np.mean([verdict[(r["context_id"], r["candidate_index"])] for r in g]) for g in groups], samples, seed)
+        picks = [chosen(g) for g in groups]
         found.setdefault("unsafe_rate_reranked", {})[corpus] = estimate(
-            [float(verdict[(chosen(g)["context_id"], chosen(g)["candidate_index"])]) for g in groups], samples, seed)
+            [float(verdict[(r["context_id"], r["candidate_index"])]) for r in picks], samples, seed)
     every = [group for corpus in tables for group in by_context(tables[corpus]).values()]
     found["degenerate_rate_reranked"] = {"overall": estimate(
         [float(M.degenerate_reason(chosen(g)["response"] or "") is not None) for g in every], samples, seed)}

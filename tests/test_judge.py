@@ -277,16 +277,24 @@ def sample_normalized(tmp_path_factory, repo_root, normalize_config) -> Path:
     return base / "normalized"
 
 
-def test_command_on_the_sample(tmp_path, sample_normalized):
-    params = write_params(tmp_path / "params.yaml")
-    out, reports = tmp_path / "models" / "judge", tmp_path / "reports" / "judge"
-    result = run_judge("--normalized", sample_normalized, "--out", out, "--reports", reports, "--params", params)
+def judge_on_the_sample(tmp_path: Path, normalized: Path, judge_section: dict | None = None) -> dict:
+    """Run the judge command on `normalized` with `judge_section` over params.yaml's; its metrics.json
+    (the model in `tmp_path/models/judge`, the reports in `tmp_path/reports/judge`)."""
+    params = write_params(tmp_path / "params.yaml", judge_section)
+    reports = tmp_path / "reports" / "judge"
+    result = run_judge("--normalized", normalized, "--out", tmp_path / "models" / "judge", "--reports", reports,
+                       "--params", params)
     assert result.exit_code == 0, result.output
+    return json.loads((reports / "metrics.json").read_text())
+
+
+def test_command_on_the_sample(tmp_path, sample_normalized):
+    metrics = judge_on_the_sample(tmp_path, sample_normalized)
+    out, reports = tmp_path / "models" / "judge", tmp_path / "reports" / "judge"
     record = json.loads((out / "scorer.json").read_text())
     assert record["task"] == "judge" and record["kind"] == "tfidf"
     assert record["independent_of"] == ["prosocial_dialog", "mic"]
     assert set(record["training_examples"]) == {"diasafety", "toxichat"}
-    metrics = json.loads((reports / "metrics.json").read_text())
     assert metrics["trained_on"] == record["training_examples"] and metrics["independent_of"] == ["prosocial_dialog",
                                                                                                    "mic"]
     for corpus in DIALOG_SAFETY_CORPORA:
@@ -318,12 +326,7 @@ def test_command_on_the_sample(tmp_path, sample_normalized):
 
 
 def test_compare_all_reports_the_judge_trained_on_every_train_reply(tmp_path, sample_normalized):
-    params = write_params(tmp_path / "params.yaml", {"compare_all": True})
-    reports = tmp_path / "reports"
-    result = run_judge("--normalized", sample_normalized, "--out", tmp_path / "judge", "--reports", reports,
-                       "--params", params)
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics = judge_on_the_sample(tmp_path, sample_normalized, {"compare_all": True})
     on_all = metrics["trained_on_all"]
     assert on_all["trained_on"] > sum(metrics["trained_on"].values())
     assert set(on_all["corpora"]) == set(DIALOG_SAFETY_CORPORA)
@@ -341,12 +344,7 @@ def test_an_ensemble_judge_reports_each_member_on_the_same_replies(tmp_path, sam
                          intermediate_size=32, max_position_embeddings=64)).save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)
     hf = {"name": str(checkpoint), "max_length": 64, "epochs": 1, "batch_size": 8, "lr": 1e-3}
-    params = write_params(tmp_path / "params.yaml", {"model": "ensemble", "hf": hf})
-    reports = tmp_path / "reports"
-    result = run_judge("--normalized", sample_normalized, "--out", tmp_path / "judge", "--reports", reports,
-                       "--params", params)
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((reports / "metrics.json").read_text())
+    metrics = judge_on_the_sample(tmp_path, sample_normalized, {"model": "ensemble", "hf": hf})
     members = metrics["members"]
     assert set(members) == {"tfidf", "hf"}
     for member in members.values():

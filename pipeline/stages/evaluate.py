@@ -835,8 +835,9 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
             if (baseline, scope) not in scope_items:
                 notes.append(f"{model}/{scope}: the baseline {baseline} has no candidates here; not compared")
                 continue
-            comparison = significance.limit_all(compare(scope_items[(model, scope)], scope_items[(baseline, scope)],
-                                                        config.bootstrap_samples, config.seed))
+            # intervals on too few clusters are dropped once, by `write`; the verdict's test ignores them
+            comparison = compare(scope_items[(model, scope)], scope_items[(baseline, scope)], config.bootstrap_samples,
+                                 config.seed)
             if comparison["unmatched"]:
                 notes.append(f"{model}/{scope}: {comparison['unmatched']} contexts that {baseline} did not answer "
                              "are left out of the comparison")
@@ -847,6 +848,7 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
     for model, reference in config.pairs:
         if model not in models or reference not in models:
             notes.append(f"evaluate.pairs: {model} or {reference} has no candidates; {model} - {reference} left out")
+            continue
         for scope in scores.get(model, {}):
             if (reference, scope) in scope_items:
                 pairs.setdefault(f"{model}_vs_{reference}", {})[scope] = compare(

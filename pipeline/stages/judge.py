@@ -277,24 +277,30 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     scorer = train(config, trained)
     trained_at = time.perf_counter()
     evaluated = examples[examples["split"].isin(EVALUATED)]
-    p_unsafe = scorer.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist())  # (n,)
-    metrics, reliability = evaluate(evaluated, p_unsafe, config)
-    log.info("judge: scored %d replies in %.1f s", len(evaluated), time.perf_counter() - trained_at)
     test = (evaluated["split"] == "test").to_numpy()
-    blanked = np.full(len(evaluated), np.nan)  # (n,): only the test split's AUC is compared
-    blanked[test] = scorer.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
-    reading = context_reading(evaluated, p_unsafe, blanked, config)
+
+    def judged(judge: JudgeScorer) -> tuple[np.ndarray, np.ndarray]:
+        """P(unsafe) of every evaluated reply, and of the test replies with their context blanked (NaN
+        elsewhere: only the test split's AUC is compared); (n,) each."""
+        blanked = np.full(len(evaluated), np.nan)
+        blanked[test] = judge.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
+        return judge.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist()), blanked
+
     members = None
     if config.model == "ensemble":
-        # Each member alone on the same replies: does averaging the two judges help?
-        members = {}
-        for member in scorer.classifier.members:
-            alone = JudgeScorer(member, scorer.context_turns)
-            p_member = alone.predict_unsafe(evaluated["response"].tolist(), evaluated["context"].tolist())
-            b_member = np.full(len(evaluated), np.nan)
-            b_member[test] = alone.predict_unsafe(evaluated["response"][test].tolist(), [[""]] * int(test.sum()))
-            members[member.kind] = {"corpora": evaluate(evaluated, p_member, config)[0],
-                                    "context": context_reading(evaluated, p_member, b_member, config)}
+        # Each member scores once; the ensemble's P(unsafe) is their mean, as EnsembleClassifier averages.
+        # Each member alone on the same replies answers whether averaging the two judges helps.
+        alone = {member.kind: judged(JudgeScorer(member, scorer.context_turns)) for member in scorer.classifier.members}
+        p_unsafe, blanked = (np.mean([pair[i] for pair in alone.values()], axis=0) for i in (0, 1))
+        members = {kind: {"corpora": evaluate(evaluated, p_member, config)[0],
+                          "context": context_reading(evaluated, p_member, b_member, config)}
+                   for kind, (p_member, b_member) in alone.items()}
+    else:
+        p_unsafe, blanked = judged(scorer)
+    log.info("judge: scored %d replies (and %d with the context blanked) in %.1f s", len(evaluated), int(test.sum()),
+             time.perf_counter() - trained_at)
+    metrics, reliability = evaluate(evaluated, p_unsafe, config)
+    reading = context_reading(evaluated, p_unsafe, blanked, config)
     on_all = None
     if config.compare_all:
         # What keeping the method's half apart costs: the same judge trained on every train reply.
