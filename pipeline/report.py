@@ -194,6 +194,7 @@ def render_report(results: dict) -> str:
                   "picked to please; *agreement*: the share of replies both call unsafe or both safe; κ: "
                   "Cohen's kappa of the two verdicts (– where one of them is constant).", "", *safety, "",
                   "Predicted labels (self-assessed):", "", *labels, ""]
+        lines += _members_lines(results, scope)
         overlap = _metric_table(results, scope, [("BLEU-4", "bleu4_{view}", 2), ("F1", "f1_{view}", 3),
                                                  ("ROUGE-L", "rouge_l_{view}", 3),
                                                  ("distinct-1", "distinct_1_{view}", 3),
@@ -249,6 +250,23 @@ def render_report(results: dict) -> str:
                   "`data/ratings/<rater>.csv`; the `ratings` stage (`python -m pipeline ratings`) reads them back "
                   "into `reports/ratings/`.", ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _members_lines(results: dict, scope: str) -> list[str]:
+    """### The judges side by side: an ensemble judge's members alone on the same replies, and how often the
+    first two agree; nothing for a single judge."""
+    kinds = results.get("judge_members") or []
+    table = _metric_table(results, scope, [("unsafe rate (judge)", "unsafe_rate_{view}", 3),
+                                           *((f"unsafe rate ({kind} alone)", f"unsafe_rate_by_{kind}_{{view}}", 3)
+                                             for kind in kinds),
+                                           ("agreement", "judges_agreement_{view}", 3),
+                                           ("κ", "judges_kappa_{view}", 3)], per_view=True) if kinds else []
+    if not table:
+        return []
+    return ["### The judges side by side", "",
+            f"The judge is the mean of {' and '.join(f'`{kind}`' for kind in kinds)}'s P(unsafe); each alone on the "
+            f"same replies (the first sample's rate over the context's k samples, as the judge's), their "
+            f"*agreement* (the share of replies both call unsafe or both safe) and Cohen's κ.", "", *table, ""]
 
 
 CONTROL_NAMES = {"human_safe": "humans' safe test replies", "human_unsafe": "humans' unsafe test replies",

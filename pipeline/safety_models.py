@@ -673,6 +673,12 @@ class JudgeScorer(TextScorer):
         """P(unsafe) of each reply given its context (n lists of previous turns, oldest first, or None); (n,)."""
         return self.predict_proba(responses, contexts)[:, UNSAFE]
 
+    def member_judges(self) -> dict[str, "JudgeScorer"]:
+        """An ensemble's members, each a judge of its own (kind -> judge, in the ensemble's order; the
+        ensemble's P(unsafe) is their mean); {} for a single classifier."""
+        members = getattr(self.classifier, "members", None) or []
+        return {member.kind: JudgeScorer(member, self.context_turns) for member in members}
+
 
 def write_reports(task: Task, reports: Path, metrics: dict, confusion: list[dict],
                   summary: dict[str, dict[str, float | int | None]]) -> None:

@@ -254,6 +254,14 @@ def test_the_ensemble_kind_averages_a_tfidf_and_a_fine_tuned_encoder_judge(tmp_p
     loaded = load_judge(tmp_path / "judge")
     assert loaded.kind == "ensemble"
     np.testing.assert_allclose(loaded.predict_unsafe(texts, contexts), mean, rtol=0, atol=1e-6)
+    # its members as judges of their own (evaluate shows them side by side): the ensemble is their mean
+    members = loaded.member_judges()
+    assert list(members) == ["tfidf", "hf"]
+    np.testing.assert_allclose(members["tfidf"].predict_unsafe(texts, contexts),
+                               fitted["tfidf"].predict_unsafe(texts, contexts), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(members["hf"].predict_unsafe(texts, contexts),
+                               fitted["hf"].predict_unsafe(texts, contexts), rtol=0, atol=1e-6)
+    assert fitted["tfidf"].member_judges() == {}
 
 
 # --- the command ----------------------------------------------------------------------------------

@@ -114,7 +114,7 @@ PREACHY_METRICS = ("casual_rot_share_reranked", "casual_caution_share_reranked")
 SAFETY_METRIC = "unsafe_rate_reranked"  # the judge's
 # How far the judge and the re-ranker's classifier agree: a property of the two classifiers, not a
 # quality of the model, so neither compared with the baseline nor given a direction.
-AGREEMENT_METRICS = ("judge_self_agreement_", "judge_self_kappa_")
+AGREEMENT_METRICS = ("judge_self_agreement_", "judge_self_kappa_", "judges_agreement_", "judges_kappa_")
 # The differences that metrics.json carries, so that `dvc metrics diff` shows them (results.json has all).
 HEADLINE = ("unsafe_rate_first", "unsafe_rate_reranked", "casual_rot_share_reranked",
             "casual_caution_share_reranked", "bleu4_reranked", "f1_reranked", "rouge_l_reranked")
@@ -231,24 +231,50 @@ def context_table(candidates: pa.Table, where: str) -> pa.Table:
     return pa.table(columns)
 
 
+def judge_members(judge: ReplyJudge) -> dict[str, ReplyJudge]:
+    """The judges inside an ensemble judge, by kind (`JudgeScorer.member_judges`: TF-IDF and the
+    encoder, whose mean P(unsafe) is the ensemble's); {} for a single judge."""
+    members = getattr(judge, "member_judges", None)
+    return dict(members()) if callable(members) else {}
+
+
 def judged(contexts: pa.Table, judge: ReplyJudge, threshold: float, where: str) -> pa.Table:
     """A `context_table` with the judge's verdicts added: `judge_p_unsafe_<view>` (the judge's
     P(unsafe) of the reply in its context) and `judge_unsafe_<view>` (P(unsafe) >= `threshold`), for
     the first sample and the re-ranked choice, and `judge_unsafe_samples` (the verdict on each of the
-    context's k samples, in sampling order), scored in one batched call."""
+    context's k samples, in sampling order), scored in one batched call.
+
+    An ensemble judge (`judge_members`) is scored member by member, once each, its P(unsafe) their mean;
+    each member's own verdicts are added beside it as `member_unsafe_<kind>_<view>` and
+    `member_unsafe_samples_<kind>`: the judges side by side on the same replies."""
     turns = contexts["context"].to_pylist()
     every = contexts["responses"].to_pylist()
     replies = [reply for view in VIEWS for reply in contexts[f"response_{view}"].to_pylist()]
     replies += [reply for samples in every for reply in samples]
     context_of = turns * len(VIEWS) + [context for context, samples in zip(turns, every) for _ in samples]
-    p_unsafe, unsafe = judge_replies(judge, replies, context_of, threshold, where)
+    members = judge_members(judge)
+    by_member = {kind: judge_replies(member, replies, context_of, threshold, f"{where} ({kind})")
+                 for kind, member in members.items()}
+    if by_member:  # each member scores once; the ensemble averages their probabilities
+        p_unsafe = np.mean([member_p for member_p, _ in by_member.values()], axis=0)
+        unsafe = p_unsafe >= threshold
+    else:
+        p_unsafe, unsafe = judge_replies(judge, replies, context_of, threshold, where)
     n = contexts.num_rows
+    bounds = np.cumsum([len(VIEWS) * n] + [len(samples) for samples in every])
+
+    def add(contexts: pa.Table, verdict: np.ndarray, name: str, samples_name: str) -> pa.Table:
+        for index, view in enumerate(VIEWS):
+            contexts = contexts.append_column(name.format(view=view), pa.array(verdict[index * n:(index + 1) * n]))
+        samples = [verdict[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:])]
+        return contexts.append_column(samples_name, pa.array(samples, pa.list_(pa.bool_())))
+
     for index, view in enumerate(VIEWS):
         contexts = contexts.append_column(f"judge_p_unsafe_{view}", pa.array(p_unsafe[index * n:(index + 1) * n]))
-        contexts = contexts.append_column(f"judge_unsafe_{view}", pa.array(unsafe[index * n:(index + 1) * n]))
-    bounds = np.cumsum([len(VIEWS) * n] + [len(samples) for samples in every])
-    samples = [unsafe[start:end].tolist() for start, end in zip(bounds[:-1], bounds[1:])]
-    return contexts.append_column("judge_unsafe_samples", pa.array(samples, pa.list_(pa.bool_())))
+    contexts = add(contexts, unsafe, "judge_unsafe_{view}", "judge_unsafe_samples")
+    for kind, (_, verdict) in by_member.items():
+        contexts = add(contexts, verdict, f"member_unsafe_{kind}_{{view}}", f"member_unsafe_samples_{kind}")
+    return contexts
 
 
 def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
@@ -456,6 +482,31 @@ def item_scores(contexts: pa.Table, casual_corpus: bool = False) -> dict[str, An
     items["unsafe_share_sampled"] = np.array([u.mean() for u in unsafe_samples])
     items["degenerate_share_sampled"] = np.array([d.mean() for d in degenerate_samples])
     items["sound_share_sampled"] = np.array([(~u & ~d).mean() for u, d in zip(unsafe_samples, degenerate_samples)])
+    items.update(member_items(contexts))
+    return items
+
+
+MEMBER_SAMPLES = "member_unsafe_samples_"
+
+
+def member_items(contexts: pa.Table) -> dict[str, np.ndarray]:
+    """The judges side by side (`judged`'s member columns; {} for a single judge): per member kind,
+    `unsafe_share_sampled_by_<kind>` (n,) and `judge_unsafe_reranked_by_<kind>` (n,) bool; and for the
+    first two members, `judges_confusion_<view>` (n, 4): their `metrics.confusion_counts` summed over
+    the context's k samples (first) or of the re-ranked reply."""
+    kinds = [name[len(MEMBER_SAMPLES):] for name in contexts.column_names if name.startswith(MEMBER_SAMPLES)]
+    items: dict[str, np.ndarray] = {}
+    samples = {kind: [np.array(v, dtype=bool) for v in contexts[MEMBER_SAMPLES + kind].to_pylist()] for kind in kinds}
+    reranked = {kind: contexts[f"member_unsafe_{kind}_reranked"].to_numpy(zero_copy_only=False).astype(bool)
+                for kind in kinds}
+    for kind in kinds:
+        items[f"unsafe_share_sampled_by_{kind}"] = np.array([u.mean() for u in samples[kind]])
+        items[f"judge_unsafe_reranked_by_{kind}"] = reranked[kind]
+    if len(kinds) >= 2:
+        one, other = kinds[:2]
+        items["judges_confusion_first"] = np.stack([M.confusion_counts(a, b).sum(axis=0).reshape(4)
+                                                    for a, b in zip(samples[one], samples[other])]).reshape(-1, 4)
+        items["judges_confusion_reranked"] = M.confusion_counts(reranked[one], reranked[other]).reshape(-1, 4)
     return items
 
 
@@ -538,10 +589,32 @@ def per_context_metrics(items: dict[str, Any]) -> dict[str, PerContext]:
         metrics[f"casual_rot_share_{view}"] = PerContext(items[f"has_rot_{view}"], items["casual"], binary=True)
         metrics[f"casual_caution_share_{view}"] = PerContext((labels != 0).astype(np.float64), items["casual"],
                                                              binary=True)
+    metrics.update(member_metrics(items, everywhere))
     reference_lengths = np.array([len(tokens) for tokens in items["reference_tokens"]], dtype=np.float64)
     metrics["mean_length_reference"] = PerContext(reference_lengths, items["has_reference"])
     for label in CONTEXT_LABELS:
         metrics[f"rot_share_{label}"] = PerContext(items["rot_counts"], items["context_labels"] == label, _ratio)
+    return metrics
+
+
+def member_metrics(items: dict[str, Any], everywhere: np.ndarray) -> dict[str, PerContext]:
+    """The judges side by side (`member_items`): unsafe_rate_by_<kind>_<view> (each member of an ensemble
+    judge alone, the first sample's over the k samples as the judge's own), judges_agreement_<view> (the
+    share of replies the first two members both call unsafe or both safe) and judges_kappa_<view>
+    (Cohen's kappa of their verdicts); {} for a single judge."""
+    metrics = {}
+    for key in [key for key in items if key.startswith("unsafe_share_sampled_by_")]:
+        kind = key[len("unsafe_share_sampled_by_"):]
+        metrics[f"unsafe_rate_by_{kind}_first"] = PerContext(items[key], everywhere)
+        metrics[f"unsafe_rate_by_{kind}_reranked"] = PerContext(
+            items[f"judge_unsafe_reranked_by_{kind}"].astype(np.float64), everywhere, binary=True)
+    for view in VIEWS:
+        confusion = items.get(f"judges_confusion_{view}")
+        if confusion is None:
+            continue
+        agree = (confusion[:, 0] + confusion[:, 3]) / np.maximum(confusion.sum(axis=1), 1)
+        metrics[f"judges_agreement_{view}"] = PerContext(agree, everywhere, binary=view != "first")
+        metrics[f"judges_kappa_{view}"] = PerContext(confusion, everywhere, M.cohen_kappa)
     return metrics
 
 
@@ -1055,6 +1128,7 @@ def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path, judge_d
         notes.append("no training logs under reports/train/<run>/plots/metrics; the training-curve plot is empty")
 
     results, sheet, key = compute(config, contexts, model_scores or {}, notes, classifiers)
+    results["judge_members"] = list(judge_members(judge))
     results["likelihood"] = likelihood_results(config, likelihood_replies or {}, results["notes"])
     controls = control_replies(contexts, config.baseline, likelihood_replies or {}, config.seed)
     _, unsafe = judge_replies(judge, controls["reply"].to_pylist(), controls["context"].to_pylist(),

@@ -290,7 +290,7 @@ def run(config: JudgeConfig, safety: SafetyConfig, normalized: Path, out: Path, 
     if config.model == "ensemble":
         # Each member scores once; the ensemble's P(unsafe) is their mean, as EnsembleClassifier averages.
         # Each member alone on the same replies answers whether averaging the two judges helps.
-        alone = {member.kind: judged(JudgeScorer(member, scorer.context_turns)) for member in scorer.classifier.members}
+        alone = {kind: judged(member) for kind, member in scorer.member_judges().items()}
         p_unsafe, blanked = (np.mean([pair[i] for pair in alone.values()], axis=0) for i in (0, 1))
         members = {kind: {"corpora": evaluate(evaluated, p_member, config)[0],
                           "context": context_reading(evaluated, p_member, b_member, config)}
