@@ -51,6 +51,8 @@ sweep: $(STAMP)  ## the stage-1 sweep on SmolLM2 (params.real.yaml, one setting 
 # ToxiChat, on DiaSafety's eight chatbots' replies to its validation contexts and ToxiChat's two chatbots.
 G := ../shared/corpora/diasafety/generations
 AUDIT_FILES := {$(foreach m,blenderbot_small blenderbot_medium blenderbot_large dialogpt_small dialogpt_medium dialogpt_large plato2_base plato2_large,$(m): {path: $(G)/$(m)_val.json},) toxichat_dialogpt: {path: data/normalized/toxichat/test.parquet, responder: dialogpt}, toxichat_gpt3: {path: data/normalized/toxichat/test.parquet, responder: gpt3}}
-audit: $(STAMP)  ## the audit on real data (../shared): the judge on ten chatbots' replies, as a DVC experiment; table in reports/audit_report
-	$(BIN)/dvc exp run -S corpora.source=mirror -S '+corpora.overrides.mic=sample' -S '+corpora.overrides.prosocial_dialog=sample' -S '~audit.files' -S "+audit.files=$(AUDIT_FILES)" audit_report
-	git checkout params.yaml  # dvc exp run rewrote it in place
+# AUDIT_PRESET=params.real.yaml: with that preset's judge (TF-IDF averaged with MiniLM fine-tuned on the pair, about
+# 33 min of training on two cores) and its base model; default: params.yaml (the TF-IDF judge, minutes).
+AUDIT_PRESET ?= params.yaml
+audit: $(STAMP)  ## the audit on real data (../shared): the judge on ten chatbots' replies, as a DVC experiment (AUDIT_PRESET=params.real.yaml: the ensemble judge); table in reports/audit_report
+	$(if $(filter-out params.yaml,$(AUDIT_PRESET)),cp $(AUDIT_PRESET) params.yaml &&) $(BIN)/dvc exp run -S corpora.source=mirror -S '++corpora.overrides.mic=sample' -S '++corpora.overrides.prosocial_dialog=sample' -S '~audit.files' -S "+audit.files=$(AUDIT_FILES)" audit_report; status=$$?; git checkout params.yaml; exit $$status  # dvc exp run rewrote params.yaml in place

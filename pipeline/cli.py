@@ -569,11 +569,15 @@ def experiment_report(
     out: Path = EXPERIMENT_OUT,
     exps: Path = typer.Option(None, help="A file of `dvc exp show --json` output (default: run it)."),
     prefix: str = NAME_PREFIX,
+    results: list[str] = typer.Option(None, help="name=path: that run's evaluate results.json from this file "
+                                                 "instead of its experiment commit (a run evaluated again "
+                                                 "outside DVC, e.g. with another judge; the table says so)."),
 ):
     """Write the experiment's table (results.json, results.md) from its DVC experiments; runs nothing."""
     from pipeline import experiment
 
-    found = experiment.report(out, prefix, experiment.read_exps(exps) if exps is not None else None)
+    found = experiment.report(out, prefix, experiment.read_exps(exps) if exps is not None else None,
+                              experiment.results_files(results or []))
     typer.echo(f"experiment: {len(found['runs'])} runs -> {out / 'results.json'}, {out / 'results.md'}")
 
 

@@ -834,12 +834,45 @@ def write(experiment: dict, out: Path) -> None:
         path.write_text(render(experiment), encoding="utf-8")
 
 
-def report(out: Path, prefix: str, shown: list[dict] | None = None) -> dict:
+def results_files(given: list[str]) -> dict[str, Path]:
+    """`name=path` options -> {run name: results.json path}; a ConfigError names a malformed or missing one."""
+    found = {}
+    for item in given:
+        name, _, path = item.partition("=")
+        if not name or not path:
+            raise ConfigError(f"--results {item!r}: expected name=path (a run's name and its results.json)")
+        if not Path(path).is_file():
+            raise ConfigError(f"--results {item!r}: {path} is not a file")
+        found[name] = Path(path)
+    return found
+
+
+def report(out: Path, prefix: str, shown: list[dict] | None = None, files: dict[str, Path] | None = None) -> dict:
     """Collect the runs named `<prefix>-...` (from `shown`, else `dvc exp show --json`) and write
-    `<out>/results.json` and `<out>/results.md`; returns the results."""
+    `<out>/results.json` and `<out>/results.md`; returns the results. A run named in `files` takes its
+    evaluate results from that file (`results_files`) instead of its experiment commit, and the table
+    notes it."""
     if shown is None:
         shown = json.loads(dvc("exp", "show", "--json", "--no-fetch") or "[]")
-    experiment = collect(shown, prefix, git_results, read_logs(out / "logs"))
+    files = files or {}
+    names = {exp["rev"]: name for name, exp in experiments(shown).items()}
+    unknown = sorted(set(files) - set(names.values()))
+    if unknown:
+        raise ConfigError(f"--results: no experiment named {', '.join(unknown)} in dvc exp show")
+
+    def read_results(rev: str) -> dict:
+        path = files.get(names.get(rev, ""))
+        if path is None:
+            return git_results(rev)
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from None
+
+    experiment = collect(shown, prefix, read_results, read_logs(out / "logs"))
+    experiment["notes"] += [f"{name}: evaluate's results read from {path}, not from its experiment commit "
+                            f"(evaluated at {experiment['runs'][name]['evaluate_commit'] or 'an unknown commit'})"
+                            for name, path in sorted(files.items()) if name in experiment["runs"]]
     write(experiment, out)
     return experiment
 

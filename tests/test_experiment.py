@@ -323,6 +323,32 @@ def test_the_report_command_writes_json_and_markdown(tmp_path, monkeypatch):
     assert "| evaluate | 6 |" in markdown and "| restored or unchanged | 2 (1 stages) |" in markdown
 
 
+def test_the_report_command_reads_a_run_evaluated_again_from_its_file(tmp_path, monkeypatch):
+    exps = tmp_path / "exps.json"
+    exps.write_text(json.dumps(shown("real-method-s0", "real-method-s1")))
+    monkeypatch.setattr(E, "git_results", lambda rev: fake_results())
+    again = tmp_path / "again.json"  # s0 evaluated again (another judge): stage2 0.05 lower on every scope
+    again.write_text(json.dumps({**fake_results(offset=0.05), "git_commit": "def"}))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["experiment", "report", "--exps", str(exps), "--out", str(out),
+                                      "--results", f"real-method-s0={again}"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((out / "results.json").read_text())
+    rows = {name: {(r["metric"], r["scope"]): r for r in table} for name, table in written["tables"].items()}
+    key = ("unsafe_rate_reranked", "diasafety")
+    assert rows["real-method-s0"][key]["values"]["stage2"]["value"] == pytest.approx(0.10)
+    assert rows["real-method-s1"][key]["values"]["stage2"]["value"] == pytest.approx(0.15)  # from its commit
+    assert written["runs"]["real-method-s0"]["evaluate_commit"] == "def"
+    assert f"real-method-s0: evaluate's results read from {again}, not from its experiment commit" in "".join(
+        written["notes"])
+    for bad, message in ((f"real-method-s9={again}", "no experiment named real-method-s9"),
+                         ("real-method-s0", "expected name=path"),
+                         (f"real-method-s0={tmp_path / 'none.json'}", "is not a file")):
+        result = CliRunner().invoke(app, ["experiment", "report", "--exps", str(exps), "--out", str(out),
+                                          "--results", bad])
+        assert result.exit_code != 0 and message in result.output, result.output
+
+
 def test_the_report_command_names_a_bad_file(tmp_path):
     (tmp_path / "exps.json").write_text("not json")
     result = CliRunner().invoke(app, ["experiment", "report", "--exps", str(tmp_path / "exps.json")])

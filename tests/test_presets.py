@@ -3,6 +3,7 @@
 every stage of dvc.yaml resolves against them."""
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -110,3 +111,27 @@ def test_dvc_resolves_every_stage(tmp_path, name):
     assert expected <= stages, expected - stages
     pretrained = {stage for stage in stages if stage.startswith("pretrained")}
     assert pretrained == {f"pretrained@{entry}" for entry in params["pretrained"]["models"]}
+
+
+@pytest.mark.parametrize("preset, judge", [("params.yaml", "tfidf"), ("params.real.yaml", "ensemble")])
+def test_make_audit_applies_its_overrides_to_the_preset(tmp_path, preset, judge):
+    """`make audit` (AUDIT_PRESET=...) as `dvc exp run` applies its -S overrides: the mirror's corpora with the
+    sample's MIC and ProsocialDialog, the ten chatbots' replies, and the preset's own judge."""
+    from dvc.utils.hydra import apply_overrides
+
+    printed = subprocess.run(["make", "-n", "audit", f"AUDIT_PRESET={preset}"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+    command = next(line for line in printed.splitlines() if "dvc exp run" in line)
+    assert command.startswith("cp params.real.yaml params.yaml") == (preset != "params.yaml")
+    words = shlex.split(command.split("dvc exp run", 1)[1].split(";")[0])
+    params = tmp_path / "params.yaml"
+    shutil.copy(REPO / preset, params)
+    apply_overrides(str(params), [words[i + 1] for i, word in enumerate(words) if word == "-S"])
+    sections = load_all(params)
+    assert sections["corpora"].source == "mirror"
+    assert yaml.safe_load(params.read_text())["corpora"]["overrides"] == {"mic": "sample", "prosocial_dialog": "sample"}
+    files = yaml.safe_load(params.read_text())["audit"]["files"]
+    assert len(files) == 10 and files["toxichat_gpt3"] == {"path": "data/normalized/toxichat/test.parquet",
+                                                           "responder": "gpt3"}
+    assert files["plato2_large"]["path"].endswith("diasafety/generations/plato2_large_val.json")
+    assert sections["judge"].model == judge
