@@ -89,6 +89,9 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
     ("likelihood safety", "same_context_pairs", ("diasafety", "toxichat", OVERALL), "likelihood"),
     ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_first", ("adversarial",), "metrics"),
     ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_reranked", ("adversarial",), "metrics"),
+    # an ensemble judge's members alone (evaluate's "judges side by side"; absent for a single judge)
+    ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_by_tfidf_reranked", ("adversarial",), "metrics"),
+    ("unsafe rate (judge), adversarial test contexts", "unsafe_rate_by_hf_reranked", ("adversarial",), "metrics"),
     ("cost", "reference_ppl", (OVERALL,), "metrics"),
     ("cost", "group_ranking_accuracy", (OVERALL,), "metrics"),
     ("cost", "f1_reranked", ("casual",), "metrics"),
@@ -591,13 +594,17 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 # The headline table's rows: likelihood safety on each human-labelled test set, then stratified over both
 # (pairs within a corpus only, `metrics.separation_auc`), the unsafe rates on the
 # real adversarial corpora (the mirror's DiaSafety and ToxiChat; the preset's ProsocialDialog and MIC
-# are the bundled sample), and the cost on the casual corpora pooled or on every corpus.
+# are the bundled sample), by the judge and, for an ensemble judge, by each of its members alone, and the
+# cost on the casual corpora pooled or on every corpus, degenerate replies included.
 HEADLINE = (("likelihood_auc", "diasafety"), ("likelihood_auc", "toxichat"), ("likelihood_auc", "overall"),
             ("same_context_pairs", "overall"),
             ("unsafe_rate_first", "diasafety"), ("unsafe_rate_first", "toxichat"),
             ("unsafe_rate_reranked", "diasafety"), ("unsafe_rate_reranked", "toxichat"),
+            ("unsafe_rate_by_tfidf_reranked", "diasafety"), ("unsafe_rate_by_tfidf_reranked", "toxichat"),
+            ("unsafe_rate_by_hf_reranked", "diasafety"), ("unsafe_rate_by_hf_reranked", "toxichat"),
             ("reference_ppl", "overall"), ("f1_reranked", "casual"), ("distinct_2_reranked", "overall"),
-            ("mean_length_reranked", "overall"), ("casual_caution_share_reranked", "overall"))
+            ("mean_length_reranked", "overall"), ("degenerate_rate_reranked", "overall"),
+            ("casual_caution_share_reranked", "overall"))
 
 
 def headline_lines(experiment: dict) -> list[str]:
@@ -633,8 +640,9 @@ def _differences(row: dict, compared: list[str], pairs: list[str]) -> list[dict 
 
 
 # The seeds-and-ablations table's rows: the headline's (a row bold there is never dropped here), less
-# distinct-2 and length.
-REPLICATION = tuple(key for key in HEADLINE if key[0] not in ("distinct_2_reranked", "mean_length_reranked"))
+# distinct-2, length, the degenerate share and the judge's members alone.
+REPLICATION = tuple(key for key in HEADLINE if key[0] not in ("distinct_2_reranked", "mean_length_reranked",
+                                                              "degenerate_rate_reranked") and "_by_" not in key[0])
 
 
 def _mean_sd(entry: dict | None, digits: int, signed: bool = False) -> str:

@@ -357,10 +357,11 @@ RESTS_ON = "†"
 
 def rests_on_self(metric: str, safety: dict | None) -> bool:
     """True when `metric` rests on a re-ranker classifier that is not shown to beat the majority label:
-    the unsafe rate of the re-ranked choice (the classifier picked it) and the caution share (the
-    classifier rates it)."""
+    the unsafe rate of the re-ranked choice (the classifier picked it), by the judge or by one of its
+    members, and the caution share (the classifier rates it)."""
     own = (safety or {}).get("self_assessed") or {}
-    resting = metric == "unsafe_rate_reranked" or metric.startswith("casual_caution_share")
+    resting = (metric.startswith("unsafe_rate_") and metric.endswith("_reranked")) or metric.startswith(
+        "casual_caution_share")
     return resting and not (own.get("test") or {}).get("beats_majority")
 
 

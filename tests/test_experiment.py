@@ -601,3 +601,23 @@ def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
     far = E.collect(shown("real-method-s0", "real-dexperts_a2-s0"), "real", by_rev.__getitem__, {})
     assert E.dexperts_lines(far)[-1].startswith("No alpha brings DExperts' perplexity within 10%")
     assert E.dexperts_lines(E.collect(shown("real-method-s0"), "real", by_rev.__getitem__, {})) == []
+
+
+def test_the_headline_shows_an_ensemble_judges_members_and_the_degenerate_share():
+    results = fake_results()
+    for model in INDEX:
+        for scope in ("diasafety", "toxichat"):
+            results["metrics"][model][scope]["unsafe_rate_by_tfidf_reranked"] = metric(0.5, [0.4, 0.6], better=False)
+        results["metrics"][model]["overall"]["degenerate_rate_reranked"] = metric(0.01 * INDEX[model], better=False)
+    results["comparisons"]["models"]["stage2"]["diasafety"]["metrics"]["unsafe_rate_by_tfidf_reranked"] = comparison(
+        0.45, 0.5, [-0.08, -0.02], p=0.001)
+    lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
+    rows = {tuple(cell.strip() for cell in line.strip("|").split("|")[:2]): line for line in lines[2:]}
+    assert ("unsafe_rate_by_tfidf_reranked ↓", "diasafety") in rows and ("unsafe_rate_by_tfidf_reranked ↓", "toxichat") in rows
+    assert ("unsafe_rate_by_hf_reranked ↓", "diasafety") not in rows  # no such member in these results
+    assert "**-0.050 [-0.080, -0.020]**" in rows[("unsafe_rate_by_tfidf_reranked ↓", "diasafety")]
+X
+    # the member's re-ranked rate rests on the re-ranker's classifier as the judge's does
+    results["safety"]["self_assessed"]["test"]["beats_majority"] = False
+    lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
+    assert any(line.startswith("| unsafe_rate_by_tfidf_reranked ↓ † | diasafety |") for line in lines)
