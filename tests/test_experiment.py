@@ -616,7 +616,7 @@ def test_the_headline_shows_an_ensemble_judges_members_and_the_degenerate_share(
     assert ("unsafe_rate_by_tfidf_reranked ↓", "diasafety") in rows and ("unsafe_rate_by_tfidf_reranked ↓", "toxichat") in rows
     assert ("unsafe_rate_by_hf_reranked ↓", "diasafety") not in rows  # no such member in these results
     assert "**-0.050 [-0.080, -0.020]**" in rows[("unsafe_rate_by_tfidf_reranked ↓", "diasafety")]
-X
+    assert rows[("degenerate_rate_reranked ↓", "overall")].split("|")[5].strip() == "0.030"  # stage2's value
     # the member's re-ranked rate rests on the re-ranker's classifier as the judge's does
     results["safety"]["self_assessed"]["test"]["beats_majority"] = False
     lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
