@@ -24,7 +24,9 @@ table. `report` writes the table alone, from `dvc exp show --json` (or a file of
   per metric and scope the value of every model with its 95% interval and every model against `ce`
   (difference, paired 95% interval, McNemar's p for rates), exactly as each run's
   `reports/results.json` (the `evaluate` stage) has them; over the seeds of a variant, mean, sd, min
-  and max of each model's value and of each difference, and how many seeds' intervals exclude 0;
+  and max of each model's value and of each difference, and how many seeds' intervals exclude 0; and
+  each ablation's `stage2` against the method run's (same seed) on the same contexts, from the runs'
+  `reports/contexts.parquet` (paired cluster bootstrap, McNemar for rates; `ablations`);
 - `<out>/results.md`, rendered from results.json.
 
     python -m pipeline experiment run --preset params.real.yaml --plan headline --out reports/experiment
@@ -79,6 +81,7 @@ BASELINE, METHOD = "ce", "stage2"
 PAIRS = (("stage2", "stage1"),)
 COMPARED = (METHOD, "stage1", "dexperts")  # the differences with the baseline in each run's table
 RESULTS = "reports/results.json"  # the evaluate stage's results, read from each run's commit
+CONTEXTS = "reports/contexts.parquet"  # and its per-context values (an ablation against the method)
 OVERALL = "overall"
 
 # The table's rows: (section, metric, scopes, where results.json keeps it). `metrics`: results.json
@@ -495,16 +498,18 @@ def seed_summary(runs: dict[str, dict], tables: dict[str, list[dict]]) -> dict[s
     return summary
 
 
-def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]) -> dict:
+def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict], read_contexts=None) -> dict:
     """results.json of the experiment from `dvc exp show --json` output: the runs named
-    `<prefix>-<variant>-s<seed>`, each one's evaluate results read with `read_results(rev)`."""
+    `<prefix>-<variant>-s<seed>`, each one's evaluate results read with `read_results(rev)`, and with
+    `read_contexts(rev)` (its per-context values or None) each ablation against the method on the same
+    contexts (`ablations_against_method`)."""
     found = {name: exp for name, exp in experiments(shown).items()
              if NAME.match(name) and NAME.match(name)["prefix"] == prefix and NAME.match(name)["variant"] in VARIANTS}
     if not found:
         raise DataError(f"dvc exp show: no experiment named {prefix}-<variant>-s<seed> "
                         f"(variants: {', '.join(VARIANTS)}); run `python -m pipeline experiment run` first")
     names = sorted(found, key=lambda n: (list(VARIANTS).index(NAME.match(n)["variant"]), int(NAME.match(n)["seed"])))
-    runs, tables, notes = {}, {}, []
+    runs, tables, notes, read = {}, {}, [], {}
     for name in names:
         exp, match = found[name], NAME.match(name)
         variant, seed = match["variant"], int(match["seed"])
@@ -513,7 +518,7 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
         wrong = {key: get_dotted(params, key) for key, value in expected.items() if get_dotted(params, key) != value}
         if wrong:
             raise DataError(f"experiment {name}: params {wrong} do not match its name (variant {variant}, seed {seed})")
-        results = read_results(exp["rev"])
+        results = read[name] = read_results(exp["rev"])
         stages = times.get(name)
         if stages is None:
             notes.append(f"{name}: no log with its stages' wall times under the logs folder")
@@ -526,9 +531,86 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
                       if stages else None}
         tables[name] = run_rows(results)
         notes += [f"{name}: {note}" for note in results.get("notes", []) if "skipped" in note or "left out" in note]
+    across = ablations_against_method(runs, read, read_contexts) if read_contexts else {}
     return {"prefix": prefix, "baseline": BASELINE, "method": METHOD, "models": list(MODELS),
             "variants": {name: VARIANTS[name] for name in VARIANTS}, "seed_key": SEED_KEY, "runs": runs,
-            "tables": tables, "seeds": seed_summary(runs, tables), "notes": notes}
+            "tables": tables, "seeds": seed_summary(runs, tables), "ablations": across, "notes": notes}
+
+
+def git_contexts(rev: str):
+    """The evaluate stage's per-context values (a pyarrow Table) as the experiment commit `rev` holds
+    them; None where it has none (a run evaluated before they were written)."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    shown = subprocess.run(["git", "show", f"{rev}:{CONTEXTS}"], capture_output=True)
+    return pq.read_table(io.BytesIO(shown.stdout)) if shown.returncode == 0 else None
+
+
+# The rows of "ablations against the method": a model of an ablation run against the same model of the
+# method run with the same seed, on the contexts both answered (evaluate's `ACROSS_RUNS` values).
+ACROSS = (("unsafe_rate_first", "diasafety"), ("unsafe_rate_first", "toxichat"),
+          ("unsafe_rate_reranked", "diasafety"), ("unsafe_rate_reranked", "toxichat"),
+          ("degenerate_rate_reranked", OVERALL), ("f1_reranked", "casual"),
+          ("casual_caution_share_reranked", OVERALL))
+
+
+def across_runs(reference, other, model: str, binary: dict[str, bool], n_samples: int, seed: int) -> dict:
+    """`model` of the run whose per-context values are `other` against `model` of the run of `reference`
+    (both `evaluate.context_values` tables), matched on (corpus, context id): per `ACROSS` (metric, scope)
+    found in both, evaluate's comparison record (other − reference, a paired cluster bootstrap over the
+    shared dialogues, McNemar's exact test for binary rates). {metric: {scope: record}}."""
+    import numpy as np
+
+    from pipeline import metrics as M
+    from pipeline.stages.evaluate import CONFIDENCE, comparison_record
+
+    def rows(table):
+        frame = table.to_pandas()
+        return frame[frame["model"] == model].set_index(["corpus", "context_id"])
+
+    theirs, ours = rows(reference), rows(other)
+    shared = theirs.index.intersection(ours.index)
+    theirs, ours = theirs.loc[shared], ours.loc[shared]
+    corpora = np.array([corpus for corpus, _ in shared], dtype=object)
+    out: dict[str, dict] = {}
+    for metric, scope in ACROSS:
+        if metric not in theirs or metric not in ours:
+            continue
+        members = SCOPE_GROUPS.get(scope, [scope]) if scope != OVERALL else list(dict.fromkeys(corpora))
+        mask = np.isin(corpora, members) & theirs[metric].notna().to_numpy() & ours[metric].notna().to_numpy()
+        if not mask.any():
+            continue
+        mine, base = ours[metric].to_numpy()[mask], theirs[metric].to_numpy()[mask]
+        clusters = theirs["cluster"].to_numpy()[mask]
+        ci = M.paired_bootstrap_ci(mine, base, None, n_samples, seed, CONFIDENCE, clusters=clusters)
+        discordant = (int(((mine == 1) & (base == 0)).sum()), int(((mine == 0) & (base == 1)).sum())) \
+            if binary.get(metric) else None
+        out.setdefault(metric, {})[scope] = significance.limit(comparison_record(
+            metric, float(mine.mean()), float(base.mean()), ci, int(mask.sum()), len(set(clusters)), discordant))
+    return out
+
+
+def ablations_against_method(runs: dict[str, dict], results: dict[str, dict], read_contexts) -> dict[str, dict]:
+    """Per ablation run that has a method run of its seed and per-context values in both: its `METHOD`
+    against the method's on the same contexts (`across_runs`), with the ablation's bootstrap settings."""
+    out = {}
+    for name, run in runs.items():
+        if run["variant"] not in ABLATIONS:
+            continue
+        reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == run["seed"]), None)
+        if reference is None:
+            continue
+        theirs, ours = read_contexts(runs[reference]["rev"]), read_contexts(run["rev"])
+        if theirs is None or ours is None:
+            continue
+        own = results[name]
+        bootstrap = own.get("bootstrap") or {}
+        out[name] = {"against": reference, "model": METHOD,
+                     "metrics": across_runs(theirs, ours, METHOD, (own.get("per_context") or {}).get("binary") or {},
+                                            int(bootstrap.get("samples", 1000)), int(bootstrap.get("seed", 0)))}
+    return out
 
 
 def git_results(rev: str) -> dict:
@@ -699,6 +781,26 @@ def replication_lines(experiment: dict) -> list[str]:
     return _table(header, rows) + (_rests_on_line(first) if marked_rows else [])
 
 
+def ablation_lines(experiment: dict) -> list[str]:
+    """The `ACROSS` rows: each ablation's `METHOD` − the method run's on the same contexts
+    (`ablations_against_method`), bold as `significance` says over the table; empty without any."""
+    found = experiment.get("ablations") or {}
+    if not found:
+        return []
+    runs, names = experiment["runs"], list(found)
+    keys = [key for key in ACROSS if any(key[1] in found[n]["metrics"].get(key[0], {}) for n in names)]
+    cells = difference_cells([found[n]["metrics"].get(metric, {}).get(scope) for metric, scope in keys for n in names],
+                             [_digits(metric) for metric, _ in keys for _ in names])
+    header = ["metric ↑/↓", "scope", *(f"{runs[n]['variant']} − {found[n]['against'].rsplit('-', 2)[1]} "
+                                       f"(`{found[n]['model']}`, seed {runs[n]['seed']})" for n in names)]
+    rows = []
+    for index, (metric, scope) in enumerate(keys):
+        entry = next((found[n]["metrics"][metric][scope] for n in names if scope in found[n]["metrics"].get(metric, {})))
+        arrow = {True: " ↑", False: " ↓"}.get(entry.get("higher_is_better"), "")
+        rows.append([f"{metric}{arrow}", scope, *cells[index * len(names):(index + 1) * len(names)]])
+    return _table(header, rows)
+
+
 def dexperts_lines(experiment: dict) -> list[str]:
     """The DExperts sweep (plan `dexperts`): for the reference run's alpha and each `dexperts_a*` run's,
     DExperts' judged unsafe rates (first sample) per adversarial corpus with its paired difference from
@@ -811,6 +913,13 @@ def render(experiment: dict) -> str:
         rows = [[_row_title(row, runs[reference]), row["scope"], *cells[index * len(names):(index + 1) * len(names)]]
                 for index, row in enumerate(tables[reference])]
         lines += _table(["metric", "scope", *names], rows) + [""]
+    against = ablation_lines(experiment)
+    if against:
+        lines += ["## Ablations against the method, same contexts", "",
+                  f"`{method}` of each ablation run − `{method}` of the method run with the same seed, on the "
+                  f"contexts both answered (the runs' `reports/contexts.parquet`): paired cluster bootstrap, "
+                  f"{significance.RULE}; Holm's correction is over this table. Likelihood safety is not compared "
+                  f"across runs (its per-reply scores stay in DVC's cache).", "", *against, ""]
     sweep = dexperts_lines(experiment)
     if sweep:
         lines += ["## DExperts by alpha", "", f"`{ALPHA_KEY}` swept (plan `dexperts`); the method's row is the "
@@ -877,7 +986,7 @@ def report(out: Path, prefix: str, shown: list[dict] | None = None, files: dict[
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DataError(f"{path}: not valid JSON ({error})") from None
 
-    experiment = collect(shown, prefix, read_results, read_logs(out / "logs"))
+    experiment = collect(shown, prefix, read_results, read_logs(out / "logs"), git_contexts)
     experiment["notes"] += [f"{name}: evaluate's results read from {path}, not from its experiment commit "
                             f"(evaluated at {experiment['runs'][name]['evaluate_commit'] or 'an unknown commit'})"
                             for name, path in sorted(files.items()) if name in experiment["runs"]]

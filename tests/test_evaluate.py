@@ -668,6 +668,28 @@ def test_run_shows_an_ensemble_judges_members_side_by_side(tmp_path, monkeypatch
     assert "The judges side by side" not in report.render_report({**results, "judge_members": []})
 
 
+def test_run_writes_each_contexts_values_for_comparisons_across_runs(tmp_path, fake_judge):
+    import pyarrow.parquet as pq
+
+    fake_judge.p_unsafe.update(AGREEING)
+    candidates, reports = tmp_path / "candidates", tmp_path / "reports"
+    write_candidates(candidates, "ce", "prosocial_dialog", ROWS)
+    write_candidates(candidates, "stage2", "prosocial_dialog", STAGE2_ROWS)
+    results = evaluate.run(small_config(models=["ce", "stage2"], human_eval_comparisons=[]), candidates, reports,
+                           *records(tmp_path))
+    table = pq.read_table(reports / "contexts.parquet").to_pylist()
+    rows = {(row["model"], row["context_id"]): row for row in table}
+    assert len(table) == 8 and set(evaluate.ACROSS_RUNS) <= set(table[0])
+    # stage2's choice for c3 is safe where ce's is unsafe; a sample's rate is the share of the k samples
+    assert rows[("ce", "prosocial_dialog/c3")]["unsafe_rate_reranked"] == 1.0
+    assert rows[("stage2", "prosocial_dialog/c3")]["unsafe_rate_reranked"] == 0.0
+    assert rows[("ce", "prosocial_dialog/c1")]["unsafe_rate_first"] == 0.5
+    assert rows[("ce", "prosocial_dialog/c4")]["f1_reranked"] is None  # no reference: not defined there
+    assert rows[("ce", "prosocial_dialog/c1")]["cluster"] != rows[("ce", "prosocial_dialog/c2")]["cluster"]
+    assert results["per_context"]["binary"]["unsafe_rate_reranked"] is True
+    assert results["per_context"]["binary"]["unsafe_rate_first"] is False
+
+
 def test_run_compares_each_model_with_the_baseline_on_the_same_contexts(tmp_path, fake_judge, few_clusters):
     fake_judge.p_unsafe.update(AGREEING)
     candidates, reports = tmp_path / "candidates", tmp_path / "reports"

@@ -621,3 +621,54 @@ def test_the_headline_shows_an_ensemble_judges_members_and_the_degenerate_share(
     results["safety"]["self_assessed"]["test"]["beats_majority"] = False
     lines = E.headline_lines(E.collect(shown("real-method-s0"), "real", lambda rev: results, {}))
     assert any(line.startswith("| unsafe_rate_by_tfidf_reranked ↓ † | diasafety |") for line in lines)
+
+
+def contexts_table(unsafe: list[float], f1: list[float | None], extra: str | None = None):
+    """evaluate's per-context values of `stage2` (and a `ce` row per context) on DiaSafety, a context per cluster."""
+    import pyarrow as pa
+
+    rows = [{"model": model, "corpus": "diasafety", "context_id": f"diasafety/{i}", "cluster": f"diasafety/d{i}",
+             "unsafe_rate_first": u, "unsafe_rate_reranked": u, "degenerate_rate_reranked": 0.0,
+             "sound_rate_reranked": 1.0 - u, "f1_reranked": f, "casual_caution_share_reranked": None}
+            for model in ("ce", "stage2") for i, (u, f) in enumerate(zip(unsafe, f1))]
+    if extra:
+        rows.append({**rows[-1], "context_id": extra})
+    return pa.Table.from_pylist(rows)
+
+
+def test_an_ablation_is_compared_with_the_method_on_the_same_contexts():
+    names = ["real-method-s0", "real-no_margin-s0"]
+    results = {f"rev-{name}": {**fake_results(), "bootstrap": {"samples": 200, "seed": 0},
+                               "per_context": {"binary": {"unsafe_rate_reranked": True, "unsafe_rate_first": False}}}
+               for name in names}
+    # the method calls 10 of 40 contexts unsafe, the ablation 30 (the method's 10 among them); the ablation's
+    # table has one context more, which the method did not answer
+    method = contexts_table([1.0] * 10 + [0.0] * 30, [0.5] * 40)
+    ablation = contexts_table([1.0] * 30 + [0.0] * 10, [0.5] * 20 + [None] * 20, extra="diasafety/only-here")
+    tables = {"rev-real-method-s0": method, "rev-real-no_margin-s0": ablation}
+    experiment = E.collect(shown(*names), "real", results.__getitem__, {}, tables.get)
+    found = experiment["ablations"]["real-no_margin-s0"]
+    assert (found["against"], found["model"]) == ("real-method-s0", "stage2")
+    unsafe = found["metrics"]["unsafe_rate_reranked"]["diasafety"]
+    assert (unsafe["value"], unsafe["baseline"], unsafe["difference"]) == (0.75, 0.25, 0.5)
+    assert unsafe["n"] == 40 and unsafe["n_clusters"] == 40 and unsafe["discordant"] == [20, 0]
+    assert unsafe["p_value"] < 1e-5 and unsafe["ci"][0] > 0
+    assert found["metrics"]["unsafe_rate_first"]["diasafety"]["p_value"] is None  # a share: no McNemar
+    assert "f1_reranked" not in found["metrics"]  # its row is the casual corpora's: none here
+    assert found["metrics"]["degenerate_rate_reranked"]["overall"]["difference"] == 0.0
+    lines = E.ablation_lines(experiment)
+    assert lines[0] == "| metric ↑/↓ | scope | no_margin − method (`stage2`, seed 0) |"
+    row = next(line for line in lines if line.startswith("| unsafe_rate_reranked ↓ | diasafety |"))
+    assert "**+0.500 [" in row
+    assert "## Ablations against the method, same contexts" in E.render(experiment)
+    # without per-context values in one of the runs (evaluated before they were written): no such table
+    older = E.collect(shown(*names), "real", results.__getitem__, {}, {"rev-real-method-s0": method}.get)
+    assert older["ablations"] == {} and E.ablation_lines(older) == []
+
+
+def test_across_runs_uses_the_contexts_where_both_runs_define_the_metric(monkeypatch):
+    monkeypatch.setattr(E, "ACROSS", (("f1_reranked", "diasafety"),))
+    method = contexts_table([0.0] * 40, [0.5] * 40)
+    ablation = contexts_table([0.0] * 40, [0.7] * 20 + [None] * 20)  # F1 undefined on half (no reference)
+    f1 = E.across_runs(method, ablation, "stage2", {}, 100, 0)["f1_reranked"]["diasafety"]
+    assert f1["n"] == 20 and f1["difference"] == pytest.approx(0.2) and f1["p_value"] is None

@@ -80,7 +80,7 @@ from pipeline import likelihood
 from pipeline import metrics as M
 from pipeline import report, significance
 from pipeline.artifacts import (ensure_writable, git_commit, library_versions, sha256, staged_dir, write_csv,
-                                write_json)
+                                write_json, write_parquet)
 from pipeline.config import ADVERSARIAL_CORPORA, CASUAL_CORPORA, EvaluateConfig
 from pipeline.contexts import cluster_key
 from pipeline.errors import DataError
@@ -670,6 +670,39 @@ def aggregate(items: dict[str, Any], n_samples: int, seed: int) -> tuple[dict[st
     return out, notes
 
 
+# --- per-context values, for comparisons across runs ---------------------------------------------------
+
+# The per-context metrics (a mean over contexts) that `reports/contexts.parquet` keeps for every model and
+# corpus, so that two runs (an ablation and the method, say) can be compared on the same contexts
+# (`pipeline.experiment`); their `binary` flags travel with them.
+ACROSS_RUNS = ("unsafe_rate_first", "unsafe_rate_reranked", "degenerate_rate_reranked", "sound_rate_reranked",
+               "f1_reranked", "casual_caution_share_reranked")
+CONTEXT_COLUMNS = ("model", "corpus", "context_id", "cluster")
+CONTEXTS_FILE = "contexts.parquet"  # in the reports folder, beside results.json
+
+
+def context_values(items: dict[tuple[str, str], dict[str, Any]]) -> tuple[pa.Table, dict[str, bool]]:
+    """One row per (model, corpus, context) of `item_scores` keyed (model, corpus): `CONTEXT_COLUMNS` and
+    the per-context value of each `ACROSS_RUNS` metric (null where the metric is not defined on the
+    context, e.g. F1 without a reference); and which of the metrics are binary (McNemar applies)."""
+    columns: dict[str, list] = {name: [] for name in (*CONTEXT_COLUMNS, *ACROSS_RUNS)}
+    binary = {}
+    for (model, corpus), found in items.items():
+        metrics = per_context_metrics(found)
+        n = len(found["context_ids"])
+        columns["model"] += [model] * n
+        columns["corpus"] += [corpus] * n
+        columns["context_id"] += found["context_ids"].tolist()
+        columns["cluster"] += found["clusters"].tolist()
+        for name in ACROSS_RUNS:
+            metric = metrics[name]
+            columns[name] += [float(v) if keep else None for v, keep in zip(metric.values, metric.mask)]
+            binary[name] = metric.binary
+    table = pa.table({name: pa.array(values, pa.string() if name in CONTEXT_COLUMNS else pa.float64())
+                      for name, values in columns.items()})
+    return table, binary
+
+
 # --- controls: what the judge rewards --------------------------------------------------------------
 
 # Fixed replies judged in the same contexts as the models' (ours; docs/evaluation.md#controls): what a
@@ -855,12 +888,12 @@ def caution_verdict(metrics: dict[str, dict]) -> dict:
 
 
 def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], model_scores: dict[str, dict],
-            notes: list[str], classifiers: dict) -> tuple[dict, list[dict], list[dict]]:
+            notes: list[str], classifiers: dict) -> tuple[dict, list[dict], list[dict], pa.Table]:
     """Every metric, comparison and verdict of the models' context tables (keyed (model, corpus),
     each `judged`), and the human-evaluation sheet. `notes` (what reading skipped) is extended;
     `classifiers` (`judging.provenance`: what trained the judge, the re-ranker's classifier and the
     stage-1 negatives) goes into the results as it is. Returns (results without provenance, sheet
-    rows, key rows)."""
+    rows, key rows, `context_values`)."""
     from tqdm import tqdm
 
     corpora = [c for c in config.corpora if any((m, c) in contexts for m in config.models)]
@@ -952,7 +985,10 @@ def compute(config: EvaluateConfig, contexts: dict[tuple[str, str], pa.Table], m
         "human_eval": {"items": len(sheet), "sheet": "human_eval.csv", "key": "human_eval_key.csv",
                        "ratings": list(RATINGS)},
     }
-    return results, sheet, key
+    per_context, binary = context_values(items)
+    results["per_context"] = {"file": CONTEXTS_FILE, "metrics": list(ACROSS_RUNS), "binary": binary,
+                              "columns": list(CONTEXT_COLUMNS)}
+    return results, sheet, key, per_context
 
 
 # --- human evaluation sheet -----------------------------------------------------------------------
@@ -1088,10 +1124,12 @@ def headline_metrics(results: dict) -> dict[str, dict]:
     return out
 
 
-def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], reports_dir: Path) -> None:
+def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], reports_dir: Path,
+          per_context: pa.Table) -> None:
     """metrics.json first (the `evaluate` kill test relies on the order), then results.json, the
-    report and plots (`pipeline.report`), the human-evaluation sheet and its key. No entry keeps an
-    interval or test that rests on fewer than `significance.MIN_CLUSTERS` clusters."""
+    report and plots (`pipeline.report`), the human-evaluation sheet and its key, and the per-context
+    values (`contexts.parquet`, `context_values`). No entry keeps an interval or test that rests on fewer
+    than `significance.MIN_CLUSTERS` clusters."""
     significance.limit_all(results)
     write_json(flat_metrics(results), reports_dir / "metrics.json")
     write_json(results, reports_dir / "results.json")
@@ -1101,6 +1139,7 @@ def write(results: dict, curves: dict, sheet: list[dict], key: list[dict], repor
     report.write_report(results, curves, reports_dir)
     write_csv(sheet, SHEET_COLUMNS, reports_dir / "human_eval.csv")
     write_csv(key, KEY_COLUMNS, reports_dir / "human_eval_key.csv")
+    write_parquet(per_context, reports_dir / CONTEXTS_FILE)
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -1127,7 +1166,7 @@ def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path, judge_d
     if not curves:
         notes.append("no training logs under reports/train/<run>/plots/metrics; the training-curve plot is empty")
 
-    results, sheet, key = compute(config, contexts, model_scores or {}, notes, classifiers)
+    results, sheet, key, per_context = compute(config, contexts, model_scores or {}, notes, classifiers)
     results["judge_members"] = list(judge_members(judge))
     results["likelihood"] = likelihood_results(config, likelihood_replies or {}, results["notes"])
     controls = control_replies(contexts, config.baseline, likelihood_replies or {}, config.seed)
@@ -1144,7 +1183,7 @@ def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path, judge_d
     versions.update({name: version(name) for name in ("sacrebleu", "rouge-score", "numpy", "scipy", "matplotlib")})
     results.update({"training_logs": sorted(curves), "inputs": inputs, "config": dataclasses.asdict(config),
                     "git_commit": git_commit(), "library_versions": versions})
-    write(results, curves, sheet, key, reports_dir)
+    write(results, curves, sheet, key, reports_dir, per_context)
     for note in results["notes"]:
         log.warning("evaluate: %s", note)
     log.info("evaluate: %d models x %d corpora -> %s in %.1fs", len(results["models"]), len(results["corpora"]),
