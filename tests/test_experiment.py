@@ -448,6 +448,9 @@ def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_pat
     for section, name, spec, source in E.ROWS:
         for scope in E.scopes_of(spec, ["diasafety", "toxichat", *CASUAL_CORPORA, "overall"]):
             row = rows[(name, scope)]
+            if "_by_" in name:  # an ensemble judge's member alone: the shrunk run's judge is TF-IDF alone
+                assert row["values"] == {}, (name, scope)
+                continue
             for model in E.MODELS:  # a value, or the reason there is none (no same-context pair)
                 assert row["values"][model]["value"] is not None or row["values"][model].get("reason"), (name, scope)
             if name in E.PAIRED and row["values"]["stage2"]["value"] is not None:
@@ -458,7 +461,7 @@ def test_the_shrunk_preset_runs_end_to_end_as_dvc_experiments(repo_root, tmp_pat
     assert rows[("likelihood_auc", "overall")]["values"]["stage2"]["value"] is not None
     markdown = (copy_dir / "reports" / "experiment" / "results.md").read_text()
     for section, name, spec, source in E.ROWS:
-        assert f"| {name}" in markdown, name
+        assert f"| {name}" in markdown or "_by_" in name, name
     assert "## Wall time per stage" in markdown and "| train_stage1 |" in markdown
     # `dvc metrics show` is a row per model of the headline keys, and fits a 200-column terminal; so does
     # the README's `dvc exp show` of the method's row
