@@ -122,3 +122,17 @@ def test_every_stage_can_be_restored_from_the_run_cache():
         if "--checkpoints" in words:
             folder = words[words.index("--checkpoints") + 1]
             assert folder not in declared, f"dvc.yaml stage {name}: {folder} is an output that DVC would delete"
+
+
+def test_a_new_judge_reruns_only_what_reads_its_verdicts():
+    """Changing the judge (its `judge` params, its code) reruns the judge stage and what reads models/judge,
+    nothing that generates, trains or scores: the experiment is re-evaluated, not re-run."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    graph = Repo(str(REPO)).index.graph
+    judge = next(stage for stage in graph.nodes if stage.addressing == "judge")
+    assert sorted(stage.addressing for stage in nx.ancestors(graph, judge)) == ["audit_report", "evaluate", "ratings"]
+    reading = sorted(stage.addressing for stage in graph.nodes
+                     if any("judge" in (getattr(dep, "params", None) or []) for dep in stage.deps))
+    assert reading == ["judge"]
