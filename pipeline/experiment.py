@@ -563,8 +563,7 @@ def across_runs(reference, other, model: str, binary: dict[str, bool], n_samples
     shared dialogues, McNemar's exact test for binary rates). {metric: {scope: record}}."""
     import numpy as np
 
-    from pipeline import metrics as M
-    from pipeline.stages.evaluate import CONFIDENCE, comparison_record
+    from pipeline.stages.evaluate import paired_record
 
     def rows(table):
         frame = table.to_pandas()
@@ -582,27 +581,29 @@ def across_runs(reference, other, model: str, binary: dict[str, bool], n_samples
         mask = np.isin(corpora, members) & theirs[metric].notna().to_numpy() & ours[metric].notna().to_numpy()
         if not mask.any():
             continue
-        mine, base = ours[metric].to_numpy()[mask], theirs[metric].to_numpy()[mask]
-        clusters = theirs["cluster"].to_numpy()[mask]
-        ci = M.paired_bootstrap_ci(mine, base, None, n_samples, seed, CONFIDENCE, clusters=clusters)
-        discordant = (int(((mine == 1) & (base == 0)).sum()), int(((mine == 0) & (base == 1)).sum())) \
-            if binary.get(metric) else None
-        out.setdefault(metric, {})[scope] = significance.limit(comparison_record(
-            metric, float(mine.mean()), float(base.mean()), ci, int(mask.sum()), len(set(clusters)), discordant))
+        out.setdefault(metric, {})[scope] = significance.limit(paired_record(
+            metric, ours[metric].to_numpy()[mask], theirs[metric].to_numpy()[mask], theirs["cluster"].to_numpy()[mask],
+            None, binary.get(metric, False), n_samples, seed))
     return out
 
 
 def ablations_against_method(runs: dict[str, dict], results: dict[str, dict], read_contexts) -> dict[str, dict]:
     """Per ablation run that has a method run of its seed and per-context values in both: its `METHOD`
     against the method's on the same contexts (`across_runs`), with the ablation's bootstrap settings."""
-    out = {}
+    out, read = {}, {}
+
+    def contexts(name: str):  # each run's file read once, however many ablations share its method run
+        if name not in read:
+            read[name] = read_contexts(runs[name]["rev"])
+        return read[name]
+
     for name, run in runs.items():
         if run["variant"] not in ABLATIONS:
             continue
         reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == run["seed"]), None)
         if reference is None:
             continue
-        theirs, ours = read_contexts(runs[reference]["rev"]), read_contexts(run["rev"])
+        theirs, ours = contexts(reference), contexts(name)
         if theirs is None or ours is None:
             continue
         own = results[name]

@@ -235,7 +235,7 @@ def judge_members(judge: ReplyJudge) -> dict[str, ReplyJudge]:
     """The judges inside an ensemble judge, by kind (`JudgeScorer.member_judges`: TF-IDF and the
     encoder, whose mean P(unsafe) is the ensemble's); {} for a single judge."""
     members = getattr(judge, "member_judges", None)
-    return dict(members()) if callable(members) else {}
+    return members() if callable(members) else {}
 
 
 def judged(contexts: pa.Table, judge: ReplyJudge, threshold: float, where: str) -> pa.Table:
@@ -504,9 +504,9 @@ def member_items(contexts: pa.Table) -> dict[str, np.ndarray]:
         items[f"judge_unsafe_reranked_by_{kind}"] = reranked[kind]
     if len(kinds) >= 2:
         one, other = kinds[:2]
-        items["judges_confusion_first"] = np.stack([M.confusion_counts(a, b).sum(axis=0).reshape(4)
-                                                    for a, b in zip(samples[one], samples[other])]).reshape(-1, 4)
-        items["judges_confusion_reranked"] = M.confusion_counts(reranked[one], reranked[other]).reshape(-1, 4)
+        items["judges_confusion_first"] = np.array([M.confusion_counts(a, b).sum(axis=0)
+                                                    for a, b in zip(samples[one], samples[other])])
+        items["judges_confusion_reranked"] = M.confusion_counts(reranked[one], reranked[other])
     return items
 
 
@@ -818,6 +818,20 @@ def comparison_record(name: str, value: float | None, baseline: float | None, ci
     }
 
 
+def paired_record(name: str, values: np.ndarray, baseline_values: np.ndarray, clusters: np.ndarray,
+                  statistic: Callable | None, binary: bool, n_samples: int, seed: int) -> dict:
+    """`comparison_record` of per-context `values` against `baseline_values` on the same contexts: the
+    paired cluster bootstrap of the difference (one draw of `clusters` for both) and, for a `binary`
+    rate, the discordant contexts for McNemar's exact test."""
+    ci = M.paired_bootstrap_ci(values, baseline_values, statistic, n_samples, seed, CONFIDENCE, clusters=clusters)
+    discordant = None
+    if binary:
+        discordant = (int(((values == 1) & (baseline_values == 0)).sum()),
+                      int(((values == 0) & (baseline_values == 1)).sum()))
+    return comparison_record(name, M.point_estimate(values, statistic), M.point_estimate(baseline_values, statistic),
+                             ci, len(values), _n_clusters(clusters), discordant)
+
+
 def compare(items: dict[str, Any], baseline_items: dict[str, Any], n_samples: int, seed: int) -> dict:
     """A model against the baseline on the contexts both answered (matched by context id).
 
@@ -841,15 +855,8 @@ def compare(items: dict[str, Any], baseline_items: dict[str, Any], n_samples: in
         if len(values) == 0:
             metrics[name] = comparison_record(name, None, None, None, 0, 0)
             continue
-        ci = M.paired_bootstrap_ci(values, baseline_values, metric.statistic, n_samples, seed, CONFIDENCE,
-                                   clusters=groups)
-        discordant = None
-        if metric.binary:
-            discordant = (int(((values == 1) & (baseline_values == 0)).sum()),
-                          int(((values == 0) & (baseline_values == 1)).sum()))
-        metrics[name] = comparison_record(name, M.point_estimate(values, metric.statistic),
-                                          M.point_estimate(baseline_values, other.statistic), ci, len(values),
-                                          _n_clusters(groups), discordant)
+        metrics[name] = paired_record(name, values, baseline_values, groups, metric.statistic, metric.binary,
+                                      n_samples, seed)
     return {"n": len(mine), "n_clusters": _n_clusters(clusters), "unmatched": len(items["context_ids"]) - len(mine),
             "metrics": metrics}
 
