@@ -32,7 +32,9 @@ the benchmark says so and stops); `BENCH_GROUPS`, a stage-1 groups file (default
 `data/groups/stage1/train.parquet` when present, else synthetic groups); `BENCH_CONTEXTS`, a normalized
 split (default `data/normalized/diasafety/test.parquet` when present, else synthetic contexts);
 `BENCH_JUDGE`, an encoder folder (default `models/pretrained/minilm` when present; else (j) is skipped);
-`BENCH_THREADS` (2), `BENCH_GROUPS_N` (16 groups: two steps of 8), `BENCH_CONTEXTS_N` (16).
+`BENCH_THREADS` (2), `BENCH_GROUPS_N` (16 groups: two steps of 8), `BENCH_CONTEXTS_N` (16);
+`BENCH_PARTS`, which parts to run (default `train,sample,judge,memory`: `BENCH_PARTS=sample` times the
+sampling arms alone, a few minutes).
 """
 
 from __future__ import annotations
@@ -296,21 +298,31 @@ def measure_all(model_path: Path) -> dict:
           f"k {generate.k}, up to {generate.max_new_tokens} new tokens); {torch.get_num_threads()} threads; "
           f"{rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f} at the start")
 
-    flops = {"a": counted_loop(dm.model, dm.tokenizer, groups, validation, ce, stage),
-             "b": counted_loop(dm.model, dm.tokenizer, groups, validation, npair, stage)}
-    judge = fit_judge(judge_path) if judge_path else None
+    parts = set(setting("BENCH_PARTS", "train,sample,judge,memory").split(","))
+    flops = {}
+    if "train" in parts:
+        flops = {"a": counted_loop(dm.model, dm.tokenizer, groups, validation, ce, stage),
+                 "b": counted_loop(dm.model, dm.tokenizer, groups, validation, npair, stage)}
+    judge = fit_judge(judge_path) if judge_path and "judge" in parts else None
     replies, contexts, _ = judge_pairs(256)
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as scratch:
-        arms = {
-            "peak": lambda: {"flops": matmul_peak()},
-            "a": lambda: bench_train.our_loop(dm.model, dm.tokenizer, groups, validation, ce, stage),
-            "b": lambda: bench_train.our_loop(dm.model, dm.tokenizer, groups, validation, npair, stage),
-            "c": lambda: bench_train.hf_trainer(dm.model, dm.tokenizer, groups, Path(scratch), config, stage),
-            "g1": lambda: dict(zip(("seconds", "tokens"), bench_generate.timed(dm, sources, 1, generate))),
-            "gb": lambda: dict(zip(("seconds", "tokens"), bench_generate.timed(dm, sources, generate.batch_size, generate))),
-            "gh": lambda: dict(zip(("seconds", "tokens"), plain_generate(dm, sources, generate, generate.batch_size))),
-        }
+        arms = {}
+        if "train" in parts:
+            arms.update({
+                "peak": lambda: {"flops": matmul_peak()},
+                "a": lambda: bench_train.our_loop(dm.model, dm.tokenizer, groups, validation, ce, stage),
+                "b": lambda: bench_train.our_loop(dm.model, dm.tokenizer, groups, validation, npair, stage),
+                "c": lambda: bench_train.hf_trainer(dm.model, dm.tokenizer, groups, Path(scratch), config, stage),
+            })
+        if "sample" in parts:
+            arms.update({
+                "g1": lambda: dict(zip(("seconds", "tokens"), bench_generate.timed(dm, sources, 1, generate))),
+                "gb": lambda: dict(zip(("seconds", "tokens"), bench_generate.timed(dm, sources, generate.batch_size,
+                                                                                  generate))),
+                "gh": lambda: dict(zip(("seconds", "tokens"), plain_generate(dm, sources, generate,
+                                                                             generate.batch_size))),
+            })
         if judge is not None:
             # one call per pair over 32 of them: the encoder is slow one pair at a time
             arms["j"] = lambda: dict(zip(("batched", "single"), bench_judge.throughput(judge, replies, contexts, 32)))
@@ -318,15 +330,33 @@ def measure_all(model_path: Path) -> dict:
             for name, measure in arms.items():
                 runs.setdefault(name, []).append(measure())
             print(f"  round {index + 1} of {rounds} done")
-    mem = memory(model_path, judge_path)
+    mem = memory(model_path, judge_path) if "memory" in parts else {}
     return report(runs, flops, mem)
 
 
 def report(runs: dict[str, list[dict]], flops: dict[str, dict], mem: dict[str, dict]) -> dict:
-    """Print the figures (median and range over rounds) and return them."""
+    """Print the figures (median and range over rounds) and return them: the parts that ran."""
+    results: dict[str, object] = {}
+    if "peak" in runs:
+        report_training(runs, flops, results)
+    if "gb" in runs:
+        report_sampling(runs, results)
+    if "j" in runs:
+        print(f"judge (hf, encoder): batched {spread([r['batched'] for r in runs['j']])} pairs/s, one call per pair "
+              f"{spread([r['single'] for r in runs['j']])} pairs/s")
+        results["judge"] = runs["j"]
+    for name, figures in mem.items():
+        print(f"peak memory {name}: {figures['peak_mb']:,.0f} MB (the loaded inputs alone {figures['loaded_mb']:,.0f} MB)")
+    if mem:
+        results["memory"] = mem
+    return results
+
+
+def report_training(runs: dict[str, list[dict]], flops: dict[str, dict], results: dict) -> None:
+    """The machine's peak and the three training arms (a, b, c), into `results`."""
     peak = [r["flops"] for r in runs["peak"]]
     print(f"(peak) float32 torch.mm 2048^2: {spread([p / 1e9 for p in peak])} GFLOP/s")
-    results: dict[str, object] = {"peak_gflops": statistics.median(peak) / 1e9}
+    results["peak_gflops"] = statistics.median(peak) / 1e9
     print(f"{'':28} {'seconds':>20} {'tokens/s':>20} {'GFLOP/s':>20} {'share of peak':>20}")
     for key, label in (("a", "(a) ours, cross-entropy"), ("b", "(b) ours, n-pair"), ("c", "(c) HF Trainer, CE")):
         seconds = [r["train_seconds"] for r in runs[key]]
@@ -347,22 +377,21 @@ def report(runs: dict[str, list[dict]], flops: dict[str, dict], mem: dict[str, d
                  for ra, rb in zip(runs["a"], runs["b"])]
     print(f"a / c tokens/s, round by round: {spread(ratio_ac)}  (goal >= 1)")
     print(f"b / a time per scored token, round by round: {spread(per_token)}  (goal <= 1)")
+    results.update(a_over_c=ratio_ac, b_over_a_per_token=per_token)
+
+
+def report_sampling(runs: dict[str, list[dict]], results: dict) -> None:
+    """The three sampling arms (g1, gb, gh), into `results`."""
     batched = [r1["seconds"] / rb["seconds"] for r1, rb in zip(runs["g1"], runs["gb"])]
     plain = [rh["seconds"] / rb["seconds"] for rh, rb in zip(runs["gh"], runs["gb"])]
-    same = all(rb["tokens"] == rh["tokens"] for rb, rh in zip(runs["gb"], runs["gh"]))
+    per_token = [(rh["seconds"] / rh["tokens"]) / (rb["seconds"] / rb["tokens"]) for rh, rb in zip(runs["gh"], runs["gb"])]
     print(f"sampling: one context at a time {spread([r['seconds'] for r in runs['g1']])} s, batched "
           f"{spread([r['seconds'] for r in runs['gb']])} s, plain generate {spread([r['seconds'] for r in runs['gh']])} s")
+    print(f"  tokens: one at a time {spread([r['tokens'] for r in runs['g1']])}, batched "
+          f"{spread([r['tokens'] for r in runs['gb']])}, plain generate {spread([r['tokens'] for r in runs['gh']])}")
     print(f"  batched vs one at a time: {spread(batched)}x (goal >= 5); plain generate / ours: {spread(plain)} "
-          f"(goal >= 1; {'the same' if same else 'different'} token counts)")
-    results.update(a_over_c=ratio_ac, b_over_a_per_token=per_token, batched_speedup=batched, plain_over_ours=plain)
-    if "j" in runs:
-        print(f"judge (hf, encoder): batched {spread([r['batched'] for r in runs['j']])} pairs/s, one call per pair "
-              f"{spread([r['single'] for r in runs['j']])} pairs/s")
-        results["judge"] = runs["j"]
-    for name, figures in mem.items():
-        print(f"peak memory {name}: {figures['peak_mb']:,.0f} MB (the loaded inputs alone {figures['loaded_mb']:,.0f} MB)")
-    results["memory"] = mem
-    return results
+          f"(goal >= 1), per generated token {spread(per_token)}")
+    results.update(batched_speedup=batched, plain_over_ours=plain, plain_over_ours_per_token=per_token)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 and an anti-expert.
 
 At every step of sampling, the guided model's next-token logits `z` are filtered as `generate`
-would filter them alone (temperature, then top-k, then top-p: transformers' own warpers, so the
-nucleus is the guided model's, as in DExperts), and the experts' difference is added:
+would filter them alone (temperature, then top-k, then top-p, as transformers' warpers do:
+`pipeline.sampling.Nucleus`, so the nucleus is the guided model's, as in DExperts), and the experts'
+difference is added:
 
     logits = filter(z / T) + alpha / T * (z_expert - z_antiexpert)
 
@@ -92,14 +93,14 @@ def check_same_vocabulary(guided: DialogModel, expert: DialogModel) -> None:
 
 def combine(base_logits: torch.Tensor, expert_logits: torch.Tensor, antiexpert_logits: torch.Tensor, alpha: float,
             filters=()) -> torch.Tensor:
-    """`filters` applied in turn to `base_logits` (each a transformers logits warper called with
+    """`filters` applied in turn to `base_logits` (each called like a transformers logits warper,
     `(input_ids, scores)`; the input ids are not read by temperature, top-k or top-p), plus
     `alpha * (expert - antiexpert)`, all in float32."""
     return filtered(base_logits, filters) + alpha * (expert_logits.float() - antiexpert_logits.float())
 
 
 def filtered(logits: torch.Tensor, filters=()) -> torch.Tensor:
-    """`filters` (logits warpers) applied in turn to `logits`, in float32."""
+    """`filters` (logits warpers, `Nucleus`) applied in turn to `logits`, in float32."""
     scores = logits.float()
     for warp in filters:
         scores = warp(None, scores)
@@ -107,24 +108,18 @@ def filtered(logits: torch.Tensor, filters=()) -> torch.Tensor:
 
 
 def sampling_filters(config: GenerateConfig) -> list:
-    """The warpers `generate` applies when sampling with `config` alone, in transformers' order
-    (temperature, top-k, top-p; min_tokens_to_keep 1); none for greedy decoding."""
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    """The filters sampling with `config` alone applies (`pipeline.sampling.Nucleus`: temperature, top-k,
+    top-p in transformers' order, at least one token kept): none for greedy decoding or when all three
+    are off."""
+    from pipeline.sampling import Nucleus
 
-    if not config.do_sample:
-        return []
-    filters = []
-    if config.temperature != 1.0:
-        filters.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k != 0:
-        filters.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-    if config.top_p < 1.0:
-        filters.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-    return filters
+    nucleus = Nucleus.of(config)
+    return [nucleus] if config.do_sample and nucleus.filters else []
 
 
 def unfiltered(config: GenerateConfig) -> GenerateConfig:
-    """`config` with the warpers off, for the `generate` call whose logits processor applies them itself."""
+    """`config` with the filters off, for the `generate` call whose logits processor applies them itself
+    (the sampler then draws from the combined logits as they are)."""
     return dataclasses.replace(config, temperature=1.0, top_k=0, top_p=1.0)
 
 
@@ -216,8 +211,8 @@ def guidance_settings(experts: Experts, config: GenerateConfig, folder: Path, gu
     """What stats.json records of the guidance beside `decoding` (the configured settings, which the
     processor applies to the guided model's logits)."""
     return {"guided": guided, "alpha": experts.alpha, "experts": str(folder),
-            "filters": [type(f).__name__ for f in sampling_filters(config)],
-            "rule": "filter(z_guided / T) + alpha / T * (z_expert - z_antiexpert); generate's own warpers off"}
+            "filters": [dataclasses.asdict(f) for f in sampling_filters(config)],
+            "rule": "filter(z_guided / T) + alpha / T * (z_expert - z_antiexpert); drawn by pipeline.sampling.Sampler"}
 
 
 class Ensemble(torch.nn.Module):

@@ -7,7 +7,9 @@ Shared by `generate` (and `audit`), the `chat` command and the stage-1 sampler o
 Decoding uses `decoding_settings` and nothing else. transformers fills every generation setting a
 call leaves unset from the checkpoint's own `generation_config` (BlenderBot's `min_length`,
 `no_repeat_ngram_size`, forced bos/eos, ...), so `generate_batch` sets every field that decides the
-output and swaps the model's generation config for an empty one during the call.
+output and swaps the model's generation config for an empty one during the call. Tokens are drawn by
+`Sampler` (temperature, top-k and top-p as transformers applies them, without sorting the whole
+vocabulary at every step: `Nucleus`), `generate` itself running greedy over its choice.
 
 Fluency is the mean log-probability of the reply tokens (`DialogFormat.read`'s `reply_mask`), taken
 from the logits `generate` computed while sampling, so it needs no second forward pass.
@@ -184,6 +186,140 @@ def decoding_settings(dm: DialogModel, config: GenerateConfig) -> dict:
     }
 
 
+# --- drawing tokens -------------------------------------------------------------------------------
+
+NUCLEUS_WIDTH = 256  # the most likely tokens a row's nucleus is looked for in before its whole vocabulary is sorted
+
+
+@dataclasses.dataclass(frozen=True)
+class Nucleus:
+    """Temperature, top-k and top-p as transformers applies them when sampling (`TemperatureLogitsWarper`,
+    `TopKLogitsWarper`, `TopPLogitsWarper`, in that order, at least one token kept; ties at the k-th
+    value aside), found among each row's `width` most likely tokens (a partial `topk`) instead of a sort
+    of the whole vocabulary: transformers' top-p sorts all 49,152 logits of every row at every step,
+    which costs more than SmolLM2's forward pass for 32 rows on two cores, and its `multinomial` draws
+    over the whole vocabulary. A row whose kept tokens do not all lie among its `width` most likely (a
+    flat distribution) is sorted whole, so the kept set is transformers' (up to float rounding at the
+    nucleus's edge: the mass above a token is summed from the top here, from the bottom there).
+
+    Called as a logits warper `(input_ids, scores)`, it returns the filtered logits (temperature applied,
+    -inf outside the kept set); `draw` samples one token per row from them.
+    """
+
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    width: int = NUCLEUS_WIDTH
+
+    @classmethod
+    def of(cls, config: GenerateConfig) -> "Nucleus":
+        return cls(config.temperature, config.top_k, config.top_p)
+
+    @property
+    def filters(self) -> bool:
+        """Whether anything is filtered (or scaled): False for temperature 1 with top-k and top-p off."""
+        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
+
+    def candidates(self, scores, width: int | None = None):
+        """(values, indices, inside) of each row's `width` most likely tokens, in descending order:
+        `values` the scaled logits, -inf where a token is filtered out; `inside` (R,) whether the row's
+        kept tokens all lie among them (always with `width` the vocabulary size)."""
+        import torch
+
+        z = scores.float()
+        if self.temperature != 1.0:
+            z = z / self.temperature
+        vocabulary = z.shape[-1]
+        width = min(width or self.width, vocabulary)
+        k = min(self.top_k, vocabulary) if self.top_k > 0 else vocabulary
+        values, indices = z.topk(width, dim=-1)  # (R, width), descending
+        if k < width:
+            values[:, k:] = -torch.inf
+        if self.top_p < 1.0:
+            # The top-p mass is of the distribution left after top-k, as transformers renormalizes it.
+            rest = values if k <= width else z.topk(k, dim=-1).values if k < vocabulary else z
+            probs = (values - rest.logsumexp(dim=-1, keepdim=True)).exp()
+            mass = probs.cumsum(dim=-1)
+            dropped = (mass - probs) >= self.top_p  # the mass above the token reaches top_p already
+            dropped[:, 0] = False
+            values = values.masked_fill(dropped, -torch.inf)
+            inside = (mass[:, -1] >= self.top_p) | (k <= width)
+        else:
+            finite = torch.isfinite(z).sum(dim=-1).clamp(max=k)
+            inside = finite <= width
+        return values, indices, inside
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if not self.filters:
+            return scores.float()
+        values, indices, inside = self.candidates(scores)
+        out = torch.full(scores.shape, -torch.inf, dtype=torch.float32, device=scores.device)
+        out.scatter_(1, indices, values)
+        if not bool(inside.all()):
+            rows = (~inside).nonzero().squeeze(1)
+            whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
+            out[rows] = torch.full_like(whole, -torch.inf).scatter_(1, order, whole)
+        return out
+
+    def draw(self, scores):
+        """One token id per row (R,), sampled from the kept tokens in proportion to their probability:
+        the rows whose nucleus lies among their `width` most likely tokens in one `multinomial` over
+        those, then the others over the whole vocabulary. Uses torch's global generator."""
+        import torch
+
+        values, indices, inside = self.candidates(scores)
+        if bool(inside.all()):
+            return indices.gather(1, torch.multinomial(values.softmax(dim=-1), 1)).squeeze(1)
+        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        fast = inside.nonzero().squeeze(1)
+        if len(fast):
+            tokens[fast] = indices[fast].gather(1, torch.multinomial(values[fast].softmax(dim=-1), 1)).squeeze(1)
+        rows = (~inside).nonzero().squeeze(1)
+        whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
+        tokens[rows] = order.gather(1, torch.multinomial(whole.softmax(dim=-1), 1)).squeeze(1)
+        return tokens
+
+
+class Sampler:
+    """The logits processor that samples: `nucleus.draw` picks each row's token, and the scores come back
+    0 there and -inf elsewhere, so `generate`, run greedy, takes exactly that token. `generate` keeps
+    the raw logits (`output_logits`) for the fluency; only the draw moves here."""
+
+    def __init__(self, nucleus: Nucleus):
+        self.nucleus = nucleus
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        tokens = self.nucleus.draw(scores)
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)
+
+
+def generation_settings(dm: DialogModel, config: GenerateConfig) -> tuple[dict, list]:
+    """(the `GenerationConfig` fields, the logits processors) of a `generate` call that decodes as
+    `config` says, its inputs holding each prompt k times (`expanded_inputs`): greedy decoding as it is;
+    sampling through `Sampler` (`generate` itself greedy over the sampler's choice, its own warpers off)."""
+    decoding = {**decoding_settings(dm, config), "num_return_sequences": 1}
+    if not config.do_sample:
+        return decoding, []
+    decoding.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    return decoding, [Sampler(Nucleus.of(config))]
+
+
+def expanded_inputs(dm: DialogModel, input_ids, attention, k: int) -> dict:
+    """`generate`'s inputs for k samples of each of S padded prompts (S, L), rows s*k .. s*k+k-1 (the
+    order `num_return_sequences` gives): a causal model's prompts read once (`shared_prompt_cache`); a
+    sequence-to-sequence model's repeated (its encoder reads each k times: `generate`, run greedy
+    for the sampler, takes one sequence per input)."""
+    if k == 1:
+        return {"input_ids": input_ids, "attention_mask": attention}
+    if not dm.is_seq2seq and input_ids.shape[1] > 1:
+        return shared_prompt_cache(dm, input_ids, attention, k)
+    return {"input_ids": input_ids.repeat_interleave(k, dim=0), "attention_mask": attention.repeat_interleave(k, dim=0)}
+
+
 @contextlib.contextmanager
 def neutral_generation_defaults(model):
     """`model.generation_config` is an empty GenerationConfig inside the block: transformers fills each
@@ -208,12 +344,12 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
     prompt. Returns S*k token-id lists grouped by
     prompt, each cut after its first eos (a target that hit `max_new_tokens` has none), and with
     `logprobs` each token's log-probability under the model (its raw logits, before temperature or
-    top-p), as many as the target has tokens. With `experts`, each step samples from the DExperts
-    combination (`pipeline.dexperts.Guidance`, which applies the sampling filters itself); the
-    log-probabilities stay the guided model's own.
+    top-p), as many as the target has tokens. Sampling draws through `Sampler` (`generation_settings`).
+    With `experts`, each step samples from the DExperts combination (`pipeline.dexperts.Guidance`,
+    which applies the sampling filters itself); the log-probabilities stay the guided model's own.
     """
     import torch
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     eos = dm.tokenizer.eos_token_id
     input_ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=not dm.is_seq2seq)  # (S, L)
@@ -221,17 +357,13 @@ def generate_batch(dm: DialogModel, prompts: list[list[int]], config: GenerateCo
     input_ids, attention = input_ids.to(device), attention.to(device)
     processors = []
     if experts is not None:
-        from transformers import LogitsProcessorList
-
         from pipeline.dexperts import Guidance, unfiltered
 
-        processors = LogitsProcessorList([Guidance(experts, config, input_ids, attention)])
+        processors = [Guidance(experts, config, input_ids, attention)]
         config = unfiltered(config)
-    decoding = decoding_settings(dm, config)
-    inputs = {"input_ids": input_ids, "attention_mask": attention}
-    if not dm.is_seq2seq and config.k > 1 and input_ids.shape[1] > 1:
-        inputs = shared_prompt_cache(dm, input_ids, attention, config.k)
-        decoding["num_return_sequences"] = 1  # the k copies are in the inputs already
+    decoding, sampler = generation_settings(dm, config)
+    processors = LogitsProcessorList(processors + sampler)
+    inputs = expanded_inputs(dm, input_ids, attention, config.k)
     settings = GenerationConfig(**decoding, return_dict_in_generate=True, output_logits=logprobs)
     torch.manual_seed(seed)
     with torch.no_grad(), neutral_generation_defaults(dm.model):
@@ -256,8 +388,8 @@ def shared_prompt_cache(dm: DialogModel, input_ids, attention, k: int) -> dict:
     """`generate`'s inputs for k samples of each of S left-padded prompts (S, L), each prompt read once:
     one forward pass over all but the prompts' last tokens (positions counted over the real tokens), its
     key/value cache repeated k times, and the prompts repeated k times (rows s*k .. s*k+k-1, the order
-    `num_return_sequences` gives); `generate` then reads only the uncached last token. The same tokens as
-    `num_return_sequences = k` for a seed, with the prompts read S rather than S*k times (tested)."""
+    `num_return_sequences` gives); `generate` then reads only the uncached last token. The same tokens as the
+    prompts repeated k times for a seed, with the prompts read S rather than S*k times (tested)."""
     import torch
 
     with torch.no_grad():

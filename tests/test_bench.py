@@ -53,6 +53,12 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_chat_model(tiny_chat_model_dir,
                  "a / c tokens/s", "b / a time per scored token", "batched vs one at a time",
                  "peak memory train_npair"):
         assert line in out.stdout, line
+    # BENCH_PARTS=sample: the sampling arms alone
+    out = subprocess.run([sys.executable, "-m", "bench", "smollm2"], cwd=repo_root, env={**env, "BENCH_PARTS": "sample"},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "batched vs one at a time" in out.stdout and "plain generate / ours" in out.stdout
+    assert "(a) ours, cross-entropy" not in out.stdout and "peak memory" not in out.stdout
 
 
 @pytest.mark.slow

@@ -125,13 +125,14 @@ def test_experts_and_dexperts_on_a_chat_model(tmp_path, chat_dm, tiny_chat_model
 
 
 @pytest.mark.parametrize("kind", ["chat_template", "markers"])
-def test_sampling_reads_each_prompt_once_and_draws_what_k_return_sequences_draw(chat_dm, tiny_dialog_model_dir, kind):
+def test_sampling_reads_each_prompt_once_and_draws_what_k_repeated_prompts_draw(chat_dm, tiny_dialog_model_dir, kind):
     """generate_batch's shared prompt cache (each prompt read once, its cache repeated k times) gives the
-    tokens and log-probabilities of transformers' own num_return_sequences = k, left padding included."""
-    from transformers import GenerationConfig
+    tokens and log-probabilities of a plain `generate` call on the prompts repeated k times with the same
+    settings and sampler, left padding included."""
+    from transformers import GenerationConfig, LogitsProcessorList
 
     from pipeline.modeling import _pad
-    from pipeline.sampling import decoding_settings, neutral_generation_defaults, pad_id
+    from pipeline.sampling import generation_settings, neutral_generation_defaults, pad_id
 
     dm = chat_dm if kind == "chat_template" else load_dialog_model(tiny_dialog_model_dir)
     dm.model.eval()
@@ -141,10 +142,13 @@ def test_sampling_reads_each_prompt_once_and_draws_what_k_return_sequences_draw(
     assert len({len(p) for p in prompts}) == 2
     targets, logps = generate_batch(dm, prompts, config, seed=5)
     ids, attention = _pad(prompts, pad_id(dm.tokenizer), left=True)
+    decoding, sampler = generation_settings(dm, config)
+    ids, attention = ids.repeat_interleave(config.k, dim=0), attention.repeat_interleave(config.k, dim=0)
     torch.manual_seed(5)
     with torch.no_grad(), neutral_generation_defaults(dm.model):
         plain = dm.model.generate(input_ids=ids, attention_mask=attention, return_dict_in_generate=True,
-                                  output_logits=True, generation_config=GenerationConfig(**decoding_settings(dm, config)))
+                                  output_logits=True, generation_config=GenerationConfig(**decoding),
+                                  logits_processor=LogitsProcessorList(sampler))
     eos = dm.tokenizer.eos_token_id
     for row, target in enumerate(targets):
         expected = plain.sequences[row, ids.shape[1]:].tolist()

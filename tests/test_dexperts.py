@@ -21,7 +21,7 @@ from pipeline.dexperts import (
 )
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source, encode_sources, load_dialog_model, token_logprobs
-from pipeline.sampling import encode_prompts, generate_batch
+from pipeline.sampling import Nucleus, encode_prompts, generate_batch
 from pipeline.schemas import NORMALIZED
 from pipeline.stages.experts import expert_pairs
 from tests.test_generate import assert_one_line_error, invoke, normalized_row, write_split
@@ -97,9 +97,9 @@ def test_the_combination_by_hand_on_a_two_token_vocabulary():
 
 
 def test_sampling_filters_follow_the_config():
-    names = [type(f).__name__ for f in sampling_filters(GenerateConfig(temperature=0.7, top_k=5, top_p=0.9))]
-    assert names == ["TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper"]
+    assert sampling_filters(GenerateConfig(temperature=0.7, top_k=5, top_p=0.9)) == [Nucleus(0.7, 5, 0.9)]
     assert sampling_filters(GenerateConfig(top_p=1.0)) == []
+    assert sampling_filters(GenerateConfig(temperature=2.0, top_p=1.0)) == [Nucleus(2.0, 0, 1.0)]
     assert sampling_filters(GenerateConfig(k=1, do_sample=False)) == []
 
 
@@ -288,7 +288,8 @@ def test_generate_dexperts_writes_guided_candidates(tmp_path, trained_experts, t
     assert result.exit_code == 0, result.output
     stats = json.loads((tmp_path / "out" / "stats.json").read_text())
     assert stats["model"] == "dexperts" and stats["dexperts"]["alpha"] == 2.0
-    assert stats["dexperts"]["filters"] == ["TopPLogitsWarper"] and stats["decoding"]["top_p"] == 0.9
+    assert stats["dexperts"]["filters"] == [{"temperature": 1.0, "top_k": 0, "top_p": 0.9, "width": 256}]
+    assert stats["decoding"]["top_p"] == 0.9
     assert all(entry["dexperts_mean_kl"] > 0 for entry in stats["corpora"].values())  # alpha 2 moves the sampling
     table = pq.read_table(tmp_path / "out" / "daily_dialog.parquet")
     assert table.num_rows == 2 * 2 and set(table.column("model").to_pylist()) == {"dexperts"}

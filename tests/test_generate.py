@@ -600,6 +600,7 @@ def test_generate_writes_every_corpus_and_is_deterministic(tmp_path, tiny_dialog
     assert stats["prompt_format"] == "markers" and stats["precision"] == "fp32"
     assert stats["decoding"]["min_length"] == 0 and stats["decoding"]["top_p"] == 0.9
     assert stats["decoding"]["max_new_tokens"] == 6 and stats["decoding"]["num_return_sequences"] == 2
+    assert stats["sampler"] == {"temperature": 1.0, "top_k": 0, "top_p": 0.9, "width": 256}
     # same seed, same candidates, byte for byte
     again = run_generate(tmp_path, tiny_dialog_model_dir, normalized_dir, out="again")
     assert again.exit_code == 0, again.output

@@ -30,7 +30,8 @@ contexts are drawn with the seed (the same ones for every model), `generate.k` c
 sampled per context in batches of `generate.batch_size` contexts, and each batch reseeds torch
 from (seed, corpus, batch index), so a batch's candidates do not depend on the batches before it.
 Every model decodes with the settings in params.yaml only (`pipeline.sampling.decoding_settings`,
-written to stats.json as `decoding`); a checkpoint's own generation defaults are not used. The
+written to stats.json as `decoding`, tokens drawn by `pipeline.sampling.Sampler`, its settings as
+`sampler`); a checkpoint's own generation defaults are not used. The
 model runs on the GPU when there is one, at `generate.precision` (`pipeline.devices`).
 
 Scores (`pipeline.rerank.score_candidates`, shared with `chat`): `fluency` is the mean token
@@ -58,7 +59,9 @@ from pipeline.config import CORPORA, AuditModel, DExpertsConfig, GenerateConfig
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source
 from pipeline.rerank import has_rot, load_scorers, score_candidates
-from pipeline.sampling import DIALOG, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates
+from pipeline.sampling import (
+    DIALOG, Nucleus, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates,
+)
 from pipeline.schemas import CANDIDATES, read_table
 
 if TYPE_CHECKING:
@@ -238,7 +241,9 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
     log.info("generate %s: %s model from %s on %s (%s), prompted as %s, k=%d", name, architecture, model, device,
              precision, prompt_format, config.k)
     stats = {"model": name, "path": str(model), "architecture": architecture, "prompt_format": prompt_format,
-             "decoding": decoding_settings(dm, config), "precision": precision, "config": dataclasses.asdict(config),
+             "decoding": decoding_settings(dm, config),
+             "sampler": dataclasses.asdict(Nucleus.of(config)) if config.do_sample else None,
+             "precision": precision, "config": dataclasses.asdict(config),
              "audit": dataclasses.asdict(audit) if audit else None,
              "dexperts": guidance_settings(guidance, config, experts, dexperts.guided) if guidance else None,
              "corpora": {}, "git_commit": git_commit(),
