@@ -34,7 +34,8 @@ split (default `data/normalized/diasafety/test.parquet` when present, else synth
 `BENCH_JUDGE`, an encoder folder (default `models/pretrained/minilm` when present; else (j) is skipped);
 `BENCH_THREADS` (2), `BENCH_GROUPS_N` (16 groups: two steps of 8), `BENCH_CONTEXTS_N` (16);
 `BENCH_PARTS`, which parts to run (default `train,sample,judge,memory`: `BENCH_PARTS=sample` times the
-sampling arms alone, a few minutes).
+sampling arms alone, a few minutes; `profile` adds `torch.profiler`'s table of one batched sampling call,
+the operators by their own CPU time).
 """
 
 from __future__ import annotations
@@ -331,7 +332,21 @@ def measure_all(model_path: Path) -> dict:
                 runs.setdefault(name, []).append(measure())
             print(f"  round {index + 1} of {rounds} done")
     mem = memory(model_path, judge_path) if "memory" in parts else {}
+    if "profile" in parts:
+        profile_sampling(dm, sources[: generate.batch_size], generate)
     return report(runs, flops, mem)
+
+
+def profile_sampling(dm: DialogModel, sources: list[Source], generate: GenerateConfig) -> None:
+    """`torch.profiler`'s operators of one batched sampling call (the stage's), by their own CPU time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    bench_generate.timed(dm, sources[:2], 2, generate)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        seconds, tokens = bench_generate.timed(dm, sources, len(sources), generate)
+    print(f"profile: one call of {len(sources)} contexts x {generate.k}, {seconds:.1f} s under the profiler, "
+          f"{tokens} tokens")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
 
 
 def report(runs: dict[str, list[dict]], flops: dict[str, dict], mem: dict[str, dict]) -> dict:

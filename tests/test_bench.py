@@ -53,12 +53,13 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_chat_model(tiny_chat_model_dir,
                  "a / c tokens/s", "b / a time per scored token", "batched vs one at a time",
                  "peak memory train_npair"):
         assert line in out.stdout, line
-    # BENCH_PARTS=sample: the sampling arms alone
-    out = subprocess.run([sys.executable, "-m", "bench", "smollm2"], cwd=repo_root, env={**env, "BENCH_PARTS": "sample"},
+    # BENCH_PARTS=sample,profile: the sampling arms alone, then the profile of one batched call
+    out = subprocess.run([sys.executable, "-m", "bench", "smollm2"], cwd=repo_root, env={**env, "BENCH_PARTS": "sample,profile"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batched vs one at a time" in out.stdout and "plain generate / ours" in out.stdout
     assert "(a) ours, cross-entropy" not in out.stdout and "peak memory" not in out.stdout
+    assert "profile: one call of 2 contexts" in out.stdout and "aten::mm" in out.stdout
 
 
 @pytest.mark.slow
