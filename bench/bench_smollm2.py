@@ -347,6 +347,51 @@ def profile_sampling(dm: DialogModel, sources: list[Source], generate: GenerateC
     print(f"profile: one call of {len(sources)} contexts x {generate.k}, {seconds:.1f} s under the profiler, "
           f"{tokens} tokens")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    sampler_costs(dm, sources, generate)
+
+
+def sampler_costs(dm: DialogModel, sources: list[Source], generate: GenerateConfig, repeats: int = 3) -> dict:
+    """Milliseconds per step to draw the next token of a batched call's rows (its contexts x k) from the
+    raw logits of every step of one such call: transformers' filters (`TopPLogitsWarper` etc.) then
+    `multinomial` over the whole vocabulary, as `generate` samples, against `Nucleus.draw`; the median of
+    `repeats` passes over the steps."""
+    from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from pipeline.sampling import (
+        Nucleus, _pad, encode_prompts, expanded_inputs, generation_settings, neutral_generation_defaults, pad_id,
+    )
+
+    input_ids, attention = _pad(encode_prompts(dm, sources, generate), pad_id(dm.tokenizer), left=True)
+    decoding, sampler = generation_settings(dm, generate)
+    torch.manual_seed(0)
+    with torch.no_grad(), neutral_generation_defaults(dm.model):
+        steps = dm.model.generate(**expanded_inputs(dm, input_ids, attention, generate.k), logits_processor=sampler,
+                                  generation_config=GenerationConfig(**decoding, return_dict_in_generate=True,
+                                                                     output_logits=True)).logits
+    steps = [step.float() for step in steps]
+    warpers = ([TemperatureLogitsWarper(generate.temperature)] if generate.temperature != 1.0 else []) + \
+        ([TopKLogitsWarper(generate.top_k)] if generate.top_k else []) + \
+        ([TopPLogitsWarper(generate.top_p)] if generate.top_p < 1.0 else [])
+
+    def transformers_draw(scores):
+        for warp in warpers:
+            scores = warp(None, scores)
+        return torch.multinomial(scores.softmax(dim=-1), 1)
+
+    nucleus = Nucleus.of(generate)
+    found = {}
+    for name, draw in (("transformers", transformers_draw), ("ours", nucleus.draw)):
+        passes = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            for step in steps:
+                draw(step)
+            passes.append((time.perf_counter() - started) * 1000 / len(steps))
+        found[name] = statistics.median(passes)
+    print(f"drawing the next token of {steps[0].shape[0]} rows, over the {len(steps)} steps of one call: transformers' "
+          f"filters and multinomial {found['transformers']:.1f} ms a step, Nucleus.draw {found['ours']:.1f} ms "
+          f"(median of {repeats} passes)")
+    return found
 
 
 def report(runs: dict[str, list[dict]], flops: dict[str, dict], mem: dict[str, dict]) -> dict:

@@ -60,6 +60,7 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_chat_model(tiny_chat_model_dir,
     assert "batched vs one at a time" in out.stdout and "plain generate / ours" in out.stdout
     assert "(a) ours, cross-entropy" not in out.stdout and "peak memory" not in out.stdout
     assert "profile: one call of 2 contexts" in out.stdout and "aten::mm" in out.stdout
+    assert "drawing the next token of 8 rows, over the" in out.stdout and "Nucleus.draw" in out.stdout
 
 
 @pytest.mark.slow
