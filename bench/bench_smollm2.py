@@ -357,8 +357,9 @@ def sampler_costs(dm: DialogModel, sources: list[Source], generate: GenerateConf
     `repeats` passes over the steps."""
     from transformers import GenerationConfig, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+    from pipeline.nucleus import Nucleus
     from pipeline.sampling import (
-        Nucleus, _pad, encode_prompts, expanded_inputs, generation_settings, neutral_generation_defaults, pad_id,
+        _pad, encode_prompts, expanded_inputs, generation_settings, neutral_generation_defaults, pad_id,
     )
 
     input_ids, attention = _pad(encode_prompts(dm, sources, generate), pad_id(dm.tokenizer), left=True)

@@ -3,7 +3,7 @@ and an anti-expert.
 
 At every step of sampling, the guided model's next-token logits `z` are filtered as `generate`
 would filter them alone (temperature, then top-k, then top-p, as transformers' warpers do:
-`pipeline.sampling.Nucleus`, so the nucleus is the guided model's, as in DExperts), and the experts'
+`pipeline.nucleus.Nucleus`, so the nucleus is the guided model's, as in DExperts), and the experts'
 difference is added:
 
     logits = filter(z / T) + alpha / T * (z_expert - z_antiexpert)
@@ -34,6 +34,7 @@ import torch
 from pipeline.config import GenerateConfig
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, cache_keyword, logprobs_of, target_logits
+from pipeline.nucleus import Nucleus
 
 EXPERT, ANTIEXPERT = "expert", "antiexpert"  # the two subfolders of the experts' folder
 
@@ -108,11 +109,9 @@ def filtered(logits: torch.Tensor, filters=()) -> torch.Tensor:
 
 
 def sampling_filters(config: GenerateConfig) -> list:
-    """The filters sampling with `config` alone applies (`pipeline.sampling.Nucleus`: temperature, top-k,
+    """The filters sampling with `config` alone applies (`pipeline.nucleus.Nucleus`: temperature, top-k,
     top-p in transformers' order, at least one token kept): none for greedy decoding or when all three
     are off."""
-    from pipeline.sampling import Nucleus
-
     nucleus = Nucleus.of(config)
     return [nucleus] if config.do_sample and nucleus.filters else []
 
@@ -212,7 +211,7 @@ def guidance_settings(experts: Experts, config: GenerateConfig, folder: Path, gu
     processor applies to the guided model's logits)."""
     return {"guided": guided, "alpha": experts.alpha, "experts": str(folder),
             "filters": [dataclasses.asdict(f) for f in sampling_filters(config)],
-            "rule": "filter(z_guided / T) + alpha / T * (z_expert - z_antiexpert); drawn by pipeline.sampling.Sampler"}
+            "rule": "filter(z_guided / T) + alpha / T * (z_expert - z_antiexpert); drawn by pipeline.nucleus.Sampler"}
 
 
 class Ensemble(torch.nn.Module):

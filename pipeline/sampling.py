@@ -9,7 +9,7 @@ call leaves unset from the checkpoint's own `generation_config` (BlenderBot's `m
 `no_repeat_ngram_size`, forced bos/eos, ...), so `generate_batch` sets every field that decides the
 output and swaps the model's generation config for an empty one during the call. Tokens are drawn by
 `Sampler` (temperature, top-k and top-p as transformers applies them, without sorting the whole
-vocabulary at every step: `Nucleus`), `generate` itself running greedy over its choice.
+vocabulary at every step: `pipeline.nucleus`), `generate` itself running greedy over its choice.
 
 Fluency is the mean log-probability of the reply tokens (`DialogFormat.read`'s `reply_mask`), taken
 from the logits `generate` computed while sampling, so it needs no second forward pass.
@@ -28,6 +28,7 @@ from pipeline.config import GenerateConfig
 from pipeline.devices import autocast
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source, _pad, cache_keyword, decode_target
+from pipeline.nucleus import Nucleus, Sampler
 
 if TYPE_CHECKING:
     from pipeline.dexperts import Experts
@@ -184,117 +185,6 @@ def decoding_settings(dm: DialogModel, config: GenerateConfig) -> dict:
         "pad_token_id": pad_id(tokenizer), "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id, "decoder_start_token_id": decoder_start,
     }
-
-
-# --- drawing tokens -------------------------------------------------------------------------------
-
-NUCLEUS_WIDTH = 256  # the most likely tokens a row's nucleus is looked for in before its whole vocabulary is sorted
-
-
-@dataclasses.dataclass(frozen=True)
-class Nucleus:
-    """Temperature, top-k and top-p as transformers applies them when sampling (`TemperatureLogitsWarper`,
-    `TopKLogitsWarper`, `TopPLogitsWarper`, in that order, at least one token kept; ties at the k-th
-    value aside), found among each row's `width` most likely tokens (a partial `topk`) instead of a sort
-    of the whole vocabulary: transformers' top-p sorts all 49,152 logits of every row at every step,
-    and its `multinomial` draws over the whole vocabulary: for SmolLM2's 32 rows on two cores, 118 ms a
-    step against 25.5 ms here (bench/README.md). A row whose kept tokens do not all lie among its `width` most likely (a
-    flat distribution) is sorted whole, so the kept set is transformers' (up to float rounding at the
-    nucleus's edge: the mass above a token is summed from the top here, from the bottom there).
-
-    Called as a logits warper `(input_ids, scores)`, it returns the filtered logits (temperature applied,
-    -inf outside the kept set); `draw` samples one token per row from them.
-    """
-
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1.0: off
-    width: int = NUCLEUS_WIDTH
-
-    @classmethod
-    def of(cls, config: GenerateConfig) -> "Nucleus":
-        return cls(config.temperature, config.top_k, config.top_p)
-
-    @property
-    def filters(self) -> bool:
-        """Whether anything is filtered (or scaled): False for temperature 1 with top-k and top-p off."""
-        return self.temperature != 1.0 or self.top_k > 0 or self.top_p < 1.0
-
-    def candidates(self, scores, width: int | None = None):
-        """(values, indices, inside) of each row's `width` most likely tokens, in descending order:
-        `values` the scaled logits, -inf where a token is filtered out; `inside` (R,) whether the row's
-        kept tokens all lie among them (always with `width` the vocabulary size)."""
-        import torch
-
-        z = scores.float()
-        if self.temperature != 1.0:
-            z = z / self.temperature
-        vocabulary = z.shape[-1]
-        width = min(width or self.width, vocabulary)
-        k = min(self.top_k, vocabulary) if self.top_k > 0 else vocabulary
-        values, indices = z.topk(width, dim=-1)  # (R, width), descending
-        if k < width:
-            values[:, k:] = -torch.inf
-        if self.top_p < 1.0:
-            # The top-p mass is of the distribution left after top-k, as transformers renormalizes it.
-            rest = values if k <= width else z.topk(k, dim=-1).values if k < vocabulary else z
-            probs = (values - rest.logsumexp(dim=-1, keepdim=True)).exp()
-            mass = probs.cumsum(dim=-1)
-            dropped = (mass - probs) >= self.top_p  # the mass above the token reaches top_p already
-            dropped[:, 0] = False
-            values = values.masked_fill(dropped, -torch.inf)
-            inside = (mass[:, -1] >= self.top_p) | (k <= width)
-        else:
-            finite = torch.isfinite(z).sum(dim=-1).clamp(max=k)
-            inside = finite <= width
-        return values, indices, inside
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        if not self.filters:
-            return scores.float()
-        values, indices, inside = self.candidates(scores)
-        out = torch.full(scores.shape, -torch.inf, dtype=torch.float32, device=scores.device)
-        out.scatter_(1, indices, values)
-        if not bool(inside.all()):
-            rows = (~inside).nonzero().squeeze(1)
-            whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
-            out[rows] = torch.full_like(whole, -torch.inf).scatter_(1, order, whole)
-        return out
-
-    def draw(self, scores):
-        """One token id per row (R,), sampled from the kept tokens in proportion to their probability:
-        the rows whose nucleus lies among their `width` most likely tokens in one `multinomial` over
-        those, then the others over the whole vocabulary. Uses torch's global generator."""
-        import torch
-
-        values, indices, inside = self.candidates(scores)
-        if bool(inside.all()):
-            return indices.gather(1, torch.multinomial(values.softmax(dim=-1), 1)).squeeze(1)
-        tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        fast = inside.nonzero().squeeze(1)
-        if len(fast):
-            tokens[fast] = indices[fast].gather(1, torch.multinomial(values[fast].softmax(dim=-1), 1)).squeeze(1)
-        rows = (~inside).nonzero().squeeze(1)
-        whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
-        tokens[rows] = order.gather(1, torch.multinomial(whole.softmax(dim=-1), 1)).squeeze(1)
-        return tokens
-
-
-class Sampler:
-    """The logits processor that samples: `nucleus.draw` picks each row's token, and the scores come back
-    0 there and -inf elsewhere, so `generate`, run greedy, takes exactly that token. `generate` keeps
-    the raw logits (`output_logits`) for the fluency; only the draw moves here."""
-
-    def __init__(self, nucleus: Nucleus):
-        self.nucleus = nucleus
-
-    def __call__(self, input_ids, scores):
-        import torch
-
-        tokens = self.nucleus.draw(scores)
-        return torch.full_like(scores, -torch.inf).scatter_(1, tokens[:, None], 0.0)
 
 
 def generation_settings(dm: DialogModel, config: GenerateConfig) -> tuple[dict, list]:

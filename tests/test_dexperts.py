@@ -21,7 +21,8 @@ from pipeline.dexperts import (
 )
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source, encode_sources, load_dialog_model, token_logprobs
-from pipeline.sampling import Nucleus, encode_prompts, generate_batch
+from pipeline.nucleus import Nucleus
+from pipeline.sampling import encode_prompts, generate_batch
 from pipeline.schemas import NORMALIZED
 from pipeline.stages.experts import expert_pairs
 from tests.test_generate import assert_one_line_error, invoke, normalized_row, write_split

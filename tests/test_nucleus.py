@@ -1,4 +1,4 @@
-"""The sampler (`pipeline.sampling.Nucleus`, `Sampler`): transformers' temperature, top-k and top-p found
+"""The sampler (`pipeline.nucleus.Nucleus`, `Sampler`): transformers' temperature, top-k and top-p found
 among each row's most likely tokens, a row whose nucleus lies beyond them sorted whole, tokens drawn in
 proportion to the kept probabilities, and `generate` taking the drawn token."""
 
@@ -12,9 +12,8 @@ from transformers import (
 
 from pipeline.config import GenerateConfig
 from pipeline.modeling import Source, _pad, load_dialog_model
-from pipeline.sampling import (
-    Nucleus, Sampler, encode_prompts, generate_batch, generation_settings, neutral_generation_defaults, pad_id,
-)
+from pipeline.nucleus import Nucleus, Sampler
+from pipeline.sampling import encode_prompts, generate_batch, generation_settings, neutral_generation_defaults, pad_id
 
 CONFIGS = [(1.0, 0, 0.9), (0.7, 0, 0.95), (1.0, 20, 0.9), (1.3, 40, 0.8), (0.5, 5, 1.0), (1.0, 0, 0.5), (2.0, 0, 1.0)]
 

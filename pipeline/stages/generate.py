@@ -30,7 +30,7 @@ contexts are drawn with the seed (the same ones for every model), `generate.k` c
 sampled per context in batches of `generate.batch_size` contexts, and each batch reseeds torch
 from (seed, corpus, batch index), so a batch's candidates do not depend on the batches before it.
 Every model decodes with the settings in params.yaml only (`pipeline.sampling.decoding_settings`,
-written to stats.json as `decoding`, tokens drawn by `pipeline.sampling.Sampler`, its settings as
+written to stats.json as `decoding`, tokens drawn by `pipeline.nucleus.Sampler`, its settings as
 `sampler`); a checkpoint's own generation defaults are not used. The
 model runs on the GPU when there is one, at `generate.precision` (`pipeline.devices`).
 
@@ -58,10 +58,9 @@ from pipeline.artifacts import ensure_writable, git_commit, library_versions, st
 from pipeline.config import CORPORA, AuditModel, DExpertsConfig, GenerateConfig
 from pipeline.errors import DataError
 from pipeline.modeling import DialogModel, Source
+from pipeline.nucleus import Nucleus
 from pipeline.rerank import has_rot, load_scorers, score_candidates
-from pipeline.sampling import (
-    DIALOG, Nucleus, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates,
-)
+from pipeline.sampling import DIALOG, PromptFormat, batch_seed, decoding_settings, resolve_format, sample_candidates
 from pipeline.schemas import CANDIDATES, read_table
 
 if TYPE_CHECKING:
