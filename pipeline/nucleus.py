@@ -72,36 +72,43 @@ class Nucleus:
             inside = finite <= width
         return values, indices, inside
 
+    def parts(self, scores) -> list:
+        """[(rows, values, indices)] covering every row once: the rows whose kept tokens lie among their
+        `width` most likely with those `candidates`, then the others sorted whole; `rows` is None when
+        the first part is every row."""
+        values, indices, inside = self.candidates(scores)
+        if bool(inside.all()):
+            return [(None, values, indices)]
+        fast, slow = inside.nonzero().squeeze(1), (~inside).nonzero().squeeze(1)
+        whole, order, _ = self.candidates(scores[slow], width=scores.shape[-1])
+        return ([(fast, values[fast], indices[fast])] if len(fast) else []) + [(slow, whole, order)]
+
     def __call__(self, input_ids, scores):
         import torch
 
         if not self.filters:
             return scores.float()
-        values, indices, inside = self.candidates(scores)
         out = torch.full(scores.shape, -torch.inf, dtype=torch.float32, device=scores.device)
-        out.scatter_(1, indices, values)
-        if not bool(inside.all()):
-            rows = (~inside).nonzero().squeeze(1)
-            whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
-            out[rows] = torch.full_like(whole, -torch.inf).scatter_(1, order, whole)
+        for rows, values, indices in self.parts(scores):
+            if rows is None:
+                out.scatter_(1, indices, values)
+            else:
+                out[rows] = torch.full((len(rows), scores.shape[-1]), -torch.inf, device=scores.device).scatter_(
+                    1, indices, values)
         return out
 
     def draw(self, scores):
         """One token id per row (R,), sampled from the kept tokens in proportion to their probability:
-        the rows whose nucleus lies among their `width` most likely tokens in one `multinomial` over
-        those, then the others over the whole vocabulary. Uses torch's global generator."""
+        one `multinomial` per part (`parts`: the rows whose nucleus lies among their `width` most likely
+        tokens over those, then the others over the whole vocabulary). Uses torch's global generator."""
         import torch
 
-        values, indices, inside = self.candidates(scores)
-        if bool(inside.all()):
-            return indices.gather(1, torch.multinomial(values.softmax(dim=-1), 1)).squeeze(1)
         tokens = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        fast = inside.nonzero().squeeze(1)
-        if len(fast):
-            tokens[fast] = indices[fast].gather(1, torch.multinomial(values[fast].softmax(dim=-1), 1)).squeeze(1)
-        rows = (~inside).nonzero().squeeze(1)
-        whole, order, _ = self.candidates(scores[rows], width=scores.shape[-1])
-        tokens[rows] = order.gather(1, torch.multinomial(whole.softmax(dim=-1), 1)).squeeze(1)
+        for rows, values, indices in self.parts(scores):
+            chosen = indices.gather(1, torch.multinomial(values.softmax(dim=-1), 1)).squeeze(1)
+            if rows is None:
+                return chosen
+            tokens[rows] = chosen
         return tokens
 
 
