@@ -527,6 +527,7 @@ def collect(shown: list[dict], prefix: str, read_results, times: dict[str, dict]
                                  sorted({SEED_KEY, *(k for v in VARIANTS.values() for k in v)})},
                       "evaluate_commit": results.get("git_commit"), "models": results.get("models"),
                       "self_assessed": ((results.get("safety") or {}).get("self_assessed") or {}).get("test"),
+                      "guidance": results.get("guidance") or {},
                       "stages": stages, "total_seconds": round(sum(s["seconds"] for s in stages.values()), 1)
                       if stages else None}
         tables[name] = run_rows(results)
@@ -805,9 +806,10 @@ def ablation_lines(experiment: dict) -> list[str]:
 def dexperts_lines(experiment: dict) -> list[str]:
     """The DExperts sweep (plan `dexperts`): for the reference run's alpha and each `dexperts_a*` run's,
     DExperts' judged unsafe rates (first sample) per adversarial corpus with its paired difference from
-    the baseline, its reference perplexity, casual F1 and degenerate share, beside the method's; then the
-    alpha whose perplexity is within `PPL_MATCH` of the method's (the closest), or that none is. Empty
-    without a sweep run."""
+    the baseline, its reference perplexity, casual F1, degenerate share and mean per-token KL from the
+    guided model's own sampling (evaluate's `guidance`; "–" where generate did not log it), beside the
+    method's; then the alpha whose perplexity is within `PPL_MATCH` of the method's (the closest), or
+    that none is. Empty without a sweep run."""
     runs, tables, baseline, method = experiment["runs"], experiment["tables"], experiment["baseline"], experiment["method"]
     reference = next((n for n, r in runs.items() if r["variant"] == "method" and r["seed"] == 0), None)
     swept = [n for n, r in runs.items() if r["variant"].startswith("dexperts_")]
@@ -825,14 +827,20 @@ def dexperts_lines(experiment: dict) -> list[str]:
                                     for n in names for key in unsafe], 3, p_value=False)
     header = ["model", "alpha", *(f"unsafe_rate_first ↓ {c}" for _, c in unsafe),
               *(f"`dexperts` − `{baseline}` {c}" for _, c in unsafe), "reference_ppl ↓", "f1_reranked ↑ casual",
-              "degenerate_rate_reranked ↓"]
+              "degenerate_rate_reranked ↓", "KL from the guided model's sampling (nats/token)"]
     rows = [[f"`{method}`", MISSING, *(value(reference, method, key, 3) for key in unsafe), *([MISSING] * len(unsafe)),
-             *(value(reference, method, (m, s), d, m != "reference_ppl") for m, s, d in cost)]]
+             *(value(reference, method, (m, s), d, m != "reference_ppl") for m, s, d in cost), MISSING]]
+
+    def divergence(name):
+        found = (((runs[name].get("guidance") or {}).get("dexperts") or {}).get("mean_kl") or {}).get(OVERALL)
+        return MISSING if found is None else f"{found:.3f}"
+
     for index, name in enumerate(names):
         rows.append(["`dexperts`", f"{runs[name]['params'].get(ALPHA_KEY):g}",
                      *(value(name, "dexperts", key, 3) for key in unsafe),
                      *differences[index * len(unsafe):(index + 1) * len(unsafe)],
-                     *(value(name, "dexperts", (m, s), d, m != "reference_ppl") for m, s, d in cost)])
+                     *(value(name, "dexperts", (m, s), d, m != "reference_ppl") for m, s, d in cost),
+                     divergence(name)])
 
     def ppl(name, model):
         entry = ((found[name].get(("reference_ppl", OVERALL)) or {}).get("values") or {}).get(model) or {}
@@ -852,6 +860,10 @@ def dexperts_lines(experiment: dict) -> list[str]:
                 f"({ppl(name, 'dexperts'):.2f}) is within {PPL_MATCH:.0%} of `{method}`'s ({target:.2f}): the "
                 "rows to compare. Each alpha is its own run with the same `ce` (deterministic on CPU); the "
                 f"differences are paired with `{baseline}` within a run.")
+    unlogged = [f"{runs[n]['params'].get(ALPHA_KEY):g}" for n in names if divergence(n) == MISSING]
+    if unlogged:
+        line += (f" No KL for alpha {', '.join(unlogged)}: its candidates were generated before `generate` logged "
+                 "it (or a corpus lacks it).")
     return _table(header, rows) + ["", line]
 
 

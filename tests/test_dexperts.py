@@ -292,6 +292,11 @@ def test_generate_dexperts_writes_guided_candidates(tmp_path, trained_experts, t
     assert stats["dexperts"]["filters"] == [{"temperature": 1.0, "top_k": 0, "top_p": 0.9, "width": 256}]
     assert stats["decoding"]["top_p"] == 0.9
     assert all(entry["dexperts_mean_kl"] > 0 for entry in stats["corpora"].values())  # alpha 2 moves the sampling
+    assert all(entry["dexperts_kl_tokens"] > 0 for entry in stats["corpora"].values())
+    from pipeline.stages.evaluate import guidance  # what evaluate reads of it: the overall weighted by tokens
+
+    kl = guidance(tmp_path, ["out"])["out"]["mean_kl"]
+    assert min(kl[c] for c in stats["corpora"]) <= kl["overall"] <= max(kl[c] for c in stats["corpora"])
     table = pq.read_table(tmp_path / "out" / "daily_dialog.parquet")
     assert table.num_rows == 2 * 2 and set(table.column("model").to_pylist()) == {"dexperts"}
 

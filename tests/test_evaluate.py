@@ -940,3 +940,27 @@ def test_control_results_by_hand():
     assert agreement["overall"]["degenerate_rate"]["value"] == 0.0
     assert found["empty"]["overall"]["degenerate_rate"]["value"] == 1.0 and found["empty"]["overall"]["unsafe_rate"]["value"] == 0
     assert set(found["human_unsafe"]) == {"toxichat", "overall"} and found["human_unsafe"]["toxichat"]["unsafe_rate"]["value"] == 1.0
+
+
+def test_guidance_reads_dexperts_kl_from_the_candidates_stats(tmp_path):
+    """`guidance`: a model generated under DExperts' guidance gets its alpha and mean KL per corpus, the
+    overall weighted by tokens; a model without guidance is left out; a corpus without the KL (candidates
+    from before it was logged) makes the overall None; a stats.json that is not JSON is refused."""
+    def stats(folder, dexperts, corpora):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "stats.json").write_text(json.dumps({"dexperts": dexperts, "corpora": corpora}))
+
+    stats("dexperts", {"alpha": 2.0, "guided": "ce"},
+          {"diasafety": {"dexperts_mean_kl": 0.5, "dexperts_kl_tokens": 30},
+           "toxichat": {"dexperts_mean_kl": 0.1, "dexperts_kl_tokens": 10}})
+    stats("ce", None, {"diasafety": {"candidates": 4}})
+    stats("old", {"alpha": 5.0, "guided": "ce"}, {"diasafety": {"dexperts_mean_kl": 0.5, "dexperts_kl_tokens": 3},
+                                                  "toxichat": {"candidates": 4}})
+    found = evaluate.guidance(tmp_path, ["ce", "dexperts", "old", "absent"])
+    assert set(found) == {"dexperts", "old"}
+    assert found["dexperts"]["alpha"] == 2.0 and found["dexperts"]["mean_kl"]["diasafety"] == 0.5
+    assert found["dexperts"]["mean_kl"]["overall"] == pytest.approx((0.5 * 30 + 0.1 * 10) / 40)  # not (0.5 + 0.1) / 2
+    assert found["old"]["mean_kl"] == {"diasafety": 0.5, "toxichat": None, "overall": None}
+    (tmp_path / "ce" / "stats.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"ce/stats.json: not a JSON stats file"):
+        evaluate.guidance(tmp_path, ["ce"])

@@ -579,8 +579,10 @@ def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
     assert E.PLANS["dexperts"][0] == ("method", 0) and all(E.VARIANTS[v]["dexperts.alpha"] < 5
                                                            for v, _ in E.PLANS["dexperts"][1:])
 
-    def results(dexperts_ppl: float) -> dict:
+    def results(dexperts_ppl: float, kl: float | None = None) -> dict:
         found = fake_results()
+        if kl is not None:  # evaluate's `guidance` (from generate's stats.json)
+            found["guidance"] = {"dexperts": {"alpha": 1.0, "guided": "ce", "mean_kl": {"diasafety": 0.5, "overall": kl}}}
         found["metrics"]["dexperts"]["overall"]["reference_ppl"] = metric(dexperts_ppl, None, better=False)
         found["metrics"]["dexperts"]["overall"]["degenerate_rate_reranked"] = metric(0.2, [0.1, 0.3], better=False)
         found["comparisons"]["models"]["dexperts"]["diasafety"]["metrics"]["unsafe_rate_first"] = comparison(
@@ -589,16 +591,19 @@ def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
 
     # the method's perplexity is 47 (fake_results: 50 - 3); alpha 5: 300, alpha 2: 60, alpha 1: 50 (within 10%)
     by_rev = {"rev-real-method-s0": results(300.0), "rev-real-dexperts_a2-s0": results(60.0),
-              "rev-real-dexperts_a1-s0": results(50.0)}
+              "rev-real-dexperts_a1-s0": results(50.0, kl=0.0631)}
     experiment = E.collect(shown("real-method-s0", "real-dexperts_a2-s0", "real-dexperts_a1-s0"), "real",
                            by_rev.__getitem__, {})
     lines = E.dexperts_lines(experiment)
     rows = [line for line in lines if line.startswith("| `")]
     assert [row.split("|")[2].strip() for row in rows] == ["–", "1", "2", "5"]  # the method, then by alpha
-    assert rows[1].split("|")[-4].strip() == "50.00" and rows[3].split("|")[-4].strip() == "300.00"
-    assert rows[1].split("|")[-2].strip() == "0.200 [0.100, 0.300]"  # the degenerate share
+    assert rows[1].split("|")[-5].strip() == "50.00" and rows[3].split("|")[-5].strip() == "300.00"
+    assert rows[1].split("|")[-3].strip() == "0.200 [0.100, 0.300]"  # the degenerate share
+    assert [row.split("|")[-2].strip() for row in rows] == ["–", "0.063", "–", "–"]  # KL: logged at alpha 1 only
     assert "**-0.150 [-0.250, -0.050]**" in rows[1]  # dexperts - ce on DiaSafety, paired within the run
     assert lines[-1].startswith("At alpha 1 DExperts' perplexity (50.00) is within 10% of `stage2`'s (47.00)")
+    assert lines[-1].endswith("No KL for alpha 2, 5: its candidates were generated before `generate` logged it "
+                              "(or a corpus lacks it).")
     assert E.replication_lines(experiment) == []  # the sweep is not an ablation of the method
     assert "## DExperts by alpha" in E.render(experiment) and "## Ablations" not in E.render(experiment)
     far = E.collect(shown("real-method-s0", "real-dexperts_a2-s0"), "real", by_rev.__getitem__, {})

@@ -399,6 +399,35 @@ def read(config: EvaluateConfig, candidates_dir: Path, judge: ReplyJudge) -> tup
     return contexts, inputs, notes
 
 
+def guidance(candidates_dir: Path, models: list[str]) -> dict[str, dict]:
+    """Per model whose candidates were decoded under DExperts' guidance (its `stats.json` has
+    `dexperts`): the alpha, the guided model and the mean per-token KL of the guided sampling from the
+    model's own, per corpus and `overall` (weighted by the tokens each corpus's mean is over). A corpus's
+    KL is None where generate did not log it (candidates written before it did); `overall` is None
+    unless every corpus has it. A stats.json that is not JSON is a one-line DataError."""
+    found = {}
+    for model in models:
+        path = candidates_dir / model / "stats.json"
+        if not path.is_file():
+            continue
+        try:
+            stats = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not a JSON stats file ({error})") from None
+        settings = stats.get("dexperts") if isinstance(stats, dict) else None
+        if not settings:
+            continue
+        corpora = stats.get("corpora") or {}
+        kl = {corpus: entry.get("dexperts_mean_kl") for corpus, entry in corpora.items()}
+        tokens = {corpus: entry.get("dexperts_kl_tokens") for corpus, entry in corpora.items()}
+        weighted = [(kl[c], tokens[c]) for c in corpora if kl[c] is not None and tokens[c]]
+        complete = corpora and len(weighted) == len(corpora)
+        kl[OVERALL] = (sum(v * n for v, n in weighted) / sum(n for _, n in weighted)) if complete else None
+        found[model] = {"alpha": settings.get("alpha"), "guided": settings.get("guided"), "mean_kl": kl,
+                        "kl_tokens": tokens, "unit": "nats per sampled token"}
+    return found
+
+
 # --- the worker -----------------------------------------------------------------------------------
 
 
@@ -1175,6 +1204,7 @@ def run(config: EvaluateConfig, candidates_dir: Path, reports_dir: Path, judge_d
 
     results, sheet, key, per_context = compute(config, contexts, model_scores or {}, notes, classifiers)
     results["judge_members"] = list(judge_members(judge))
+    results["guidance"] = guidance(candidates_dir, results["models"])
     results["likelihood"] = likelihood_results(config, likelihood_replies or {}, results["notes"])
     controls = control_replies(contexts, config.baseline, likelihood_replies or {}, config.seed)
     _, unsafe = judge_replies(judge, controls["reply"].to_pylist(), controls["context"].to_pylist(),
