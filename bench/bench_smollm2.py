@@ -32,7 +32,8 @@ the benchmark says so and stops); `BENCH_GROUPS`, a stage-1 groups file (default
 `data/groups/stage1/train.parquet` when present, else synthetic groups); `BENCH_CONTEXTS`, a normalized
 split (default `data/normalized/diasafety/test.parquet` when present, else synthetic contexts);
 `BENCH_JUDGE`, an encoder folder (default `models/pretrained/minilm` when present; else (j) is skipped);
-`BENCH_THREADS` (2), `BENCH_GROUPS_N` (16 groups: two steps of 8), `BENCH_CONTEXTS_N` (16);
+`BENCH_THREADS` (2), `BENCH_GROUPS_N` (16 groups: two steps of 8), `BENCH_CONTEXTS_N` (16),
+`BENCH_BATCH` (contexts per batched sampling call; the preset's `generate.batch_size`, 8);
 `BENCH_PARTS`, which parts to run (default `train,sample,judge,memory`: `BENCH_PARTS=sample` times the
 sampling arms alone, a few minutes; `profile` adds `torch.profiler`'s table of one batched sampling call,
 the operators by their own CPU time).
@@ -290,13 +291,15 @@ def main() -> dict | None:
 def measure_all(model_path: Path) -> dict:
     rounds = int(setting("BENCH_ROUNDS", "3"))
     dm, config, stage, generate, groups, validation, sources, files = inputs(model_path)
+    generate = dataclasses.replace(generate, batch_size=int(setting("BENCH_BATCH", str(generate.batch_size))))
     judge_path = first_present("BENCH_JUDGE", "models/pretrained/minilm")
     ce, npair = dataclasses.replace(config, contrastive_weight=0.0), dataclasses.replace(config, contrastive_weight=1.0)
     parameters = sum(p.numel() for p in dm.model.parameters())
     print(f"model {model_path} ({parameters / 1e6:.1f}M parameters), LoRA r {config.lora.r} on "
           f"{', '.join(config.lora.target_modules)}; groups {files[0] or 'synthetic'} ({len(groups)} of 1 + "
           f"{groups.negatives}, batch {config.batch_groups}); contexts {files[1] or 'synthetic'} ({len(sources)}, "
-          f"k {generate.k}, up to {generate.max_new_tokens} new tokens); {torch.get_num_threads()} threads; "
+          f"k {generate.k}, up to {generate.max_new_tokens} new tokens, {generate.batch_size} a batched call); "
+          f"{torch.get_num_threads()} threads; "
           f"{rounds} interleaved rounds; load average {os.getloadavg()[0]:.2f} at the start")
 
     parts = set(setting("BENCH_PARTS", "train,sample,judge,memory").split(","))

@@ -53,14 +53,17 @@ def test_the_benchmark_runs_end_to_end_on_a_tiny_chat_model(tiny_chat_model_dir,
                  "a / c tokens/s", "b / a time per scored token", "batched vs one at a time",
                  "peak memory train_npair"):
         assert line in out.stdout, line
-    # BENCH_PARTS=sample,profile: the sampling arms alone, then the profile of one batched call
-    out = subprocess.run([sys.executable, "-m", "bench", "smollm2"], cwd=repo_root, env={**env, "BENCH_PARTS": "sample,profile"},
+    assert " a batched call" in out.stdout and "profile: one call" not in out.stdout
+    # BENCH_PARTS=sample,profile: the sampling arms alone, then the profile of one batched call (BENCH_BATCH's)
+    out = subprocess.run([sys.executable, "-m", "bench", "smollm2"], cwd=repo_root,
+                         env={**env, "BENCH_PARTS": "sample,profile", "BENCH_BATCH": "1"},
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "batched vs one at a time" in out.stdout and "plain generate / ours" in out.stdout
     assert "(a) ours, cross-entropy" not in out.stdout and "peak memory" not in out.stdout
-    assert "profile: one call of 2 contexts" in out.stdout and "aten::mm" in out.stdout
-    assert "drawing the next token of 8 rows, over the" in out.stdout and "Nucleus.draw" in out.stdout
+    assert "1 a batched call" in out.stdout and "profile: one call of 1 contexts" in out.stdout
+    assert "aten::mm" in out.stdout
+    assert "drawing the next token of 4 rows, over the" in out.stdout and "Nucleus.draw" in out.stdout
 
 
 @pytest.mark.slow
