@@ -247,10 +247,10 @@ class EvaluateConfig:
     baseline: str = "ce"
     """The model every other model is compared against, paired on the same contexts (the
     cross-entropy-only model trained like the method); one of `models`."""
-    pairs: list[list[str]] = dataclasses.field(default_factory=lambda: [["stage2", "stage1"]])
+    pairs: list[list[str]] = dataclasses.field(default_factory=lambda: [["stage2", "stage1"], ["stage2", "dexperts"]])
     """Further paired comparisons, [model, reference] each, on the same contexts and replies (stage 2
-    against stage 1: what the casual stage adds); results.json `comparisons.pairs`; a pair with a model
-    that has no candidates is left out with a note."""
+    against stage 1: what the casual stage adds; the method against DExperts); results.json
+    `comparisons.pairs`; a pair with a model that has no candidates is left out with a note."""
     corpora: list[str] = dataclasses.field(default_factory=lambda: list(CORPORA))
     """Corpora to report on, in table order; a corpus without candidates is skipped with a note."""
     bootstrap_samples: int = 1000

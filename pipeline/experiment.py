@@ -78,7 +78,9 @@ MODELS = ("base", "ce", "dexperts", "stage1", "stage2")  # table order: generate
 BASELINE, METHOD = "ce", "stage2"
 # Paired comparisons beside those with the baseline (evaluate.pairs): the method after stage 2 against
 # itself after stage 1, on the same contexts.
-PAIRS = (("stage2", "stage1"),)
+PAIRS = (("stage2", "stage1"),)  # the headline's further differences
+SWEEP_PAIR = ("stage2", "dexperts")  # the method against DExperts, per alpha in "DExperts by alpha"
+READ_PAIRS = PAIRS + (SWEEP_PAIR,)  # what each run's rows carry (evaluate.pairs of the presets)
 COMPARED = (METHOD, "stage1", "dexperts")  # the differences with the baseline in each run's table
 RESULTS = "reports/results.json"  # the evaluate stage's results, read from each run's commit
 CONTEXTS = "reports/contexts.parquet"  # and its per-context values (an ablation against the method)
@@ -425,7 +427,7 @@ COMPARISON_KEYS = ("value", "baseline", "difference", "ci", "p_value", "discorda
 
 def run_rows(results: dict) -> list[dict]:
     """The table's rows of one run's evaluate results.json: per (metric, scope), every model's value,
-    every model's comparison with the baseline and each of `PAIRS` (`pairs`, keyed `<model>_vs_<reference>`),
+    every model's comparison with the baseline and each of `READ_PAIRS` (`pairs`, keyed `<model>_vs_<reference>`),
     as results.json has them (nothing recomputed)."""
     evaluated = results.get("scopes", [])
     likelihood = results.get("likelihood") or {}
@@ -435,7 +437,7 @@ def run_rows(results: dict) -> list[dict]:
     for section, metric, spec, source in ROWS:
         for scope in scopes_of(spec, evaluated + [s for s in ("diasafety", "toxichat") if s not in evaluated]):
             values, comparisons, pairs, direction = {}, {}, {}, None
-            for model, reference in PAIRS:
+            for model, reference in READ_PAIRS:
                 name = f"{model}_vs_{reference}"
                 if source == "likelihood":
                     pair = (((likelihood.get("pairs") or {}).get(name) or {}).get(scope) or {}).get(metric)
@@ -823,12 +825,20 @@ def dexperts_lines(experiment: dict) -> list[str]:
     def value(name, model, key, digits, interval=True):
         return value_cell(((found[name].get(key) or {}).get("values") or {}).get(model), digits, interval)
 
-    differences = difference_cells([((found[n].get(key) or {}).get("comparisons") or {}).get("dexperts")
-                                    for n in names for key in unsafe], 3, p_value=False)
+    pair = "_vs_".join(SWEEP_PAIR)
+
+    def entries(name):  # dexperts − baseline, then the method − dexperts (SWEEP_PAIR), per corpus
+        rows = [found[name].get(key) or {} for key in unsafe]
+        return [(row.get("comparisons") or {}).get("dexperts") for row in rows] + \
+            [(row.get("pairs") or {}).get(pair) for row in rows]
+
+    width = 2 * len(unsafe)
+    differences = difference_cells([e for n in names for e in entries(n)], 3, p_value=False)
     header = ["model", "alpha", *(f"unsafe_rate_first ↓ {c}" for _, c in unsafe),
-              *(f"`dexperts` − `{baseline}` {c}" for _, c in unsafe), "reference_ppl ↓", "f1_reranked ↑ casual",
+              *(f"`dexperts` − `{baseline}` {c}" for _, c in unsafe),
+              *(f"`{SWEEP_PAIR[0]}` − `dexperts` {c}" for _, c in unsafe), "reference_ppl ↓", "f1_reranked ↑ casual",
               "degenerate_rate_reranked ↓", "KL from the guided model's sampling (nats/token)"]
-    rows = [[f"`{method}`", MISSING, *(value(reference, method, key, 3) for key in unsafe), *([MISSING] * len(unsafe)),
+    rows = [[f"`{method}`", MISSING, *(value(reference, method, key, 3) for key in unsafe), *([MISSING] * width),
              *(value(reference, method, (m, s), d, m != "reference_ppl") for m, s, d in cost), MISSING]]
 
     def divergence(name):
@@ -838,7 +848,7 @@ def dexperts_lines(experiment: dict) -> list[str]:
     for index, name in enumerate(names):
         rows.append(["`dexperts`", f"{runs[name]['params'].get(ALPHA_KEY):g}",
                      *(value(name, "dexperts", key, 3) for key in unsafe),
-                     *differences[index * len(unsafe):(index + 1) * len(unsafe)],
+                     *differences[index * width:(index + 1) * width],
                      *(value(name, "dexperts", (m, s), d, m != "reference_ppl") for m, s, d in cost),
                      divergence(name)])
 
@@ -858,8 +868,9 @@ def dexperts_lines(experiment: dict) -> list[str]:
         name = matched[1]
         line = (f"At alpha {runs[name]['params'].get(ALPHA_KEY):g} DExperts' perplexity "
                 f"({ppl(name, 'dexperts'):.2f}) is within {PPL_MATCH:.0%} of `{method}`'s ({target:.2f}): the "
-                "rows to compare. Each alpha is its own run with the same `ce` (deterministic on CPU); the "
-                f"differences are paired with `{baseline}` within a run.")
+                f"rows to compare. Each alpha is its own run with the same `{baseline}` and `{method}` (deterministic "
+                f"on CPU, restored from DVC's run cache); the differences are paired within a run, on the same "
+                f"contexts (`{SWEEP_PAIR[0]}` − `dexperts` where the run's `evaluate.pairs` has it).")
     unlogged = [f"{runs[n]['params'].get(ALPHA_KEY):g}" for n in names if divergence(n) == MISSING]
     if unlogged:
         line += (f" No KL for alpha {', '.join(unlogged)}: its candidates were generated before `generate` logged "
@@ -888,7 +899,8 @@ def render(experiment: dict) -> str:
         changes = ", ".join(f"{k} {v}" for k, v in experiment["variants"][run["variant"]].items()) or "the preset"
         lines += [f"## {name} ({changes}, {experiment['seed_key']} {run['seed']})", "",
                   f"Experiment commit `{run['rev'][:7]}` on `{run['baseline_commit'][:7]}`.", ""]
-        pairs = [f"{m}_vs_{r}" for m, r in PAIRS if any(f"{m}_vs_{r}" in row.get("pairs", {}) for row in tables[name])]
+        pairs = [f"{m}_vs_{r}" for m, r in READ_PAIRS
+                 if any(f"{m}_vs_{r}" in row.get("pairs", {}) for row in tables[name])]
         header = ["metric", "scope", *MODELS, *(f"{m} − {baseline}" for m in COMPARED),
                   *(p.replace("_vs_", " − ") for p in pairs)]
         width = len(COMPARED) + len(pairs)

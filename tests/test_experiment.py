@@ -587,6 +587,8 @@ def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
         found["metrics"]["dexperts"]["overall"]["degenerate_rate_reranked"] = metric(0.2, [0.1, 0.3], better=False)
         found["comparisons"]["models"]["dexperts"]["diasafety"]["metrics"]["unsafe_rate_first"] = comparison(
             0.2, 0.35, [-0.25, -0.05], p=0.001)
+        found["comparisons"]["pairs"]["stage2_vs_dexperts"] = {"diasafety": {"metrics": {  # evaluate.pairs
+            "unsafe_rate_first": comparison(0.3, 0.2, [0.02, 0.18], p=0.3 if dexperts_ppl > 55 else 0.001)}}}
         return found
 
     # the method's perplexity is 47 (fake_results: 50 - 3); alpha 5: 300, alpha 2: 60, alpha 1: 50 (within 10%)
@@ -601,6 +603,10 @@ def test_the_dexperts_sweep_table_matches_an_alpha_to_the_methods_perplexity():
     assert rows[1].split("|")[-3].strip() == "0.200 [0.100, 0.300]"  # the degenerate share
     assert [row.split("|")[-2].strip() for row in rows] == ["–", "0.063", "–", "–"]  # KL: logged at alpha 1 only
     assert "**-0.150 [-0.250, -0.050]**" in rows[1]  # dexperts - ce on DiaSafety, paired within the run
+    header = lines[0].split("|")
+    column = header.index(" `stage2` − `dexperts` diasafety ")  # the method - dexperts, paired within each run
+    assert [row.split("|")[column].strip() for row in rows] == ["–", "**+0.100 [+0.020, +0.180]**",
+                                                                "+0.100 [+0.020, +0.180]", "+0.100 [+0.020, +0.180]"]
     assert lines[-1].startswith("At alpha 1 DExperts' perplexity (50.00) is within 10% of `stage2`'s (47.00)")
     assert lines[-1].endswith("No KL for alpha 2, 5: its candidates were generated before `generate` logged it "
                               "(or a corpus lacks it).")
