@@ -923,11 +923,12 @@ def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table()
 @pytest.mark.parametrize("folder, table, section, page", [
     ("experiment", "headline_lines", "Headline", "README.md"),  # SmolLM2's
     ("experiment", "replication_lines", "Seeds and ablations, main rows", "README.md"),
+    ("experiment", "dexperts_lines", "DExperts by alpha", "docs/experiments.md"),  # the alpha sweep
     ("experiment-scratch", "headline_lines", "Headline", "docs/experiments.md"),  # the scratch model's
 ])
 def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(folder, table, section, page):
-    """The experiment's tables in the README (SmolLM2's) and docs/experiments.md (the scratch model's)
-    are `experiment.headline_lines` and `experiment.replication_lines` of the committed
+    """The experiment's tables in the README (SmolLM2's) and docs/experiments.md (the scratch model's,
+    SmolLM2's DExperts sweep) are `experiment.headline_lines`, `replication_lines` and `dexperts_lines` of the committed
     reports/<folder>/results.json, line for line: not typed by hand."""
     import json
 
@@ -937,8 +938,8 @@ def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(fo
     if not path.is_file():
         pytest.skip(f"no {path} committed yet")
     lines = getattr(experiment, table)(json.loads(path.read_text(encoding="utf-8")))
-    if table == "replication_lines" and not lines:
-        pytest.skip(f"{path}: no seeds or ablations run yet")
+    if table in ("replication_lines", "dexperts_lines") and not lines:
+        pytest.skip(f"{path}: no {'seeds or ablations' if table == 'replication_lines' else 'alpha sweep'} run yet")
     assert lines, f"{path}: no run of the method to show"
     assert "\n".join(lines) in (REPO / page).read_text(encoding="utf-8"), (
         f"{page}'s experiment table differs from {path}: paste the `## {section}` table of its results.md")
