@@ -50,11 +50,16 @@ class Experts:
     alpha: float
     divergence: list = dataclasses.field(default_factory=lambda: [0.0, 0])
 
-    def mean_divergence(self) -> float | None:
-        """The mean per-token KL (nats) since the last call, None when no token was sampled; resets."""
+    def take_divergence(self) -> tuple[float | None, int]:
+        """(the mean per-token KL in nats, the tokens it is over) since the last call, the mean None when
+        no token was sampled; resets."""
         total, tokens = self.divergence
         self.divergence[:] = [0.0, 0]
-        return total / tokens if tokens else None
+        return (total / tokens if tokens else None), tokens
+
+    def mean_divergence(self) -> float | None:
+        """The mean per-token KL (nats) since the last call, None when no token was sampled; resets."""
+        return self.take_divergence()[0]
 
 
 def load_experts(folder: Path, guided: DialogModel, alpha: float, device: str = "cpu") -> Experts:

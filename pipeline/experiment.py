@@ -842,8 +842,8 @@ def dexperts_lines(experiment: dict) -> list[str]:
              *(value(reference, method, (m, s), d, m != "reference_ppl") for m, s, d in cost), MISSING]]
 
     def divergence(name):
-        found = (((runs[name].get("guidance") or {}).get("dexperts") or {}).get("mean_kl") or {}).get(OVERALL)
-        return MISSING if found is None else f"{found:.3f}"
+        kl = (((runs[name].get("guidance") or {}).get("dexperts") or {}).get("mean_kl") or {}).get(OVERALL)
+        return MISSING if kl is None else f"{kl:.3f}"
 
     for index, name in enumerate(names):
         rows.append(["`dexperts`", f"{runs[name]['params'].get(ALPHA_KEY):g}",

@@ -277,6 +277,18 @@ def judged(contexts: pa.Table, judge: ReplyJudge, threshold: float, where: str) 
     return contexts
 
 
+def read_model_json(folder: Path, model: str, name: str, what: str = "valid JSON") -> Any:
+    """`<folder>/<model>/<name>` parsed, None when there is no such file; a file that does not parse is
+    a one-line DataError (`<path>: not <what> (...)`)."""
+    path = folder / model / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not {what} ({error})") from None
+
+
 def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
     """Per model, the scores in `<models_dir>/<model>/eval_scores.json` when that file exists.
 
@@ -287,12 +299,9 @@ def read_model_scores(models_dir: Path, models: list[str]) -> dict[str, dict]:
     scores = {}
     for model in models:
         path = models_dir / model / "eval_scores.json"
-        if not path.is_file():
+        data = read_model_json(models_dir, model, path.name)
+        if data is None:
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from None
         if not isinstance(data, dict) or set(data) - set(MODEL_SCORES) - set(PER_SCOPE_SCORES) - set(likelihood.SCORES):
             raise DataError(f"{path}: expected an object with the keys {', '.join((*MODEL_SCORES, *PER_SCOPE_SCORES))}")
         scores[model] = {name: value for name, value in data.items() if name in MODEL_SCORES or name in PER_SCOPE_SCORES}
@@ -407,13 +416,7 @@ def guidance(candidates_dir: Path, models: list[str]) -> dict[str, dict]:
     unless every corpus has it. A stats.json that is not JSON is a one-line DataError."""
     found = {}
     for model in models:
-        path = candidates_dir / model / "stats.json"
-        if not path.is_file():
-            continue
-        try:
-            stats = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not a JSON stats file ({error})") from None
+        stats = read_model_json(candidates_dir, model, "stats.json", "a JSON stats file")
         settings = stats.get("dexperts") if isinstance(stats, dict) else None
         if not settings:
             continue

@@ -258,7 +258,7 @@ def run(config: GenerateConfig, name: str, model: str, safety: Path, normalized:
             tokens_per_second = corpus_stats.pop("tokens_per_second")
             del corpus_stats["generation_seconds"]
             if guidance is not None:  # the mean per-token KL of the guided sampling from the model's own
-                tokens, divergence = guidance.divergence[1], guidance.mean_divergence()
+                divergence, tokens = guidance.take_divergence()
                 corpus_stats["dexperts_mean_kl"] = None if divergence is None else round(divergence, 6)
                 corpus_stats["dexperts_kl_tokens"] = tokens  # the tokens the mean is over (weights across corpora)
                 log.info("generate %s/%s: DExperts' mean per-token KL from %s's own sampling: %s nats", name,
