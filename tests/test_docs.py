@@ -928,8 +928,8 @@ def test_headline_checker_wants_a_command_and_a_known_commit_beside_each_table()
 ])
 def test_the_readme_experiment_tables_are_rendered_from_the_committed_results(folder, table, section, page):
     """The experiment's tables in the README (SmolLM2's) and docs/experiments.md (the scratch model's,
-    SmolLM2's DExperts sweep) are `experiment.headline_lines`, `replication_lines` and `dexperts_lines` of the committed
-    reports/<folder>/results.json, line for line: not typed by hand."""
+    SmolLM2's DExperts sweep) are `experiment.headline_lines`, `replication_lines` and `dexperts_lines`
+    of the committed reports/<folder>/results.json, line for line: not typed by hand."""
     import json
 
     from pipeline import experiment
